@@ -1,0 +1,1 @@
+"""Sentence segmentation and tokenization, shared by training and the edge (no torch here)."""

@@ -1,0 +1,113 @@
+"""`sllm-train`: train, evaluate and plot. Runs as one process or under torchrun.
+
+    sllm-train svae --config configs/svae-default.json train.max_steps=2000
+    torchrun --standalone --nproc_per_node=2 -m training.cli svae ...
+    sllm-train eval runs/svae
+    sllm-train plot runs/svae
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from training.config import ConfigError, RunConfig, apply_overrides, load_json
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train and evaluate sllm models.")
+
+
+def _user_errors():
+    from sentences.tokenizer import TokenizerError
+    from training.checkpoint import CheckpointError
+    from training.data.corpus import CorpusError
+
+    return (ConfigError, CheckpointError, TokenizerError, CorpusError, FloatingPointError)
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+def build_run_config(config: Optional[Path], overrides: list[str], out: Optional[str]) -> RunConfig:
+    run = load_json(RunConfig, config) if config else RunConfig()
+    run = apply_overrides(run, overrides)
+    if out:
+        run.train.out_dir = out
+    run.validate()
+    return run
+
+
+@app.command()
+def svae(
+    overrides: list[str] = typer.Argument(None, help="section.key=value overrides, e.g. train.max_steps=500"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="RunConfig JSON file"),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="run directory (train.out_dir)"),
+):
+    """Train a SentenceVAE (stage 1). Re-running with the same --out resumes exactly."""
+    from training.tasks.sentence_vae import SentenceVAETask
+    from training.trainer import Trainer
+
+    try:
+        run = build_run_config(config, overrides or [], out)
+        task = SentenceVAETask(run, log=_log_main)
+        result = Trainer(task, run.train, run, log=_log_main).fit()
+    except _user_errors() as e:
+        _fail(str(e))
+    _log_main(json.dumps(result))
+
+
+@app.command("eval")
+def evaluate(
+    checkpoint: Path = typer.Argument(..., help="checkpoint dir or run dir"),
+    n_exact: int = typer.Option(1000, help="validation sentences to reconstruct greedily"),
+    n_loss: int = typer.Option(20_000, help="validation sentences for loss / PPL"),
+    weights: str = typer.Option("ema", help="'ema' or 'model'"),
+    report: Optional[Path] = typer.Option(None, help="write the report here (.md; a .json beside it)"),
+):
+    """Validation loss, PPL, exact-match reconstruction and the paper's Table 2 inputs."""
+    from training.data.sentence_data import prepare_data
+    from training.evaluate import evaluate_sentence_vae, render_markdown
+    from training.tasks.sentence_vae import load_sentence_vae
+
+    try:
+        trained = load_sentence_vae(checkpoint, weights=weights)
+        data_cfg = trained.run.data
+        data_cfg.tokenizer = str(trained.path)  # the checkpoint's own tokenizer
+        data = prepare_data(data_cfg, trained.model.cfg.max_sentence_tokens, log=_log_err)
+        result = evaluate_sentence_vae(trained, data.val, n_loss=n_loss, n_exact=n_exact)
+    except _user_errors() as e:
+        _fail(str(e))
+    text = render_markdown(result, f"SentenceVAE evaluation: {trained.path}")
+    typer.echo(text)
+    if report:
+        report.parent.mkdir(parents=True, exist_ok=True)
+        report.write_text(text)
+        report.with_suffix(".json").write_text(json.dumps(result, indent=2))
+
+
+@app.command()
+def plot(run_dir: Path = typer.Argument(...), out: Optional[Path] = typer.Option(None)):
+    """Plot the metrics log (training loss, validation loss, tokens/s) to a PNG."""
+    from training.plot import plot_metrics
+
+    path = plot_metrics(run_dir, out)
+    typer.echo(str(path))
+
+
+def _log_main(*args) -> None:
+    import os
+
+    if os.environ.get("RANK", "0") == "0":
+        print(*args, file=sys.stderr, flush=True)
+
+
+def _log_err(*args) -> None:
+    print(*args, file=sys.stderr, flush=True)
+
+
+if __name__ == "__main__":
+    app()

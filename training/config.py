@@ -1,0 +1,204 @@
+"""Typed configs for models and training runs.
+
+Every checkpoint carries its config as JSON (`config.json`) so a model can be
+rebuilt without the command line that trained it. Overrides from the command
+line use dotted keys: `model.d_model=512 train.lr=3e-4`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be applied."""
+
+
+@dataclass
+class SentenceVAEConfig:
+    vocab_size: int = 8192
+    d_model: int = 256
+    n_heads: int = 4
+    ffn_dim: int = 1024
+    encoder_layers: int = 1
+    decoder_layers: int = 1
+    max_sentence_tokens: int = 64  # content tokens; the decoder sees one more (bos / eos)
+    dropout: float = 0.0
+    fusion: str = "sum"  # "sum" (paper Eq. 3) or "weighted" (learned softmax weights)
+    tie_embeddings: bool = True  # decoder output layer shares the decoder token embedding
+    pad_id: int = 0
+    bos_id: int = 1
+    eos_id: int = 2
+
+    def validate(self) -> None:
+        if self.d_model % self.n_heads:
+            raise ConfigError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        if self.fusion not in ("sum", "weighted"):
+            raise ConfigError(f"fusion must be 'sum' or 'weighted', got {self.fusion!r}")
+        if min(self.vocab_size, self.d_model, self.n_heads, self.ffn_dim, self.max_sentence_tokens) <= 0:
+            raise ConfigError("sizes must be positive")
+        if self.encoder_layers < 1 or self.decoder_layers < 1:
+            raise ConfigError("the encoder and the decoder need at least one block each")
+        for name in ("pad_id", "bos_id", "eos_id"):
+            if not 0 <= getattr(self, name) < self.vocab_size:
+                raise ConfigError(f"{name}={getattr(self, name)} is outside the vocabulary (size {self.vocab_size})")
+
+
+@dataclass
+class DataConfig:
+    corpus: list[str] = field(default_factory=list)  # empty: the bundled corpus in data/corpus
+    val_fraction: float = 0.02  # share of documents held out, per source
+    split_seed: int = 0
+    split_on_comma: bool = True  # segmentation option, stored with the model
+    segmentation_version: str = ""  # filled in by the trainer from sentences.segment
+    tokenizer: str = ""  # tokenizer.json or a Hugging Face checkpoint dir; empty: train a BPE
+    vocab_size: int = 8192  # for a tokenizer trained here
+    cache_dir: str = "runs/cache"
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/svae"
+    seed: int = 0
+    batch_size: int = 128  # sentences per optimizer step, per process
+    max_steps: int = 1000
+    stop_at_step: int = 0  # end the run early (the schedule still follows max_steps); 0 = off
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine floor as a share of lr
+    warmup_steps: int = 200
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    loss: str = "ce"  # "ce" or "focal"
+    focal_gamma: float = 2.0
+    precision: str = "auto"  # "auto" (bf16 on CUDA, fp32 on CPU), "fp32", "bf16"
+    bucket_by_length: bool = True
+    log_every: int = 10
+    eval_every: int = 500
+    eval_batches: int = 20
+    save_every: int = 500
+    keep_checkpoints: int = 2
+    threads: int = 0  # torch intra-op threads per process; 0 = leave the default
+    compile: bool = False
+
+    def validate(self) -> None:
+        if self.loss not in ("ce", "focal"):
+            raise ConfigError(f"loss must be 'ce' or 'focal', got {self.loss!r}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ConfigError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+        if self.batch_size < 1 or self.max_steps < 1:
+            raise ConfigError("batch_size and max_steps must be positive")
+
+
+@dataclass
+class RunConfig:
+    """Everything a SentenceVAE training run needs; saved beside every checkpoint."""
+
+    model: SentenceVAEConfig = field(default_factory=SentenceVAEConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    kind: str = "sentence_vae"
+
+    def validate(self) -> None:
+        self.model.validate()
+        self.train.validate()
+
+
+# ---------------------------------------------------------------- (de)serialisation
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls, data: dict, *, strict: bool = True):
+    """Build dataclass `cls` from a dict; unknown keys are an error when strict."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"expected a mapping for {cls.__name__}, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown and strict:
+        raise ConfigError(f"unknown {cls.__name__} keys: {sorted(unknown)}")
+    kwargs = {}
+    for name in names & set(data):
+        kwargs[name] = _coerce(hints[name], data[name], f"{cls.__name__}.{name}")
+    return cls(**kwargs)
+
+
+def _coerce(tp, value, where: str):
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value)
+    origin = typing.get_origin(tp)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(item_tp, v, where) for v in value]
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return None if value is None else _coerce(args[0], value, where)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def save_json(cfg, path: str | Path) -> None:
+    from training.checkpoint import atomic_write_text
+
+    atomic_write_text(Path(path), json.dumps(to_dict(cfg), indent=2, sort_keys=True) + "\n")
+
+
+def load_json(cls, path: str | Path):
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path} is not valid JSON: {e}") from None
+    return from_dict(cls, data)
+
+
+def apply_overrides(cfg, overrides: list[str]):
+    """Apply `section.key=value` strings; values are parsed as JSON when they can be."""
+    data = to_dict(cfg)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        node = data
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"override {key!r}: no section {part!r}")
+            node = node[part]
+        if parts[-1] not in node:
+            raise ConfigError(f"override {key!r}: no such key")
+        if isinstance(node[parts[-1]], float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if isinstance(node[parts[-1]], list) and isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        node[parts[-1]] = value
+    return from_dict(type(cfg), data)

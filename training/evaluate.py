@@ -1,0 +1,93 @@
+"""SentenceVAE evaluation: loss, PPL (paper Eq. 10), exact-match reconstruction, Table 2."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from training.data.sentence_data import SentenceTokens, collate
+from training.models.generate import SamplingConfig, decode_sentences
+from training.tasks.sentence_vae import TrainedSentenceVAE, validation_loss
+
+# The eight inputs of the paper's Table 2, verbatim.
+PAPER_TABLE2_INPUTS = [
+    "Hello,",
+    "What\u2019s your name?",
+    "What\u2019s your problem?",
+    "Hello, my dear friend",
+    "Today is Friday.",
+    "One two three four five six seven eight nine ten~",
+    "Hahaha.. and you?",
+    "Yao yao ling xian!",
+]
+LENGTH_BUCKETS = [(1, 8), (9, 16), (17, 32), (33, 64), (65, 10_000)]
+
+
+@torch.no_grad()
+def reconstruct_ids(trained: TrainedSentenceVAE, sentences: list[list[int]], batch_size: int = 128,
+                    sampling: SamplingConfig | None = None) -> list[list[int]]:
+    """Encode each token list to one vector and decode it back (greedy unless `sampling` says otherwise)."""
+    model, cfg = trained.model, trained.model.cfg
+    out: list[list[int]] = []
+    for start in range(0, len(sentences), batch_size):
+        chunk = sentences[start : start + batch_size]
+        lengths = np.array([len(s) for s in chunk])
+        data = SentenceTokens(np.array([t for s in chunk for t in s], dtype=np.int32),
+                              np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+        ids, mask = collate(data, np.arange(len(chunk)), cfg.pad_id)
+        memory = model.encode(ids, mask)
+        out.extend(decode_sentences(model.decoder, memory, cfg.max_sentence_tokens, sampling or SamplingConfig()))
+    return out
+
+
+def reconstruct_texts(trained: TrainedSentenceVAE, texts: list[str]) -> list[dict]:
+    tok = trained.tokenizer
+    limit = trained.model.cfg.max_sentence_tokens
+    ids = [tok.encode(t)[:limit] for t in texts]
+    outputs = reconstruct_ids(trained, ids)
+    return [{"input": t, "tokens": len(i), "output": tok.decode(o), "exact": o == i}
+            for t, i, o in zip(texts, ids, outputs)]
+
+
+def exact_match(trained: TrainedSentenceVAE, data: SentenceTokens, n: int, batch_size: int = 128) -> dict[str, float]:
+    """Share of `n` evenly spaced sentences whose greedy reconstruction equals the input, overall and by length."""
+    index = np.unique(np.linspace(0, len(data) - 1, num=min(n, len(data))).astype(np.int64))
+    sentences = [data.sentence(int(i)) for i in index]
+    t0 = time.perf_counter()
+    outputs = reconstruct_ids(trained, sentences, batch_size)
+    elapsed = time.perf_counter() - t0
+    hits = np.array([o == s for o, s in zip(outputs, sentences)])
+    lengths = np.array([len(s) for s in sentences])
+    result = {"exact_match": float(hits.mean()), "sentences": float(len(hits)),
+              "exact_match_le16": float(hits[lengths <= 16].mean()) if (lengths <= 16).any() else float("nan"),
+              "decode_s": elapsed}
+    for lo, hi in LENGTH_BUCKETS:
+        sel = (lengths >= lo) & (lengths <= hi)
+        if sel.any():
+            result[f"exact_match_{lo}_{hi}"] = float(hits[sel].mean())
+            result[f"count_{lo}_{hi}"] = float(sel.sum())
+    return result
+
+
+def evaluate_sentence_vae(trained: TrainedSentenceVAE, val: SentenceTokens, n_loss: int = 20_000,
+                          n_exact: int = 1000, batch_size: int = 128) -> dict:
+    metrics = validation_loss(trained.model, val, min(n_loss, len(val)), batch_size)
+    metrics.update(exact_match(trained, val, n_exact, batch_size))
+    return {"metrics": metrics, "table2": reconstruct_texts(trained, PAPER_TABLE2_INPUTS)}
+
+
+def render_markdown(report: dict, title: str = "SentenceVAE evaluation") -> str:
+    m = report["metrics"]
+    lines = [f"## {title}", "", "| metric | value |", "|---|---|"]
+    lines += [f"| validation loss (CE per token) | {m['loss']:.4f} |", f"| validation PPL | {m['ppl']:.3f} |",
+              f"| exact-match reconstruction ({int(m['sentences'])} sentences) | {m['exact_match']:.1%} |",
+              f"| exact match, sentences of <= 16 tokens | {m['exact_match_le16']:.1%} |"]
+    for lo, hi in LENGTH_BUCKETS:
+        if f"exact_match_{lo}_{hi}" in m:
+            lines.append(f"| exact match, {lo}-{hi} tokens (n={int(m[f'count_{lo}_{hi}'])}) | {m[f'exact_match_{lo}_{hi}']:.1%} |")
+    lines += ["", "Paper Table 2 inputs:", "", "| # | input | tokens | output | exact |", "|---|---|---|---|---|"]
+    for i, row in enumerate(report["table2"], 1):
+        out = row["output"].replace("|", "\\|").replace("\n", "\\n")
+        lines.append(f"| {i} | {row['input']} | {row['tokens']} | {out} | {'yes' if row['exact'] else 'no'} |")
+    return "\n".join(lines) + "\n"

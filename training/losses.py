@@ -1,0 +1,44 @@
+"""Token losses: cross-entropy, focal loss (paper Eq. 5) and the NLL sum behind PPL (Eq. 10).
+
+All computed in float32 with autocast off, so they are safe under bf16 autocast.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def _token_nll(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """logits [B, T, V], targets [B, T] -> -log p(target) [B*T] in float32, 0 where ignored."""
+    V = logits.shape[-1]
+    with torch.autocast(device_type=logits.device.type, enabled=False):
+        return F.cross_entropy(logits.reshape(-1, V).float(), targets.reshape(-1),
+                               ignore_index=ignore_index, reduction="none")
+
+
+def token_loss(logits: torch.Tensor, targets: torch.Tensor, kind: str = "ce", gamma: float = 2.0,
+               ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """Mean loss over non-ignored target tokens (0 when there are none).
+
+    "ce": -log p.  "focal": -(1 - p)^gamma log p (Lin et al. 2017; gamma = 0 is CE).
+    """
+    if kind not in ("ce", "focal"):
+        raise ValueError(f"loss kind must be 'ce' or 'focal', got {kind!r}")
+    if gamma < 0:
+        raise ValueError(f"focal gamma must be >= 0, got {gamma}")
+    nll = _token_nll(logits, targets, ignore_index)  # [N]
+    count = (targets.reshape(-1) != ignore_index).sum().clamp(min=1)
+    if kind == "focal":
+        # 1 - p = -expm1(-nll), exact near p = 1; the clamp keeps the gradient finite where p == 1
+        one_minus_p = (-torch.expm1(-nll)).clamp(min=1e-12)
+        nll = one_minus_p.pow(gamma) * nll
+    return nll.sum() / count
+
+
+def token_nll_sum(logits: torch.Tensor, targets: torch.Tensor,
+                  ignore_index: int = IGNORE_INDEX) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of -log p over non-ignored targets as float32, their count as int64): PPL = exp(sum / count)."""
+    nll = _token_nll(logits, targets, ignore_index)
+    return nll.sum(), (targets != ignore_index).sum()

@@ -1,0 +1,134 @@
+"""Sentence decoding (paper Eq. 4): from sentence vectors back to token ids.
+
+`decode_sentences` decodes incrementally with the decoder's KV cache;
+`decode_full_recompute` re-runs the whole prefix each step (reference for tests and
+benchmarks). Both share one loop, so for the same seed they draw the same random numbers.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SamplingConfig:
+    temperature: float = 0.0  # 0 = greedy (argmax)
+    top_k: int = 0  # 0 = no top-k filter
+    top_p: float = 1.0  # 1 = no nucleus filter
+    seed: int | None = None  # None = torch's global RNG
+
+    def __post_init__(self) -> None:
+        for name in ("temperature", "top_p"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"{name} must be a finite number, got {v!r}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
+            raise ValueError(f"seed must be None or an integer >= 0, got {self.seed!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def make_generator(sampling: SamplingConfig, device: torch.device | str) -> torch.Generator | None:
+    """A seeded generator for `sampling.seed`, or None (global RNG) when unseeded or greedy."""
+    if sampling.greedy or sampling.seed is None:
+        return None
+    return torch.Generator(device=device).manual_seed(sampling.seed)
+
+
+def pick_next(logits: torch.Tensor, sampling: SamplingConfig,
+              generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits [B, V] -> next token ids [B] (greedy, or temperature / top-k / top-p sampling)."""
+    if sampling.greedy:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / sampling.temperature  # [B, V]
+    V = logits.shape[-1]
+    if 0 < sampling.top_k < V:
+        kth = torch.topk(logits, sampling.top_k, dim=-1).values[:, -1:]  # [B, 1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if sampling.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # [B, V]
+        probs = sorted_logits.softmax(dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # mass of the strictly more likely tokens
+        sorted_logits = sorted_logits.masked_fill(before >= sampling.top_p, float("-inf"))  # top token always stays
+        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)  # [B, V]
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # [B]
+
+
+def decode_sentences(decoder, memory: torch.Tensor, max_tokens: int | None = None,
+                     sampling: SamplingConfig | None = None) -> list[list[int]]:
+    """Decode sentence vectors memory [B, d] with the KV cache.
+
+    Returns one token list per row, without bos and eos. A row stops at eos or after
+    min(max_tokens, cfg.max_sentence_tokens) tokens; bos/eos ids come from decoder.cfg.
+    """
+    return _decode(decoder, memory, max_tokens, sampling, use_cache=True)
+
+
+def decode_full_recompute(decoder, memory: torch.Tensor, max_tokens: int | None = None,
+                          sampling: SamplingConfig | None = None) -> list[list[int]]:
+    """Same as `decode_sentences`, recomputing the whole prefix each step (no cache)."""
+    return _decode(decoder, memory, max_tokens, sampling, use_cache=False)
+
+
+@torch.inference_mode()
+def _decode(decoder, memory, max_tokens, sampling, use_cache: bool) -> list[list[int]]:
+    cfg = decoder.cfg
+    sampling = sampling if sampling is not None else SamplingConfig()
+    if memory.dim() != 2 or memory.shape[1] != cfg.d_model:
+        raise ValueError(f"memory must be [batch, {cfg.d_model}], got {tuple(memory.shape)}")
+    if max_tokens is None:
+        max_tokens = cfg.max_sentence_tokens
+    if max_tokens < 0:
+        raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
+    limit = min(max_tokens, cfg.max_sentence_tokens)  # no positions beyond max_sentence_tokens
+    B = memory.shape[0]
+    out: list[list[int]] = [[] for _ in range(B)]
+    if B == 0 or limit == 0:
+        return out
+    device = memory.device
+    generator = make_generator(sampling, device)
+    rows = list(range(B))  # original row of each live row
+    step_in = torch.full((B, 1), cfg.bos_id, dtype=torch.long, device=device)  # [A, 1] next input
+    seq = step_in  # [A, n+1] live prefixes (full recompute only)
+    kv = decoder.empty_kv(B, memory.dtype, device) if use_cache else None
+    was_training = decoder.training
+    decoder.eval()
+    try:
+        for _ in range(limit):
+            if use_cache:
+                logits, kv = decoder(step_in, memory, kv)  # [A, 1, V], [n_layers, 2, A, H, n+1, hd]
+            else:
+                logits, _ = decoder(seq, memory)  # [A, n+1, V]
+            nxt = pick_next(logits[:, -1], sampling, generator)  # [A]
+            keep = []
+            for j, tok in enumerate(nxt.tolist()):
+                if tok != cfg.eos_id:
+                    out[rows[j]].append(tok)
+                    keep.append(j)
+            if not keep:
+                break
+            if len(keep) < len(rows):  # drop finished rows from the batch
+                idx = torch.tensor(keep, device=device)
+                rows = [rows[j] for j in keep]
+                memory, nxt = memory[idx], nxt[idx]
+                if use_cache:
+                    kv = kv[:, :, idx]
+                else:
+                    seq = seq[idx]
+            step_in = nxt[:, None]  # [A, 1]
+            if not use_cache:
+                seq = torch.cat((seq, step_in), dim=1)
+    finally:
+        decoder.train(was_training)
+    return out

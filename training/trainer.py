@@ -1,0 +1,304 @@
+"""One trainer for every stage (SentenceVAE, SLLM, token-level baseline).
+
+A stage is a `Task`: it builds the model, serves batches by (epoch, index),
+and computes the loss. The trainer owns the rest: DDP (torchrun, gloo on CPU,
+nccl on GPU), AdamW, warm-up + cosine, gradient clipping, EMA, mixed
+precision, atomic checkpoints with exact resume, a progress bar and a
+metrics log.
+
+Exact resume: the data order is a pure function of (seed, epoch), the data
+position is (epoch, step in epoch), the LR is a pure function of the step,
+and model, EMA, optimizer and every process's RNG state are saved.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from training import checkpoint as ckpt
+from training.config import TrainConfig, save_json, to_dict
+
+
+class Task(Protocol):
+    def build_model(self) -> nn.Module: ...
+
+    def num_batches(self, epoch: int) -> int: ...  # global batches in one epoch
+
+    def batch(self, epoch: int, index: int) -> Any: ...
+
+    def loss(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, int]: ...  # (mean loss, target tokens)
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]: ...
+
+    def save_files(self, directory: Path) -> None: ...  # tokenizer and such, beside the weights
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up from lr/1000 (paper), then cosine down to lr * min_lr_ratio."""
+    if step < cfg.warmup_steps:
+        start = cfg.lr / 1000
+        return start + (cfg.lr - start) * step / cfg.warmup_steps
+    span = max(1, cfg.max_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + (cfg.lr - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class Distributed:
+    """rank/world from torchrun's environment; a single process otherwise."""
+
+    def __init__(self):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local)
+            self.device = torch.device("cuda", local)
+        else:
+            self.device = torch.device("cpu")
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def sum(self, value: float) -> float:
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return float(t.item())
+
+    def gather(self, obj):
+        if self.world == 1:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def close(self) -> None:
+        if self.world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+class Trainer:
+    def __init__(self, task: Task, cfg: TrainConfig, run_config, log=print):
+        self.task, self.cfg, self.run_config = task, cfg, run_config
+        self.dist = Distributed()
+        self.log = log if self.dist.is_main else (lambda *a, **k: None)
+        self.out = Path(cfg.out_dir)
+        if cfg.threads > 0:
+            torch.set_num_threads(cfg.threads)
+        torch.manual_seed(cfg.seed)  # same initial weights on every rank
+        self.model = task.build_model().to(self.dist.device)
+        self.ema = {k: v.detach().float().clone() for k, v in self.model.state_dict().items()}
+        decay, no_decay = [], []
+        for p in self.model.parameters():
+            (decay if p.dim() >= 2 else no_decay).append(p)
+        self.opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=cfg.lr, betas=(0.9, 0.98), eps=1e-8,
+        )
+        self.step, self.epoch, self.pos = 0, 0, 0
+        self.autocast_dtype = self._autocast_dtype()
+        torch.manual_seed(cfg.seed + 1000 * self.dist.rank)  # per-rank stream (dropout)
+
+    def _autocast_dtype(self) -> torch.dtype | None:
+        p = self.cfg.precision
+        if p == "bf16" or (p == "auto" and self.dist.device.type == "cuda" and torch.cuda.is_bf16_supported()):
+            return torch.bfloat16
+        return None
+
+    # ------------------------------------------------------------ checkpoints
+
+    def save(self) -> Path:
+        rng_states = self.dist.gather(_rng_state(self.dist.device))
+        name = f"checkpoints/step_{self.step:08d}"
+        if self.dist.is_main:
+            opt_tensors, opt_meta = ckpt.optimizer_to_tensors(self.opt)
+
+            def write(d: Path) -> None:
+                ckpt.save_tensors(self.model.state_dict(), d / "model.safetensors")
+                ckpt.save_tensors(self.ema, d / "ema.safetensors")
+                ckpt.save_tensors(opt_tensors, d / "optimizer.safetensors", opt_meta)
+                for r, state in enumerate(rng_states):
+                    ckpt.save_tensors(state, d / f"rng_rank{r}.safetensors")
+                state = {"step": self.step, "epoch": self.epoch, "pos": self.pos, "world_size": self.dist.world}
+                (d / "trainer_state.json").write_text(json.dumps(state, indent=2))
+                save_json(self.run_config, d / "config.json")
+                self.task.save_files(d)
+
+            ckpt.write_checkpoint_dir(self.out / name, write)
+            ckpt.atomic_write_text(self.out / "latest", name + "\n")
+            self._prune()
+        self.dist.barrier()
+        return self.out / name
+
+    def _prune(self) -> None:
+        done = sorted((self.out / "checkpoints").glob("step_*"))
+        for old in done[: max(0, len(done) - self.cfg.keep_checkpoints)]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def resume(self) -> bool:
+        if not (self.out / "latest").is_file():
+            return False
+        d = ckpt.resolve_checkpoint(self.out)
+        ckpt.verify_checkpoint_dir(d)
+        state = json.loads((d / "trainer_state.json").read_text())
+        if state["world_size"] != self.dist.world:
+            raise ckpt.CheckpointError(
+                f"{d} was written by {state['world_size']} processes; resume with the same --nproc_per_node "
+                f"(now {self.dist.world}) for an exact continuation")
+        ckpt.load_state_into(self.model, ckpt.load_tensors(d / "model.safetensors"), str(d))
+        ema = ckpt.load_tensors(d / "ema.safetensors")
+        if set(ema) != set(self.ema):
+            raise ckpt.CheckpointError(f"EMA weights in {d} do not match the model")
+        self.ema = {k: v.to(self.dist.device) for k, v in ema.items()}
+        opt_path = d / "optimizer.safetensors"
+        ckpt.optimizer_from_tensors(self.opt, ckpt.load_tensors(opt_path), ckpt.read_metadata(opt_path))
+        _set_rng_state(ckpt.load_tensors(d / f"rng_rank{self.dist.rank}.safetensors"), self.dist.device)
+        self.step, self.epoch, self.pos = state["step"], state["epoch"], state["pos"]
+        self.log(f"resumed from {d} at step {self.step}")
+        return True
+
+    # ------------------------------------------------------------ training
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        decay = min(self.cfg.ema_decay, (1 + self.step) / (10 + self.step))
+        for k, v in self.model.state_dict().items():
+            if v.dtype.is_floating_point:
+                self.ema[k].lerp_(v.float(), 1 - decay)
+            else:
+                self.ema[k].copy_(v)
+
+    def ema_model(self) -> nn.Module:
+        with torch.random.fork_rng(devices=[]):  # building a model must not move the training RNG
+            model = self.task.build_model().to(self.dist.device)
+        model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in self.ema.items()})
+        return model.eval()
+
+    def _log_row(self, row: dict) -> None:
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            with open(self.out / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def fit(self) -> dict[str, float]:
+        cfg, world = self.cfg, self.dist.world
+        if self.dist.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            save_json(self.run_config, self.out / "config.json")
+        self.resume()
+        stop = min(cfg.max_steps, cfg.stop_at_step or cfg.max_steps)
+        model = self.model
+        if world > 1:
+            model = DistributedDataParallel(self.model, device_ids=[self.dist.device.index] if self.dist.device.type == "cuda" else None)
+        train_model = torch.compile(model) if cfg.compile else model
+        n_params = sum(p.numel() for p in self.model.parameters())
+        self.log(f"{n_params / 1e6:.2f} M parameters, {world} process(es) on {self.dist.device}, "
+                 f"steps {self.step} -> {stop} (schedule {cfg.max_steps})")
+
+        bar = None
+        if self.dist.is_main:
+            from tqdm import tqdm
+
+            bar = tqdm(total=stop, initial=self.step, dynamic_ncols=True, mininterval=2.0, disable=None)
+        window_tokens, window_loss, window_n, t0 = 0.0, 0.0, 0, time.perf_counter()
+        last_eval: dict[str, float] = {}
+        model.train()
+        try:
+            while self.step < stop:
+                steps_per_epoch = self.task.num_batches(self.epoch) // world
+                if steps_per_epoch == 0:
+                    raise RuntimeError("the training split is smaller than one batch per process; lower batch_size")
+                if self.pos >= steps_per_epoch:
+                    self.epoch, self.pos = self.epoch + 1, 0
+                batch = self.task.batch(self.epoch, self.pos * world + self.dist.rank)
+                lr = lr_at(self.step, cfg)
+                for group in self.opt.param_groups:
+                    group["lr"] = lr
+                ctx = (torch.autocast(self.dist.device.type, dtype=self.autocast_dtype)
+                       if self.autocast_dtype else contextlib.nullcontext())
+                with ctx:
+                    loss, n_tokens = self.task.loss(train_model, batch)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"loss became {loss.item()} at step {self.step}; lower lr or check the data")
+                loss.backward()
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+                self.opt.step()
+                self.opt.zero_grad(set_to_none=True)
+                self._update_ema()
+                self.step += 1
+                self.pos += 1
+                window_tokens += n_tokens
+                window_loss += loss.item()
+                window_n += 1
+
+                if self.step % cfg.log_every == 0 or self.step == stop:
+                    elapsed = time.perf_counter() - t0
+                    tokens = self.dist.sum(window_tokens)
+                    row = {"step": self.step, "epoch": self.epoch, "loss": window_loss / window_n, "lr": lr,
+                           "grad_norm": float(grad_norm), "tokens_per_s": tokens / max(elapsed, 1e-9),
+                           "time": time.time()}
+                    self._log_row(row)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+                    window_tokens, window_loss, window_n, t0 = 0.0, 0.0, 0, time.perf_counter()
+                if bar is not None:
+                    bar.update(1)
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step != stop:
+                    last_eval = self._evaluate()
+                if self.step % cfg.save_every == 0 and self.step != stop:
+                    self.save()
+            last_eval = self._evaluate()
+            self.save()
+        except KeyboardInterrupt:
+            if world == 1:
+                self.log(f"interrupted: saving step {self.step} so the run can resume")
+                self.save()
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+            self.dist.close()
+        return last_eval
+
+    def _evaluate(self) -> dict[str, float]:
+        metrics: dict[str, float] = {}
+        if self.dist.is_main:
+            with torch.no_grad():
+                metrics = self.task.evaluate(self.ema_model())
+            self._log_row({"step": self.step, **{f"val_{k}": v for k, v in metrics.items()}, "time": time.time()})
+            self.log(f"step {self.step}: " + ", ".join(f"val {k} {v:.4g}" for k, v in metrics.items()))
+        self.dist.barrier()
+        return metrics
