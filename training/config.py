@@ -58,6 +58,9 @@ class DataConfig:
     tokenizer: str = ""  # tokenizer.json or a Hugging Face checkpoint dir; empty: train a BPE
     vocab_size: int = 8192  # for a tokenizer trained here
     cache_dir: str = "runs/cache"
+    # stage 2 / baseline: passages of consecutive sentences from one document
+    max_passage_sentences: int = 64
+    max_passage_tokens: int = 1024  # the baseline sees the same passages as one token sequence
 
 
 @dataclass
@@ -95,6 +98,46 @@ class TrainConfig:
 
 
 @dataclass
+class OPTSpec:
+    """Where the OPT comes from: a local Hugging Face checkpoint directory, or a fresh model of these sizes."""
+
+    pretrained: str = ""  # local dir for from_pretrained (no download); empty: a fresh OPTConfig below
+    hidden_size: int = 256
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    ffn_dim: int = 1024
+    max_position_embeddings: int = 1024
+    word_embed_proj_dim: int = 0  # 0: same as hidden_size
+    do_layer_norm_before: bool = True
+    dropout: float = 0.0
+
+    def validate(self) -> None:
+        if not self.pretrained:
+            if self.hidden_size % self.num_attention_heads:
+                raise ConfigError(f"opt.hidden_size={self.hidden_size} is not divisible by "
+                                  f"opt.num_attention_heads={self.num_attention_heads}")
+            if min(self.hidden_size, self.num_hidden_layers, self.ffn_dim, self.max_position_embeddings) <= 0:
+                raise ConfigError("opt sizes must be positive")
+
+
+@dataclass
+class SLLMOptions:
+    svae_checkpoint: str = ""  # stage-1 checkpoint or run dir; empty: a fresh SentenceVAE (config `svae`)
+    freeze_svae: bool = False  # keep the SentenceVAE fixed; train only OPT blocks + termination head
+    finetune_layers: int = 0  # > 0: train only this many OPT blocks (see finetune_from); 0: all
+    finetune_from: str = "last"  # "first" or "last"
+    init_embeddings_from_opt: bool = False  # copy OPT's token embedding into the SentenceVAE (same tokenizer)
+    stop_loss_weight: float = 1.0
+    stop_focal_gamma: float = 2.0  # paper: focal loss for the stop flags
+
+    def validate(self) -> None:
+        if self.finetune_from not in ("first", "last"):
+            raise ConfigError(f"finetune_from must be 'first' or 'last', got {self.finetune_from!r}")
+        if self.finetune_layers < 0 or self.stop_loss_weight < 0 or self.stop_focal_gamma < 0:
+            raise ConfigError("finetune_layers, stop_loss_weight and stop_focal_gamma must be >= 0")
+
+
+@dataclass
 class RunConfig:
     """Everything a SentenceVAE training run needs; saved beside every checkpoint."""
 
@@ -106,6 +149,53 @@ class RunConfig:
     def validate(self) -> None:
         self.model.validate()
         self.train.validate()
+
+
+@dataclass
+class SLLMRunConfig:
+    """Stage 2: a SentenceVAE grafted onto OPT blocks (paper Eq. 6-9)."""
+
+    svae: SentenceVAEConfig = field(default_factory=SentenceVAEConfig)
+    opt: OPTSpec = field(default_factory=OPTSpec)
+    sllm: SLLMOptions = field(default_factory=SLLMOptions)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(out_dir="runs/sllm", batch_size=8))
+    kind: str = "sllm"
+
+    def validate(self) -> None:
+        self.svae.validate()
+        self.opt.validate()
+        self.sllm.validate()
+        self.train.validate()
+        if self.data.max_passage_sentences < 2:
+            raise ConfigError("data.max_passage_sentences must be >= 2 (a sentence and the next one)")
+
+
+@dataclass
+class BaselineRunConfig:
+    """The token-level OPT trained on the same passages and token budget as an SLLM."""
+
+    opt: OPTSpec = field(default_factory=OPTSpec)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(out_dir="runs/baseline", batch_size=8))
+    max_sentence_tokens: int = 64  # segmentation limit, the same as the SLLM's
+    kind: str = "opt_baseline"
+
+    def validate(self) -> None:
+        self.opt.validate()
+        self.train.validate()
+
+
+RUN_CONFIGS = {"sentence_vae": RunConfig, "sllm": SLLMRunConfig, "opt_baseline": BaselineRunConfig}
+
+
+def load_run_config(path: str | Path):
+    """Any run config; its `kind` field picks the class."""
+    data = _read_json(Path(path))
+    kind = data.get("kind", "sentence_vae") if isinstance(data, dict) else None
+    if kind not in RUN_CONFIGS:
+        raise ConfigError(f"{path}: unknown run kind {kind!r} (expected one of {sorted(RUN_CONFIGS)})")
+    return from_dict(RUN_CONFIGS[kind], data)
 
 
 # ---------------------------------------------------------------- (de)serialisation
@@ -166,15 +256,17 @@ def save_json(cfg, path: str | Path) -> None:
     atomic_write_text(Path(path), json.dumps(to_dict(cfg), indent=2, sort_keys=True) + "\n")
 
 
-def load_json(cls, path: str | Path):
-    path = Path(path)
+def _read_json(path: Path):
     try:
-        data = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"config file {path} is not valid JSON: {e}") from None
-    return from_dict(cls, data)
+
+
+def load_json(cls, path: str | Path):
+    return from_dict(cls, _read_json(Path(path)))
 
 
 def apply_overrides(cfg, overrides: list[str]):

@@ -97,8 +97,19 @@ class PreparedData:
     val_sentences: list[str]
 
 
-def prepare_data(cfg: DataConfig, max_tokens: int, log=print) -> PreparedData:
-    """Load the corpus, split it, get a tokenizer, and tokenize both splits (cached)."""
+@dataclass
+class SplitCorpus:
+    """The corpus split by document, its tokenizer, and a cache key prefix for derived data."""
+
+    train_docs: list[Document]
+    val_docs: list[Document]
+    tokenizer: SentenceTokenizer
+    cache: Path
+    key: str  # changes with the corpus, the tokenizer, the segmentation and the split
+
+
+def load_split_corpus(cfg: DataConfig, max_tokens: int, log=print) -> SplitCorpus:
+    """Load the corpus, split it by document, and load (or train and cache) the tokenizer."""
     docs = load_documents(cfg.corpus or None)
     train_docs, val_docs = split_documents(docs, cfg.val_fraction, cfg.split_seed)
     corpus_id = _corpus_fingerprint(docs)
@@ -119,6 +130,14 @@ def prepare_data(cfg: DataConfig, max_tokens: int, log=print) -> PreparedData:
     tok_id = hashlib.sha256(json.dumps(tok.to_json_str()).encode()).hexdigest()[:16]
     key = _fingerprint(str(CACHE_FORMAT), corpus_id, tok_id, SEGMENTATION_VERSION, str(cfg.split_on_comma),
                        str(max_tokens), str(cfg.val_fraction), str(cfg.split_seed))
+    return SplitCorpus(train_docs, val_docs, tok, cache, key)
+
+
+def prepare_data(cfg: DataConfig, max_tokens: int, log=print) -> PreparedData:
+    """Load the corpus, split it, get a tokenizer, and tokenize both splits (cached)."""
+    corpus = load_split_corpus(cfg, max_tokens, log)
+    tok, cache, key = corpus.tokenizer, corpus.cache, corpus.key
+    train_docs, val_docs = corpus.train_docs, corpus.val_docs
     splits = {}
     val_sentences: list[str] = []
     for name, part in (("train", train_docs), ("val", val_docs)):
