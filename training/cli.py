@@ -1,6 +1,8 @@
 """`sllm-train`: train, evaluate and plot. Runs as one process or under torchrun.
 
-    sllm-train svae --config configs/svae-default.json train.max_steps=2000
+    sllm-train svae --config configs/svae-small.json train.max_steps=2000
+    sllm-train sllm --config configs/sllm-small.json sllm.svae_checkpoint=runs/svae-small
+    sllm-train baseline --config configs/baseline-small.json data.tokenizer=runs/sllm-small/checkpoints/...
     torchrun --standalone --nproc_per_node=2 -m training.cli svae ...
     sllm-train eval runs/svae
     sllm-train reconstruct runs/svae "Any text, of any length."
@@ -15,7 +17,7 @@ from typing import Optional
 
 import typer
 
-from training.config import ConfigError, RunConfig, apply_overrides, load_json
+from training.config import ConfigError, RunConfig, apply_overrides, load_run_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train and evaluate sllm models.")
 
@@ -33,8 +35,10 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-def build_run_config(config: Optional[Path], overrides: list[str], out: Optional[str]) -> RunConfig:
-    run = load_json(RunConfig, config) if config else RunConfig()
+def build_run_config(config: Optional[Path], overrides: list[str], out: Optional[str], cls=RunConfig):
+    run = load_run_config(config) if config else cls()
+    if not isinstance(run, cls):
+        raise ConfigError(f"{config} is a {run.kind!r} run config; this command trains {cls().kind!r}")
     run = apply_overrides(run, overrides)
     if out:
         run.train.out_dir = out
@@ -42,23 +46,47 @@ def build_run_config(config: Optional[Path], overrides: list[str], out: Optional
     return run
 
 
-@app.command()
-def svae(
-    overrides: list[str] = typer.Argument(None, help="section.key=value overrides, e.g. train.max_steps=500"),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="RunConfig JSON file"),
-    out: Optional[str] = typer.Option(None, "--out", "-o", help="run directory (train.out_dir)"),
-):
-    """Train a SentenceVAE (stage 1). Re-running with the same --out resumes exactly."""
-    from training.tasks.sentence_vae import SentenceVAETask
+def _train(cls, task_factory, config: Optional[Path], overrides: Optional[list[str]], out: Optional[str]) -> None:
     from training.trainer import Trainer
 
     try:
-        run = build_run_config(config, overrides or [], out)
-        task = SentenceVAETask(run, log=_log_main)
+        run = build_run_config(config, overrides or [], out, cls)
+        task = task_factory(run, log=_log_main)
         result = Trainer(task, run.train, run, log=_log_main).fit()
     except _user_errors() as e:
         _fail(str(e))
     _log_main(json.dumps(result))
+
+
+_OVERRIDES = typer.Argument(None, help="section.key=value overrides, e.g. train.max_steps=500")
+_CONFIG = typer.Option(None, "--config", "-c", help="run config JSON file")
+_OUT = typer.Option(None, "--out", "-o", help="run directory (train.out_dir)")
+
+
+@app.command()
+def svae(overrides: list[str] = _OVERRIDES, config: Optional[Path] = _CONFIG, out: Optional[str] = _OUT):
+    """Train a SentenceVAE (stage 1). Re-running with the same --out resumes exactly."""
+    from training.tasks.sentence_vae import SentenceVAETask
+
+    _train(RunConfig, SentenceVAETask, config, overrides, out)
+
+
+@app.command()
+def sllm(overrides: list[str] = _OVERRIDES, config: Optional[Path] = _CONFIG, out: Optional[str] = _OUT):
+    """Train an SLLM (stage 2): a SentenceVAE grafted onto OPT blocks (sllm.svae_checkpoint, opt.pretrained)."""
+    from training.config import SLLMRunConfig
+    from training.tasks.sllm import SLLMTask
+
+    _train(SLLMRunConfig, SLLMTask, config, overrides, out)
+
+
+@app.command()
+def baseline(overrides: list[str] = _OVERRIDES, config: Optional[Path] = _CONFIG, out: Optional[str] = _OUT):
+    """Train the token-level OPT baseline on the same passages (data.tokenizer: the SLLM's tokenizer)."""
+    from training.config import BaselineRunConfig
+    from training.tasks.opt_baseline import OPTBaselineTask
+
+    _train(BaselineRunConfig, OPTBaselineTask, config, overrides, out)
 
 
 @app.command("eval")

@@ -179,6 +179,9 @@ class BaselineRunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(out_dir="runs/baseline", batch_size=8))
     max_sentence_tokens: int = 64  # segmentation limit, the same as the SLLM's
+    # an SLLM checkpoint or run dir: copy its data config, tokenizer and sentence limit, so that
+    # both models train and are scored on exactly the same passages and tokens
+    match_sllm: str = ""
     kind: str = "opt_baseline"
 
     def validate(self) -> None:

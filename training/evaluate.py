@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from sentences.limit import is_blank, text_to_sentences
-from training.data.sentence_data import SentenceTokens, collate
+from training.data.sentence_data import SentenceTokens, pad_token_lists
 from training.models.generate import SamplingConfig, decode_sentences
 from training.tasks.sentence_vae import TrainedSentenceVAE, validation_loss
 
@@ -33,10 +33,7 @@ def reconstruct_ids(trained: TrainedSentenceVAE, sentences: list[list[int]], bat
     out: list[list[int]] = []
     for start in range(0, len(sentences), batch_size):
         chunk = sentences[start : start + batch_size]
-        lengths = np.array([len(s) for s in chunk])
-        data = SentenceTokens(np.array([t for s in chunk for t in s], dtype=np.int32),
-                              np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
-        ids, mask = collate(data, np.arange(len(chunk)), cfg.pad_id)
+        ids, mask = pad_token_lists(chunk, cfg.pad_id)
         memory = model.encode(ids, mask)
         out.extend(decode_sentences(model.decoder, memory, cfg.max_sentence_tokens, sampling or SamplingConfig()))
     return out

@@ -184,3 +184,11 @@ def collate(data: SentenceTokens, index: np.ndarray, pad_id: int) -> tuple[torch
     ids_t = torch.from_numpy(ids)
     mask = torch.arange(ids.shape[1])[None, :] < torch.from_numpy(lengths)[:, None]
     return ids_t, mask
+
+
+def pad_token_lists(token_lists: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists -> ids [B, Lmax] right-padded, mask [B, Lmax] (as `collate`)."""
+    lengths = np.array([len(s) for s in token_lists], dtype=np.int64)
+    data = SentenceTokens(np.array([t for s in token_lists for t in s], dtype=np.int32),
+                          np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+    return collate(data, np.arange(len(token_lists)), pad_id)

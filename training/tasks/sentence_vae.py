@@ -12,7 +12,7 @@ from torch import nn
 from sentences.segment import SEGMENTATION_VERSION
 from sentences.tokenizer import SentenceTokenizer, TokenizerError
 from training import checkpoint as ckpt
-from training.config import ConfigError, RunConfig, load_json
+from training.config import ConfigError, RunConfig, load_run_config
 from training.data.sentence_data import PreparedData, SentenceTokens, collate, epoch_batches, prepare_data
 from training.losses import token_loss, token_nll_sum
 from training.models.sentence_vae import SentenceVAE
@@ -98,7 +98,7 @@ def load_sentence_vae(path: str | Path, weights: str = "ema", device: str = "cpu
     d = ckpt.resolve_checkpoint(path)
     ckpt.verify_checkpoint_dir(d)
     try:
-        run = load_json(RunConfig, d / "config.json")
+        run = load_run_config(d / "config.json")
         run.validate()
     except ConfigError as e:
         raise ckpt.CheckpointError(f"{d}/config.json: {e}") from None

@@ -1,0 +1,221 @@
+"""Stage 2: SLLM training (torchrun DDP), the token-level baseline, comparable PPL, generation."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import OPTForCausalLM
+
+from tests.conftest import ROOT, tiny_overrides
+from training.checkpoint import CheckpointError
+from training.cli import build_run_config
+from training.config import BaselineRunConfig, OPTSpec, SLLMRunConfig
+from training.data.passage_data import collate_passages
+from training.evaluate_lm import baseline_token_nll, sllm_token_nll
+from training.models.generate import SamplingConfig, decode_sentences
+from training.models.opt_graft import opt_config_from_spec
+from training.models.sllm_generate import SLLMGenerator
+from training.tasks.opt_baseline import OPTBaselineTask, load_baseline
+from training.tasks.sentence_vae import SentenceVAETask, load_sentence_vae
+from training.tasks.sllm import SLLMTask, load_sllm
+from training.trainer import Trainer
+
+TORCHRUN = str(Path(sys.executable).parent / "torchrun")
+QUIET = dict(log=lambda *a, **k: None)
+OPT_TINY = ["opt.hidden_size=32", "opt.num_hidden_layers=2", "opt.num_attention_heads=2", "opt.ffn_dim=64",
+            "opt.max_position_embeddings=256"]
+
+
+def data_overrides(corpus: Path, cache: Path) -> list[str]:
+    return [o for o in tiny_overrides(corpus, cache) if not o.startswith("model.")] + [
+        "data.max_passage_sentences=12", "data.max_passage_tokens=200", "train.batch_size=2"]
+
+
+def sllm_overrides(corpus: Path, cache: Path) -> list[str]:
+    return data_overrides(corpus, cache) + OPT_TINY + [
+        "svae.d_model=32", "svae.n_heads=2", "svae.ffn_dim=64", "svae.max_sentence_tokens=16"]
+
+
+def _train(cls, task_cls, overrides, out: Path):
+    run = build_run_config(None, overrides, str(out), cls)
+    task = task_cls(run, **QUIET)
+    Trainer(task, run.train, run, **QUIET).fit()
+    return task
+
+
+def _losses(run_dir: Path) -> list[float]:
+    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r and "val_loss" not in r]
+
+
+@pytest.fixture(scope="module")
+def stage1(tiny_corpus, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("stage1")
+    overrides = tiny_overrides(tiny_corpus, out / "cache") + ["train.max_steps=30", "model.max_sentence_tokens=16",
+                                                               "model.n_heads=2"]
+    _train(type(build_run_config(None, [], None)), SentenceVAETask, overrides, out / "run")
+    return out / "run"
+
+
+@pytest.fixture(scope="module")
+def sllm_run(tiny_corpus, stage1, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("sllm")
+    overrides = sllm_overrides(tiny_corpus, out / "cache") + [f"sllm.svae_checkpoint={stage1}", "train.max_steps=6"]
+    _train(SLLMRunConfig, SLLMTask, overrides, out / "run")
+    return out / "run"
+
+
+def test_torchrun_ddp_sllm_trains_and_loss_falls(tiny_corpus, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    args = sllm_overrides(tiny_corpus, tmp_path / "cache") + ["train.max_steps=16", "train.lr=0.01",
+                                                               "train.save_every=100"]
+    cmd = [TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "training.cli", "sllm", "--out",
+           str(tmp_path / "run"), *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "2 process(es)" in proc.stderr
+    losses = _losses(tmp_path / "run")
+    assert len(losses) == 16
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]) * 0.9
+    trained = load_sllm(tmp_path / "run")
+    assert trained.model.opt.hidden_size == 32 and (trained.path / "opt_config.json").is_file()
+
+
+def test_sllm_from_stage1_keeps_its_tokenizer_and_segmentation(sllm_run, stage1):
+    trained, s1 = load_sllm(sllm_run), load_sentence_vae(stage1)
+    assert trained.tokenizer.to_json_str() == s1.tokenizer.to_json_str()
+    assert trained.run.svae == s1.model.cfg
+    assert trained.run.data.split_on_comma == s1.run.data.split_on_comma
+
+
+def test_padding_sentences_and_padding_passages_change_nothing(sllm_run):
+    trained = load_sllm(sllm_run)
+    task_data = _val_passages(trained)
+    lengths = task_data.starts[1:] - task_data.starts[:-1]
+    short, long_ = int(np.argmin(lengths)), int(np.argmax(lengths))
+    assert lengths[short] < lengths[long_]
+    alone = sllm_token_nll(trained.model, task_data, np.array([short]), batch_size=1)
+    together = sllm_token_nll(trained.model, task_data, np.array([short, long_]), batch_size=2)
+    other = sllm_token_nll(trained.model, task_data, np.array([long_]), batch_size=1)
+    nll = lambda r: r["loss"] * r["tokens"]
+    assert together["tokens"] == alone["tokens"] + other["tokens"]
+    assert nll(together) == pytest.approx(nll(alone) + nll(other), rel=1e-5)
+    # and the hidden states of the short passage do not see the padding
+    pad = trained.model.svae.cfg.pad_id
+    b1 = collate_passages(task_data, np.array([short]), pad)
+    b2 = collate_passages(task_data, np.array([short, long_]), pad)
+    with torch.no_grad():
+        h1, s1 = trained.model(b1.ids, b1.token_mask, b1.sentence_mask)
+        h2, s2 = trained.model(b2.ids, b2.token_mask, b2.sentence_mask)
+    n = int(lengths[short])
+    torch.testing.assert_close(h2[0, :n], h1[0, :n], atol=1e-5, rtol=0)
+    torch.testing.assert_close(s2[0, :n], s1[0, :n], atol=1e-5, rtol=0)
+
+
+def _val_passages(trained):
+    from training.data.passage_data import prepare_passages
+
+    data_cfg = trained.run.data
+    data_cfg.tokenizer = str(trained.path)
+    return prepare_passages(data_cfg, trained.model.svae.cfg.max_sentence_tokens, **QUIET).val
+
+
+def test_baseline_trains_and_ppl_counts_the_same_tokens(tiny_corpus, sllm_run, tmp_path):
+    sllm = load_sllm(sllm_run)
+    overrides = data_overrides(tiny_corpus, tmp_path / "cache") + OPT_TINY + [
+        f"match_sllm={sllm_run}", "train.max_steps=12", "train.lr=0.01"]
+    task = _train(BaselineRunConfig, OPTBaselineTask, overrides, tmp_path / "run")
+    losses = _losses(tmp_path / "run")
+    assert np.mean(losses[-3:]) < np.mean(losses[:3])
+    base = load_baseline(tmp_path / "run")
+    val = task.data.val
+    index = np.arange(len(val))
+    tok = base.tokenizer
+    b = baseline_token_nll(base.model, val, index, 4, tok.pad_id, tok.bos_id)
+    s = sllm_token_nll(sllm.model, _val_passages(sllm), index, 4)
+    assert b["tokens"] == s["tokens"] > 0  # exactly the same scored tokens
+    first = val.sentences.lengths[val.starts[:-1]].sum()
+    assert b["tokens"] == val.sentences.offsets[-1] - first  # all but each passage's first sentence
+    assert np.isfinite(b["ppl"]) and np.isfinite(s["ppl"])
+
+
+def test_generation_streams_sentences_and_matches_full_recompute(sllm_run):
+    trained = load_sllm(sllm_run)
+    gen = SLLMGenerator(trained.model, trained.tokenizer, trained.run.data.split_on_comma)
+    trained.model.opt.stop_head.bias.data = torch.tensor([10.0, -10.0])  # never stop: exercise the cap
+    out = list(gen.generate("The king sees the river. My sister finds a letter,", max_sentences=4))
+    assert 1 <= len(out) <= 4
+    # replay without a cache: full forward over prompt + generated vectors decodes the same sentences
+    prompt = gen.prompt_sentences("The king sees the river. My sister finds a letter,")
+    ids_so_far = list(prompt)
+    for sentence in out:
+        vectors = gen.encode(ids_so_far)[None]
+        with torch.no_grad():
+            hidden, _ = trained.model.opt(vectors)
+        assert decode_sentences(trained.model.svae.decoder, hidden[:, -1])[0] == sentence.ids
+        ids_so_far.append(sentence.ids)
+    trained.model.opt.stop_head.bias.data = torch.tensor([-10.0, 10.0])  # always stop
+    assert list(gen.generate("The king sees the river.", max_sentences=4)) == []
+
+
+def test_generation_bad_prompts_are_clear_errors(sllm_run):
+    trained = load_sllm(sllm_run)
+    gen = SLLMGenerator(trained.model, trained.tokenizer)
+    for prompt in ["", "   \n "]:
+        with pytest.raises(ValueError, match="empty"):
+            list(gen.generate(prompt))
+    too_long = "Yes. " * (trained.model.opt.max_sentences + 1)
+    with pytest.raises(ValueError, match="context holds"):
+        list(gen.generate(too_long))
+    sampled = list(gen.generate("The king sees the river.", max_sentences=2,
+                                sampling=SamplingConfig(temperature=1.0, top_k=5, seed=3)))
+    again = list(gen.generate("The king sees the river.", max_sentences=2,
+                              sampling=SamplingConfig(temperature=1.0, top_k=5, seed=3)))
+    assert [s.ids for s in sampled] == [s.ids for s in again]
+
+
+def test_freeze_svae_and_finetune_last_layer(tiny_corpus, tmp_path):
+    overrides = sllm_overrides(tiny_corpus, tmp_path / "cache") + [
+        "train.max_steps=3", "sllm.freeze_svae=true", "sllm.finetune_layers=1", "sllm.finetune_from=last"]
+    task = _train(SLLMRunConfig, SLLMTask, overrides, tmp_path / "run")
+    torch.manual_seed(task.run.train.seed)
+    initial = task.build_model().state_dict()
+    final = load_sllm(tmp_path / "run", weights="model").model.state_dict()
+    changed = {k for k in initial if not torch.equal(initial[k], final[k])}
+    assert changed, "nothing trained"
+    assert not any(k.startswith("svae.") for k in changed)
+    assert not any(k.startswith("opt.layers.0.") for k in changed)
+    assert any(k.startswith("opt.layers.1.") for k in changed) and "opt.stop_head.weight" in changed
+
+
+def test_pretrained_opt_dir_grafts_and_trains(tiny_corpus, tmp_path):
+    cfg = opt_config_from_spec(OPTSpec(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, ffn_dim=64,
+                                       max_position_embeddings=128), vocab_size=300)
+    torch.manual_seed(0)
+    OPTForCausalLM(cfg).save_pretrained(tmp_path / "opt")
+    overrides = sllm_overrides(tiny_corpus, tmp_path / "cache") + [
+        f"opt.pretrained={tmp_path / 'opt'}", "train.max_steps=2", "train.lr=1e-6",
+        "sllm.init_embeddings_from_opt=true"]
+    _train(SLLMRunConfig, SLLMTask, overrides, tmp_path / "run")
+    trained = load_sllm(tmp_path / "run")
+    assert trained.model.opt.config.max_position_embeddings == 128  # the checkpoint's config, not the spec's
+    hf = load_file(str(tmp_path / "opt" / "model.safetensors"))
+    ours = load_file(str(trained.path / "model.safetensors"))
+    # 2 steps of AdamW at lr 1e-6 move each weight by at most ~2e-6 from the pretrained one
+    assert (ours["opt.layers.1.fc1.weight"] - hf["model.decoder.layers.1.fc1.weight"]).abs().max() < 1e-5
+    assert (ours["svae.encoder.tok_emb.weight"] - hf["model.decoder.embed_tokens.weight"]).abs().max() < 1e-5
+
+
+def test_width_mismatch_and_wrong_kind_are_refused(tiny_corpus, tmp_path, sllm_run, stage1):
+    with pytest.raises(Exception, match="must equal OPT's hidden size"):
+        _train(SLLMRunConfig, SLLMTask, sllm_overrides(tiny_corpus, tmp_path / "cache") + ["svae.d_model=64"],
+               tmp_path / "run")
+    with pytest.raises(CheckpointError, match="not an SLLM"):
+        load_sllm(stage1)
+    with pytest.raises(CheckpointError, match="not a SentenceVAE"):
+        load_sentence_vae(sllm_run)

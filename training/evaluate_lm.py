@@ -1,0 +1,75 @@
+"""Token-level perplexity of an SLLM and of the token-level baseline over the same tokens.
+
+Scored tokens, for both models: the tokens of sentences 2..n of each held-out passage
+(the first sentence is context for both: the SLLM has no vector that predicts it).
+Both PPLs are exp(total NLL / number of scored tokens), with the same denominator.
+
+SLLM NLL of a passage (sentences s_1..s_n, hidden states h_1..h_n):
+    sum_{t=1}^{n-1} -log p_dec(s_{t+1} tokens, eos | h_t)   decoder given the predicted vector
+  + sum_{t=1}^{n}   -log p_stop(flag_t | h_t)               termination head: paragraph ends or not
+The SLLM pays for the eos that ends each sentence and for every stop flag; the
+baseline has no such terms (sentence ends are implicit in its token stream), so the
+comparison leans against the SLLM, never for it.
+
+Baseline NLL: sum of -log p(token | bos, all earlier tokens) over the same tokens.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from training.data.passage_data import Passages, collate_passages, collate_token_sequences
+from training.losses import IGNORE_INDEX, _token_nll
+from training.models.sllm import SLLM
+
+
+def _result(nll: float, tokens: int, **extra: float) -> dict[str, float]:
+    loss = nll / max(tokens, 1)
+    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": float(tokens), **extra}
+
+
+@torch.no_grad()
+def sllm_token_nll(model: SLLM, data: Passages, index: np.ndarray, batch_size: int = 8) -> dict[str, float]:
+    model.eval()
+    device = next(model.parameters()).device
+    pad = model.svae.cfg.pad_id
+    total = decode_total = 0.0
+    tokens = decode_targets = stop_right = sentences = 0
+    for start in range(0, len(index), batch_size):
+        b = collate_passages(data, index[start : start + batch_size], pad).to(device)
+        hidden, stop_logits = model(b.ids, b.token_mask, b.sentence_mask)
+        logits, targets = model.next_sentence_logits(hidden, b.ids, b.token_mask, b.sentence_mask)
+        decode_nll = float(_token_nll(logits, targets, IGNORE_INDEX).sum())
+        stop_targets = SLLM.stop_targets(b.sentence_mask, b.para_end)
+        stop_nll = float(_token_nll(stop_logits, stop_targets, IGNORE_INDEX).sum())
+        n_targets = int((targets != IGNORE_INDEX).sum())
+        total += decode_nll + stop_nll
+        decode_total += decode_nll
+        decode_targets += n_targets
+        tokens += n_targets - targets.shape[0]  # minus one eos per decoded sentence
+        real = stop_targets != IGNORE_INDEX
+        stop_right += int((stop_logits.argmax(-1)[real] == stop_targets[real]).sum())
+        sentences += int(real.sum())
+    return _result(total, tokens, decode_loss=decode_total / max(decode_targets, 1),
+                   stop_accuracy=stop_right / max(sentences, 1))
+
+
+@torch.no_grad()
+def baseline_token_nll(model, data: Passages, index: np.ndarray, batch_size: int, pad_id: int,
+                       bos_id: int) -> dict[str, float]:
+    from training.tasks.opt_baseline import next_token_logits
+
+    model.eval()
+    device = next(model.parameters()).device
+    total, tokens = 0.0, 0
+    for start in range(0, len(index), batch_size):
+        ids, mask, first_end = (t.to(device) for t in collate_token_sequences(
+            data, index[start : start + batch_size], pad_id, bos_id))
+        logits, targets = next_token_logits(model, ids, mask)  # target j is ids[:, j+1]
+        position = torch.arange(1, ids.shape[1], device=device)[None, :]  # [1, N-1]
+        targets = targets.masked_fill(position < first_end[:, None], IGNORE_INDEX)  # first sentence: context
+        total += float(_token_nll(logits, targets, IGNORE_INDEX).sum())
+        tokens += int((targets != IGNORE_INDEX).sum())
+    return _result(total, tokens)

@@ -1,0 +1,75 @@
+"""Reference SLLM generation in torch (paper Eq. 9), sentence by sentence.
+
+prefill: the prompt's sentence vectors through the OPT blocks (KV cache kept);
+step:    termination head says stop -> done; else decode h_t into a sentence,
+         re-encode that sentence, and run one cached OPT step on its vector.
+The edge/cloud split runs the same loop with ONNX Runtime and gRPC in between.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from sentences.limit import is_blank, text_to_sentences
+from sentences.tokenizer import SentenceTokenizer
+from training.data.sentence_data import pad_token_lists
+from training.models.generate import SamplingConfig, decode_sentences
+from training.models.opt_graft import STOP
+from training.models.sllm import SLLM
+
+
+@dataclass
+class GeneratedSentence:
+    text: str
+    ids: list[int]
+    stop_probability: float  # the termination head's P(stop) before this sentence was decoded
+
+
+class SLLMGenerator:
+    def __init__(self, sllm: SLLM, tokenizer: SentenceTokenizer, split_on_comma: bool = True):
+        self.sllm = sllm.eval()
+        self.tok = tokenizer
+        self.split_on_comma = split_on_comma
+        self.max_tokens = sllm.svae.cfg.max_sentence_tokens
+
+    def prompt_sentences(self, prompt: str) -> list[list[int]]:
+        pieces = [p for p in text_to_sentences(prompt, self.tok, self.max_tokens, self.split_on_comma)
+                  if not is_blank(p)]
+        if not pieces:
+            raise ValueError("the prompt is empty or only whitespace")
+        return [self.tok.encode(p) for p in pieces]
+
+    def encode(self, sentences: list[list[int]]) -> torch.Tensor:
+        """Token id lists -> sentence vectors [S, d]."""
+        device = next(self.sllm.parameters()).device
+        ids, mask = pad_token_lists(sentences, self.sllm.svae.cfg.pad_id)
+        return self.sllm.svae.encode(ids.to(device), mask.to(device))
+
+    @torch.inference_mode()
+    def generate(self, prompt: str, max_sentences: int = 16,
+                 sampling: SamplingConfig | None = None) -> Iterator[GeneratedSentence]:
+        """Yield sentences as they are made, until the stop flag, an empty sentence or `max_sentences`."""
+        if max_sentences < 0:
+            raise ValueError(f"max_sentences must be >= 0, got {max_sentences}")
+        prompt_ids = self.prompt_sentences(prompt)
+        room = self.sllm.opt.max_sentences
+        if len(prompt_ids) >= room:
+            raise ValueError(f"the prompt has {len(prompt_ids)} sentences; this model's context holds {room} "
+                             "(prompt + answer)")
+        max_sentences = min(max_sentences, room - len(prompt_ids))
+        sampling = sampling or SamplingConfig()
+        cache = self.sllm.opt.new_cache()
+        hidden, stop = self.sllm.opt(self.encode(prompt_ids)[None], past=cache)  # [1, S, d], [1, S, 2]
+        for i in range(max_sentences):
+            p_stop = float(stop[0, -1].float().softmax(-1)[STOP])
+            if int(stop[0, -1].argmax()) == STOP:
+                return
+            step_sampling = sampling if sampling.seed is None else SamplingConfig(
+                sampling.temperature, sampling.top_k, sampling.top_p, sampling.seed + i)
+            ids = decode_sentences(self.sllm.svae.decoder, hidden[:, -1], self.max_tokens, step_sampling)[0]
+            if not ids:  # eos straight away: nothing left to say
+                return
+            yield GeneratedSentence(self.tok.decode(ids), ids, p_stop)
+            hidden, stop = self.sllm.opt(self.encode([ids])[None], past=cache)

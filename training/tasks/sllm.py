@@ -1,0 +1,164 @@
+"""Stage 2: train an SLLM (SentenceVAE grafted onto OPT blocks, paper Eq. 6-9).
+
+loss = next-sentence decode loss (the vector predicted at sentence t decodes sentence
+t+1; CE or focal, per token) + stop_loss_weight * focal loss of the stop flags.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import OPTConfig
+
+from sentences.segment import SEGMENTATION_VERSION
+from sentences.tokenizer import SentenceTokenizer, TokenizerError
+from training import checkpoint as ckpt
+from training.config import ConfigError, SLLMRunConfig, load_run_config
+from training.data.passage_data import PassageBatch, PreparedPassages, collate_passages, prepare_passages
+from training.data.sentence_data import epoch_batches
+from training.losses import token_loss
+from training.models.opt_graft import GraftedOPT, load_opt
+from training.models.sentence_vae import SentenceVAE
+from training.models.sllm import SLLM
+from training.tasks.sentence_vae import _unwrap, load_sentence_vae
+
+OPT_CONFIG_FILE = "opt_config.json"
+
+
+class SLLMTask:
+    def __init__(self, run: SLLMRunConfig, log=print):
+        self.run = run
+        self.svae_state: dict[str, torch.Tensor] | None = None
+        if run.sllm.svae_checkpoint:
+            stage1 = load_sentence_vae(run.sllm.svae_checkpoint)
+            # the SentenceVAE's own tokenizer, width and segmentation come with it
+            run.svae = stage1.model.cfg
+            run.data.tokenizer = str(stage1.path)
+            run.data.split_on_comma = stage1.run.data.split_on_comma
+            self.svae_state = {k: v.clone() for k, v in stage1.model.state_dict().items()}
+        self.data: PreparedPassages = prepare_passages(run.data, run.svae.max_sentence_tokens, log=log)
+        tok = self.data.tokenizer
+        m = run.svae
+        if self.svae_state is None:
+            m.vocab_size, m.pad_id, m.bos_id, m.eos_id = tok.vocab_size, tok.pad_id, tok.bos_id, tok.eos_id
+        run.data.segmentation_version = SEGMENTATION_VERSION
+        opt = load_opt(run.opt, tok.vocab_size, tok.pad_id, tok.bos_id, tok.eos_id)
+        self.opt_config: OPTConfig = opt.config
+        self.opt_state = {k: v.clone() for k, v in GraftedOPT.from_causal_lm(opt).state_dict().items()
+                          if not k.startswith("stop_head.")}
+        self.opt_embedding = opt.get_input_embeddings().weight.detach().clone()
+        if self.opt_config.hidden_size != m.d_model:
+            raise ConfigError(f"the SentenceVAE width d={m.d_model} must equal OPT's hidden size "
+                              f"{self.opt_config.hidden_size} (set svae.d_model or opt.hidden_size)")
+        max_pos = self.opt_config.max_position_embeddings
+        if run.data.max_passage_sentences > max_pos:
+            raise ConfigError(f"data.max_passage_sentences={run.data.max_passage_sentences} exceeds OPT's "
+                              f"{max_pos} positions")
+        run.validate()
+        self._epoch_cache: tuple[int, list[np.ndarray]] | None = None
+
+    # ------------------------------------------------------------ Task protocol
+
+    def build_model(self) -> nn.Module:
+        svae = SentenceVAE(self.run.svae)
+        if self.svae_state is not None:
+            svae.load_state_dict(self.svae_state)
+        graft = GraftedOPT(self.opt_config)
+        graft.load_state_dict(self.opt_state, strict=False)  # stop head: fresh
+        o = self.run.sllm
+        if o.init_embeddings_from_opt:
+            emb = self.opt_embedding
+            if emb.shape != svae.encoder.tok_emb.weight.shape:
+                raise ConfigError(f"OPT's token embedding {tuple(emb.shape)} does not fit the SentenceVAE's "
+                                  f"{tuple(svae.encoder.tok_emb.weight.shape)} (same tokenizer and width needed)")
+            with torch.no_grad():
+                svae.encoder.tok_emb.weight.copy_(emb)
+                svae.decoder.tok_emb.weight.copy_(emb)
+        model = SLLM(svae, graft)
+        model.set_trainable(o.freeze_svae, o.finetune_layers, o.finetune_from)
+        return model
+
+    def _batches(self, epoch: int) -> list[np.ndarray]:
+        if self._epoch_cache is None or self._epoch_cache[0] != epoch:
+            t = self.run.train
+            self._epoch_cache = (epoch, epoch_batches(self.data.train.token_counts, t.batch_size, t.seed, epoch,
+                                                      t.bucket_by_length))
+        return self._epoch_cache[1]
+
+    def num_batches(self, epoch: int) -> int:
+        return len(self._batches(epoch))
+
+    def batch(self, epoch: int, index: int) -> PassageBatch:
+        return collate_passages(self.data.train, self._batches(epoch)[index], self.run.svae.pad_id)
+
+    def loss(self, model: nn.Module, batch: PassageBatch) -> tuple[torch.Tensor, int]:
+        decode_loss, stop_loss, n_tokens = sllm_losses(model, batch.to(next(model.parameters()).device), self.run)
+        return decode_loss + self.run.sllm.stop_loss_weight * stop_loss, n_tokens
+
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        from training.evaluate_lm import sllm_token_nll
+
+        n = min(len(self.data.val), self.run.train.eval_batches * self.run.train.batch_size)
+        return sllm_token_nll(_unwrap(model), self.data.val, np.arange(n), self.run.train.batch_size)
+
+    def save_files(self, directory: Path) -> None:
+        self.data.tokenizer.save(directory)
+        (directory / OPT_CONFIG_FILE).write_text(self.opt_config.to_json_string())
+
+
+def sllm_losses(model: nn.Module, batch: PassageBatch, run: SLLMRunConfig):
+    """(decode loss per target token, stop-flag loss per sentence, target tokens)."""
+    hidden, stop_logits = model(batch.ids, batch.token_mask, batch.sentence_mask)
+    inner: SLLM = _unwrap(model)
+    logits, targets = inner.next_sentence_logits(hidden, batch.ids, batch.token_mask, batch.sentence_mask)
+    decode = token_loss(logits, targets, run.train.loss, run.train.focal_gamma)
+    stop = token_loss(stop_logits, SLLM.stop_targets(batch.sentence_mask, batch.para_end), "focal",
+                      run.sllm.stop_focal_gamma)
+    return decode, stop, int((targets != -100).sum())
+
+
+# ---------------------------------------------------------------- loading a trained SLLM
+
+@dataclass
+class TrainedSLLM:
+    model: SLLM
+    tokenizer: SentenceTokenizer
+    run: SLLMRunConfig
+    path: Path
+
+
+def load_sllm(path: str | Path, weights: str = "ema", device: str = "cpu") -> TrainedSLLM:
+    """A stage-2 checkpoint, self-contained: config.json, opt_config.json, tokenizer, weights."""
+    d = ckpt.resolve_checkpoint(path)
+    ckpt.verify_checkpoint_dir(d)
+    try:
+        run = load_run_config(d / "config.json")
+        run.validate()
+    except ConfigError as e:
+        raise ckpt.CheckpointError(f"{d}/config.json: {e}") from None
+    if run.kind != "sllm":
+        raise ckpt.CheckpointError(f"{d} holds a {run.kind!r} checkpoint, not an SLLM")
+    try:
+        tok = SentenceTokenizer.load(d)
+        opt_config = OPTConfig.from_dict(json.loads((d / OPT_CONFIG_FILE).read_text()))
+    except TokenizerError as e:
+        raise ckpt.CheckpointError(f"{d}: {e}") from None
+    except (OSError, ValueError) as e:
+        raise ckpt.CheckpointError(f"{d}/{OPT_CONFIG_FILE} is missing or corrupt ({e})") from None
+    opt_config._attn_implementation = "eager"
+    m = run.svae
+    if (tok.vocab_size, tok.pad_id, tok.bos_id, tok.eos_id) != (m.vocab_size, m.pad_id, m.bos_id, m.eos_id):
+        raise ckpt.CheckpointError(f"{d}: the tokenizer does not match the model (vocab {tok.vocab_size} vs "
+                                   f"{m.vocab_size})")
+    if weights not in ("ema", "model"):
+        raise ValueError("weights must be 'ema' or 'model'")
+    try:
+        model = SLLM(SentenceVAE(m), GraftedOPT(opt_config))
+    except ConfigError as e:
+        raise ckpt.CheckpointError(f"{d}: {e}") from None
+    ckpt.load_state_into(model, ckpt.load_tensors(d / f"{weights}.safetensors"), str(d))
+    return TrainedSLLM(model.to(device).eval(), tok, run, d)
