@@ -143,6 +143,18 @@ def test_baseline_trains_and_ppl_counts_the_same_tokens(tiny_corpus, sllm_run, t
     assert b["tokens"] == val.sentences.offsets[-1] - first  # all but each passage's first sentence
     assert np.isfinite(b["ppl"]) and np.isfinite(s["ppl"])
 
+    from typer.testing import CliRunner
+    from training.cli import app
+
+    report = tmp_path / "compare.md"
+    res = CliRunner().invoke(app, ["compare", str(sllm_run), str(tmp_path / "run"), "--report", str(report)])
+    assert res.exit_code == 0, res.output
+    saved = json.loads(report.with_suffix(".json").read_text())
+    assert saved["sllm"]["tokens"] == saved["baseline"]["tokens"] == s["tokens"]
+    assert saved["baseline"]["ppl"] == pytest.approx(b["ppl"], rel=1e-6)
+    res = CliRunner().invoke(app, ["compare", str(tmp_path / "run"), str(sllm_run)])  # swapped: refused
+    assert res.exit_code == 2 and "not an SLLM" in res.output
+
 
 def test_generation_streams_sentences_and_matches_full_recompute(sllm_run):
     trained = load_sllm(sllm_run)
@@ -161,6 +173,16 @@ def test_generation_streams_sentences_and_matches_full_recompute(sllm_run):
         ids_so_far.append(sentence.ids)
     trained.model.opt.stop_head.bias.data = torch.tensor([-10.0, 10.0])  # always stop
     assert list(gen.generate("The king sees the river.", max_sentences=4)) == []
+
+
+def test_generate_cli(sllm_run):
+    from typer.testing import CliRunner
+    from training.cli import app
+
+    res = CliRunner().invoke(app, ["generate", str(sllm_run), "The king sees the river.", "--max-sentences", "2"])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(app, ["generate", str(sllm_run), "   "])
+    assert res.exit_code == 2 and "empty" in res.output and "Traceback" not in res.output
 
 
 def test_generation_bad_prompts_are_clear_errors(sllm_run):

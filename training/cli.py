@@ -159,6 +159,57 @@ def reconstruct(
 
 
 @app.command()
+def generate(
+    checkpoint: Path = typer.Argument(..., help="SLLM checkpoint dir or run dir"),
+    prompt: Optional[str] = typer.Argument(None, help="prompt text; read from stdin when left out"),
+    max_sentences: int = typer.Option(8, help="stop after this many sentences"),
+    temperature: float = typer.Option(0.0, help="0 = greedy"),
+    top_k: int = typer.Option(0),
+    top_p: float = typer.Option(1.0),
+    seed: Optional[int] = typer.Option(None),
+):
+    """Continue a prompt sentence by sentence with a trained SLLM (torch reference, one process)."""
+    from training.models.generate import SamplingConfig
+    from training.models.sllm_generate import SLLMGenerator
+    from training.tasks.sllm import load_sllm
+
+    if prompt is None:
+        prompt = sys.stdin.read()
+    try:
+        sampling = SamplingConfig(temperature, top_k, top_p, seed)
+        trained = load_sllm(checkpoint)
+        gen = SLLMGenerator(trained.model, trained.tokenizer, trained.run.data.split_on_comma)
+        for sentence in gen.generate(prompt, max_sentences, sampling):
+            typer.echo(sentence.text, nl=False)
+            sys.stdout.flush()
+    except (*_user_errors(), ValueError) as e:
+        _fail(str(e))
+    typer.echo("")
+
+
+@app.command()
+def compare(
+    sllm_checkpoint: Path = typer.Argument(..., help="SLLM checkpoint or run dir"),
+    baseline_checkpoint: Path = typer.Argument(..., help="token-level OPT baseline checkpoint or run dir"),
+    n_passages: int = typer.Option(0, help="validation passages to score (0 = all)"),
+    report: Optional[Path] = typer.Option(None, help="also write the table here (.md; a .json beside it)"),
+):
+    """Token-level validation PPL of an SLLM and its baseline over exactly the same tokens."""
+    from training.evaluate_lm import compare_sllm_baseline, render_comparison
+
+    try:
+        result = compare_sllm_baseline(sllm_checkpoint, baseline_checkpoint, n_passages, log=_log_err)
+    except _user_errors() as e:
+        _fail(str(e))
+    text = render_comparison(result)
+    typer.echo(text)
+    if report:
+        report.parent.mkdir(parents=True, exist_ok=True)
+        report.write_text(text)
+        report.with_suffix(".json").write_text(json.dumps(result, indent=2))
+
+
+@app.command()
 def plot(run_dir: Path = typer.Argument(...), out: Optional[Path] = typer.Option(None)):
     """Plot the metrics log (training loss, validation loss, tokens/s) to a PNG."""
     from training.plot import plot_metrics

@@ -95,6 +95,11 @@ class TrainConfig:
             raise ConfigError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
         if self.batch_size < 1 or self.max_steps < 1:
             raise ConfigError("batch_size and max_steps must be positive")
+        if self.log_every < 1 or self.save_every < 1:
+            raise ConfigError("log_every and save_every must be positive")
+        if self.save_every % self.log_every:
+            # the token count saved with a checkpoint is updated at log steps
+            raise ConfigError(f"save_every={self.save_every} must be a multiple of log_every={self.log_every}")
 
 
 @dataclass

@@ -40,15 +40,13 @@ def sllm_token_nll(model: SLLM, data: Passages, index: np.ndarray, batch_size: i
     for start in range(0, len(index), batch_size):
         b = collate_passages(data, index[start : start + batch_size], pad).to(device)
         hidden, stop_logits = model(b.ids, b.token_mask, b.sentence_mask)
-        logits, targets = model.next_sentence_logits(hidden, b.ids, b.token_mask, b.sentence_mask)
-        decode_nll = float(_token_nll(logits, targets, IGNORE_INDEX).sum())
+        decode_nll, n_targets, n_sentences = model.next_sentence_loss(hidden, b.ids, b.token_mask, b.sentence_mask)
         stop_targets = SLLM.stop_targets(b.sentence_mask, b.para_end)
         stop_nll = float(_token_nll(stop_logits, stop_targets, IGNORE_INDEX).sum())
-        n_targets = int((targets != IGNORE_INDEX).sum())
-        total += decode_nll + stop_nll
-        decode_total += decode_nll
+        total += float(decode_nll) + stop_nll
+        decode_total += float(decode_nll)
         decode_targets += n_targets
-        tokens += n_targets - targets.shape[0]  # minus one eos per decoded sentence
+        tokens += n_targets - n_sentences  # minus the eos that ends each decoded sentence
         real = stop_targets != IGNORE_INDEX
         stop_right += int((stop_logits.argmax(-1)[real] == stop_targets[real]).sum())
         sentences += int(real.sum())
@@ -73,3 +71,38 @@ def baseline_token_nll(model, data: Passages, index: np.ndarray, batch_size: int
         total += float(_token_nll(logits, targets, IGNORE_INDEX).sum())
         tokens += int((targets != IGNORE_INDEX).sum())
     return _result(total, tokens)
+
+
+def compare_sllm_baseline(sllm_path, baseline_path, n_passages: int = 0, log=print) -> dict:
+    from training.data.passage_data import prepare_passages
+    from training.tasks.opt_baseline import load_baseline
+    from training.tasks.sllm import load_sllm
+
+    sllm, base = load_sllm(sllm_path), load_baseline(baseline_path)
+    if sllm.tokenizer.to_json_str() != base.tokenizer.to_json_str():
+        raise ValueError("the SLLM and the baseline use different tokenizers: their PPLs would not compare")
+    data_cfg = sllm.run.data
+    data_cfg.tokenizer = str(sllm.path)
+    val = prepare_passages(data_cfg, sllm.model.svae.cfg.max_sentence_tokens, log=log).val
+    index = np.arange(len(val) if n_passages <= 0 else min(n_passages, len(val)))
+    tok = base.tokenizer
+    s = sllm_token_nll(sllm.model, val, index, 8)
+    b = baseline_token_nll(base.model, val, index, 8, tok.pad_id, tok.bos_id)
+    assert s["tokens"] == b["tokens"], "scored token sets differ"
+    return {"passages": int(len(index)), "sllm": {**s, "checkpoint": str(sllm.path)},
+            "baseline": {**b, "checkpoint": str(base.path)}}
+
+
+def render_comparison(result: dict) -> str:
+    s, b = result["sllm"], result["baseline"]
+    lines = [
+        f"Validation: {result['passages']} passages, {int(s['tokens'])} scored tokens (sentences 2..n of each passage)",
+        "",
+        "| model | token NLL | PPL | checkpoint |",
+        "|---|---|---|---|",
+        f"| SLLM | {s['loss']:.4f} | {s['ppl']:.2f} | {s['checkpoint']} |",
+        f"| baseline OPT | {b['loss']:.4f} | {b['ppl']:.2f} | {b['checkpoint']} |",
+        "",
+        f"SLLM decoder loss per target (tokens + eos): {s['decode_loss']:.4f}; stop-flag accuracy {s['stop_accuracy']:.3f}",
+    ]
+    return "\n".join(lines) + "\n"

@@ -24,17 +24,24 @@ def token_loss(logits: torch.Tensor, targets: torch.Tensor, kind: str = "ce", ga
 
     "ce": -log p.  "focal": -(1 - p)^gamma log p (Lin et al. 2017; gamma = 0 is CE).
     """
+    total, count = token_loss_sum(logits, targets, kind, gamma, ignore_index)
+    return total / count.clamp(min=1)
+
+
+def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor, kind: str = "ce", gamma: float = 2.0,
+                   ignore_index: int = IGNORE_INDEX) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed loss, number of non-ignored targets): for losses accumulated over chunks."""
     if kind not in ("ce", "focal"):
         raise ValueError(f"loss kind must be 'ce' or 'focal', got {kind!r}")
     if gamma < 0:
         raise ValueError(f"focal gamma must be >= 0, got {gamma}")
     nll = _token_nll(logits, targets, ignore_index)  # [N]
-    count = (targets.reshape(-1) != ignore_index).sum().clamp(min=1)
+    count = (targets.reshape(-1) != ignore_index).sum()
     if kind == "focal":
         # 1 - p = -expm1(-nll), exact near p = 1; the clamp keeps the gradient finite where p == 1
         one_minus_p = (-torch.expm1(-nll)).clamp(min=1e-12)
         nll = one_minus_p.pow(gamma) * nll
-    return nll.sum() / count
+    return nll.sum(), count
 
 
 def token_nll_sum(logits: torch.Tensor, targets: torch.Tensor,

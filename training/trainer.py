@@ -129,6 +129,7 @@ class Trainer:
             lr=cfg.lr, betas=(0.9, 0.98), eps=1e-8,
         )
         self.step, self.epoch, self.pos = 0, 0, 0
+        self.tokens_seen = 0  # target tokens over all processes, for the record
         self.autocast_dtype = self._autocast_dtype()
         torch.manual_seed(cfg.seed + 1000 * self.dist.rank)  # per-rank stream (dropout)
 
@@ -152,7 +153,8 @@ class Trainer:
                 ckpt.save_tensors(opt_tensors, d / "optimizer.safetensors", opt_meta)
                 for r, state in enumerate(rng_states):
                     ckpt.save_tensors(state, d / f"rng_rank{r}.safetensors")
-                state = {"step": self.step, "epoch": self.epoch, "pos": self.pos, "world_size": self.dist.world}
+                state = {"step": self.step, "epoch": self.epoch, "pos": self.pos, "world_size": self.dist.world,
+                         "tokens_seen": self.tokens_seen}
                 (d / "trainer_state.json").write_text(json.dumps(state, indent=2))
                 save_json(self.run_config, d / "config.json")
                 self.task.save_files(d)
@@ -187,6 +189,7 @@ class Trainer:
         ckpt.optimizer_from_tensors(self.opt, ckpt.load_tensors(opt_path), ckpt.read_metadata(opt_path))
         _set_rng_state(ckpt.load_tensors(d / f"rng_rank{self.dist.rank}.safetensors"), self.dist.device)
         self.step, self.epoch, self.pos = state["step"], state["epoch"], state["pos"]
+        self.tokens_seen = state.get("tokens_seen", 0)
         self.log(f"resumed from {d} at step {self.step}")
         return True
 
@@ -267,9 +270,10 @@ class Trainer:
                 if self.step % cfg.log_every == 0 or self.step == stop:
                     elapsed = time.perf_counter() - t0
                     tokens = self.dist.sum(window_tokens)
+                    self.tokens_seen += int(tokens)
                     row = {"step": self.step, "epoch": self.epoch, "loss": window_loss / window_n, "lr": lr,
                            "grad_norm": float(grad_norm), "tokens_per_s": tokens / max(elapsed, 1e-9),
-                           "time": time.time()}
+                           "tokens_seen": self.tokens_seen, "time": time.time()}
                     self._log_row(row)
                     if bar is not None:
                         bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")

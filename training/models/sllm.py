@@ -13,6 +13,7 @@ from torch import nn
 
 from training.config import ConfigError
 from training.models.opt_graft import GraftedOPT
+from training.losses import token_loss_sum
 from training.models.sentence_vae import IGNORE_INDEX, SentenceVAE
 
 
@@ -30,7 +31,12 @@ class SLLM(nn.Module):
         """ids, token_mask [B, T, L], sentence_mask [B, T] -> sentence vectors [B, T, d] (0 for padding)."""
         B, T, L = ids.shape
         real = sentence_mask.reshape(-1)  # [B*T]
-        vectors = self.svae.encoder(ids.reshape(B * T, L)[real], token_mask.reshape(B * T, L)[real])  # [N, d]
+        flat_ids, flat_mask = ids.reshape(B * T, L)[real], token_mask.reshape(B * T, L)[real]  # [N, L]
+        parts, order = [], []
+        for idx, Lc in _length_chunks(flat_mask.sum(dim=1)):
+            parts.append(self.svae.encoder(flat_ids[idx, :Lc], flat_mask[idx, :Lc]))  # [n, d]
+            order.append(idx)
+        vectors = torch.cat(parts)[torch.cat(order).argsort()]  # [N, d] in the original order
         out = vectors.new_zeros(B * T, vectors.shape[-1])
         out[real] = vectors
         return out.view(B, T, -1)
@@ -40,17 +46,21 @@ class SLLM(nn.Module):
         vectors = self.encode_passages(ids, token_mask, sentence_mask)
         return self.opt(vectors, attention_mask=sentence_mask)
 
-    def next_sentence_logits(self, hidden: torch.Tensor, ids: torch.Tensor, token_mask: torch.Tensor,
-                             sentence_mask: torch.Tensor):
-        """The vector predicted at t decodes sentence t+1 (teacher forcing).
+    def next_sentence_loss(self, hidden: torch.Tensor, ids: torch.Tensor, token_mask: torch.Tensor,
+                           sentence_mask: torch.Tensor, kind: str = "ce", gamma: float = 0.0):
+        """The vector predicted at t decodes sentence t+1 (teacher forcing; targets = tokens + eos).
 
-        -> logits [N, L+1, V], targets [N, L+1] (tokens + eos, -100 elsewhere), N = pairs (t, t+1)."""
+        -> (summed token loss, target count, number of decoded sentences)."""
         has_next = sentence_mask[:, 1:]  # [B, T-1]
         memory = hidden[:, :-1][has_next]  # [N, d]
         nxt_ids, nxt_mask = ids[:, 1:][has_next], token_mask[:, 1:][has_next]  # [N, L]
-        dec_in, targets = self.svae.teacher_forcing_targets(nxt_ids, nxt_mask)
-        logits, _ = self.svae.decoder(dec_in, memory)
-        return logits, targets
+        total, count = hidden.new_zeros((), dtype=torch.float32), 0
+        for idx, Lc in _length_chunks(nxt_mask.sum(dim=1)):
+            dec_in, targets = self.svae.teacher_forcing_targets(nxt_ids[idx, :Lc], nxt_mask[idx, :Lc])
+            logits, _ = self.svae.decoder(dec_in, memory[idx])  # [n, Lc+1, V]
+            s, c = token_loss_sum(logits, targets, kind, gamma)
+            total, count = total + s, count + int(c)
+        return total, count, int(memory.shape[0])
 
     @staticmethod
     def stop_targets(sentence_mask: torch.Tensor, para_end: torch.Tensor) -> torch.Tensor:
@@ -68,3 +78,14 @@ class SLLM(nn.Module):
             for i, layer in enumerate(self.opt.layers):
                 for p in layer.parameters():
                     p.requires_grad_(i in keep)
+
+
+def _length_chunks(lengths: torch.Tensor, rows: int = 128):
+    """Yield (row indices, their max length) in groups of similar length: padding stays small
+    when a batch mixes 3-token and 60-token sentences."""
+    order = lengths.argsort()
+    if len(order) == 0:  # still run the modules once: DDP needs every rank to produce the same gradients
+        yield order, 1
+    for i in range(0, len(order), rows):
+        idx = order[i : i + rows]
+        yield idx, max(1, int(lengths[idx].max()))

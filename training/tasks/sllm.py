@@ -114,11 +114,11 @@ def sllm_losses(model: nn.Module, batch: PassageBatch, run: SLLMRunConfig):
     """(decode loss per target token, stop-flag loss per sentence, target tokens)."""
     hidden, stop_logits = model(batch.ids, batch.token_mask, batch.sentence_mask)
     inner: SLLM = _unwrap(model)
-    logits, targets = inner.next_sentence_logits(hidden, batch.ids, batch.token_mask, batch.sentence_mask)
-    decode = token_loss(logits, targets, run.train.loss, run.train.focal_gamma)
+    total, count, _ = inner.next_sentence_loss(hidden, batch.ids, batch.token_mask, batch.sentence_mask,
+                                               run.train.loss, run.train.focal_gamma)
     stop = token_loss(stop_logits, SLLM.stop_targets(batch.sentence_mask, batch.para_end), "focal",
                       run.sllm.stop_focal_gamma)
-    return decode, stop, int((targets != -100).sum())
+    return total / max(count, 1), stop, count
 
 
 # ---------------------------------------------------------------- loading a trained SLLM
