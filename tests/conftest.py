@@ -47,3 +47,16 @@ def tiny_overrides(corpus: Path, cache: Path) -> list[str]:
         "train.batch_size=8", "train.warmup_steps=2", "train.lr=0.003", "train.log_every=1",
         "train.eval_every=0", "train.eval_batches=2", "train.threads=1",
     ]
+
+
+@pytest.fixture(scope="session")
+def tiny_svae_run(tiny_corpus, tmp_path_factory) -> Path:
+    """A tiny SentenceVAE run dir trained for 4 steps (about a second). Tests must not modify it: copy first."""
+    from training.cli import build_run_config
+    from training.tasks.sentence_vae import SentenceVAETask
+    from training.trainer import Trainer
+
+    out = tmp_path_factory.mktemp("tiny_svae")
+    run = build_run_config(None, tiny_overrides(tiny_corpus, out / "cache") + ["train.max_steps=4"], str(out / "run"))
+    Trainer(SentenceVAETask(run, log=lambda *a: None), run.train, run, log=lambda *a: None).fit()
+    return out / "run"

@@ -1,7 +1,7 @@
 """Grafted OPT blocks equal Hugging Face's own OPT decoder on the same inputs_embeds."""
 import pytest
 import torch
-from transformers import OPTConfig, OPTForCausalLM
+from transformers import OPTForCausalLM
 
 from training.config import ConfigError, OPTSpec
 from training.models.opt_graft import GraftedOPT, load_opt, opt_config_from_spec

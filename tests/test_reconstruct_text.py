@@ -11,11 +11,10 @@ from typer.testing import CliRunner
 
 from sentences.limit import is_blank, text_to_sentences
 from sentences.tokenizer import TokenizerError
-from tests.conftest import ROOT, tiny_overrides
-from training.cli import EMPTY_TEXT, app, build_run_config
+from tests.conftest import ROOT
+from training.cli import EMPTY_TEXT, app
 from training.evaluate import reconstruct_text, reconstruct_texts
-from training.tasks.sentence_vae import SentenceVAETask, load_sentence_vae
-from training.trainer import Trainer
+from training.tasks.sentence_vae import load_sentence_vae
 
 WORDS = " ".join(f"word{i % 97}" for i in range(2000))[:10_000]  # no punctuation at all
 ONE_LETTER = "a" * 10_000
@@ -35,11 +34,8 @@ CONTROL = [
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tiny_corpus, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("reconstruct")
-    run = build_run_config(None, tiny_overrides(tiny_corpus, out / "cache") + ["train.max_steps=4"], str(out / "run"))
-    Trainer(SentenceVAETask(run, log=lambda *a: None), run.train, run, log=lambda *a: None).fit()
-    return out / "run"
+def checkpoint(tiny_svae_run) -> Path:
+    return tiny_svae_run
 
 
 @pytest.fixture(scope="module")

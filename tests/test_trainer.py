@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 from tests.conftest import ROOT, tiny_overrides
 from training.checkpoint import CheckpointError
 from training.cli import build_run_config
-from training.tasks.sentence_vae import SentenceVAETask, load_sentence_vae
-from training.trainer import Trainer, lr_at
+from training.tasks.sentence_vae import load_sentence_vae
+from training.trainer import lr_at
 
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 
@@ -65,11 +65,8 @@ def test_lr_schedule_warmup_then_cosine():
 
 
 @pytest.fixture(scope="module")
-def trained_run(tiny_corpus, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("run")
-    run = build_run_config(None, tiny_overrides(tiny_corpus, out / "cache") + ["train.max_steps=4"], str(out / "run"))
-    Trainer(SentenceVAETask(run, log=lambda *a: None), run.train, run, log=lambda *a: None).fit()
-    return out / "run"
+def trained_run(tiny_svae_run) -> Path:
+    return tiny_svae_run
 
 
 def test_checkpoint_loads_with_its_tokenizer(trained_run):

@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from training import checkpoint as ckpt
-from training.config import TrainConfig, save_json, to_dict
+from training.config import TrainConfig, save_json
 
 
 class Task(Protocol):

@@ -11,15 +11,13 @@ from torch import nn
 from transformers import OPTConfig, OPTForCausalLM
 
 from sentences.segment import SEGMENTATION_VERSION
-from sentences.tokenizer import SentenceTokenizer, TokenizerError
+from sentences.tokenizer import SentenceTokenizer
 from training import checkpoint as ckpt
 from training.config import BaselineRunConfig, ConfigError, load_run_config
 from training.data.passage_data import PreparedPassages, collate_token_sequences, prepare_passages
-from training.data.sentence_data import epoch_batches
 from training.losses import IGNORE_INDEX, token_loss
 from training.models.opt_graft import load_opt
-from training.tasks.sentence_vae import _unwrap
-from training.tasks.sllm import OPT_CONFIG_FILE
+from training.tasks.common import OPT_CONFIG_FILE, EpochBatches, load_opt_config, load_weights, open_checkpoint, unwrap
 
 
 class OPTBaselineTask:
@@ -41,19 +39,12 @@ class OPTBaselineTask:
                               f"{self.config.max_position_embeddings} positions; lower data.max_passage_tokens")
         self.initial_state = {k: v.clone() for k, v in self.initial.state_dict().items()}
         run.validate()
-        self._epoch_cache: tuple[int, list[np.ndarray]] | None = None
+        self._batches = EpochBatches(self.data.train.token_counts, run.train)
 
     def build_model(self) -> nn.Module:
         model = OPTForCausalLM(self.config)
         model.load_state_dict(self.initial_state)
         return model
-
-    def _batches(self, epoch: int) -> list[np.ndarray]:
-        if self._epoch_cache is None or self._epoch_cache[0] != epoch:
-            t = self.run.train
-            self._epoch_cache = (epoch, epoch_batches(self.data.train.token_counts, t.batch_size, t.seed, epoch,
-                                                      t.bucket_by_length))
-        return self._epoch_cache[1]
 
     def num_batches(self, epoch: int) -> int:
         return len(self._batches(epoch))
@@ -73,7 +64,7 @@ class OPTBaselineTask:
 
         n = min(len(self.data.val), self.run.train.eval_batches * self.run.train.batch_size)
         tok = self.data.tokenizer
-        return baseline_token_nll(_unwrap(model), self.data.val, np.arange(n), self.run.train.batch_size,
+        return baseline_token_nll(unwrap(model), self.data.val, np.arange(n), self.run.train.batch_size,
                                   tok.pad_id, tok.bos_id)
 
     def save_files(self, directory: Path) -> None:
@@ -109,22 +100,7 @@ class TrainedBaseline:
 
 
 def load_baseline(path: str | Path, weights: str = "ema", device: str = "cpu") -> TrainedBaseline:
-    d = ckpt.resolve_checkpoint(path)
-    ckpt.verify_checkpoint_dir(d)
-    try:
-        run = load_run_config(d / "config.json")
-    except ConfigError as e:
-        raise ckpt.CheckpointError(f"{d}/config.json: {e}") from None
-    if run.kind != "opt_baseline":
-        raise ckpt.CheckpointError(f"{d} holds a {run.kind!r} checkpoint, not a token-level OPT baseline")
-    try:
-        tok = SentenceTokenizer.load(d)
-        config = OPTConfig.from_json_file(str(d / OPT_CONFIG_FILE))
-    except TokenizerError as e:
-        raise ckpt.CheckpointError(f"{d}: {e}") from None
-    except (OSError, ValueError) as e:
-        raise ckpt.CheckpointError(f"{d}/{OPT_CONFIG_FILE} is missing or corrupt ({e})") from None
-    config._attn_implementation = "eager"
-    model = OPTForCausalLM(config)
-    ckpt.load_state_into(model, ckpt.load_tensors(d / f"{weights}.safetensors"), str(d))
+    d, run, tok = open_checkpoint(path, "opt_baseline", "a token-level OPT baseline")
+    model = OPTForCausalLM(load_opt_config(d))
+    load_weights(model, d, weights)
     return TrainedBaseline(model.to(device).eval(), tok, run, d)

@@ -10,12 +10,12 @@ import torch
 from torch import nn
 
 from sentences.segment import SEGMENTATION_VERSION
-from sentences.tokenizer import SentenceTokenizer, TokenizerError
-from training import checkpoint as ckpt
-from training.config import ConfigError, RunConfig, load_run_config
-from training.data.sentence_data import PreparedData, SentenceTokens, collate, epoch_batches, prepare_data
+from sentences.tokenizer import SentenceTokenizer
+from training.config import RunConfig
+from training.data.sentence_data import PreparedData, SentenceTokens, collate, prepare_data
 from training.losses import token_loss, token_nll_sum
 from training.models.sentence_vae import SentenceVAE
+from training.tasks.common import EpochBatches, check_tokenizer_matches, load_weights, open_checkpoint, unwrap
 
 
 class SentenceVAETask:
@@ -28,16 +28,10 @@ class SentenceVAETask:
         run.model.pad_id, run.model.bos_id, run.model.eos_id = tok.pad_id, tok.bos_id, tok.eos_id
         run.data.segmentation_version = SEGMENTATION_VERSION
         run.validate()
-        self._epoch_cache: tuple[int, list[np.ndarray]] | None = None
+        self._batches = EpochBatches(self.data.train.lengths, run.train)
 
     def build_model(self) -> nn.Module:
         return SentenceVAE(self.run.model)
-
-    def _batches(self, epoch: int) -> list[np.ndarray]:
-        if self._epoch_cache is None or self._epoch_cache[0] != epoch:
-            t = self.run.train
-            self._epoch_cache = (epoch, epoch_batches(self.data.train.lengths, t.batch_size, t.seed, epoch, t.bucket_by_length))
-        return self._epoch_cache[1]
 
     def num_batches(self, epoch: int) -> int:
         return len(self._batches(epoch))
@@ -50,7 +44,7 @@ class SentenceVAETask:
         device = next(model.parameters()).device
         ids, mask = (t.to(device) for t in batch)
         logits = model(ids, mask)
-        _, targets = _unwrap(model).teacher_forcing_targets(ids, mask)
+        _, targets = unwrap(model).teacher_forcing_targets(ids, mask)
         n_tokens = int((targets != -100).sum())
         return token_loss(logits, targets, self.run.train.loss, self.run.train.focal_gamma), n_tokens
 
@@ -62,15 +56,10 @@ class SentenceVAETask:
         self.data.tokenizer.save(directory)
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    model = getattr(model, "_orig_mod", model)  # torch.compile
-    return getattr(model, "module", model)  # DDP
-
-
 @torch.no_grad()
 def validation_loss(model: nn.Module, data: SentenceTokens, n: int, batch_size: int) -> dict[str, float]:
     """Cross-entropy per target token (sentence tokens + eos) and PPL (paper Eq. 10)."""
-    model = _unwrap(model).eval()
+    model = unwrap(model).eval()
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for start in range(0, n, batch_size):
@@ -95,28 +84,11 @@ class TrainedSentenceVAE:
 
 def load_sentence_vae(path: str | Path, weights: str = "ema", device: str = "cpu") -> TrainedSentenceVAE:
     """Load a checkpoint (or a run dir's latest) with clear errors for anything that does not fit."""
-    d = ckpt.resolve_checkpoint(path)
-    ckpt.verify_checkpoint_dir(d)
-    try:
-        run = load_run_config(d / "config.json")
-        run.validate()
-    except ConfigError as e:
-        raise ckpt.CheckpointError(f"{d}/config.json: {e}") from None
-    if run.kind != "sentence_vae":
-        raise ckpt.CheckpointError(f"{d} holds a {run.kind!r} checkpoint, not a SentenceVAE")
-    try:
-        tok = SentenceTokenizer.load(d)
-    except TokenizerError as e:
-        raise ckpt.CheckpointError(f"{d}: {e}") from None
+    d, run, tok = open_checkpoint(path, "sentence_vae", "a SentenceVAE")
     m = run.model
-    if (tok.vocab_size, tok.pad_id, tok.bos_id, tok.eos_id) != (m.vocab_size, m.pad_id, m.bos_id, m.eos_id):
-        raise ckpt.CheckpointError(
-            f"{d}: tokenizer (vocab {tok.vocab_size}, pad/bos/eos {tok.pad_id}/{tok.bos_id}/{tok.eos_id}) does not "
-            f"match the model (vocab {m.vocab_size}, pad/bos/eos {m.pad_id}/{m.bos_id}/{m.eos_id})")
-    if weights not in ("ema", "model"):
-        raise ValueError("weights must be 'ema' or 'model'")
+    check_tokenizer_matches(d, tok, m.vocab_size, m.pad_id, m.bos_id, m.eos_id)
     model = SentenceVAE(m)
-    ckpt.load_state_into(model, ckpt.load_tensors(d / f"{weights}.safetensors"), str(d))
+    load_weights(model, d, weights)
     return TrainedSentenceVAE(model.to(device).eval(), tok, run, d)
 
 

@@ -5,7 +5,6 @@ t+1; CE or focal, per token) + stop_loss_weight * focal loss of the stop flags.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,18 +14,17 @@ from torch import nn
 from transformers import OPTConfig
 
 from sentences.segment import SEGMENTATION_VERSION
-from sentences.tokenizer import SentenceTokenizer, TokenizerError
+from sentences.tokenizer import SentenceTokenizer
 from training import checkpoint as ckpt
-from training.config import ConfigError, SLLMRunConfig, load_run_config
+from training.config import ConfigError, SLLMRunConfig
 from training.data.passage_data import PassageBatch, PreparedPassages, collate_passages, prepare_passages
-from training.data.sentence_data import epoch_batches
 from training.losses import token_loss
 from training.models.opt_graft import GraftedOPT, load_opt
 from training.models.sentence_vae import SentenceVAE
 from training.models.sllm import SLLM
-from training.tasks.sentence_vae import _unwrap, load_sentence_vae
-
-OPT_CONFIG_FILE = "opt_config.json"
+from training.tasks.common import (OPT_CONFIG_FILE, EpochBatches, check_tokenizer_matches, load_opt_config,
+                                   load_weights, open_checkpoint, unwrap)
+from training.tasks.sentence_vae import load_sentence_vae
 
 
 class SLLMTask:
@@ -59,7 +57,7 @@ class SLLMTask:
             raise ConfigError(f"data.max_passage_sentences={run.data.max_passage_sentences} exceeds OPT's "
                               f"{max_pos} positions")
         run.validate()
-        self._epoch_cache: tuple[int, list[np.ndarray]] | None = None
+        self._batches = EpochBatches(self.data.train.token_counts, run.train)
 
     # ------------------------------------------------------------ Task protocol
 
@@ -82,13 +80,6 @@ class SLLMTask:
         model.set_trainable(o.freeze_svae, o.finetune_layers, o.finetune_from)
         return model
 
-    def _batches(self, epoch: int) -> list[np.ndarray]:
-        if self._epoch_cache is None or self._epoch_cache[0] != epoch:
-            t = self.run.train
-            self._epoch_cache = (epoch, epoch_batches(self.data.train.token_counts, t.batch_size, t.seed, epoch,
-                                                      t.bucket_by_length))
-        return self._epoch_cache[1]
-
     def num_batches(self, epoch: int) -> int:
         return len(self._batches(epoch))
 
@@ -103,7 +94,7 @@ class SLLMTask:
         from training.evaluate_lm import sllm_token_nll
 
         n = min(len(self.data.val), self.run.train.eval_batches * self.run.train.batch_size)
-        return sllm_token_nll(_unwrap(model), self.data.val, np.arange(n), self.run.train.batch_size)
+        return sllm_token_nll(unwrap(model), self.data.val, np.arange(n), self.run.train.batch_size)
 
     def save_files(self, directory: Path) -> None:
         self.data.tokenizer.save(directory)
@@ -113,7 +104,7 @@ class SLLMTask:
 def sllm_losses(model: nn.Module, batch: PassageBatch, run: SLLMRunConfig):
     """(decode loss per target token, stop-flag loss per sentence, target tokens)."""
     hidden, stop_logits = model(batch.ids, batch.token_mask, batch.sentence_mask)
-    inner: SLLM = _unwrap(model)
+    inner: SLLM = unwrap(model)
     total, count, _ = inner.next_sentence_loss(hidden, batch.ids, batch.token_mask, batch.sentence_mask,
                                                run.train.loss, run.train.focal_gamma)
     stop = token_loss(stop_logits, SLLM.stop_targets(batch.sentence_mask, batch.para_end), "focal",
@@ -133,32 +124,12 @@ class TrainedSLLM:
 
 def load_sllm(path: str | Path, weights: str = "ema", device: str = "cpu") -> TrainedSLLM:
     """A stage-2 checkpoint, self-contained: config.json, opt_config.json, tokenizer, weights."""
-    d = ckpt.resolve_checkpoint(path)
-    ckpt.verify_checkpoint_dir(d)
-    try:
-        run = load_run_config(d / "config.json")
-        run.validate()
-    except ConfigError as e:
-        raise ckpt.CheckpointError(f"{d}/config.json: {e}") from None
-    if run.kind != "sllm":
-        raise ckpt.CheckpointError(f"{d} holds a {run.kind!r} checkpoint, not an SLLM")
-    try:
-        tok = SentenceTokenizer.load(d)
-        opt_config = OPTConfig.from_dict(json.loads((d / OPT_CONFIG_FILE).read_text()))
-    except TokenizerError as e:
-        raise ckpt.CheckpointError(f"{d}: {e}") from None
-    except (OSError, ValueError) as e:
-        raise ckpt.CheckpointError(f"{d}/{OPT_CONFIG_FILE} is missing or corrupt ({e})") from None
-    opt_config._attn_implementation = "eager"
+    d, run, tok = open_checkpoint(path, "sllm", "an SLLM")
     m = run.svae
-    if (tok.vocab_size, tok.pad_id, tok.bos_id, tok.eos_id) != (m.vocab_size, m.pad_id, m.bos_id, m.eos_id):
-        raise ckpt.CheckpointError(f"{d}: the tokenizer does not match the model (vocab {tok.vocab_size} vs "
-                                   f"{m.vocab_size})")
-    if weights not in ("ema", "model"):
-        raise ValueError("weights must be 'ema' or 'model'")
+    check_tokenizer_matches(d, tok, m.vocab_size, m.pad_id, m.bos_id, m.eos_id)
     try:
-        model = SLLM(SentenceVAE(m), GraftedOPT(opt_config))
+        model = SLLM(SentenceVAE(m), GraftedOPT(load_opt_config(d)))
     except ConfigError as e:
         raise ckpt.CheckpointError(f"{d}: {e}") from None
-    ckpt.load_state_into(model, ckpt.load_tensors(d / f"{weights}.safetensors"), str(d))
+    load_weights(model, d, weights)
     return TrainedSLLM(model.to(device).eval(), tok, run, d)
