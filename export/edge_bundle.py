@@ -1,0 +1,135 @@
+"""The edge bundle: what the edge client needs to turn text into vectors and vectors into text.
+
+    edge/
+      encoder.onnx          ids [B, L], mask [B, L] -> vectors [B, d]
+      decoder.onnx          cached step: ids [B, T], memory [B, d], past_kv -> logits, present_kv
+                            (decoder.int8.onnx instead when exported with --quantize int8)
+      tokenizer.json        tokenizers' own format
+      tokenizer_meta.json   pad/bos/eos ids (read by sentences.tokenizer.SentenceTokenizer.load)
+      report.json/.md       the torch-vs-ORT verification the exporter ran
+      manifest.json         kind "edge", model id, sizes, special ids, file names, sha256 of each file
+
+No torch here: the edge imports this module (numpy, onnxruntime, tokenizers only).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from export.manifest import BundleError, read_manifest, write_manifest
+from export.ort_decode import DecoderSpec, cpu_session, encode, greedy_decode
+
+KIND = "edge"
+ENCODER = "encoder.onnx"
+DECODER = "decoder.onnx"
+ENCODER_INT8 = "encoder.int8.onnx"
+DECODER_INT8 = "decoder.int8.onnx"
+TOKENIZER = "tokenizer.json"
+TOKENIZER_META = "tokenizer_meta.json"
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+KV_LAYOUT = "[n_layers, 2, batch, n_heads, past, head_dim]"
+
+# manifest fields the edge reads; write_edge_manifest refuses to write a bundle without them
+REQUIRED_FIELDS = ("model_id", "d_model", "vocab_size", "pad_id", "bos_id", "eos_id", "max_sentence_tokens",
+                   "n_layers", "n_heads", "head_dim", "encoder_file", "decoder_file", "tokenizer_file",
+                   "segmentation_version", "split_on_comma")
+
+
+def write_edge_manifest(bundle_dir: Path, fields: dict, files: list[str]) -> dict:
+    missing = [k for k in REQUIRED_FIELDS if k not in fields]
+    if missing:
+        raise ValueError(f"edge manifest fields missing: {missing}")
+    return write_manifest(bundle_dir, {"kind": KIND, **fields}, files)
+
+
+def decoder_spec(manifest: dict) -> DecoderSpec:
+    return DecoderSpec(bos_id=int(manifest["bos_id"]), eos_id=int(manifest["eos_id"]),
+                       max_sentence_tokens=int(manifest["max_sentence_tokens"]),
+                       n_layers=int(manifest["n_layers"]), n_heads=int(manifest["n_heads"]),
+                       head_dim=int(manifest["head_dim"]))
+
+
+@dataclass
+class EdgeBundle:
+    """A verified edge bundle, loaded: ORT sessions (CPU) and the tokenizer."""
+
+    path: Path
+    manifest: dict
+    tokenizer: object  # sentences.tokenizer.SentenceTokenizer
+    encoder: object  # onnxruntime.InferenceSession
+    decoder: object
+    spec: DecoderSpec
+
+    @property
+    def model_id(self) -> str:
+        return self.manifest["model_id"]
+
+    @property
+    def d_model(self) -> int:
+        return int(self.manifest["d_model"])
+
+    def encode_ids(self, token_lists: list[list[int]]) -> np.ndarray:
+        """Token lists (each 1..max_sentence_tokens ids) -> sentence vectors float32 [B, d]."""
+        limit, vocab = self.spec.max_sentence_tokens, int(self.manifest["vocab_size"])
+        if any(len(t) > limit for t in token_lists):
+            raise ValueError(f"a sentence exceeds max_sentence_tokens={limit}; split it first")
+        if any(not 0 <= i < vocab for t in token_lists for i in t):
+            raise ValueError(f"a token id is outside the vocabulary [0, {vocab})")
+        return encode(self.encoder, token_lists, int(self.manifest["pad_id"]))
+
+    def decode_vectors(self, vectors: np.ndarray, max_tokens: int | None = None) -> list[list[int]]:
+        """Sentence vectors [B, d] -> greedy token lists (without bos/eos)."""
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if vectors.ndim != 2 or vectors.shape[1] != self.d_model:
+            raise ValueError(f"vectors must be [batch, {self.d_model}], got shape {vectors.shape}")
+        return greedy_decode(self.decoder, vectors, self.spec, max_tokens)
+
+
+def load_edge_bundle(bundle_dir: Path, threads: int = 0) -> EdgeBundle:
+    """Check every file against the manifest, then load the tokenizer and the two graphs (CPU)."""
+    from sentences.tokenizer import SentenceTokenizer, TokenizerError
+
+    bundle_dir = Path(bundle_dir)
+    manifest = read_manifest(bundle_dir, kind=KIND)
+    missing = [k for k in REQUIRED_FIELDS if k not in manifest]
+    if missing:
+        raise BundleError(f"{bundle_dir}: the manifest lacks {missing}; re-export the bundle")
+    for key in ("encoder_file", "decoder_file", "tokenizer_file"):
+        if manifest[key] not in manifest["files"]:
+            raise BundleError(f"{bundle_dir}: {manifest[key]} is not among the manifest's files")
+    try:
+        tok = SentenceTokenizer.load(bundle_dir)
+    except TokenizerError as e:
+        raise BundleError(f"{bundle_dir}: {e}") from None
+    expected = (manifest["vocab_size"], manifest["pad_id"], manifest["bos_id"], manifest["eos_id"])
+    if (tok.vocab_size, tok.pad_id, tok.bos_id, tok.eos_id) != tuple(expected):
+        raise BundleError(f"{bundle_dir}: the tokenizer (vocab {tok.vocab_size}, pad/bos/eos "
+                          f"{tok.pad_id}/{tok.bos_id}/{tok.eos_id}) does not match the manifest {expected}")
+    encoder = cpu_session(str(bundle_dir / manifest["encoder_file"]), threads)
+    decoder = cpu_session(str(bundle_dir / manifest["decoder_file"]), threads)
+    _check_graph_io(bundle_dir, manifest, encoder, decoder)
+    return EdgeBundle(bundle_dir, manifest, tok, encoder, decoder, decoder_spec(manifest))
+
+
+def _check_graph_io(bundle_dir: Path, m: dict, encoder, decoder) -> None:
+    """The graphs' names and fixed sizes must be the ones the manifest describes."""
+    def shapes(values):
+        return {v.name: list(v.shape) for v in values}
+
+    enc_in, enc_out = shapes(encoder.get_inputs()), shapes(encoder.get_outputs())
+    dec_in, dec_out = shapes(decoder.get_inputs()), shapes(decoder.get_outputs())
+    kv = dec_in.get("past_kv", [None] * 6)
+    problems = []
+    if set(enc_in) != {"ids", "mask"} or enc_out.get("vectors", [None, None])[-1] != m["d_model"]:
+        problems.append(f"encoder inputs {sorted(enc_in)} / outputs {enc_out}")
+    if set(dec_in) != {"ids", "memory", "past_kv"} or set(dec_out) != {"logits", "present_kv"}:
+        problems.append(f"decoder inputs {sorted(dec_in)} / outputs {sorted(dec_out)}")
+    elif (len(kv) != 6 or [kv[0], kv[1], kv[3], kv[5]] != [m["n_layers"], 2, m["n_heads"], m["head_dim"]]
+          or dec_in["memory"][-1] != m["d_model"] or dec_out["logits"][-1] != m["vocab_size"]):
+        problems.append(f"decoder past_kv {kv}, memory {dec_in['memory']}, logits {dec_out['logits']}")
+    if problems:
+        raise BundleError(f"{bundle_dir}: the graphs do not match the manifest ({'; '.join(problems)}); "
+                          "re-export the bundle")

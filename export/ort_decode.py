@@ -1,0 +1,119 @@
+"""Run the exported SentenceVAE graphs with onnxruntime: encode token lists, greedy-decode vectors.
+
+numpy + onnxruntime only (no torch, no tokenizers): the edge client runs this, and the
+exporter checks it against the torch loop in `training.models.generate.decode_sentences`
+token for token.
+
+Graph contract (the names the exporter gives, see `export.onnx_export`):
+    encoder.onnx  ids int64 [B, L], mask bool [B, L] (True = real token) -> vectors float32 [B, d]
+    decoder.onnx  ids int64 [B, T], memory float32 [B, d],
+                  past_kv float32 [n_layers, 2, B, n_heads, P, head_dim]
+                  -> logits float32 [B, T, V], present_kv float32 [n_layers, 2, B, n_heads, P+T, head_dim]
+Position of ids[:, t] is P + t, position 0 is bos; P + T <= max_sentence_tokens + 1.
+The first step feeds a past of length 0 (one decoder file does every step).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnxruntime as ort
+
+ENCODER_INPUTS = ("ids", "mask")
+ENCODER_OUTPUTS = ("vectors",)
+DECODER_INPUTS = ("ids", "memory", "past_kv")
+DECODER_OUTPUTS = ("logits", "present_kv")
+PROVIDERS = ["CPUExecutionProvider"]  # chosen deliberately: CUDA on a CPU box only prints errors
+
+
+def cpu_session(path: str, threads: int = 0) -> ort.InferenceSession:
+    """An ORT session on the CPU provider only; threads=0 lets ORT choose."""
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3  # errors only
+    return ort.InferenceSession(str(path), opts, providers=PROVIDERS)
+
+
+def pad_batch(token_lists: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Token id lists -> ids int64 [B, Lmax] right-padded with pad_id, mask bool [B, Lmax]."""
+    width = max((len(t) for t in token_lists), default=0)
+    ids = np.full((len(token_lists), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(token_lists), width), dtype=bool)
+    for row, toks in enumerate(token_lists):
+        ids[row, : len(toks)] = toks
+        mask[row, : len(toks)] = True
+    return ids, mask
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    """What the decode loop needs to know about decoder.onnx (all of it is in the edge manifest)."""
+
+    bos_id: int
+    eos_id: int
+    max_sentence_tokens: int
+    n_layers: int
+    n_heads: int
+    head_dim: int
+
+    def empty_kv(self, batch: int) -> np.ndarray:
+        """The P = 0 cache: [n_layers, 2, batch, n_heads, 0, head_dim]."""
+        return np.zeros((self.n_layers, 2, batch, self.n_heads, 0, self.head_dim), dtype=np.float32)
+
+
+def encode(session: ort.InferenceSession, token_lists: list[list[int]], pad_id: int) -> np.ndarray:
+    """Sentence vectors float32 [B, d], one per token list (each non-empty, <= max_sentence_tokens)."""
+    if not token_lists:
+        return np.zeros((0, session.get_outputs()[0].shape[-1]), dtype=np.float32)
+    if any(len(t) == 0 for t in token_lists):
+        raise ValueError("cannot encode an empty sentence")
+    ids, mask = pad_batch(token_lists, pad_id)
+    return session.run(list(ENCODER_OUTPUTS), {"ids": ids, "mask": mask})[0]
+
+
+def decoder_step(session: ort.InferenceSession, ids: np.ndarray, memory: np.ndarray,
+                 past_kv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One call of decoder.onnx: (logits [B, T, V], present_kv [n_layers, 2, B, H, P+T, hd])."""
+    logits, present = session.run(list(DECODER_OUTPUTS), {
+        "ids": np.ascontiguousarray(ids, dtype=np.int64),
+        "memory": np.ascontiguousarray(memory, dtype=np.float32),
+        "past_kv": np.ascontiguousarray(past_kv, dtype=np.float32)})
+    return logits, present
+
+
+def greedy_decode(session: ort.InferenceSession, memory: np.ndarray, spec: DecoderSpec,
+                  max_tokens: int | None = None) -> list[list[int]]:
+    """Decode sentence vectors memory [B, d] greedily with the KV cache.
+
+    The same loop as the torch `decode_sentences`: one token list per row without bos
+    and eos; a row stops at eos or after min(max_tokens, max_sentence_tokens) tokens;
+    finished rows leave the batch.
+    """
+    memory = np.asarray(memory, dtype=np.float32)
+    if memory.ndim != 2:
+        raise ValueError(f"memory must be [batch, d], got shape {memory.shape}")
+    if max_tokens is None:
+        max_tokens = spec.max_sentence_tokens
+    if max_tokens < 0:
+        raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
+    limit = min(max_tokens, spec.max_sentence_tokens)  # no positions beyond max_sentence_tokens
+    B = memory.shape[0]
+    out: list[list[int]] = [[] for _ in range(B)]
+    if B == 0 or limit == 0:
+        return out
+    rows = np.arange(B)  # original row of each live row
+    step_in = np.full((B, 1), spec.bos_id, dtype=np.int64)  # [A, 1]
+    kv = spec.empty_kv(B)
+    for _ in range(limit):
+        logits, kv = decoder_step(session, step_in, memory, kv)  # [A, 1, V], [n_layers, 2, A, H, n+1, hd]
+        nxt = logits[:, -1].argmax(axis=-1)  # [A]
+        live = nxt != spec.eos_id
+        for r, tok in zip(rows[live].tolist(), nxt[live].tolist()):
+            out[r].append(tok)
+        if not live.any():
+            break
+        if not live.all():  # drop finished rows from the batch
+            rows, memory, nxt, kv = rows[live], memory[live], nxt[live], kv[:, :, live]
+        step_in = nxt[:, None].astype(np.int64)
+    return out
