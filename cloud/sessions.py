@@ -1,0 +1,219 @@
+"""Sessions: one conversation's KV cache, its limits, and when it is freed.
+
+A session is *attached* while a Converse stream uses it, *detached* after Close{keep:true}.
+Freed: on Close{keep:false}, when its stream ends any other way (cancel, deadline, error,
+end of input), when idle longer than the idle timeout, or evicted (least recently used
+detached sessions first) to make room for a new session or for KV cache growth.
+Attached sessions are never evicted for room: past the limits, requests get
+RESOURCE_EXHAUSTED instead.
+"""
+from __future__ import annotations
+
+import re
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable
+
+import grpc
+import numpy as np
+import torch
+
+from cloud.errors import exhausted, invalid, not_found, precondition
+from cloud.jsonlog import log
+from cloud.metrics import Metrics
+
+SESSION_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+REMEMBER_GONE = 10000  # ids of freed sessions remembered, to say "expired" rather than "unknown"
+
+
+def new_session_id() -> str:
+    return uuid.uuid4().hex
+
+
+def check_session_id(session_id: str) -> str:
+    if not SESSION_ID.match(session_id):
+        raise invalid(f"open.session_id {session_id[:40]!r}{'...' if len(session_id) > 40 else ''} is not a "
+                      "session id: 1-128 characters from A-Z a-z 0-9 . _ : -")
+    return session_id
+
+
+@dataclass(eq=False)
+class Session:
+    id: str
+    length: int = 0  # sentences in the KV cache
+    kv: torch.Tensor | None = None  # [layers, 2, heads, length, head_dim]
+    last_hidden: np.ndarray | None = None  # the last step's answer, returned on resume
+    last_stop_logits: np.ndarray | None = None
+    attached: bool = False
+    end_stream: Callable[[object, str], None] | None = None  # ends the attached stream with a status
+    reserved: int = 0  # sentences of a step in flight
+    last_active: float = field(default_factory=time.monotonic)
+    created: float = field(default_factory=time.monotonic)
+    steps: int = 0
+    freed: bool = False
+    free_reason: str = ""
+
+    @property
+    def kv_bytes(self) -> int:
+        kv = self.kv
+        return 0 if kv is None else kv.numel() * kv.element_size()
+
+
+class SessionStore:
+    def __init__(self, *, max_sessions: int, max_sentences: int, idle_timeout_s: float, kv_budget_bytes: int,
+                 kv_bytes_per_sentence: int, metrics: Metrics):
+        self.max_sessions = max_sessions
+        self.max_sentences = max_sentences
+        self.idle_timeout_s = idle_timeout_s
+        self.kv_budget_bytes = kv_budget_bytes
+        self.per_sentence = kv_bytes_per_sentence
+        self.metrics = metrics
+        self.lock = threading.RLock()
+        self.sessions: OrderedDict[str, Session] = OrderedDict()  # least recently active first
+        self.gone: OrderedDict[str, str] = OrderedDict()  # freed id -> why
+        self.sentences_in_use = 0  # held + reserved, for the KV budget
+
+    # -- opening ---------------------------------------------------------------------------
+    def acquire(self, session_id: str | None, history_len: int | None, end_stream) -> tuple[Session, bool]:
+        """(session, resumed) for an Open. A held `session_id` is resumed (it must be detached,
+        and `history_len`, when given, must equal its length); an id not held is created when
+        there is history to rebuild it from, else NOT_FOUND; no id creates a new session."""
+        with self.lock:
+            if session_id:
+                held = self.sessions.get(session_id)
+                if held is not None:
+                    if held.attached:
+                        raise precondition(f"session {session_id} is attached to another open stream; close or "
+                                           "cancel that stream first")
+                    if history_len is not None and history_len != held.length:
+                        raise precondition(f"session {session_id} holds {held.length} sentences but open.history "
+                                           f"has {history_len}; send the full history, or a new session id")
+                    self._attach(held, end_stream)
+                    return held, True
+                if history_len is None:
+                    why = self.gone.get(session_id)
+                    if why:
+                        raise not_found(f"session {session_id} is no longer held ({why}); rebuild it with "
+                                        "Open{session_id, history}")
+                    raise not_found(f"unknown session {session_id}; rebuild it with Open{{session_id, history}} "
+                                    "or open a new one")
+            if history_len is not None and history_len > self.max_sentences:
+                raise exhausted(f"open.history has {history_len} sentences; a session holds at most "
+                                f"{self.max_sentences}")
+            if len(self.sessions) >= self.max_sessions and not self._evict_one("to make room for a new session"):
+                raise exhausted(f"the server holds its maximum of {self.max_sessions} sessions, all in use; "
+                                "retry later")
+            s = Session(session_id or new_session_id())
+            self.sessions[s.id] = s
+            self.gone.pop(s.id, None)
+            self._attach(s, end_stream)
+        self.metrics.session_opened()
+        log("session_open", session=s.id, rebuilt_from=history_len)
+        return s, False
+
+    def _attach(self, s: Session, end_stream) -> None:
+        s.attached, s.end_stream = True, end_stream
+        self._touch(s)
+
+    def _touch(self, s: Session) -> None:
+        s.last_active = time.monotonic()
+        if s.id in self.sessions:
+            self.sessions.move_to_end(s.id)
+
+    def detach(self, s: Session) -> None:
+        with self.lock:
+            s.attached, s.end_stream = False, None
+            self._touch(s)
+        log("session_detach", session=s.id, length=s.length)
+
+    # -- steps -----------------------------------------------------------------------------
+    def reserve(self, s: Session, n: int) -> None:
+        """Room for `n` more sentences in session `s` (sentence limit + KV budget), or RESOURCE_EXHAUSTED."""
+        with self.lock:
+            if s.freed:
+                raise not_found(f"session {s.id} is no longer held ({s.free_reason})")
+            if s.length + s.reserved + n > self.max_sentences:
+                raise exhausted(f"session {s.id} holds {s.length} sentences; {n} more would pass the limit of "
+                                f"{self.max_sentences} per session; start a new conversation")
+            while (self.sentences_in_use + n) * self.per_sentence > self.kv_budget_bytes:
+                if not self._evict_one("to make room in the KV cache budget", keep=s):
+                    raise exhausted(
+                        f"the KV cache budget ({self.kv_budget_bytes} bytes) is full: "
+                        f"{self.sentences_in_use * self.per_sentence} bytes held by {len(self.sessions)} sessions; "
+                        f"{n} more sentences need {n * self.per_sentence}; retry later")
+            s.reserved += n
+            self.sentences_in_use += n
+            self._touch(s)
+
+    def release(self, s: Session, n: int) -> None:
+        """A reserved step that failed: give its room back."""
+        with self.lock:
+            if not s.freed:
+                s.reserved -= n
+                self.sentences_in_use -= n
+
+    def commit(self, s: Session, n: int, kv: torch.Tensor, hidden: np.ndarray, stop_logits: np.ndarray) -> bool:
+        with self.lock:
+            if s.freed:
+                return False
+            s.reserved -= n
+            s.length += n
+            s.kv, s.last_hidden, s.last_stop_logits = kv, hidden, stop_logits
+            s.steps += 1
+            self._touch(s)
+            return True
+
+    # -- freeing ---------------------------------------------------------------------------
+    def free(self, s: Session, reason: str, evicted: bool = False) -> None:
+        with self.lock:
+            if s.freed:
+                return
+            s.freed, s.free_reason = True, reason
+            self.sessions.pop(s.id, None)
+            self.sentences_in_use -= s.length + s.reserved
+            s.kv = None
+            self.gone[s.id] = reason
+            while len(self.gone) > REMEMBER_GONE:
+                self.gone.popitem(last=False)
+        if evicted:
+            self.metrics.session_evicted()
+        log("session_free", session=s.id, reason=reason, length=s.length, steps=s.steps,
+            age_s=round(time.monotonic() - s.created, 3))
+
+    def _evict_one(self, why: str, keep: Session | None = None) -> bool:
+        """Free the least recently active detached session (lock held). False if there is none."""
+        for s in self.sessions.values():
+            if not s.attached and s is not keep and not s.reserved:
+                self.free(s, f"evicted {why}", evicted=True)
+                return True
+        return False
+
+    def reap(self) -> int:
+        """Free sessions idle longer than the idle timeout; end their streams if attached."""
+        now = time.monotonic()
+        ended = []
+        with self.lock:
+            idle = [s for s in self.sessions.values()
+                    if now - s.last_active > self.idle_timeout_s and not s.reserved]
+            for s in idle:
+                if s.attached and s.end_stream is not None:
+                    ended.append((s, s.end_stream))
+                self.free(s, f"expired: idle for more than {self.idle_timeout_s:g} s", evicted=True)
+        for s, end_stream in ended:  # outside the lock: ending a stream runs grpc callbacks
+            end_stream(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                       f"session {s.id} was idle for more than {self.idle_timeout_s:g} s and has been freed")
+        return len(idle)
+
+    def free_all(self, reason: str) -> None:
+        with self.lock:
+            for s in list(self.sessions.values()):
+                self.free(s, reason)
+
+    def stats(self) -> dict:
+        with self.lock:
+            held = list(self.sessions.values())
+            return {"sessions": len(held), "attached_sessions": sum(s.attached for s in held),
+                    "kv_bytes": sum(s.kv_bytes for s in held), "kv_budget_bytes": self.kv_budget_bytes}

@@ -1,0 +1,199 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DTYPE_UNSPECIFIED: _ClassVar[DType]
+    DTYPE_FLOAT32: _ClassVar[DType]
+    DTYPE_FLOAT16: _ClassVar[DType]
+DTYPE_UNSPECIFIED: DType
+DTYPE_FLOAT32: DType
+DTYPE_FLOAT16: DType
+
+class Vectors(_message.Message):
+    __slots__ = ("data", "dtype", "dim", "count")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    dtype: DType
+    dim: int
+    count: int
+    def __init__(self, data: _Optional[bytes] = ..., dtype: _Optional[_Union[DType, str]] = ..., dim: _Optional[int] = ..., count: _Optional[int] = ...) -> None: ...
+
+class Open(_message.Message):
+    __slots__ = ("model_id", "dim", "session_id", "history", "reply_dtype")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_FIELD_NUMBER: _ClassVar[int]
+    REPLY_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    dim: int
+    session_id: str
+    history: Vectors
+    reply_dtype: DType
+    def __init__(self, model_id: _Optional[str] = ..., dim: _Optional[int] = ..., session_id: _Optional[str] = ..., history: _Optional[_Union[Vectors, _Mapping]] = ..., reply_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+
+class Append(_message.Message):
+    __slots__ = ("vectors",)
+    VECTORS_FIELD_NUMBER: _ClassVar[int]
+    vectors: Vectors
+    def __init__(self, vectors: _Optional[_Union[Vectors, _Mapping]] = ...) -> None: ...
+
+class Close(_message.Message):
+    __slots__ = ("keep",)
+    KEEP_FIELD_NUMBER: _ClassVar[int]
+    keep: bool
+    def __init__(self, keep: _Optional[bool] = ...) -> None: ...
+
+class ClientMessage(_message.Message):
+    __slots__ = ("open", "append", "close")
+    OPEN_FIELD_NUMBER: _ClassVar[int]
+    APPEND_FIELD_NUMBER: _ClassVar[int]
+    CLOSE_FIELD_NUMBER: _ClassVar[int]
+    open: Open
+    append: Append
+    close: Close
+    def __init__(self, open: _Optional[_Union[Open, _Mapping]] = ..., append: _Optional[_Union[Append, _Mapping]] = ..., close: _Optional[_Union[Close, _Mapping]] = ...) -> None: ...
+
+class Step(_message.Message):
+    __slots__ = ("hidden", "stop", "stop_probability", "past_length")
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    STOP_PROBABILITY_FIELD_NUMBER: _ClassVar[int]
+    PAST_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    hidden: Vectors
+    stop: bool
+    stop_probability: float
+    past_length: int
+    def __init__(self, hidden: _Optional[_Union[Vectors, _Mapping]] = ..., stop: _Optional[bool] = ..., stop_probability: _Optional[float] = ..., past_length: _Optional[int] = ...) -> None: ...
+
+class Opened(_message.Message):
+    __slots__ = ("session_id", "past_length", "resumed", "last", "remaining_sentences")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    PAST_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    RESUMED_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
+    REMAINING_SENTENCES_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    past_length: int
+    resumed: bool
+    last: Step
+    remaining_sentences: int
+    def __init__(self, session_id: _Optional[str] = ..., past_length: _Optional[int] = ..., resumed: _Optional[bool] = ..., last: _Optional[_Union[Step, _Mapping]] = ..., remaining_sentences: _Optional[int] = ...) -> None: ...
+
+class Closed(_message.Message):
+    __slots__ = ("session_id", "kept")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    KEPT_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    kept: bool
+    def __init__(self, session_id: _Optional[str] = ..., kept: _Optional[bool] = ...) -> None: ...
+
+class ServerMessage(_message.Message):
+    __slots__ = ("opened", "step", "closed")
+    OPENED_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    CLOSED_FIELD_NUMBER: _ClassVar[int]
+    opened: Opened
+    step: Step
+    closed: Closed
+    def __init__(self, opened: _Optional[_Union[Opened, _Mapping]] = ..., step: _Optional[_Union[Step, _Mapping]] = ..., closed: _Optional[_Union[Closed, _Mapping]] = ...) -> None: ...
+
+class GetModelInfoRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = ("model_id", "dim", "compute_dtype", "accepted_dtypes", "num_layers", "max_sentences", "max_sessions", "max_message_bytes", "idle_timeout_s", "kv_budget_bytes", "kv_bytes_per_sentence", "device", "batching", "max_batch")
+    MODEL_ID_FIELD_NUMBER: _ClassVar[int]
+    DIM_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_DTYPES_FIELD_NUMBER: _ClassVar[int]
+    NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    MAX_SENTENCES_FIELD_NUMBER: _ClassVar[int]
+    MAX_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    IDLE_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
+    KV_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_PER_SENTENCE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    BATCHING_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
+    model_id: str
+    dim: int
+    compute_dtype: str
+    accepted_dtypes: _containers.RepeatedScalarFieldContainer[DType]
+    num_layers: int
+    max_sentences: int
+    max_sessions: int
+    max_message_bytes: int
+    idle_timeout_s: float
+    kv_budget_bytes: int
+    kv_bytes_per_sentence: int
+    device: str
+    batching: bool
+    max_batch: int
+    def __init__(self, model_id: _Optional[str] = ..., dim: _Optional[int] = ..., compute_dtype: _Optional[str] = ..., accepted_dtypes: _Optional[_Iterable[_Union[DType, str]]] = ..., num_layers: _Optional[int] = ..., max_sentences: _Optional[int] = ..., max_sessions: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., idle_timeout_s: _Optional[float] = ..., kv_budget_bytes: _Optional[int] = ..., kv_bytes_per_sentence: _Optional[int] = ..., device: _Optional[str] = ..., batching: _Optional[bool] = ..., max_batch: _Optional[int] = ...) -> None: ...
+
+class GetStatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Stats(_message.Message):
+    __slots__ = ("sessions", "attached_sessions", "kv_bytes", "kv_budget_bytes", "queue_depth", "steps_total", "sentences_total", "forward_passes_total", "mean_batch_size", "max_batch_size_seen", "steps_per_second", "sessions_opened_total", "sessions_evicted_total", "errors_by_code", "uptime_s", "batch_size_histogram")
+    class ErrorsByCodeEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    class BatchSizeHistogramEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: int
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[int] = ...) -> None: ...
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    ATTACHED_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    KV_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_BUDGET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    STEPS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    SENTENCES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_PASSES_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    MEAN_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_SIZE_SEEN_FIELD_NUMBER: _ClassVar[int]
+    STEPS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_OPENED_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_EVICTED_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_BY_CODE_FIELD_NUMBER: _ClassVar[int]
+    UPTIME_S_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_HISTOGRAM_FIELD_NUMBER: _ClassVar[int]
+    sessions: int
+    attached_sessions: int
+    kv_bytes: int
+    kv_budget_bytes: int
+    queue_depth: int
+    steps_total: int
+    sentences_total: int
+    forward_passes_total: int
+    mean_batch_size: float
+    max_batch_size_seen: int
+    steps_per_second: float
+    sessions_opened_total: int
+    sessions_evicted_total: int
+    errors_by_code: _containers.ScalarMap[str, int]
+    uptime_s: float
+    batch_size_histogram: _containers.ScalarMap[int, int]
+    def __init__(self, sessions: _Optional[int] = ..., attached_sessions: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., kv_budget_bytes: _Optional[int] = ..., queue_depth: _Optional[int] = ..., steps_total: _Optional[int] = ..., sentences_total: _Optional[int] = ..., forward_passes_total: _Optional[int] = ..., mean_batch_size: _Optional[float] = ..., max_batch_size_seen: _Optional[int] = ..., steps_per_second: _Optional[float] = ..., sessions_opened_total: _Optional[int] = ..., sessions_evicted_total: _Optional[int] = ..., errors_by_code: _Optional[_Mapping[str, int]] = ..., uptime_s: _Optional[float] = ..., batch_size_histogram: _Optional[_Mapping[int, int]] = ...) -> None: ...

@@ -1,0 +1,124 @@
+"""Bearer-token auth (missing / wrong / malformed tokens rejected, health stays open) and TLS
+with a self-signed certificate made here."""
+import shutil
+import subprocess
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from cloud.testing import converse_raw, reference_outputs, running_server, write_random_bundle
+from export.cloud_bundle import load_cloud_bundle
+from protos.client import CloudClient, CloudError
+from protos.sllm.v1 import sllm_pb2 as pb
+
+D = 32
+MODEL_ID = "sllm-test-model"
+TOKENS = ["s3cret-token", "rotated-token"]
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cloud-bundle")
+    write_random_bundle(out, model_id=MODEL_ID, d=D, layers=2, heads=4, max_sentences=64)
+    return out
+
+
+def _vec(n, seed=0):
+    return np.random.default_rng(seed).standard_normal((n, D)).astype(np.float32)
+
+
+def _self_signed(tmp_path):
+    """A self-signed certificate for localhost / 127.0.0.1: `cryptography` when installed, else openssl."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    try:
+        import datetime
+        import ipaddress
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+    except ImportError:
+        if shutil.which("openssl") is None:
+            pytest.skip("neither the cryptography package nor the openssl CLI is available")
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                        "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
+                        "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                       check=True, capture_output=True, timeout=30)
+        return cert, key
+    pkey = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    crt = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(pkey.public_key())
+           .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
+           .not_valid_after(now + datetime.timedelta(days=1))
+           .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                       x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+           .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+           .sign(pkey, hashes.SHA256()))
+    cert.write_bytes(crt.public_bytes(serialization.Encoding.PEM))
+    key.write_bytes(pkey.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+    return cert, key
+
+
+def test_bearer_token_auth(bundle):
+    with running_server(bundle, tokens=TOKENS) as srv:
+        target = f"127.0.0.1:{srv.port}"
+        for token in (None, "wrong", "s3cret-token-but-longer", "s3cret"):
+            with CloudClient(target, token=token) as c:
+                with pytest.raises(CloudError) as e:
+                    c.model_info()
+                assert e.value.code == grpc.StatusCode.UNAUTHENTICATED
+                with pytest.raises(CloudError) as e:
+                    c.conversation(MODEL_ID, D)
+                assert e.value.code == grpc.StatusCode.UNAUTHENTICATED
+        assert _details(target, ()) == "missing 'authorization: Bearer <token>' metadata"
+        assert _details(target, (("authorization", "Basic czNjcmV0"),)).startswith("the authorization metadata must")
+        assert _details(target, (("authorization", "Bearer nope"),)) == "invalid bearer token"
+        for token in TOKENS:  # every configured token works (rotation)
+            with CloudClient(target, token=token) as c, c.conversation(MODEL_ID, D) as conv:
+                assert conv.append(_vec(2)).hidden.shape == (D,)
+        with grpc.insecure_channel(target) as ch:  # health checking needs no token (load balancers)
+            assert health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5).status == \
+                health_pb2.HealthCheckResponse.SERVING
+        with CloudClient(target, token=TOKENS[0]) as c:
+            assert c.stats().errors_by_code["UNAUTHENTICATED"] == 8 + 3
+
+
+def _details(target, metadata) -> str:
+    _, code, details = converse_raw(target, [pb.ClientMessage(open=pb.Open(model_id=MODEL_ID, dim=D))],
+                                    metadata=metadata)
+    assert code == grpc.StatusCode.UNAUTHENTICATED
+    return details
+
+
+def test_tls_with_a_self_signed_certificate(bundle, tmp_path):
+    cert, key = _self_signed(tmp_path)
+    model = load_cloud_bundle(bundle)[0]
+    v = _vec(4, seed=1)
+    h = reference_outputs(model, v)[0]
+    with running_server(bundle, tokens=TOKENS, tls_cert=str(cert), tls_key=str(key)) as srv:
+        target = f"127.0.0.1:{srv.port}"
+        with CloudClient(target, token=TOKENS[0], root_certificates=cert.read_bytes()) as c:
+            with c.conversation(MODEL_ID, D) as conv:
+                np.testing.assert_allclose(conv.append(v[:3]).hidden, h[2], atol=1e-5, rtol=0)
+                np.testing.assert_allclose(conv.append(v[3]).hidden, h[3], atol=1e-5, rtol=0)
+        with CloudClient(f"localhost:{srv.port}", token=TOKENS[0], root_certificates=cert.read_bytes()) as c:
+            assert c.model_info(timeout=5).model_id == MODEL_ID  # the DNS name in the certificate works too
+        with CloudClient(target, token="wrong", root_certificates=cert.read_bytes()) as c:
+            with pytest.raises(CloudError) as e:  # TLS does not replace the token
+                c.model_info(timeout=5)
+            assert e.value.code == grpc.StatusCode.UNAUTHENTICATED
+        with CloudClient(target, token=TOKENS[0]) as c:  # plaintext client against a TLS port
+            with pytest.raises(CloudError) as e:
+                c.model_info(timeout=5)
+            assert e.value.code == grpc.StatusCode.UNAVAILABLE
+        (tmp_path / "other").mkdir()
+        other_cert, _ = _self_signed(tmp_path / "other")
+        with CloudClient(target, token=TOKENS[0], root_certificates=other_cert.read_bytes()) as c:
+            with pytest.raises(CloudError) as e:  # a certificate the client does not trust
+                c.model_info(timeout=5)
+            assert e.value.code == grpc.StatusCode.UNAVAILABLE
