@@ -60,7 +60,7 @@ class DataConfig:
     cache_dir: str = "runs/cache"
     # stage 2 / baseline: passages of consecutive sentences from one document
     max_passage_sentences: int = 64
-    max_passage_tokens: int = 1024  # the baseline sees the same passages as one token sequence
+    max_passage_tokens: int = 1000  # the baseline reads bos + these tokens: fits 1024 positions
 
 
 @dataclass
