@@ -18,6 +18,19 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, default=str)
 
 
+class _CurrentStderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at emit time, so a replaced (or closed and
+    replaced) stderr, as under test runners, never leaves a dead stream behind."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def get_logger() -> logging.Logger:
     return logging.getLogger(LOGGER_NAME)
 
@@ -25,7 +38,7 @@ def get_logger() -> logging.Logger:
 def setup_logging(level: str = "info", stream=None) -> logging.Logger:
     logger = get_logger()
     logger.handlers.clear()
-    handler = logging.StreamHandler(stream or sys.stderr)
+    handler = logging.StreamHandler(stream) if stream is not None else _CurrentStderrHandler()
     handler.setFormatter(JsonFormatter())
     logger.addHandler(handler)
     logger.setLevel(level.upper())

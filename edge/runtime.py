@@ -1,0 +1,158 @@
+"""The edge half of the SLLM: text <-> sentence vectors with ONNX Runtime. No torch here.
+
+    rt = EdgeRuntime.load("models/default/edge")      # hashes checked, graphs checked
+    ids = rt.prompt_sentences("Any text. Of any length,")  # segment + tokenize (as in training)
+    vectors = rt.encode(ids)                           # encoder.onnx: [S, d] float32
+    tokens = rt.decode(h_t, Sampling())                # decoder.onnx with its KV cache
+    text = rt.detokenize(tokens)
+
+The loops mirror the torch reference (`training.models.sllm_generate.SLLMGenerator` and
+`training.models.generate.decode_sentences`): the prompt is split with the shared segmenter
+(`sentences.limit.text_to_sentences`, the bundle's split_on_comma and max sentence length,
+blank pieces skipped), a sentence decodes from bos until eos or the token limit.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edge.providers import open_sessions
+from edge.sampling import Sampling, pick_next
+from export.edge_bundle import EdgeBundle, load_edge_bundle
+from export.manifest import BundleError
+from export.ort_decode import decoder_step
+from export.ort_decode import encode as ort_encode
+from sentences.limit import is_blank, text_to_sentences
+from sentences.segment import SEGMENTATION_VERSION
+from sentences.tokenizer import TokenizerError
+
+
+class PromptError(ValueError):
+    """A prompt the model cannot take (empty, or text the tokenizer cannot encode)."""
+
+
+@dataclass
+class Decoded:
+    ids: list[int]
+    text: str
+    ms: float
+
+
+class EdgeRuntime:
+    def __init__(self, bundle: EdgeBundle, encoder, decoder, provider: str, device_note: str = "",
+                 notes: list[str] | None = None):
+        self.bundle = bundle
+        self.encoder, self.decoder = encoder, decoder
+        self.provider = provider  # "CPUExecutionProvider" or "CUDAExecutionProvider"
+        self.device_note = device_note  # why not CUDA (--device auto on a machine where it does not load)
+        self.notes = notes or []  # worth a warning: a segmentation version other than the bundle's
+        m = bundle.manifest
+        self.tokenizer = bundle.tokenizer
+        self.spec = bundle.spec
+        self.split_on_comma = bool(m["split_on_comma"])
+        self.pad_id = int(m["pad_id"])
+
+    @classmethod
+    def load(cls, bundle_dir: str | Path, device: str = "auto", threads: int = 0) -> "EdgeRuntime":
+        """Load and verify an edge bundle (BundleError when it is missing, corrupt or inconsistent)."""
+        bundle_dir = Path(bundle_dir)
+        try:
+            bundle = load_edge_bundle(bundle_dir, threads)
+        except BundleError:
+            raise
+        except Exception as e:  # noqa: BLE001 - ORT refusing a graph whose hash matched (edited manifest)
+            raise BundleError(f"{bundle_dir}: cannot load the bundle ({type(e).__name__}: {e})") from None
+        m = bundle.manifest
+        paths = [str(bundle_dir / m["encoder_file"]), str(bundle_dir / m["decoder_file"])]
+        (encoder, decoder), provider, note = open_sessions(paths, device, threads,
+                                                           cpu_sessions=[bundle.encoder, bundle.decoder])
+        notes = []
+        if m["segmentation_version"] != SEGMENTATION_VERSION:
+            notes.append(f"the bundle was trained with segmentation {m['segmentation_version']!r}, this edge "
+                         f"segments with {SEGMENTATION_VERSION!r}: prompts may be split differently")
+        return cls(bundle, encoder, decoder, provider, note, notes)
+
+    # ------------------------------------------------------------ facts
+
+    @property
+    def model_id(self) -> str:
+        return self.bundle.model_id
+
+    @property
+    def d_model(self) -> int:
+        return self.bundle.d_model
+
+    @property
+    def max_sentence_tokens(self) -> int:
+        return self.spec.max_sentence_tokens
+
+    @property
+    def path(self) -> Path:
+        return self.bundle.path
+
+    # ------------------------------------------------------------ text -> vectors
+
+    def prompt_sentences(self, text: str) -> list[list[int]]:
+        """Token ids of each sentence of `text` (as the torch reference splits it)."""
+        try:
+            pieces = [p for p in text_to_sentences(text, self.tokenizer, self.max_sentence_tokens,
+                                                   self.split_on_comma) if not is_blank(p)]
+            if not pieces:
+                raise PromptError("the prompt is empty or only whitespace")
+            return [self.tokenizer.encode(p) for p in pieces]
+        except TokenizerError as e:
+            raise PromptError(str(e)) from None
+
+    def encode(self, token_lists: list[list[int]]) -> np.ndarray:
+        """Sentence vectors float32 [S, d] (encoder.onnx)."""
+        return ort_encode(self.encoder, token_lists, self.pad_id)
+
+    # ------------------------------------------------------------ vectors -> text
+
+    def decode(self, hidden: np.ndarray, sampling: Sampling, max_tokens: int | None = None) -> Decoded:
+        """One sentence from one vector h_t [d]: tokens until eos or min(max_tokens, the bundle's limit)."""
+        t0 = time.perf_counter()
+        memory = np.asarray(hidden, dtype=np.float32).reshape(1, -1)
+        if memory.shape[1] != self.d_model:
+            raise ValueError(f"h_t has {memory.shape[1]} values, this bundle's vectors have d={self.d_model}")
+        ids = decode_vectors(self.decoder, memory, self.spec, sampling, max_tokens)[0]
+        return Decoded(ids, self.tokenizer.decode(ids), (time.perf_counter() - t0) * 1e3)
+
+    def detokenize(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+
+def decode_vectors(session, memory: np.ndarray, spec, sampling: Sampling,
+                   max_tokens: int | None = None) -> list[list[int]]:
+    """Decode vectors memory [B, d] with decoder.onnx and its KV cache; one token list per row
+    (no bos/eos). The loop of the torch `decode_sentences`: a row stops at eos or after
+    min(max_tokens, max_sentence_tokens) tokens; finished rows leave the batch; one random
+    draw per live row per step."""
+    if max_tokens is None:
+        max_tokens = spec.max_sentence_tokens
+    if max_tokens < 0:
+        raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
+    limit = min(max_tokens, spec.max_sentence_tokens)  # no positions beyond max_sentence_tokens
+    B = memory.shape[0]
+    out: list[list[int]] = [[] for _ in range(B)]
+    if B == 0 or limit == 0:
+        return out
+    rng = sampling.generator()
+    rows = np.arange(B)
+    step_in = np.full((B, 1), spec.bos_id, dtype=np.int64)  # [A, 1]
+    kv = spec.empty_kv(B)
+    for _ in range(limit):
+        logits, kv = decoder_step(session, step_in, memory, kv)  # [A, 1, V], [n_layers, 2, A, H, n+1, hd]
+        nxt = pick_next(logits[:, -1], sampling, rng)  # [A]
+        live = nxt != spec.eos_id
+        for r, tok in zip(rows[live].tolist(), nxt[live].tolist()):
+            out[r].append(tok)
+        if not live.any():
+            break
+        if not live.all():
+            rows, memory, nxt, kv = rows[live], memory[live], nxt[live], kv[:, :, live]
+        step_in = nxt[:, None].astype(np.int64)
+    return out

@@ -1,0 +1,91 @@
+"""Next-token choice for the edge decoder, in numpy: greedy, temperature, top-k, top-p, seed.
+
+The same rules as the torch reference `training.models.generate.pick_next` (greedy = argmax;
+top-k keeps the logits >= the k-th largest, ties included; top-p keeps the most likely tokens
+until the mass of the strictly more likely ones reaches p, the top token always stays), and
+the same seeding scheme as `SLLMGenerator.generate` (sentence i of a turn draws from
+`seed + i`). Greedy decoding is token-for-token the torch result; sampled decoding draws
+from the same distribution, but numpy's random stream is not torch's, so a seed reproduces
+edge runs, not torch runs.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0  # 0 = greedy (argmax)
+    top_k: int = 0  # 0 = no top-k filter
+    top_p: float = 1.0  # 1 = no nucleus filter
+    seed: int | None = None  # None = fresh randomness each run
+
+    def __post_init__(self) -> None:
+        for name in ("temperature", "top_p"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"{name} must be a finite number, got {v!r}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
+            raise ValueError(f"seed must be None or an integer >= 0, got {self.seed!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def for_sentence(self, i: int) -> "Sampling":
+        """The sampling of sentence i of a turn: seed + i, as in the torch reference."""
+        return self if self.seed is None else replace(self, seed=self.seed + i)
+
+    def generator(self) -> np.random.Generator | None:
+        """A seeded generator (seed set), a fresh one (unseeded), None (greedy: no randomness)."""
+        if self.greedy:
+            return None
+        return np.random.default_rng(self.seed)
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    x = x - x.max(axis=-1, keepdims=True)
+    e = np.exp(x)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def filter_logits(logits: np.ndarray, sampling: Sampling) -> np.ndarray:
+    """Temperature-scaled logits [B, V] with the tokens top-k / top-p exclude set to -inf."""
+    x = np.asarray(logits, dtype=np.float32) / np.float32(sampling.temperature)
+    V = x.shape[-1]
+    if 0 < sampling.top_k < V:
+        kth = np.partition(x, V - sampling.top_k, axis=-1)[:, V - sampling.top_k][:, None]  # k-th largest
+        x = np.where(x < kth, np.float32(-np.inf), x)
+    if sampling.top_p < 1.0:
+        order = np.argsort(-x, axis=-1, kind="stable")  # [B, V] descending
+        sorted_x = np.take_along_axis(x, order, axis=-1)
+        probs = _softmax(sorted_x.astype(np.float64))
+        before = np.cumsum(probs, axis=-1) - probs  # mass of the strictly more likely tokens
+        sorted_x = np.where(before >= sampling.top_p, np.float32(-np.inf), sorted_x)  # top token always stays
+        out = np.empty_like(x)
+        np.put_along_axis(out, order, sorted_x, axis=-1)
+        x = out
+    return x
+
+
+def pick_next(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator | None) -> np.ndarray:
+    """logits [B, V] -> next token ids int64 [B] (greedy, or temperature / top-k / top-p sampling)."""
+    logits = np.asarray(logits)
+    if sampling.greedy:
+        return logits.argmax(axis=-1).astype(np.int64)
+    if rng is None:
+        raise ValueError("sampling needs a random generator (Sampling.generator())")
+    probs = _softmax(filter_logits(logits, sampling).astype(np.float64))  # [B, V]
+    cdf = np.cumsum(probs, axis=-1)
+    u = rng.random(len(probs)) * cdf[:, -1]  # one draw per row
+    picks = np.array([np.searchsorted(row, x, side="right") for row, x in zip(cdf, u)], dtype=np.int64)
+    return np.minimum(picks, probs.shape[-1] - 1)

@@ -1,0 +1,585 @@
+"""`edge-chat` driven as a user: piped stdin against `--local`, the REPL under a pseudo-terminal,
+a server restarted mid-conversation; greedy answers equal the torch reference. The edge runs
+with torch and transformers unimportable; every failure is one `error:` line and exit code 2.
+
+One tiny SLLM is trained (SentenceVAE 600 steps, SLLM 300 steps: enough for varied sentences
+and a stop head that does not stop at once) and exported once for the whole module."""
+import json
+import logging
+import os
+import pty
+import re
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cloud.testing import running_server, write_random_bundle
+from edge.chat import EdgeError
+from edge.cli import app
+from edge.local import LocalServer
+from edge.providers import CPU, ProviderError, open_sessions
+from edge.runtime import EdgeRuntime
+from edge.sampling import Sampling, filter_logits, pick_next
+from export.exporter import export_checkpoint
+from tests.conftest import ROOT, tiny_overrides
+from tests.test_sllm import _train, sllm_overrides
+from training.cli import build_run_config
+from training.config import SLLMRunConfig
+from training.models.generate import SamplingConfig, decode_sentences
+from training.models.generate import pick_next as torch_pick_next
+from training.models.opt_graft import STOP
+from training.models.sllm_generate import SLLMGenerator
+from training.tasks.sentence_vae import SentenceVAETask
+from training.tasks.sllm import SLLMTask, load_sllm
+
+CAP = 4  # --max-sentences in the comparisons (the torch reference uses the same cap)
+TOKEN = "edge-test-token"
+CANDIDATES = ["The king loves the river.", "My sister remembers the garden,", "Hello.",
+              "A small dog sees a letter. She builds the city!", "The people guards her book; He finds a song?",
+              "Our nation praises the law.", "He leaves the city."]
+BLOCKER = """\
+import sys
+
+class _NoTorch:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "transformers"):
+            raise ImportError(f"{name} is blocked: the edge must not import it")
+        return None
+
+sys.meta_path.insert(0, _NoTorch())
+"""
+ANSI = re.compile(rb"\x1b\[[0-9;?]*[a-zA-Z]")
+runner = CliRunner()
+
+
+# ---------------------------------------------------------------- one model for the module
+
+@pytest.fixture(scope="module")
+def model(tiny_corpus, tmp_path_factory):
+    """(export dir with edge/ and cloud/, trained SLLM run dir)."""
+    out = tmp_path_factory.mktemp("edge_model")
+    overrides = tiny_overrides(tiny_corpus, out / "c1") + ["train.max_steps=600"]
+    _train(type(build_run_config(None, [], None)), SentenceVAETask, overrides, out / "s1")
+    overrides = sllm_overrides(tiny_corpus, out / "c2") + [f"sllm.svae_checkpoint={out / 's1'}",
+                                                         "train.max_steps=300"]
+    _train(SLLMRunConfig, SLLMTask, overrides, out / "s2")
+    export_checkpoint(out / "s2", out / "export", n_verify=4)
+    return out / "export", out / "s2"
+
+
+@pytest.fixture(scope="module")
+def trained(model):
+    return load_sllm(model[1])
+
+
+def reference_conversation(trained, turns: list[str], cap) -> list[list[str]]:
+    """The torch reference loop (SLLMGenerator.generate) over several turns with one KV cache:
+    each turn appends its prompt's vectors, then generates until stop / empty / cap (one cap,
+    or one per turn)."""
+    caps = cap if isinstance(cap, list) else [cap] * len(turns)
+    sllm, tok = trained.model.eval(), trained.tokenizer
+    gen = SLLMGenerator(sllm, tok, trained.run.data.split_on_comma)
+    cache, used, answers = sllm.opt.new_cache(), 0, []
+    with torch.inference_mode():
+        for text, cap in zip(turns, caps):
+            prompt = gen.prompt_sentences(text)
+            limit = min(cap, sllm.opt.max_sentences - used - len(prompt))
+            hidden, stop = sllm.opt(gen.encode(prompt)[None], past=cache)
+            used += len(prompt)
+            out = []
+            for _ in range(limit):
+                if int(stop[0, -1].argmax()) == STOP:
+                    break
+                ids = decode_sentences(sllm.svae.decoder, hidden[:, -1], gen.max_tokens)[0]
+                if not ids:
+                    break
+                out.append(tok.decode(ids))
+                hidden, stop = sllm.opt(gen.encode([ids])[None], past=cache)
+                used += 1
+            answers.append(out)
+    return answers
+
+
+@pytest.fixture(scope="module")
+def prompts(trained):
+    """Two prompts whose greedy answers (cap CAP) hold sentences, in turn 1 and in turn 2."""
+    gen = SLLMGenerator(trained.model, trained.tokenizer, trained.run.data.split_on_comma)
+    for first in CANDIDATES:
+        if len(list(gen.generate(first, CAP))) < 2:
+            continue
+        for second in CANDIDATES:
+            if second != first and all(reference_conversation(trained, [first, second], CAP)):
+                return first, second
+    pytest.fail("no candidate prompt makes the tiny model answer: train it longer")
+
+
+@pytest.fixture(scope="module")
+def server(model):
+    """An in-process server with a token; each step waits 30 ms (time to press Ctrl-C mid-answer)."""
+    with running_server(model[0] / "cloud", tokens=[TOKEN], batch_wait_ms=30.0, threads=1) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def no_torch(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("no_torch")
+    (d / "sitecustomize.py").write_text(BLOCKER)
+    return d
+
+
+def _env(no_torch: Path | None = None) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TERM": "dumb", "PYTHONUNBUFFERED": "1"}
+    env.pop("SLLM_CLOUD_TOKEN", None)
+    if no_torch is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(no_torch), str(ROOT)])
+    return env
+
+
+def _cmd(*args) -> list[str]:
+    return [sys.executable, "-m", "edge", "--threads", "1", *map(str, args)]
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return Path(f"/proc/{pid}/stat").exists() and Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"
+
+
+def test_reference_conversation_turn_one_is_sllm_generator(trained, prompts):
+    gen = SLLMGenerator(trained.model, trained.tokenizer, trained.run.data.split_on_comma)
+    ref = reference_conversation(trained, list(prompts), CAP)
+    assert ref[0] == [s.text for s in gen.generate(prompts[0], CAP)]
+    assert len(ref[0]) >= 2 and ref[1]
+
+
+# ---------------------------------------------------------------- as a user
+
+def test_piped_stdin_with_local_server_equals_torch(model, trained, prompts):
+    """`edge-chat --local`: server subprocess on a free port with a random token, one turn per
+    line, the session kept across turns, greedy text == torch, no server left behind."""
+    ref = reference_conversation(trained, list(prompts), CAP)
+    proc = subprocess.run(_cmd("--local", "--model", model[0], "--max-sentences", CAP),
+                          input=f"{prompts[0]}\n\n{prompts[1]}\n", capture_output=True, text=True,
+                          cwd=ROOT, env=_env(), timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines() == ["".join(ref[0]), "".join(ref[1])]
+    pid = int(re.search(r"local cloud server \(pid (\d+)\) at 127\.0\.0\.1:\d+", proc.stderr).group(1))
+    assert _gone(pid), "the local server outlived edge-chat"
+    assert "Traceback" not in proc.stderr
+
+
+def test_local_server_is_stopped_when_the_chat_is_terminated_or_killed(model):
+    """SIGTERM: edge-chat stops its server on the way out. SIGKILL: the server gets SIGTERM from
+    the kernel (PR_SET_PDEATHSIG) and goes too. Either way no server is left running."""
+    procs = [subprocess.Popen(_cmd("--local", "--model", model[0], "--json"), stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=_env())
+             for _ in range(2)]  # both start at once: one server start-up's worth of waiting
+    try:
+        ready = [json.loads(p.stdout.readline() or "{}") for p in procs]
+        assert all(r.get("event") == "ready" for r in ready), procs[0].stderr.read()[-3000:]
+        pids = [r["local_server_pid"] for r in ready]
+        assert not any(_gone(pid) for pid in pids)
+        procs[0].send_signal(signal.SIGTERM)
+        procs[1].kill()
+        assert procs[0].wait(timeout=30) == 128 + signal.SIGTERM
+        assert _gone(pids[0])  # stopped and reaped before edge-chat exited
+        procs[1].wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while not _gone(pids[1]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _gone(pids[1]), "the server outlived a killed edge-chat"
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def _read_until(fd: int, marker: bytes, timeout: float = 60.0) -> bytes:
+    buf, deadline = b"", time.monotonic() + timeout
+    while marker not in buf:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            raise AssertionError(f"timed out waiting for {marker!r}; got {buf[-2000:]!r}")
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            chunk = b""
+        if not chunk:
+            raise AssertionError(f"the terminal closed before {marker!r}; got {buf[-2000:]!r}")
+        buf += chunk
+    return buf
+
+
+class _Pty:
+    """edge-chat on a pseudo-terminal that is its controlling terminal (so ^C is SIGINT)."""
+
+    def __init__(self, args, env):
+        self.master, slave = pty.openpty()
+
+        def controlling_tty():
+            import fcntl
+            import termios
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+        self.proc = subprocess.Popen(args, stdin=slave, stdout=slave, stderr=slave, cwd=ROOT, env=env,
+                                     start_new_session=True, preexec_fn=controlling_tty)
+        os.close(slave)
+
+    def ask(self, line: str, timeout: float = 60.0) -> str:
+        """Type a line, return what came back before the next prompt (echo removed)."""
+        os.write(self.master, line.encode() + b"\r")
+        out = _read_until(self.master, b"\r\n> ", timeout)
+        text = ANSI.sub(b"", out[: out.rindex(b"\r\n> ")]).decode()
+        echo = line + "\r\n"
+        assert text.startswith(echo), text
+        return text[len(echo):]
+
+    def close(self) -> int:
+        try:
+            return self.proc.wait(timeout=30)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait()
+            os.close(self.master)
+
+
+def test_repl_under_a_terminal_equals_torch(model, trained, prompts, server, no_torch):
+    """The interactive REPL (torch unimportable): answers == torch turn by turn, /help, /reset
+    starts over, /quit leaves with code 0."""
+    ref = reference_conversation(trained, list(prompts), CAP)
+    term = _Pty(_cmd("--server", f"127.0.0.1:{server.port}", "--bundle", model[0] / "edge",
+                     "--max-sentences", CAP), {**_env(no_torch), "SLLM_CLOUD_TOKEN": TOKEN})
+    try:
+        banner = _read_until(term.master, b"> ").decode()
+        assert "edge-chat" in banner and "/help" in banner
+        assert term.ask(prompts[0]) == "".join(ref[0])
+        assert "/reset" in term.ask("/help")
+        assert term.ask(prompts[1]) == "".join(ref[1])  # turn 2 sees turn 1
+        assert "new conversation" in term.ask("/reset")
+        assert term.ask(prompts[0]) == "".join(ref[0])  # a fresh session
+        os.write(term.master, b"/quit\r")
+        assert term.close() == 0
+    finally:
+        if term.proc.poll() is None:
+            term.proc.kill()
+
+
+def _until_turn_end(term: _Pty) -> dict:
+    out = ANSI.sub(b"", _read_until(term.master, b"\r\n> ")).decode()
+    line = next(ln for ln in out.splitlines() if '"turn_end"' in ln)
+    return json.loads(line[line.index("{"):])  # after the terminal's echo of ^C
+
+
+def test_ctrl_c_stops_the_answer_and_keeps_the_session(model, prompts, server, no_torch):
+    """^C mid-answer (a 200-sentence cap, 30 ms a cloud step) stops after the sentence being
+    decoded; the next turn continues the same session; ^C at the prompt only clears the line."""
+    term = _Pty(_cmd("--server", f"127.0.0.1:{server.port}", "--bundle", model[0] / "edge", "--json",
+                     "--max-sentences", 200, "--token", TOKEN), _env(no_torch))
+    try:
+        _read_until(term.master, b"> ")
+        ends = []
+        for text in prompts:
+            os.write(term.master, text.encode() + b"\r")
+            _read_until(term.master, b'"event": "sentence"')  # the answer is under way
+            os.write(term.master, b"\x03")
+            ends.append(_until_turn_end(term))
+            assert ends[-1]["reason"] == "interrupted" and 1 <= ends[-1]["sentences"] < 200
+            os.write(term.master, b"\x03")  # ^C at the prompt: a fresh prompt, nothing else
+            _read_until(term.master, b"> ")
+        first, second = ends
+        assert first["context_sentences"] == first["prompt_sentences"] + first["sentences"]
+        # the same session: turn 2, on top of everything turn 1 left (the printed sentences included)
+        assert second["turn"] == 2
+        assert second["context_sentences"] == first["context_sentences"] + second["prompt_sentences"] + \
+            second["sentences"]
+        os.write(term.master, b"\x04")  # Ctrl-D leaves
+        assert term.close() == 0
+    finally:
+        if term.proc.poll() is None:
+            term.proc.kill()
+
+
+def test_server_restart_mid_conversation_rebuilds_the_session(model, trained, prompts, no_torch):
+    """Kill the server between turns, start another on the same port: the next turn rebuilds the
+    session from the edge's history vectors (said on stderr) and answers exactly as if nothing
+    happened; with no server back, the turn fails with exit 2 and says why."""
+    ref = reference_conversation(trained, list(prompts), CAP)
+    cloud = model[0] / "cloud"
+    proc = None
+
+    def ask(text: str) -> tuple[list[str], dict]:
+        proc.stdin.write(text + "\n")
+        proc.stdin.flush()
+        texts = []
+        while True:
+            line = proc.stdout.readline()
+            assert line, proc.stderr.read()[-3000:]
+            ev = json.loads(line)
+            if ev["event"] == "sentence":
+                assert {"edge_encode_ms", "cloud_step_ms", "edge_decode_ms"} <= set(ev)
+                texts.append(ev["text"])
+            elif ev["event"] == "turn_end":
+                return texts, ev
+
+    try:
+        with running_server(cloud, threads=1) as first:
+            port = first.port
+            proc = subprocess.Popen(_cmd("--server", f"127.0.0.1:{port}", "--bundle", model[0] / "edge", "--json",
+                                         "--max-sentences", CAP), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True, cwd=ROOT, env=_env(no_torch))
+            assert json.loads(proc.stdout.readline())["event"] == "ready"
+            texts, end = ask(prompts[0])
+            assert texts == ref[0]
+        # that server is gone, with the session; another one on the same port
+        with running_server(cloud, threads=1, port=port):
+            texts, end2 = ask(prompts[1])
+            assert texts == ref[1]
+            assert end2["context_sentences"] == end["context_sentences"] + end2["prompt_sentences"] + len(texts)
+        proc.stdin.write(prompts[0] + "\n")  # and now no server at all
+        proc.stdin.flush()
+        code = proc.wait(timeout=60)
+        err = proc.stderr.read()
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert f"rebuilt it from the {end['context_sentences']} history vectors" in err
+    assert code == 2
+    assert re.search(r"error: the cloud session was lost .* could not be rebuilt from the \d+ history vectors "
+                     r"the edge keeps: cannot reach the cloud server", err, re.S)
+    assert "Traceback" not in err
+
+
+def test_aborted_answer_is_rebuilt_from_history(model, trained, prompts, server):
+    """A second Ctrl-C (KeyboardInterrupt mid-answer) drops the stream; the next turn rebuilds the
+    session from the history (prompt + the one sentence already appended) and goes on exactly as
+    torch does for that conversation."""
+    from edge.chat import ChatSession, SentenceEvent
+    from protos.client import CloudClient
+
+    notes = []
+    rt = EdgeRuntime.load(model[0] / "edge", threads=1)
+    chat = ChatSession(rt, lambda: CloudClient(f"127.0.0.1:{server.port}", TOKEN), "test", notify=notes.append)
+    chat.connect()
+    calls = []
+
+    def second_ctrl_c() -> bool:
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return False
+
+    got = []
+    with pytest.raises(KeyboardInterrupt):
+        for ev in chat.turn(prompts[0], Sampling(), CAP, interrupted=second_ctrl_c):
+            got.append(ev)
+    assert len(got) == 1 and chat.conv is None and len(chat.history) == len(rt.prompt_sentences(prompts[0])) + 1
+    texts = [ev.text for ev in chat.turn(prompts[1], Sampling(), CAP) if isinstance(ev, SentenceEvent)]
+    assert texts == reference_conversation(trained, list(prompts), [1, CAP])[1]
+    assert notes == [f"the cloud session was lost (an answer was aborted mid-step); rebuilt it from the "
+                     f"{len(rt.prompt_sentences(prompts[0])) + 1} history vectors the edge keeps"]
+    chat.close()
+
+
+# ---------------------------------------------------------------- failures, explained
+
+def _invoke(args) -> object:
+    r = runner.invoke(app, ["--threads", "1", *map(str, args)])
+    assert "Traceback" not in r.output
+    return r
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_server_down_wrong_token_and_mismatched_halves(model, server, tmp_path):
+    edge = model[0] / "edge"
+    r = _invoke(["--server", f"127.0.0.1:{_free_port()}", "--bundle", edge, "--prompt", "Hello."])
+    assert r.exit_code == 2 and "error: cannot reach the cloud server at 127.0.0.1:" in r.stderr
+    r = _invoke(["--server", f"127.0.0.1:{server.port}", "--bundle", edge, "--prompt", "Hello.", "--token", "nope"])
+    assert r.exit_code == 2 and "refused the bearer token (invalid bearer token)" in r.stderr
+    r = _invoke(["--server", f"127.0.0.1:{server.port}", "--bundle", edge, "--prompt", "Hello."])  # no token
+    assert r.exit_code == 2 and "refused the bearer token" in r.stderr
+    other = tmp_path / "other"
+    write_random_bundle(other / "cloud", model_id="sllm-another-model", d=32, layers=1, heads=2)
+    with running_server(other / "cloud", threads=1) as srv:
+        r = _invoke(["--server", f"127.0.0.1:{srv.port}", "--bundle", edge, "--prompt", "Hello."])
+    assert r.exit_code == 2 and "not halves of the same model" in r.stderr and "sllm-another-model" in r.stderr
+    shutil.copytree(edge, other / "edge")  # --local refuses before starting anything
+    r = _invoke(["--local", "--model", other, "--prompt", "Hello."])
+    assert r.exit_code == 2 and "not halves of the same model" in r.stderr and "refusing to start" in r.stderr
+
+
+def test_tls_and_token_over_the_wire(model, trained, prompts, tmp_path):
+    """--tls-ca + --token against a TLS server: the answer equals torch; a plaintext client or an
+    untrusted certificate is a clear error."""
+    from tests.test_cloud_security import _self_signed
+
+    cert, key = _self_signed(tmp_path)
+    edge = model[0] / "edge"
+    with running_server(model[0] / "cloud", tokens=[TOKEN], tls_cert=str(cert), tls_key=str(key), threads=1) as srv:
+        base = ["--bundle", edge, "--token", TOKEN, "--max-sentences", CAP, "--prompt", prompts[0]]
+        r = _invoke(["--server", f"127.0.0.1:{srv.port}", "--tls-ca", cert, *base])
+        assert r.exit_code == 0, r.output
+        assert r.stdout == "".join(reference_conversation(trained, [prompts[0]], CAP)[0]) + "\n"
+        r = _invoke(["--server", f"127.0.0.1:{srv.port}", *base])
+        assert r.exit_code == 2 and "error: cannot reach the cloud server" in r.stderr
+        (tmp_path / "other").mkdir()
+        other, _ = _self_signed(tmp_path / "other")
+        r = _invoke(["--server", f"127.0.0.1:{srv.port}", "--tls-ca", other, *base])
+        assert r.exit_code == 2 and "error: cannot reach the cloud server" in r.stderr
+        r = _invoke(["--server", f"127.0.0.1:{srv.port}", "--tls-ca", tmp_path / "missing.pem", *base])
+        assert r.exit_code == 2 and "error: cannot read --tls-ca" in r.stderr
+
+
+def _flip_byte(path: Path, at: int = 200) -> None:
+    with open(path, "r+b") as f:
+        f.seek(at)
+        b = f.read(1)
+        f.seek(at)
+        f.write(bytes([b[0] ^ 0xFF]))
+
+
+def test_corrupted_bundles_are_refused(model, tmp_path):
+    """A flipped byte in the edge bundle: refused on load. In the cloud bundle (--local): the
+    server dies at start and its last log lines are shown."""
+    bad = shutil.copytree(model[0], tmp_path / "bad")
+    _flip_byte(bad / "edge" / "decoder.onnx")
+    r = _invoke(["--bundle", bad / "edge", "--prompt", "Hello."])
+    assert r.exit_code == 2 and "decoder.onnx does not match its manifest hash" in r.stderr
+    bad = shutil.copytree(model[0], tmp_path / "bad_cloud")
+    _flip_byte(bad / "cloud" / "cloud.safetensors")
+    r = _invoke(["--local", "--model", bad, "--prompt", "Hello."])
+    assert r.exit_code == 2, r.output
+    assert "the local cloud server exited (code 2) before it was ready" in r.stderr
+    assert "cloud.safetensors does not match its manifest hash" in r.stderr  # its own stderr, shown
+
+
+def test_local_server_that_never_gets_healthy_is_stopped(tmp_path):
+    script = tmp_path / "fake_server.py"
+    script.write_text(textwrap.dedent("""\
+        import json, sys, time
+        print(json.dumps({"event": "server_start", "address": "127.0.0.1:9"}), flush=True)
+        time.sleep(120)
+        """))
+    server = LocalServer(tmp_path, startup_timeout=1.0, command=[sys.executable, str(script)])
+    with pytest.raises(EdgeError, match=r"not healthy \(SERVING\) within 1 s; its last lines:\n.*server_start"):
+        server.start()
+    assert server.proc.poll() is not None  # stopped, not orphaned
+
+
+# ---------------------------------------------------------------- torch-free, providers, sampling
+
+def test_every_edge_module_imports_and_runs_without_torch(model, no_torch):
+    code = textwrap.dedent(f"""\
+        import importlib, pkgutil, sys
+        import edge
+        names = [m.name for m in pkgutil.walk_packages(edge.__path__, "edge.") if m.name != "edge.__main__"]
+        for name in names:
+            importlib.import_module(name)
+        from edge.runtime import EdgeRuntime
+        from edge.sampling import Sampling
+        rt = EdgeRuntime.load({str(model[0] / "edge")!r}, threads=1)
+        v = rt.encode(rt.prompt_sentences("The king loves the river. Hello!"))
+        d = rt.decode(v[0], Sampling(temperature=0.8, top_k=20, top_p=0.9, seed=3))
+        assert v.shape == (2, rt.d_model) and d.ids and rt.provider == "CPUExecutionProvider"
+        try:
+            import torch
+        except ImportError:
+            pass
+        else:
+            raise SystemExit("the blocker let torch in")
+        bad = [m for m in ("torch", "transformers", "training", "cloud") if m in sys.modules]
+        assert not bad, bad
+        print("ok", len(names))
+        """)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(no_torch), capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["ok", "6"]  # chat, cli, local, providers, runtime, sampling
+    assert proc.stderr == ""  # no ORT provider errors on a CPU-only machine
+
+
+def test_cuda_is_used_only_when_it_really_loads(model, monkeypatch, capfd):
+    import onnxruntime as ort
+
+    from edge import providers
+
+    paths = [str(model[0] / "edge" / "encoder.onnx"), str(model[0] / "edge" / "decoder.onnx")]
+    sessions, provider, note = open_sessions(paths, "cpu", threads=1)
+    assert provider == CPU and note == "" and sessions[0].get_providers() == [CPU]
+    # pretend an NVIDIA device is present: the real CUDA provider is tried (here it cannot load:
+    # no CUDA libraries) and the edge falls back to the CPU quietly, with the reason
+    monkeypatch.setattr(providers.glob, "glob", lambda pattern: ["/dev/nvidia0"])
+    sessions, provider, note = open_sessions(paths, "auto", threads=1)
+    if provider == CPU:
+        assert "CUDA" in note and all(s.get_providers() == [CPU] for s in sessions)
+        with pytest.raises(ProviderError, match="--device cuda: "):
+            open_sessions(paths, "cuda", threads=1)
+    else:  # a machine where CUDA really loads
+        assert provider == "CUDAExecutionProvider" and all(s.get_providers()[0] == provider for s in sessions)
+    # a GPU build that claims CUDA but falls back to the CPU without raising: not counted as CUDA
+    real = ort.InferenceSession
+
+    class FallsBack(real):
+        def __init__(self, path, opts=None, providers=None, **kw):
+            super().__init__(path, opts, providers=[p for p in providers if p == CPU], **kw)
+
+    monkeypatch.setattr(ort, "InferenceSession", FallsBack)
+    sessions, provider, note = open_sessions(paths, "auto", threads=1)
+    assert provider == CPU and "CUDA provider did not load" in note
+    monkeypatch.undo()
+    rt = EdgeRuntime.load(model[0] / "edge", device="auto", threads=1)  # as it is on this machine
+    assert rt.provider in (CPU, "CUDAExecutionProvider")
+    assert capfd.readouterr().err == ""  # ORT printed nothing
+
+
+def test_sampling_matches_torch_and_seeds_reproduce(monkeypatch):
+    """The distribution each step draws from equals the torch reference's (its pick_next, with
+    torch.multinomial intercepted); greedy is argmax; a seed reproduces."""
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((3, 50)).astype(np.float32) * 3
+    logits[0, :5] = logits[0, 5]  # ties at the top-k boundary
+    seen = {}
+
+    def fake_multinomial(probs, n, generator=None):
+        seen["probs"] = probs.clone()
+        return torch.zeros((probs.shape[0], n), dtype=torch.long)
+
+    monkeypatch.setattr(torch, "multinomial", fake_multinomial)
+    for cfg in [dict(temperature=0.7, top_k=5), dict(temperature=1.3, top_p=0.6),
+                dict(temperature=1.0, top_k=10, top_p=0.8), dict(temperature=0.5, top_p=1e-6)]:
+        torch_pick_next(torch.as_tensor(logits), SamplingConfig(**cfg))
+        x = filter_logits(logits, Sampling(**cfg)).astype(np.float64)
+        ours = np.exp(x - x.max(-1, keepdims=True))
+        ours /= ours.sum(-1, keepdims=True)
+        np.testing.assert_allclose(ours, seen["probs"].numpy(), atol=1e-6, err_msg=str(cfg))
+        picks = {int(pick_next(logits[:1], Sampling(**cfg, seed=7), Sampling(**cfg, seed=7).generator())[0])
+                 for _ in range(3)}
+        assert len(picks) == 1 and ours[0, picks.pop()] > 0  # seeded: reproducible, an allowed token
+    monkeypatch.undo()
+    assert (pick_next(logits, Sampling(), None) == torch_pick_next(torch.as_tensor(logits), SamplingConfig())
+            .numpy()).all()
+    draws = [int(pick_next(logits[1:2], Sampling(temperature=1.0), np.random.default_rng(i))[0]) for i in range(200)]
+    assert len(set(draws)) > 5  # really sampling
+    with pytest.raises(ValueError, match="top_p"):
+        Sampling(temperature=1.0, top_p=0)
+    assert Sampling(seed=5).for_sentence(2).seed == 7 and Sampling().for_sentence(2).seed is None
