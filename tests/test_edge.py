@@ -5,7 +5,6 @@ with torch and transformers unimportable; every failure is one `error:` line and
 One tiny SLLM is trained (SentenceVAE 600 steps, SLLM 300 steps: enough for varied sentences
 and a stop head that does not stop at once) and exported once for the whole module."""
 import json
-import logging
 import os
 import pty
 import re
