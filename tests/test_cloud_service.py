@@ -205,7 +205,7 @@ def test_graceful_shutdown_drains_open_streams(bundle, model):
         conv = c.conversation(MODEL_ID, D)
         _assert_step(conv.append(v[:2]), ref, 1)
         t0 = time.monotonic()
-        stopper = threading.Thread(target=srv.stop, kwargs={"grace": 10.0})
+        stopper = threading.Thread(target=srv.stop, kwargs={"grace": 120.0})
         stopper.start()
         assert _wait_for(lambda: srv.service.draining)
         with pytest.raises(CloudError) as e:  # no new conversations while draining
@@ -214,8 +214,9 @@ def test_graceful_shutdown_drains_open_streams(bundle, model):
         _assert_step(conv.append(v[2]), ref, 2)  # the open stream still gets its steps
         _assert_step(conv.append(v[3]), ref, 3)
         conv.close()
-        stopper.join(timeout=10)
-        assert not stopper.is_alive() and time.monotonic() - t0 < 5  # done when the stream closed, not at 10 s
+        stopper.join(timeout=60)
+        # done when the stream closed, long before the 120 s grace (loose bound: CI machines are slow)
+        assert not stopper.is_alive() and time.monotonic() - t0 < 60
         assert srv.store.stats()["sessions"] == 0 and not srv.batcher.alive
 
 
