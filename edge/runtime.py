@@ -23,7 +23,7 @@ from edge.providers import open_sessions
 from edge.sampling import Sampling, pick_next
 from export.edge_bundle import EdgeBundle, load_edge_bundle
 from export.manifest import BundleError
-from export.ort_decode import decoder_step
+from export.ort_decode import decode_loop
 from export.ort_decode import encode as ort_encode
 from sentences.limit import is_blank, text_to_sentences
 from sentences.segment import SEGMENTATION_VERSION
@@ -128,31 +128,6 @@ class EdgeRuntime:
 def decode_vectors(session, memory: np.ndarray, spec, sampling: Sampling,
                    max_tokens: int | None = None) -> list[list[int]]:
     """Decode vectors memory [B, d] with decoder.onnx and its KV cache; one token list per row
-    (no bos/eos). The loop of the torch `decode_sentences`: a row stops at eos or after
-    min(max_tokens, max_sentence_tokens) tokens; finished rows leave the batch; one random
-    draw per live row per step."""
-    if max_tokens is None:
-        max_tokens = spec.max_sentence_tokens
-    if max_tokens < 0:
-        raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
-    limit = min(max_tokens, spec.max_sentence_tokens)  # no positions beyond max_sentence_tokens
-    B = memory.shape[0]
-    out: list[list[int]] = [[] for _ in range(B)]
-    if B == 0 or limit == 0:
-        return out
+    (no bos/eos): the shared loop of `export.ort_decode`, with this edge's sampling."""
     rng = sampling.generator()
-    rows = np.arange(B)
-    step_in = np.full((B, 1), spec.bos_id, dtype=np.int64)  # [A, 1]
-    kv = spec.empty_kv(B)
-    for _ in range(limit):
-        logits, kv = decoder_step(session, step_in, memory, kv)  # [A, 1, V], [n_layers, 2, A, H, n+1, hd]
-        nxt = pick_next(logits[:, -1], sampling, rng)  # [A]
-        live = nxt != spec.eos_id
-        for r, tok in zip(rows[live].tolist(), nxt[live].tolist()):
-            out[r].append(tok)
-        if not live.any():
-            break
-        if not live.all():
-            rows, memory, nxt, kv = rows[live], memory[live], nxt[live], kv[:, :, live]
-        step_in = nxt[:, None].astype(np.int64)
-    return out
+    return decode_loop(session, memory, spec, lambda logits: pick_next(logits, sampling, rng), max_tokens)

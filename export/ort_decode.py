@@ -84,11 +84,18 @@ def decoder_step(session: ort.InferenceSession, ids: np.ndarray, memory: np.ndar
 
 def greedy_decode(session: ort.InferenceSession, memory: np.ndarray, spec: DecoderSpec,
                   max_tokens: int | None = None) -> list[list[int]]:
-    """Decode sentence vectors memory [B, d] greedily with the KV cache.
+    """Decode sentence vectors memory [B, d] greedily with the KV cache (see `decode_loop`)."""
+    return decode_loop(session, memory, spec, lambda logits: logits.argmax(axis=-1), max_tokens)
+
+
+def decode_loop(session: ort.InferenceSession, memory: np.ndarray, spec: DecoderSpec, pick,
+                max_tokens: int | None = None) -> list[list[int]]:
+    """Decode sentence vectors memory [B, d] with decoder.onnx and its KV cache.
 
     The same loop as the torch `decode_sentences`: one token list per row without bos
     and eos; a row stops at eos or after min(max_tokens, max_sentence_tokens) tokens;
-    finished rows leave the batch.
+    finished rows leave the batch. `pick(logits [A, V]) -> ids [A]` chooses each next token
+    (argmax, or the edge's sampling: one draw per live row per step).
     """
     memory = np.asarray(memory, dtype=np.float32)
     if memory.ndim != 2:
@@ -107,7 +114,7 @@ def greedy_decode(session: ort.InferenceSession, memory: np.ndarray, spec: Decod
     kv = spec.empty_kv(B)
     for _ in range(limit):
         logits, kv = decoder_step(session, step_in, memory, kv)  # [A, 1, V], [n_layers, 2, A, H, n+1, hd]
-        nxt = logits[:, -1].argmax(axis=-1)  # [A]
+        nxt = np.asarray(pick(logits[:, -1]))  # [A]
         live = nxt != spec.eos_id
         for r, tok in zip(rows[live].tolist(), nxt[live].tolist()):
             out[r].append(tok)

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The main job. Until the chat client lands (issue 6) it trains a small SentenceVAE on the
-# bundled corpus for a few minutes and prints its evaluation (loss, PPL, exact match, Table 2).
-# A second run resumes the same run directory; delete runs/demo to start over.
+# The main job: chat with the bundled default model (models/default). Starts a cloud server on
+# 127.0.0.1 for models/default/cloud, runs edge-chat on models/default/edge (ONNX Runtime, no
+# torch), and stops the server on exit. Extra arguments go to edge-chat, e.g.
+#   ./scripts/demo.sh --prompt "It is a truth universally acknowledged," --max-sentences 4
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 . .venv/bin/activate
-sllm-train svae --config configs/svae-demo.json "$@"
-sllm-train eval runs/demo --n-exact 500 --n-loss 5000
+exec edge-chat --local --model models/default "$@"
