@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from edge.providers import open_sessions
-from edge.sampling import Sampling, pick_next
+from edge.sampling import Sampling, numpy_generator, pick_next
 from export.edge_bundle import EdgeBundle, load_edge_bundle
 from export.manifest import BundleError
 from export.ort_decode import decode_loop
@@ -129,5 +129,5 @@ def decode_vectors(session, memory: np.ndarray, spec, sampling: Sampling,
                    max_tokens: int | None = None) -> list[list[int]]:
     """Decode vectors memory [B, d] with decoder.onnx and its KV cache; one token list per row
     (no bos/eos): the shared loop of `export.ort_decode`, with this edge's sampling."""
-    rng = sampling.generator()
+    rng = numpy_generator(sampling)
     return decode_loop(session, memory, spec, lambda logits: pick_next(logits, sampling, rng), max_tokens)

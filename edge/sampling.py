@@ -10,46 +10,18 @@ edge runs, not torch runs.
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, replace
-
 import numpy as np
 
+from sentences.sampling import SamplingConfig
 
-@dataclass(frozen=True)
-class Sampling:
-    temperature: float = 0.0  # 0 = greedy (argmax)
-    top_k: int = 0  # 0 = no top-k filter
-    top_p: float = 1.0  # 1 = no nucleus filter
-    seed: int | None = None  # None = fresh randomness each run
+Sampling = SamplingConfig  # the one sampling config, shared with the torch reference
 
-    def __post_init__(self) -> None:
-        for name in ("temperature", "top_p"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise ValueError(f"{name} must be a finite number, got {v!r}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
-            raise ValueError(f"seed must be None or an integer >= 0, got {self.seed!r}")
 
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-    def for_sentence(self, i: int) -> "Sampling":
-        """The sampling of sentence i of a turn: seed + i, as in the torch reference."""
-        return self if self.seed is None else replace(self, seed=self.seed + i)
-
-    def generator(self) -> np.random.Generator | None:
-        """A seeded generator (seed set), a fresh one (unseeded), None (greedy: no randomness)."""
-        if self.greedy:
-            return None
-        return np.random.default_rng(self.seed)
+def numpy_generator(sampling: Sampling) -> np.random.Generator | None:
+    """A seeded generator (seed set), a fresh one (unseeded), None (greedy: no randomness)."""
+    if sampling.greedy:
+        return None
+    return np.random.default_rng(sampling.seed)
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
@@ -83,7 +55,7 @@ def pick_next(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator |
     if sampling.greedy:
         return logits.argmax(axis=-1).astype(np.int64)
     if rng is None:
-        raise ValueError("sampling needs a random generator (Sampling.generator())")
+        raise ValueError("sampling needs a random generator (numpy_generator)")
     probs = _softmax(filter_logits(logits, sampling).astype(np.float64))  # [B, V]
     cdf = np.cumsum(probs, axis=-1)
     u = rng.random(len(probs)) * cdf[:, -1]  # one draw per row

@@ -6,36 +6,9 @@ benchmarks). Both share one loop, so for the same seed they draw the same random
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 import torch
 
-
-@dataclass
-class SamplingConfig:
-    temperature: float = 0.0  # 0 = greedy (argmax)
-    top_k: int = 0  # 0 = no top-k filter
-    top_p: float = 1.0  # 1 = no nucleus filter
-    seed: int | None = None  # None = torch's global RNG
-
-    def __post_init__(self) -> None:
-        for name in ("temperature", "top_p"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise ValueError(f"{name} must be a finite number, got {v!r}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
-            raise ValueError(f"seed must be None or an integer >= 0, got {self.seed!r}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
+from sentences.sampling import SamplingConfig  # noqa: F401 (re-exported: the one sampling config)
 
 
 def make_generator(sampling: SamplingConfig, device: torch.device | str) -> torch.Generator | None:

@@ -66,9 +66,8 @@ class SLLMGenerator:
             p_stop = float(stop[0, -1].float().softmax(-1)[STOP])
             if int(stop[0, -1].argmax()) == STOP:
                 return
-            step_sampling = sampling if sampling.seed is None else SamplingConfig(
-                sampling.temperature, sampling.top_k, sampling.top_p, sampling.seed + i)
-            ids = decode_sentences(self.sllm.svae.decoder, hidden[:, -1], self.max_tokens, step_sampling)[0]
+            ids = decode_sentences(self.sllm.svae.decoder, hidden[:, -1], self.max_tokens,
+                                   sampling.for_sentence(i))[0]
             if not ids:  # eos straight away: nothing left to say
                 return
             yield GeneratedSentence(self.tok.decode(ids), ids, p_stop)
