@@ -207,7 +207,7 @@ def test_local_server_is_stopped_when_the_chat_is_terminated_or_killed(model):
                 p.wait()
 
 
-def _read_until(fd: int, marker: bytes, timeout: float = 60.0) -> bytes:
+def _read_until(fd: int, marker: bytes, timeout: float = 120.0) -> bytes:
     buf, deadline = b"", time.monotonic() + timeout
     while marker not in buf:
         left = deadline - time.monotonic()
