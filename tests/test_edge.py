@@ -228,14 +228,13 @@ class _Pty:
 
     def __init__(self, args, env):
         self.master, slave = pty.openpty()
-
-        def controlling_tty():
-            import fcntl
-            import termios
-            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-
-        self.proc = subprocess.Popen(args, stdin=slave, stdout=slave, stderr=slave, cwd=ROOT, env=env,
-                                     start_new_session=True, preexec_fn=controlling_tty)
+        # The terminal becomes the controlling tty in the new process, after exec: a Python
+        # preexec_fn would run between fork and exec, where gRPC threads of this test process
+        # (in-process servers) can leave locks held and the child hangs before it starts.
+        take_tty = ("import fcntl, os, sys, termios; fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
+                    "os.execvp(sys.argv[1], sys.argv[1:])")
+        self.proc = subprocess.Popen([sys.executable, "-c", take_tty, *map(str, args)], stdin=slave,
+                                     stdout=slave, stderr=slave, cwd=ROOT, env=env, start_new_session=True)
         os.close(slave)
 
     def ask(self, line: str, timeout: float = 60.0) -> str:
