@@ -2,6 +2,7 @@
 
     export runs/sllm-small --out bundles/sllm-small
     export runs/svae-small --out bundles/svae-small --quantize int8 --n-verify 200
+    export runs/baseline-small --out models/default     # token-level baseline -> models/default/baseline
     python -m export CHECKPOINT --out DIR      (same command; `export` alone is a shell builtin
                                                 in bash/zsh, so call it as sllm-export or python -m export)
 
@@ -71,9 +72,20 @@ def export(
                                              "checkpoint's validation split"),
 ):
     """Export CHECKPOINT to DIR/edge (encoder.onnx, decoder.onnx with KV cache, tokenizer, manifest, report)
-    and DIR/cloud (grafted OPT blocks + termination head); prove ORT == torch first."""
-    from export.exporter import STEPS, ExportError, VerificationFailed, export_checkpoint
+    and DIR/cloud (grafted OPT blocks + termination head); prove ORT == torch first. A token-level
+    baseline checkpoint (opt_baseline) goes to DIR/baseline instead (fp16 Hugging Face folder, verified)."""
+    from export.exporter import STEPS, ExportError, VerificationFailed, checkpoint_kind, export_checkpoint
     from export.manifest import BundleError
+
+    try:
+        _, kind = checkpoint_kind(checkpoint, ("sllm", "sentence_vae", "opt_baseline"))
+    except ExportError as e:
+        _fail(str(e))
+    if kind == "opt_baseline":
+        if quantize:
+            _fail("--quantize applies to the edge graphs; a baseline is exported in float16")
+        _export_baseline(checkpoint, out, weights, force)
+        return
 
     steps = [s for s in STEPS if s != "quantize" or quantize]
     try:
@@ -88,6 +100,24 @@ def export(
     typer.echo(f"edge bundle:  {result.edge}")
     typer.echo(f"cloud bundle: {result.cloud if result.cloud else '(none: stage-1 checkpoint)'}")
     typer.echo(f"model id:     {result.report['model_id']}")
+
+
+def _export_baseline(checkpoint: Path, out: Path, weights: str, force: bool) -> None:
+    from export.baseline_bundle import (STEPS, BaselineExportError, BaselineVerificationFailed,
+                                        export_baseline)
+
+    try:
+        with _Steps(list(STEPS)) as progress:
+            result = export_baseline(checkpoint, out, weights=weights, force=force, progress=progress)
+    except BaselineExportError as e:
+        _fail(str(e))
+    except BaselineVerificationFailed as e:
+        _fail(str(e), code=1)
+    m, v = result.manifest, result.manifest["verification"]
+    typer.echo(f"baseline:     {result.path} ({m['parameters'] / 1e6:.2f} M parameters, float16)")
+    typer.echo(f"verified:     max |logit diff| {v['max_abs_diff']:.3g} (limit {v['limit']:.3g}), argmax agreement "
+               f"{v['argmax_agreement']:.1%} over {v['positions']} positions")
+    typer.echo(f"model id:     {m['model_id']}")
 
 
 def main() -> None:

@@ -65,8 +65,9 @@ class ExportResult:
 
 # ---------------------------------------------------------------- refusals
 
-def checkpoint_kind(path: Path) -> tuple[Path, str]:
-    """(resolved checkpoint dir, "sllm" | "sentence_vae"); ExportError for anything else."""
+def checkpoint_kind(path: Path, kinds: tuple[str, ...] = ("sllm", "sentence_vae")) -> tuple[Path, str]:
+    """(resolved checkpoint dir, its kind, one of `kinds`); ExportError for anything else. The CLI
+    also accepts "opt_baseline" (export.baseline_bundle); the SLLM export does not."""
     from training import checkpoint as ckpt
 
     try:
@@ -77,9 +78,9 @@ def checkpoint_kind(path: Path) -> tuple[Path, str]:
         kind = json.loads((d / "config.json").read_text()).get("kind")
     except (OSError, ValueError, AttributeError) as e:
         raise ExportError(f"{d} has no readable config.json ({e}); export takes a SentenceVAE or SLLM checkpoint") from None
-    if kind not in ("sllm", "sentence_vae"):
+    if kind not in kinds:
         raise ExportError(f"{d} holds a {kind!r} checkpoint; export takes a SentenceVAE (stage 1) or SLLM "
-                          f"(stage 2) checkpoint")
+                          f"(stage 2) checkpoint, or a token-level baseline (opt_baseline)")
     return d, kind
 
 

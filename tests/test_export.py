@@ -234,9 +234,13 @@ def test_refusals_are_clear_errors_with_exit_2(exported, stage1, sllm_run, tmp_p
     r = _cli(tmp_path / "missing", "--out", tmp_path / "o1")
     assert r.exit_code == 2 and "no such checkpoint" in r.output
     # a checkpoint of another kind
+    other = _copy_with_config(stage1, tmp_path / "other", lambda c: c.update(kind="reward_model"))
+    r = _cli(other, "--out", tmp_path / "o1")
+    assert r.exit_code == 2 and "'reward_model' checkpoint" in r.output and "SentenceVAE" in r.output
+    # labelled a token-level baseline (exported to OUT/baseline), but it is not one
     other = _copy_with_config(stage1, tmp_path / "baseline", lambda c: c.update(kind="opt_baseline"))
     r = _cli(other, "--out", tmp_path / "o1")
-    assert r.exit_code == 2 and "'opt_baseline' checkpoint" in r.output and "SentenceVAE" in r.output
+    assert r.exit_code == 2 and "token-level baseline" in r.output and not (tmp_path / "o1" / "baseline").exists()
     # incompatible configs: an impossible one, one that does not fit the weights, another segmentation
     bad = _copy_with_config(stage1, tmp_path / "heads", lambda c: c["model"].update(n_heads=3))
     r = _cli(bad, "--out", tmp_path / "o1")
