@@ -48,10 +48,10 @@ def start_server(bundle: Path, batching: bool, threads: int, max_batch: int, bat
 
 
 def client_loop(target: str, model_id: str, d: int, stop_at: float, measure_from: float, steps_per_conv: int,
-                seed: int, out: dict) -> None:
+                seed: int, out: dict, token: str | None = None) -> None:
     rng = np.random.default_rng(seed)
     steps, latencies = 0, []
-    with CloudClient(target) as c:
+    with CloudClient(target, token) as c:
         while time.perf_counter() < stop_at:
             with c.conversation(model_id, d, dtype="float16") as conv:
                 conv.append(rng.standard_normal((4, d)).astype(np.float32))
@@ -69,19 +69,21 @@ def client_loop(target: str, model_id: str, d: int, stop_at: float, measure_from
 
 
 def run_point(target: str, model_id: str, d: int, clients: int, duration: float, warmup: float,
-              steps_per_conv: int) -> dict:
+              steps_per_conv: int, token: str | None = None) -> dict:
+    """Aggregate steps/s of `clients` concurrent client threads (see the module doc), with the
+    server's mean batch (from its stats) and the per-step latency percentiles."""
     start = time.perf_counter()
     measure_from, stop_at = start + warmup, start + warmup + duration
     outs = [{} for _ in range(clients)]
-    with CloudClient(target) as c:
+    with CloudClient(target, token) as c:
         before = c.stats()
     threads = [threading.Thread(target=client_loop, args=(target, model_id, d, stop_at, measure_from,
-                                                          steps_per_conv, i, outs[i])) for i in range(clients)]
+                                                          steps_per_conv, i, outs[i], token)) for i in range(clients)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    with CloudClient(target) as c:
+    with CloudClient(target, token) as c:
         after = c.stats()
     steps = sum(o["steps"] for o in outs)
     lat = np.array([x for o in outs for x in o["latencies"]]) * 1000

@@ -54,36 +54,26 @@ def median_ms(fns: dict, runs: int, warmup: int, rounds: int = 10) -> dict[str, 
     return {name: 1e3 * statistics.median(t) for name, t in times.items()}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--checkpoint", help="a SentenceVAE/SLLM checkpoint (default: random weights, svae-small shape)")
-    ap.add_argument("--past", default="1,16,63", help="past lengths P to time, comma-separated")
-    ap.add_argument("--runs", type=int, default=500)
-    ap.add_argument("--warmup", type=int, default=50)
-    ap.add_argument("--threads", type=int, default=1, help="intra-op threads for torch and ORT alike")
-    ap.add_argument("--no-int8", action="store_true", help="skip the int8 decoder row")
-    args = ap.parse_args()
+ORDER = ["ORT cached step (fp32)", "ORT cached step (int8)", "torch eager cached step",
+         "torch eager full recompute", "ORT full recompute (fp32)"]
+REFERENCE = "torch eager cached step"
 
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    if args.checkpoint:
-        from export.exporter import load_checkpoint
 
-        model, source = load_checkpoint(Path(args.checkpoint)).svae, f"trained weights from {args.checkpoint}"
-    else:
-        model, source = SentenceVAE(SMALL).eval(), "random weights (latency does not depend on them)"
-    cfg, dec = model.cfg, model.decoder.eval()
-    pasts = [int(p) for p in args.past.split(",")]
+def measure(dec, pasts: list[int], runs: int, warmup: int, threads: int, int8: bool = True) -> dict[str, list[float]]:
+    """Median ms per decoder step of a SentenceDecoder `dec`, per past length P: {row name: [ms per P]}.
+    The decoder is exported to ONNX in a temporary folder (fp32, and int8 unless int8=False) and
+    timed against itself in torch; the caller sets torch's thread count."""
+    cfg = dec.cfg
     if any(not 1 <= p <= cfg.max_sentence_tokens for p in pasts):
-        ap.error(f"past lengths must be in 1..{cfg.max_sentence_tokens}")
-
+        raise ValueError(f"past lengths must be in 1..{cfg.max_sentence_tokens}")
+    dec = dec.eval()
     logging.getLogger().setLevel(logging.ERROR)
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = export_decoder(dec, Path(tmp) / "decoder.onnx")
-        sessions = {"ORT cached step (fp32)": cpu_session(str(fp32), args.threads)}
-        if not args.no_int8:
+        sessions = {"ORT cached step (fp32)": cpu_session(str(fp32), threads)}
+        if int8:
             q = quantize_int8(fp32, Path(tmp) / "decoder.int8.onnx", ("MatMul",))
-            sessions["ORT cached step (int8)"] = cpu_session(str(q), args.threads)
+            sessions["ORT cached step (int8)"] = cpu_session(str(q), threads)
 
         rows: dict[str, list[float]] = {}
         g = torch.Generator().manual_seed(0)
@@ -102,13 +92,38 @@ def main() -> None:
             fp32_sess = sessions["ORT cached step (fp32)"]
             fns["ORT full recompute (fp32)"] = lambda: decoder_step(fp32_sess, np_seq, np_mem, empty)
             with torch.inference_mode():
-                times = median_ms(fns, args.runs, args.warmup)
+                times = median_ms(fns, runs, warmup)
             for name, ms in times.items():
                 rows.setdefault(name, []).append(ms)
+    return {name: rows[name] for name in ORDER if name in rows}
 
-    order = ["ORT cached step (fp32)", "ORT cached step (int8)", "torch eager cached step",
-             "torch eager full recompute", "ORT full recompute (fp32)"]
-    ref = rows["torch eager cached step"]
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", help="a SentenceVAE/SLLM checkpoint (default: random weights, svae-small shape)")
+    ap.add_argument("--past", default="1,16,63", help="past lengths P to time, comma-separated")
+    ap.add_argument("--runs", type=int, default=500)
+    ap.add_argument("--warmup", type=int, default=50)
+    ap.add_argument("--threads", type=int, default=1, help="intra-op threads for torch and ORT alike")
+    ap.add_argument("--no-int8", action="store_true", help="skip the int8 decoder row")
+    args = ap.parse_args()
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    if args.checkpoint:
+        from export.exporter import load_checkpoint
+
+        model, source = load_checkpoint(Path(args.checkpoint)).svae, f"trained weights from {args.checkpoint}"
+    else:
+        model, source = SentenceVAE(SMALL).eval(), "random weights (latency does not depend on them)"
+    cfg = model.cfg
+    pasts = [int(p) for p in args.past.split(",")]
+    try:
+        rows = measure(model.decoder, pasts, args.runs, args.warmup, args.threads, int8=not args.no_int8)
+    except ValueError as e:
+        ap.error(str(e))
+
+    ref = rows[REFERENCE]
     print(f"decoder step latency, batch 1, {args.threads} thread(s), median of {args.runs} runs, interleaved "
           f"(torch {torch.__version__}, onnxruntime CPUExecutionProvider)")
     print(f"model: d={cfg.d_model}, {cfg.decoder_layers} decoder layer(s), {cfg.n_heads} heads, ffn {cfg.ffn_dim}, "
@@ -116,9 +131,8 @@ def main() -> None:
     head = f"{'':28s}" + "".join(f"{f'P={p} ms':>11s}{'x torch':>9s}" for p in pasts)
     print(head)
     print("-" * len(head))
-    for name in order:
-        if name in rows:
-            print(f"{name:28s}" + "".join(f"{ms:11.3f}{r / ms:9.2f}" for ms, r in zip(rows[name], ref)))
+    for name, times in rows.items():
+        print(f"{name:28s}" + "".join(f"{ms:11.3f}{r / ms:9.2f}" for ms, r in zip(times, ref)))
     print("x torch = torch eager cached step time / this row's time (higher is faster)")
 
 
