@@ -1,0 +1,256 @@
+"""The results dict -> bench.md: our figures beside the paper's, then one section per measurement
+with how it was counted (docs/bench.md explains each in full)."""
+from __future__ import annotations
+
+from bench import paper
+
+PATH_NAMES = {"sllm_e2e": "SLLM end to end", "sllm_inproc": "SLLM in-process", "baseline": "baseline OPT"}
+
+
+def _n(x: float, digits: int = 1) -> str:
+    return f"{x:,.{digits}f}"
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.1%}"
+
+
+def _delta(x: float) -> str:
+    return f"{x:+.1%}"
+
+
+def _paper_throughput() -> str:
+    h1 = paper.TABLE3["SLLM-125M-H1"]
+    best = max(paper.TABLE3.items(), key=lambda kv: kv[1]["sllm_tps"] / kv[1]["opt_tps"])
+    return (f"{paper.THROUGHPUT_125M_H1:.2f}x for SLLM-125M-H1 ({h1['sllm_tps']} vs {h1['opt_tps']} tok/s, "
+            f"{h1['tps_delta']}); up to {paper.THROUGHPUT_MAX:.2f}x ({best[0]}: {best[1]['sllm_tps']} vs "
+            f"{best[1]['opt_tps']}, {best[1]['tps_delta']})")
+
+
+def header(r: dict) -> list[str]:
+    m, mod, text = r["machine"], r["models"], r["text"]
+    v = m["versions"]
+    ort = v.get("onnxruntime") or v.get("onnxruntime-gpu")
+    lines = [
+        "# Benchmark: the SLLM vs the token-level OPT (paper Tables 1 and 3, on this machine)",
+        "",
+        f"`{r['command']}`: {r['mode']} mode, wall time {r['wall_s'] / 60:.1f} min, {m['date_utc']} UTC.",
+        "",
+        f"- Machine: {m['cpu']}, {m['cores']} cores{', GPU ' + m['gpu'] if m['gpu'] else ', no GPU used'}; "
+        f"{m['threads']} thread(s) per process (edge, cloud server, baseline); load average at start "
+        f"{m['load_average_at_start']}. Python {m['python']}, torch {v.get('torch')}, onnxruntime {ort}, "
+        f"transformers {v.get('transformers')}, grpcio {v.get('grpcio')}; commit {m['git_commit']}.",
+        f"- SLLM: `{mod['model_dir']}` ({mod['model_id']}): edge SentenceVAE d={mod['d_model']}, "
+        f"{mod['edge_decoder_layers']} decoder block(s), vocab {mod['vocab']} (ONNX Runtime, CPU); cloud grafted OPT, "
+        f"{mod['cloud_layers']} layers, {mod['cloud_params'] / 1e6:.2f} M parameters (torch, fp32).",
+        f"- Baseline: {mod['baseline_source']}; {mod['baseline_params'] / 1e6:.2f} M parameters, fp32, eager attention "
+        "(the kernels the cloud runs the grafted blocks with).",
+        f"- Text: {text['source']}; L = {text['mean_tokens_per_sentence']:.2f} tokens per sentence.",
+    ]
+    if r["mode"] == "quick":
+        lines.append("- --quick: fewer lengths and repetitions, clients 1/4/16, recorded quality figures "
+                     "(marked); ratios are rough.")
+    return lines
+
+
+def summary(r: dict) -> list[str]:
+    t, kv, q = r["throughput"], r["kv"], r["quality"]
+    mean = t["mean_tokens_per_s"]
+    L = r["text"]["mean_tokens_per_sentence"]
+    rows = [
+        "## Ours beside the paper",
+        "",
+        "| figure | ours (this machine) | paper (GPU, PyTorch) |",
+        "|---|---|---|",
+        f"| output throughput SLLM / OPT, end to end (edge ORT + cloud over gRPC) | **{t['ratio_e2e']:.2f}x** "
+        f"({_n(mean['sllm_e2e'])} vs {_n(mean['baseline'])} tok/s) | {_paper_throughput()} |",
+        f"| output throughput SLLM / OPT, in one process (edge ORT + cloud engine) | **{t['ratio_inproc']:.2f}x** "
+        f"({_n(mean['sllm_inproc'])} vs {_n(mean['baseline'])} tok/s) | (the paper runs one process) |",
+        f"| KV cache per context token, SLLM vs OPT | **{_delta(-kv['reduction'])}** "
+        f"({kv['sllm_fit']['bytes_per_token'] / 1024:.2f} vs {kv['baseline_fit']['bytes_per_token'] / 1024:.2f} "
+        f"KiB/token, {kv['dtype']}); limit 1 - 1/L = {_delta(-(1 - 1 / L))} | "
+        f"{paper.MEMORY_125M_H1} for SLLM-125M-H1 ({paper.TABLE3['SLLM-125M-H1']['sllm_kb']} vs "
+        f"{paper.TABLE3['SLLM-125M-H1']['opt_kb']} KB/token) to {paper.MEMORY_RANGE[1]} (SLLM-350M-H4) |",
+    ]
+    ppl = q.get("ppl")
+    h1 = paper.TABLE3["SLLM-125M-H1"]
+    if ppl:
+        rows.append(f"| validation PPL, SLLM vs OPT (same tokens) | {ppl['sllm_ppl']:.2f} vs {ppl['baseline_ppl']:.2f} "
+                    f"({_source_tag(ppl['source'])}) | {h1['sllm_ppl']} vs {h1['opt_ppl']} (SLLM-125M-H1; "
+                    f"{paper.TABLE3['SLLM-1.3B-H2']['sllm_ppl']} vs {paper.TABLE3['SLLM-1.3B-H2']['opt_ppl']} at 1.3B-H2) |")
+    else:
+        rows.append(f"| validation PPL, SLLM vs OPT | not available | {h1['sllm_ppl']} vs {h1['opt_ppl']} (SLLM-125M-H1) |")
+    svae = q.get("svae")
+    paper_h = " / ".join(f"{paper.TABLE1[(768, k)][1]}" for k in (1, 2, 4))
+    if svae and svae.get("rows"):
+        ours = " / ".join(f"{row['name']} {row['ppl']:.3f}" for row in svae["rows"])
+        rows.append(f"| SentenceVAE validation PPL by depth | {ours} (d={svae['rows'][0]['d_model']}, "
+                    f"{_source_tag(svae['source'])}) | SVAE-768 H1 / H2 / H4: {paper_h} |")
+    else:
+        rows.append(f"| SentenceVAE validation PPL by depth | not available | SVAE-768 H1 / H2 / H4: {paper_h} |")
+    bd = t["breakdown"]["e2e"]
+    rows.append(f"| cloud steps per output token | {bd['cloud_steps_per_token']:.3f} (baseline: "
+                f"{t['breakdown']['baseline']['forward_passes_per_token']:.2f}) | (not reported) |")
+    rows.append(f"| wire bytes per output token ({t['wire_dtype']} vectors) | {bd['wire_bytes_per_token']:.1f} | "
+                "(not reported) |")
+    return rows
+
+
+def _source_tag(source: str) -> str:
+    return "recorded, not re-measured" if source.startswith("recorded") else source.split(":")[0]
+
+
+def throughput_section(t: dict) -> list[str]:
+    lines = ["## Output throughput after prefill", "",
+             "Tokens per second after the prompt was processed, greedy, the same prompts on all three paths "
+             "(sums of tokens over sums of seconds per row). The SLLM decodes sentences until its output holds "
+             "at least the target length and ignores its stop flag; output tokens are the tokens of the sentences "
+             "it produced. The baseline then generates exactly that many tokens (min_new_tokens = max_new_tokens); "
+             "its first token comes with the prefill, so it is timed over the others. Prefill: the prompt's "
+             "encode + first cloud step (SLLM), the prompt's forward pass (baseline).", "",
+             "| prompt tok (sent.) | output tok (sent.) | SLLM e2e tok/s | SLLM in-proc tok/s | baseline tok/s | "
+             "e2e / baseline | in-proc / baseline | prefill ms e2e / in-proc / baseline |",
+             "|---|---|---|---|---|---|---|---|"]
+    for p in t["points"]:
+        s, pf = p["tokens_per_s"], p["prefill_ms"]
+        lines.append(f"| {p['prompt_tokens']:.0f} ({p['prompt_sentences']:.1f}) | {p['output_tokens']:.0f} "
+                     f"({p['output_sentences']:.1f}) | {_n(s['sllm_e2e'])} | {_n(s['sllm_inproc'])} | "
+                     f"{_n(s['baseline'])} | {p['ratio_e2e']:.2f}x | {p['ratio_inproc']:.2f}x | "
+                     f"{pf['sllm_e2e']:.1f} / {pf['sllm_inproc']:.1f} / {pf['baseline']:.1f} |")
+    m = t["mean_tokens_per_s"]
+    lines.append(f"| **mean of rows** | | **{_n(m['sllm_e2e'])}** | **{_n(m['sllm_inproc'])}** | "
+                 f"**{_n(m['baseline'])}** | **{t['ratio_e2e']:.2f}x** | **{t['ratio_inproc']:.2f}x** | |")
+    ended = sorted({e for p in t["points"] for e in p["ended"]} - {"length"})
+    if ended:
+        lines += ["", f"Some SLLM generations ended before the target length ({', '.join(ended)}: "
+                      "'empty' = the decoder gave eos at once, 'context' = the session was full); their tokens count "
+                      "as produced."]
+    for note in t["notes"]:
+        lines += ["", f"Note: {note}."]
+    return lines
+
+
+def kv_section(kv: dict, L: float) -> list[str]:
+    a = kv["analytic"]
+    lines = ["## KV cache per context token", "",
+             "Real cache tensors after a forward pass over the first whole validation sentences holding at most "
+             "the target number of tokens: the cloud engine's cache (one entry per sentence) and the baseline's "
+             "DynamicCache over bos + the same tokens (one per token); keys and values of every layer, "
+             f"{kv['dtype']}. Bytes per token = slope of a least-squares line.", "",
+             "| context tokens | sentences | SLLM KiB | baseline KiB | SLLM / baseline |", "|---|---|---|---|---|"]
+    for row in kv["rows"]:
+        lines.append(f"| {row['context_tokens']} | {row['sentences']} | {row['sllm_bytes'] / 1024:,.1f} | "
+                     f"{row['baseline_bytes'] / 1024:,.1f} | {row['sllm_bytes'] / row['baseline_bytes']:.3f} |")
+    lines += ["",
+              f"- Fit: SLLM {kv['sllm_fit']['bytes_per_token']:,.0f} bytes/token, baseline "
+              f"{kv['baseline_fit']['bytes_per_token']:,.0f} bytes/token: **{_delta(-kv['reduction'])}**.",
+              f"- Analytic: baseline 2 x layers x d x bytes = {a['baseline_bytes_per_token']:,} bytes/token; SLLM "
+              f"{a['sllm_bytes_per_sentence']:,} bytes per sentence / {a['tokens_per_sentence_in_contexts']:.2f} "
+              f"tokens per sentence in these contexts = "
+              f"{a['sllm_bytes_per_sentence'] / a['tokens_per_sentence_in_contexts']:,.0f} bytes/token.",
+              f"- Limit 1 - 1/L with L = {L:.2f} (all validation sentences): {_delta(-(1 - 1 / L))}; the paper's "
+              f"savings ({paper.MEMORY_RANGE[0]} to {paper.MEMORY_RANGE[1]}) correspond to L of about 6 to 11."]
+    return lines
+
+
+def breakdown_section(t: dict, dec: dict | None) -> list[str]:
+    b = t["breakdown"]
+    lines = ["## Where the time goes", "",
+             "| | SLLM end to end | SLLM in-process | baseline |", "|---|---|---|---|",
+             f"| output tokens per sentence | {b['e2e']['tokens_per_sentence']:.2f} | "
+             f"{b['inproc']['tokens_per_sentence']:.2f} | |",
+             f"| cloud forward steps per output token | {b['e2e']['cloud_steps_per_token']:.3f} (server's count: "
+             f"{b['e2e']['server_forward_passes_per_token']:.3f}) | {b['inproc']['cloud_steps_per_token']:.3f} | "
+             f"{b['baseline']['forward_passes_per_token']:.3f} |",
+             f"| wire bytes per output token | {b['e2e']['wire_bytes_per_token']:.1f} "
+             f"({b['e2e']['wire_bytes_per_step']:.0f} per step, {t['wire_dtype']}) | 0 | |"]
+    for k, name in (("encode", "edge encode"), ("step", "cloud step"), ("decode", "edge decode")):
+        lines.append(f"| {name}: share of time / ms per sentence | {_pct(b['e2e']['time_split'][k])} / "
+                     f"{b['e2e']['ms_per_sentence'][k]:.2f} | {_pct(b['inproc']['time_split'][k])} / "
+                     f"{b['inproc']['ms_per_sentence'][k]:.2f} | |")
+    lines.append(f"| other (loop, bookkeeping) | {_pct(b['e2e']['time_split']['other'])} | "
+                 f"{_pct(b['inproc']['time_split']['other'])} | |")
+    lines += ["", "Steps: one cloud step per generated sentence but the last (the loop's own count; the server's "
+                  "GetStats count of forward passes, minus the prefill's, agrees). Wire bytes: the serialized size of "
+                  "the protobuf messages of those steps, request (ClientMessage.append) and reply (ServerMessage.step); "
+                  "gRPC/HTTP2 framing not included. Cloud step time end to end is the round trip (serialization, "
+                  "loopback, server, batcher thread)."]
+    if dec:
+        lines += ["", f"Edge decoder step (`bench/decoder_step.py` at the bundle's shape: d={dec['shape']['d']}, "
+                      f"{dec['shape']['layers']} block(s), ffn {dec['shape']['ffn']}, vocab {dec['shape']['vocab']}; "
+                      f"random weights, batch 1, median of {dec['runs']} interleaved runs), ms per step at past length P:",
+                  "", "| | " + " | ".join(f"P={p}" for p in dec["pasts"]) + " | x torch eager cached (first-last P) |",
+                  "|---|" + "---|" * (len(dec["pasts"]) + 1)]
+        for name, ms in dec["ms"].items():
+            sp = dec["speedup_vs_torch"][name]
+            lines.append(f"| {name} | " + " | ".join(f"{x:.3f}" for x in ms) + f" | {sp[0]:.1f}-{sp[-1]:.1f}x |")
+    return lines
+
+
+def quality_section(q: dict) -> list[str]:
+    lines = ["## Quality", ""]
+    ppl = q.get("ppl")
+    h1 = paper.TABLE3["SLLM-125M-H1"]
+    if ppl:
+        prov = []
+        for who, key in (("SLLM", "sllm_checkpoint_is_bundle"), ("baseline", "baseline_checkpoint_is_bundle")):
+            if ppl[key] is True:
+                prov.append(f"the {who} checkpoint is the one the benchmarked bundle was exported from")
+            elif ppl[key] is False:
+                prov.append(f"the {who} checkpoint is NOT the one the benchmarked bundle was exported from")
+            else:
+                prov.append(f"the {who} checkpoint is no longer on disk (or no {who} bundle), so it could not be "
+                            "matched to the benchmarked bundle")
+        lines += [f"Validation PPL, token-level over the same {int(ppl['tokens']):,} tokens of {ppl['passages']} "
+                  f"passages (docs/sllm.md): {ppl['source']}; " + "; ".join(prov) + ".", "",
+                  "| model | token NLL | PPL | checkpoint | paper SLLM-125M-H1 |", "|---|---|---|---|---|",
+                  f"| SLLM | {ppl['sllm_loss']:.4f} | {ppl['sllm_ppl']:.2f} | {ppl['sllm_checkpoint']} | {h1['sllm_ppl']} |",
+                  f"| baseline OPT | {ppl['baseline_loss']:.4f} | {ppl['baseline_ppl']:.2f} | "
+                  f"{ppl['baseline_checkpoint']} | {h1['opt_ppl']} |"]
+    else:
+        lines.append("Validation PPL: not available (no recorded comparison and no runs given).")
+    if q.get("baseline_note"):
+        lines += ["", q["baseline_note"]]
+    svae = q.get("svae")
+    lines += ["", "SentenceVAE by depth (paper Table 1):", ""]
+    if svae and svae.get("rows"):
+        lines += [f"Ours: {svae['source']}.", "",
+                  "| model | width | blocks | params | steps x batch | val loss | val PPL | exact match (<= 16 tok) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for row in svae["rows"]:
+            lines.append(f"| ours {row['name']} | {row['d_model']} | {row['layers']} | {row['params'] / 1e6:.2f} M | "
+                         f"{row.get('steps', svae['steps'])} x {row.get('batch', svae['batch'])} | {row['loss']:.3f} | "
+                         f"{row['ppl']:.3f} | {_pct(row['exact_match'])} ({_pct(row.get('exact_match_le16'))}) |")
+    else:
+        lines += ["Ours: not available.", "", "| model | width | blocks | params | steps x batch | val loss | val PPL "
+                  "| exact match (<= 16 tok) |", "|---|---|---|---|---|---|---|---|"]
+    for (d, k), (loss, p) in paper.TABLE1.items():
+        lines.append(f"| paper SVAE-{d}-H{k} | {d} | {k} | | 300 K x 128/card | {loss} | {p} | not reported |")
+    return lines
+
+
+def scale_section(s: dict | None) -> list[str]:
+    if not s:
+        return []
+    lines = ["## Many edge clients, one cloud server", "",
+             f"Client threads run conversations against one server (batching across sessions on), "
+             f"{s['seconds_per_point']:g} s per point after {s['warmup_s']:g} s of warm-up; a step answers one "
+             f"sentence, so tokens/s = steps/s x L (L = {s['tokens_per_sentence']:.2f}; each client's edge decodes its "
+             "own sentences). The clients share this machine's cores with the server.", "",
+             "| clients | steps/s | tokens/s | mean batch | p50 / p95 ms per step |", "|---|---|---|---|---|"]
+    for r in s["rows"]:
+        lines.append(f"| {r['clients']} | {_n(r['steps_per_s'])} | {_n(r['tokens_per_s'], 0)} | {r['mean_batch']:.1f} | "
+                     f"{r['p50_ms']:.1f} / {r['p95_ms']:.1f} |")
+    return lines
+
+
+def render(r: dict) -> str:
+    L = r["text"]["mean_tokens_per_sentence"]
+    parts = [header(r), summary(r), throughput_section(r["throughput"]), kv_section(r["kv"], L),
+             breakdown_section(r["throughput"], r.get("decoder_step")), quality_section(r["quality"]),
+             scale_section(r.get("scale"))]
+    plots = r.get("plots") or []
+    if plots:
+        parts.append(["## Plots", ""] + [f"![{p}]({p})" for p in plots])
+    parts.append(["---", "", "All figures: `bench.json` beside this file. How each is counted: `docs/bench.md`."])
+    return "\n\n".join("\n".join(p) for p in parts if p) + "\n"

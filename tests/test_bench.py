@@ -1,0 +1,191 @@
+"""`python -m bench` and the baseline export, on tiny models built here (a tiny SentenceVAE, SLLM
+and token-level baseline trained for a few steps, exported to edge/ + cloud/ + baseline/)."""
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from bench import cli as bench_cli
+from bench import kv_memory, plots, svae_variants
+from bench.models import load_models, untrained_baseline
+from bench.texts import ValidationText
+from export import baseline_bundle
+from export.cli import app as export_app
+from export.exporter import export_checkpoint
+from export.manifest import BundleError
+from tests.test_sllm import OPT_TINY, _train, data_overrides, sllm_overrides
+from training.config import BaselineRunConfig, SLLMRunConfig
+from training.tasks.opt_baseline import OPTBaselineTask, load_baseline
+from training.tasks.sllm import SLLMTask
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_corpus, tiny_svae_run, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("bench_runs")
+    sllm = sllm_overrides(tiny_corpus, out / "cache") + [f"sllm.svae_checkpoint={tiny_svae_run}", "train.max_steps=3"]
+    _train(SLLMRunConfig, SLLMTask, sllm, out / "sllm")
+    base = data_overrides(tiny_corpus, out / "cache") + OPT_TINY + [f"match_sllm={out / 'sllm'}", "train.max_steps=3"]
+    _train(BaselineRunConfig, OPTBaselineTask, base, out / "baseline")
+    return {"sllm": out / "sllm", "baseline": out / "baseline"}
+
+
+@pytest.fixture(scope="module")
+def model_dir(runs, tmp_path_factory) -> Path:
+    """edge/ + cloud/ (sllm-export of the SLLM) + baseline/ (sllm-export of the baseline)."""
+    d = tmp_path_factory.mktemp("bench_model") / "model"
+    export_checkpoint(runs["sllm"], d, n_verify=4)
+    r = CliRunner().invoke(export_app, [str(runs["baseline"]), "--out", str(d)])
+    assert r.exit_code == 0, r.output
+    return d
+
+
+# ---------------------------------------------------------------- the baseline export
+
+def _safetensors_dtypes(path: Path) -> set[str]:
+    raw = path.read_bytes()
+    header = json.loads(raw[8 : 8 + struct.unpack("<Q", raw[:8])[0]])
+    return {v["dtype"] for k, v in header.items() if k != "__metadata__"}
+
+
+def test_baseline_export_round_trips_in_float16(model_dir, runs, tmp_path, monkeypatch):
+    folder = model_dir / "baseline"
+    m = json.loads((folder / "manifest.json").read_text())
+    trained = load_baseline(runs["baseline"])
+    assert m["kind"] == "baseline" and m["model_id"] == baseline_bundle.baseline_model_id(trained.path)
+    assert m["source_checkpoint"] == str(trained.path) and m["verification"]["ok"]
+    assert set(m["files"]) >= {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_meta.json"}
+    assert _safetensors_dtypes(folder / "model.safetensors") == {"F16"}  # half the size of the checkpoint
+    assert (model_dir / "edge").is_dir() and (model_dir / "cloud").is_dir()  # the SLLM halves are untouched
+
+    loaded = baseline_bundle.load_baseline_bundle(folder)
+    assert loaded.tokenizer.to_json_str() == trained.tokenizer.to_json_str()
+    ids = torch.tensor([[trained.tokenizer.bos_id] + list(range(5, 40))])
+    with torch.no_grad():
+        ref, got = trained.model(input_ids=ids).logits, loaded.model(input_ids=ids).logits
+    assert got.dtype == torch.float32
+    diff = float((ref - got).abs().max())
+    assert 0 < diff <= baseline_bundle.RELATIVE_TOLERANCE * max(1.0, float(ref.abs().max()))  # fp16, not a copy
+
+    # a checkpoint whose fp16 copy does not reproduce it: refused, nothing installed
+    monkeypatch.setattr(baseline_bundle, "RELATIVE_TOLERANCE", 0.0)
+    r = CliRunner().invoke(export_app, [str(runs["baseline"]), "--out", str(tmp_path / "o")])
+    assert r.exit_code == 1 and "does not reproduce" in r.output
+    assert not (tmp_path / "o" / "baseline").exists() and not list((tmp_path / "o").glob(".baseline.*"))
+    monkeypatch.undo()
+    # another baseline in the folder is not overwritten without --force; a modified file is caught
+    (tmp_path / "m").mkdir()
+    other = tmp_path / "m" / "baseline"
+    other.mkdir()
+    (other / "manifest.json").write_text(json.dumps({**m, "model_id": "opt-baseline-other"}))
+    r = CliRunner().invoke(export_app, [str(runs["baseline"]), "--out", str(tmp_path / "m")])
+    assert r.exit_code == 2 and "different baseline" in r.output and "--force" in r.output
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for f in folder.iterdir():
+        (copy / f.name).write_bytes(f.read_bytes())
+    (copy / "config.json").write_text((copy / "config.json").read_text() + " ")
+    with pytest.raises(BundleError, match="does not match its manifest"):
+        baseline_bundle.load_baseline_bundle(copy)
+
+
+# ---------------------------------------------------------------- KV bytes per context token
+
+def test_kv_slopes_are_the_analytic_bytes_per_token(model_dir):
+    models = load_models(model_dir, threads=1)
+    engine, base = models.engine, models.baseline
+    rng = np.random.default_rng(0)
+    lengths = [3, 5, 4] * 40  # L = 4 tokens per sentence
+    text = ValidationText([rng.integers(3, 200, size=n).tolist() for n in lengths], "synthetic")
+    kv = kv_memory.measure_kv(models.runtime, engine, base, text, [24, 60, 120, 200], 1)
+    layers, d = base.config.num_hidden_layers, base.config.hidden_size
+    per_token = 2 * layers * d * 4  # keys + values, every layer, float32
+    assert [r["sentences"] for r in kv["rows"]] == [6, 15, 30, 50]
+    assert kv["baseline_fit"]["bytes_per_token"] == pytest.approx(per_token, rel=1e-9)
+    assert kv["sllm_fit"]["bytes_per_token"] == pytest.approx(per_token / 4, rel=0.02)
+    assert kv["reduction"] == pytest.approx(1 - 1 / 4, abs=0.01)
+    assert kv["analytic"]["baseline_bytes_per_token"] == per_token == engine.kv_bytes_per_sentence
+    # the untrained stand-in has the grafted OPT's sizes and the edge's vocabulary
+    stand_in = untrained_baseline(model_dir / "cloud", models.runtime.bundle.manifest)
+    assert (stand_in.config.num_hidden_layers, stand_in.config.hidden_size) == (layers, d)
+    assert stand_in.config.vocab_size == models.runtime.bundle.manifest["vocab_size"]
+
+
+# ---------------------------------------------------------------- the command
+
+def test_bench_quick_writes_markdown_json_and_plots(model_dir, runs, tiny_corpus, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = bench_cli.main([
+        "--quick", "--model", str(model_dir), "--out", str(out), "--corpus", str(tiny_corpus),
+        "--prompt-tokens", "8", "--output-tokens", "6,20", "--repeats", "1", "--context-tokens", "16,48,96",
+        "--clients", "1,2", "--scale-seconds", "0.3", "--decoder-runs", "3",
+        "--sllm-run", str(runs["sllm"]), "--baseline-run", str(runs["baseline"]), "--no-progress"])
+    assert code == 0
+    md = (out / "bench.md").read_text()
+    for section in ("## Ours beside the paper", "## Output throughput after prefill", "## KV cache per context token",
+                    "## Where the time goes", "## Quality", "## Many edge clients, one cloud server", "## Plots"):
+        assert section in md
+    for paper_figure in ("3.04x", "4.65x", "-83.6%", "-91.0%", "3.605", "2.588", "1.649", "31.68 vs 26.75"):
+        assert paper_figure in md
+    assert "recorded, not re-measured" in md  # the --quick SentenceVAE figure is marked as recorded
+    r = json.loads((out / "bench.json").read_text())
+    for png in ("bench-throughput.png", "bench-kv.png", "bench-scale.png"):
+        assert png in r["plots"] and (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert r["machine"]["cores"] >= 1 and r["machine"]["versions"]["torch"]
+
+    # counting: the baseline makes as many tokens as the SLLM did end to end; every step is seen
+    # by the server; wire bytes are two float16 vectors of d per step plus message overhead
+    t = r["throughput"]
+    assert [(p["prompt_tokens_target"], p["output_tokens_target"]) for p in t["points"]] == [(8, 6), (8, 20)]
+    d = r["models"]["d_model"]
+    for p in t["points"]:
+        for run in p["runs"]:
+            e2e, base = run["e2e"], run["baseline"]
+            assert base["tokens"] + 1 == max(2, e2e["tokens"]) and base["forward_passes"] == base["tokens"]
+            assert e2e["tokens"] >= p["output_tokens_target"] or e2e["ended"] != "length"
+            assert e2e["server_forward_passes"] == e2e["cloud_steps"] + 1  # + the prefill
+            if e2e["cloud_steps"]:
+                per_step = (e2e["request_bytes"] + e2e["reply_bytes"]) / e2e["cloud_steps"]
+                assert 2 * 2 * d < per_step < 2 * 2 * d + 64
+    assert t["breakdown"]["baseline"]["forward_passes_per_token"] == 1.0
+    assert sum(t["breakdown"]["e2e"]["time_split"].values()) == pytest.approx(1.0)
+    assert len(r["scale"]["rows"]) == 2 and all(x["steps_per_s"] > 0 for x in r["scale"]["rows"])
+    assert r["kv"]["reduction"] > 0
+    # the PPL was recomputed from the runs the bundles were exported from
+    ppl = r["quality"]["ppl"]
+    assert ppl["source"].startswith("recomputed") and ppl["tokens"] > 0
+    assert ppl["sllm_checkpoint_is_bundle"] is True and ppl["baseline_checkpoint_is_bundle"] is True
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_bench_refuses_a_folder_without_bundles(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench_cli.main(["--quick", "--model", str(tmp_path), "--out", str(tmp_path / "o"), "--no-progress"])
+    assert e.value.code == 2 and "error:" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        bench_cli.main(["--sllm-run", str(tmp_path)])  # the PPL needs both runs
+    assert e.value.code == 2
+
+
+# ---------------------------------------------------------------- SentenceVAE variants
+
+def test_svae_variants_train_evaluate_and_plot(model_dir, tiny_corpus, tmp_path):
+    base = tmp_path / "base.json"
+    base.write_text(json.dumps({"kind": "sentence_vae", "model": {"d_model": 32, "n_heads": 2, "ffn_dim": 64,
+                                                                  "max_sentence_tokens": 16}}))
+    logs = []
+    res = svae_variants.run_variants([1, 2], 3, 8, 1, tmp_path / "work", base, model_dir / "edge",
+                                     [str(tiny_corpus)], 0, 8, logs.append)
+    h1, h2 = res["rows"]
+    assert (h1["name"], h1["layers"], h2["name"], h2["layers"]) == ("H1", 1, "H2", 2)
+    assert h2["params"] > h1["params"] and h1["steps"] == h2["steps"] == 3
+    assert all(np.isfinite(r["loss"]) and r["ppl"] == pytest.approx(np.exp(r["loss"])) for r in res["rows"])
+    assert h1["vocab"] == json.loads((model_dir / "edge" / "manifest.json").read_text())["vocab_size"]
+    assert plots.svae_plot(res, tmp_path) == "bench-svae.png" and (tmp_path / "bench-svae.png").is_file()
+    # a run already at its step count is evaluated again, not retrained
+    again = svae_variants.run_variants([1], 3, 8, 1, tmp_path / "work", base, model_dir / "edge",
+                                       [str(tiny_corpus)], 0, 8, logs.append)
+    assert again["rows"][0]["train_s"] == 0.0 and again["rows"][0]["loss"] == pytest.approx(h1["loss"])
