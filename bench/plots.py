@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import ScalarFormatter  # noqa: E402
 
 PATHS = {"sllm_e2e": ("SLLM end to end (gRPC)", "tab:blue"), "sllm_inproc": ("SLLM in-process", "tab:green"),
          "baseline": ("baseline OPT, token by token", "tab:red")}
@@ -33,6 +34,7 @@ def throughput_plot(throughput: dict, out: Path, name: str = "bench-throughput.p
             ax.plot([p["output_tokens"] for p in row], [p["tokens_per_s"][key] for p in row], STYLES[i % 4],
                     color=color, marker="o", label=f"{label}, prompt ~{P} tok")
     ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(ScalarFormatter())  # 32, 128 rather than 2^5, 2^7
     ax.set_xlabel("output tokens per generation")
     ax.set_ylabel("output tokens / s after prefill")
     ax.set_title("Output throughput (greedy, same prompts)")
@@ -71,6 +73,7 @@ def svae_plot(svae: dict | None, out: Path, name: str = "bench-svae.png") -> str
     for r in rows:
         ax.annotate(f"{r['name']} (PPL {r['ppl']:.2f})", (r["params"] / 1e6, r["loss"]), textcoords="offset points",
                     xytext=(5, 5), fontsize=8)
+    ax.margins(x=0.2, y=0.15)  # room for the labels
     ax.set_xlabel("parameters (M)")
     ax.set_ylabel("validation loss (CE per token)")
     ax.set_title(f"SentenceVAE d={rows[0]['d_model']}: loss vs size ({svae['steps']} steps x {svae['batch']})")
@@ -86,6 +89,8 @@ def scale_plot(scale: dict | None, out: Path, name: str = "bench-scale.png") -> 
     n = [r["clients"] for r in rows]
     ax.plot(n, [r["tokens_per_s"] for r in rows], "o-", color="tab:blue", label="tokens/s (steps/s x L)")
     ax.set_xscale("log", base=2)
+    ax.set_xticks(n)
+    ax.xaxis.set_major_formatter(ScalarFormatter())
     ax.set_xlabel("concurrent edge clients")
     ax.set_ylabel("aggregate output tokens / s")
     ax2 = ax.twinx()

@@ -89,7 +89,11 @@ def run_variants(layers: list[int], steps: int, batch: int, threads: int, work: 
         rows.append({"name": f"H{k}", **evaluate_variant(Path(run.train.out_dir), n_loss, n_exact, log),
                      "train_s": train_s})
         advance()
-    return {"source": "trained by this benchmark", "steps": steps, "batch": batch,
+    from bench.quality import relative
+
+    base = relative(base_config) if base_config else "RunConfig defaults"
+    return {"source": f"trained by this benchmark: {base} with {'/'.join(map(str, layers))} blocks a side, {steps} "
+                      f"steps x {batch} sentences each, into {relative(work)}/svae-H*", "steps": steps, "batch": batch,
             "base_config": str(base_config) if base_config else "RunConfig defaults", "rows": rows}
 
 
