@@ -241,3 +241,49 @@ def test_width_mismatch_and_wrong_kind_are_refused(tiny_corpus, tmp_path, sllm_r
         load_sllm(stage1)
     with pytest.raises(CheckpointError, match="not a SentenceVAE"):
         load_sentence_vae(sllm_run)
+
+
+def test_reconstruction_loss_is_stage_one_loss_on_the_passage_sentences(sllm_run):
+    """sllm.reconstruction_loss_weight adds weight * the SentenceVAE's own (stage-1) loss over the
+    real sentences of the batch, padding sentences excluded."""
+    from training.losses import token_loss
+    from training.tasks.sllm import sllm_losses
+
+    trained = load_sllm(sllm_run)
+    data = _val_passages(trained)
+    lengths = data.starts[1:] - data.starts[:-1]
+    batch = collate_passages(data, np.array([int(np.argmin(lengths)), int(np.argmax(lengths))]),
+                             trained.model.svae.cfg.pad_id)
+    assert not bool(batch.sentence_mask.all())  # the short passage is padded with empty sentences
+    run = trained.run
+    with torch.no_grad():
+        run.sllm.reconstruction_loss_weight = 0.0
+        plain, stop0, n0 = sllm_losses(trained.model, batch, run)
+        run.sllm.reconstruction_loss_weight = 0.5
+        mixed, stop1, n1 = sllm_losses(trained.model, batch, run)
+        ids, mask = batch.ids[batch.sentence_mask], batch.token_mask[batch.sentence_mask]  # [N, L]
+        L = int(mask.sum(dim=1).max())
+        ids, mask = ids[:, :L], mask[:, :L]
+        svae = trained.model.svae
+        _, targets = svae.teacher_forcing_targets(ids, mask)
+        stage1 = token_loss(svae(ids, mask), targets, "ce", 0.0)
+    assert (n0, float(stop0)) == (n1, float(stop1))  # next-sentence targets and stop flags unchanged
+    assert float(mixed - plain) == pytest.approx(0.5 * float(stage1), rel=1e-4)
+
+
+def test_eval_reads_the_sentence_vae_inside_an_sllm_checkpoint(sllm_run, stage1):
+    """`sllm-train eval` on an SLLM checkpoint scores its fine-tuned SentenceVAE (what its edge
+    bundle decodes with), not the stage-1 one it started from."""
+    from typer.testing import CliRunner
+
+    from training.cli import app
+    from training.tasks.sllm import load_any_sentence_vae
+
+    inner = load_any_sentence_vae(sllm_run)
+    sllm_svae = load_sllm(sllm_run).model.svae.state_dict()
+    assert all(torch.equal(v, sllm_svae[k]) for k, v in inner.model.state_dict().items())
+    stage1_svae = load_any_sentence_vae(stage1).model.state_dict()
+    assert any(not torch.equal(v, sllm_svae[k]) for k, v in stage1_svae.items())  # stage 2 changed it
+    res = CliRunner().invoke(app, ["eval", str(sllm_run), "--n-exact", "20", "--n-loss", "50"])
+    assert res.exit_code == 0, res.output
+    assert "exact" in res.output.lower() and str(inner.path) in res.output

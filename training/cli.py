@@ -97,13 +97,14 @@ def evaluate(
     weights: str = typer.Option("ema", help="'ema' or 'model'"),
     report: Optional[Path] = typer.Option(None, help="write the report here (.md; a .json beside it)"),
 ):
-    """Validation loss, PPL, exact-match reconstruction and the paper's Table 2 inputs."""
+    """Validation loss, PPL, exact-match reconstruction and the paper's Table 2 inputs (a SentenceVAE
+    checkpoint, or the SentenceVAE inside an SLLM checkpoint)."""
     from training.data.sentence_data import prepare_data
     from training.evaluate import evaluate_sentence_vae, render_markdown
-    from training.tasks.sentence_vae import load_sentence_vae
+    from training.tasks.sllm import load_any_sentence_vae
 
     try:
-        trained = load_sentence_vae(checkpoint, weights=weights)
+        trained = load_any_sentence_vae(checkpoint, weights=weights)
         data_cfg = trained.run.data
         data_cfg.tokenizer = str(trained.path)  # the checkpoint's own tokenizer
         data = prepare_data(data_cfg, trained.model.cfg.max_sentence_tokens, log=_log_err)
@@ -131,7 +132,7 @@ def reconstruct(
     """Encode any text sentence by sentence and decode it back (greedy). Sentences over the
     token limit are split, never truncated; empty or blank text reconstructs to nothing."""
     from training.evaluate import reconstruct_text
-    from training.tasks.sentence_vae import load_sentence_vae
+    from training.tasks.sllm import load_any_sentence_vae
 
     if text is None:
         data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
@@ -140,7 +141,7 @@ def reconstruct(
         except UnicodeDecodeError as e:
             _fail(f"stdin is not valid UTF-8 text ({e})")
     try:
-        trained = load_sentence_vae(checkpoint, weights=weights)
+        trained = load_any_sentence_vae(checkpoint, weights=weights)
         pieces = reconstruct_text(trained, text)
     except (*_user_errors(), ValueError) as e:
         _fail(str(e))

@@ -134,12 +134,17 @@ class SLLMOptions:
     init_embeddings_from_opt: bool = False  # copy OPT's token embedding into the SentenceVAE (same tokenizer)
     stop_loss_weight: float = 1.0
     stop_focal_gamma: float = 2.0  # paper: focal loss for the stop flags
+    # > 0: also train the decoder to reconstruct each sentence from its own encoder vector, so the
+    # fine-tuned SentenceVAE stays an autoencoder (stage 2 alone turns it into a next-sentence decoder)
+    reconstruction_loss_weight: float = 0.0
 
     def validate(self) -> None:
         if self.finetune_from not in ("first", "last"):
             raise ConfigError(f"finetune_from must be 'first' or 'last', got {self.finetune_from!r}")
-        if self.finetune_layers < 0 or self.stop_loss_weight < 0 or self.stop_focal_gamma < 0:
-            raise ConfigError("finetune_layers, stop_loss_weight and stop_focal_gamma must be >= 0")
+        if min(self.finetune_layers, self.stop_loss_weight, self.stop_focal_gamma,
+               self.reconstruction_loss_weight) < 0:
+            raise ConfigError("finetune_layers, stop_loss_weight, stop_focal_gamma and "
+                              "reconstruction_loss_weight must be >= 0")
 
 
 @dataclass

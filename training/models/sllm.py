@@ -41,10 +41,12 @@ class SLLM(nn.Module):
         out[real] = vectors
         return out.view(B, T, -1)
 
-    def forward(self, ids: torch.Tensor, token_mask: torch.Tensor, sentence_mask: torch.Tensor):
-        """-> hidden [B, T, d], stop logits [B, T, 2]."""
+    def forward(self, ids: torch.Tensor, token_mask: torch.Tensor, sentence_mask: torch.Tensor,
+                with_vectors: bool = False):
+        """-> hidden [B, T, d], stop logits [B, T, 2] (+ the input sentence vectors [B, T, d])."""
         vectors = self.encode_passages(ids, token_mask, sentence_mask)
-        return self.opt(vectors, attention_mask=sentence_mask)
+        hidden, stop_logits = self.opt(vectors, attention_mask=sentence_mask)
+        return (hidden, stop_logits, vectors) if with_vectors else (hidden, stop_logits)
 
     def next_sentence_loss(self, hidden: torch.Tensor, ids: torch.Tensor, token_mask: torch.Tensor,
                            sentence_mask: torch.Tensor, kind: str = "ce", gamma: float = 0.0):
@@ -52,11 +54,21 @@ class SLLM(nn.Module):
 
         -> (summed token loss, target count, number of decoded sentences)."""
         has_next = sentence_mask[:, 1:]  # [B, T-1]
-        memory = hidden[:, :-1][has_next]  # [N, d]
-        nxt_ids, nxt_mask = ids[:, 1:][has_next], token_mask[:, 1:][has_next]  # [N, L]
-        total, count = hidden.new_zeros((), dtype=torch.float32), 0
-        for idx, Lc in _length_chunks(nxt_mask.sum(dim=1)):
-            dec_in, targets = self.svae.teacher_forcing_targets(nxt_ids[idx, :Lc], nxt_mask[idx, :Lc])
+        return self.decode_loss(hidden[:, :-1][has_next], ids[:, 1:][has_next], token_mask[:, 1:][has_next],
+                                kind, gamma)
+
+    def reconstruction_loss(self, vectors: torch.Tensor, ids: torch.Tensor, token_mask: torch.Tensor,
+                            sentence_mask: torch.Tensor, kind: str = "ce", gamma: float = 0.0):
+        """Each sentence decoded from its own encoder vector (stage 1's objective), which keeps the
+        fine-tuned SentenceVAE an autoencoder. -> (summed token loss, target count, sentences)."""
+        return self.decode_loss(vectors[sentence_mask], ids[sentence_mask], token_mask[sentence_mask], kind, gamma)
+
+    def decode_loss(self, memory: torch.Tensor, ids: torch.Tensor, token_mask: torch.Tensor,
+                    kind: str = "ce", gamma: float = 0.0):
+        """memory [N, d] decodes ids [N, L] -> (summed token loss, target count, N)."""
+        total, count = memory.new_zeros((), dtype=torch.float32), 0
+        for idx, Lc in _length_chunks(token_mask.sum(dim=1)):
+            dec_in, targets = self.svae.teacher_forcing_targets(ids[idx, :Lc], token_mask[idx, :Lc])
             logits, _ = self.svae.decoder(dec_in, memory[idx])  # [n, Lc+1, V]
             s, c = token_loss_sum(logits, targets, kind, gamma)
             total, count = total + s, count + int(c)

@@ -16,7 +16,7 @@ from transformers import OPTConfig
 from sentences.segment import SEGMENTATION_VERSION
 from sentences.tokenizer import SentenceTokenizer
 from training import checkpoint as ckpt
-from training.config import ConfigError, SLLMRunConfig
+from training.config import ConfigError, RunConfig, SLLMRunConfig, load_run_config
 from training.data.passage_data import PassageBatch, PreparedPassages, collate_passages, prepare_passages
 from training.losses import token_loss
 from training.models.opt_graft import GraftedOPT, load_opt
@@ -24,7 +24,7 @@ from training.models.sentence_vae import SentenceVAE
 from training.models.sllm import SLLM
 from training.tasks.common import (OPT_CONFIG_FILE, EpochBatches, check_tokenizer_matches, load_opt_config,
                                    load_weights, open_checkpoint, unwrap)
-from training.tasks.sentence_vae import load_sentence_vae
+from training.tasks.sentence_vae import TrainedSentenceVAE, load_sentence_vae
 
 
 class SLLMTask:
@@ -102,14 +102,21 @@ class SLLMTask:
 
 
 def sllm_losses(model: nn.Module, batch: PassageBatch, run: SLLMRunConfig):
-    """(decode loss per target token, stop-flag loss per sentence, target tokens)."""
-    hidden, stop_logits = model(batch.ids, batch.token_mask, batch.sentence_mask)
+    """(decode loss per target token, stop-flag loss per sentence, target tokens).
+
+    The decode loss adds reconstruction_loss_weight * the per-token reconstruction loss."""
+    hidden, stop_logits, vectors = model(batch.ids, batch.token_mask, batch.sentence_mask, with_vectors=True)
     inner: SLLM = unwrap(model)
-    total, count, _ = inner.next_sentence_loss(hidden, batch.ids, batch.token_mask, batch.sentence_mask,
-                                               run.train.loss, run.train.focal_gamma)
+    kind, gamma = run.train.loss, run.train.focal_gamma
+    total, count, _ = inner.next_sentence_loss(hidden, batch.ids, batch.token_mask, batch.sentence_mask, kind, gamma)
+    decode = total / max(count, 1)
+    if run.sllm.reconstruction_loss_weight > 0:
+        r_total, r_count, _ = inner.reconstruction_loss(vectors, batch.ids, batch.token_mask, batch.sentence_mask,
+                                                        kind, gamma)
+        decode = decode + run.sllm.reconstruction_loss_weight * r_total / max(r_count, 1)
     stop = token_loss(stop_logits, SLLM.stop_targets(batch.sentence_mask, batch.para_end), "focal",
                       run.sllm.stop_focal_gamma)
-    return total / max(count, 1), stop, count
+    return decode, stop, count
 
 
 # ---------------------------------------------------------------- loading a trained SLLM
@@ -133,3 +140,18 @@ def load_sllm(path: str | Path, weights: str = "ema", device: str = "cpu") -> Tr
         raise ckpt.CheckpointError(f"{d}: {e}") from None
     load_weights(model, d, weights)
     return TrainedSLLM(model.to(device).eval(), tok, run, d)
+
+
+def load_any_sentence_vae(path: str | Path, weights: str = "ema", device: str = "cpu") -> TrainedSentenceVAE:
+    """The SentenceVAE of a stage-1 checkpoint, or the (fine-tuned) one inside an SLLM checkpoint:
+    what the edge bundle exported from it encodes and decodes with."""
+    d = ckpt.resolve_checkpoint(path)
+    try:
+        kind = load_run_config(d / "config.json").kind
+    except (ConfigError, OSError):
+        kind = "sentence_vae"  # let load_sentence_vae say what is wrong
+    if kind != "sllm":
+        return load_sentence_vae(d, weights, device)
+    t = load_sllm(d, weights, device)
+    return TrainedSentenceVAE(t.model.svae, t.tokenizer, RunConfig(model=t.run.svae, data=t.run.data,
+                                                                   train=t.run.train), t.path)
