@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from bench.texts import ValidationText, flatten
+from training.models.opt_graft import output_cache
 
 
 def cache_nbytes(cache) -> int:
@@ -31,7 +32,7 @@ def cache_nbytes(cache) -> int:
 @torch.inference_mode()
 def baseline_kv_bytes(model, ids: list[int]) -> int:
     out = model(input_ids=torch.tensor([ids], dtype=torch.long), use_cache=True)
-    return cache_nbytes(out.past_key_values)
+    return cache_nbytes(output_cache(out))
 
 
 def sllm_kv_bytes(engine, vectors: np.ndarray) -> int:

@@ -23,6 +23,7 @@ from cloud.sessions import SessionStore
 from protos.sllm.v1 import sllm_pb2 as pb
 from training.models.opt_graft import GraftedOPT
 
+_DRAIN_POLL_S = 0.02  # how often stop() checks whether the open streams have ended
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SentenceLM"].full_name  # "sllm.v1.SentenceLM"
 EXTRA_WORKERS = 16  # threads beyond max_sessions: unary calls, health, streams not yet opened
 
@@ -121,8 +122,8 @@ class CloudServer:
             self.store.reap()
 
     def stop(self, grace: float | None = None) -> None:
-        """Graceful shutdown: report NOT_SERVING, refuse new sessions and RPCs, let open streams
-        go on for `grace` seconds (steps still run), then cancel what is left and stop."""
+        """Graceful shutdown: report NOT_SERVING, refuse new sessions (UNAVAILABLE), let open streams
+        go on for up to `grace` seconds (steps still run), then stop the transport, cancelling what is left."""
         with self._stop_lock:
             if self._stopped.is_set():
                 return
@@ -133,7 +134,13 @@ class CloudServer:
                 attached_sessions=stats["attached_sessions"])
             self.health.enter_graceful_shutdown()
             self.service.draining = True
-            self.grpc_server.stop(grace).wait()
+            # Drain in the service first: while streams finish, new sessions are refused with a clean,
+            # retryable UNAVAILABLE. Stopping the transport at once would let grpc-core refuse the RPCs
+            # that race it with CANCELLED instead, which clients do not retry.
+            deadline = t0 + grace
+            while self.store.stats()["attached_sessions"] and time.monotonic() < deadline:
+                time.sleep(_DRAIN_POLL_S)
+            self.grpc_server.stop(max(0.0, deadline - time.monotonic())).wait()
             self._executor.shutdown(wait=True, cancel_futures=True)
             self.batcher.stop()
             self._reaper_stop.set()

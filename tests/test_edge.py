@@ -207,12 +207,42 @@ def test_local_server_is_stopped_when_the_chat_is_terminated_or_killed(model):
                 p.wait()
 
 
-def _read_until(fd: int, marker: bytes, timeout: float = 120.0) -> bytes:
+def _child_state(proc: subprocess.Popen, fd: int) -> str:
+    """Why a pty child is silent: its kernel state, then its Python stacks (faulthandler on SIGABRT)."""
+    try:
+        status = Path(f"/proc/{proc.pid}/status").read_text()
+        state = next(ln for ln in status.splitlines() if ln.startswith("State"))
+        wchan = Path(f"/proc/{proc.pid}/wchan").read_text()
+    except (OSError, StopIteration):
+        return f"child {proc.pid} gone (exit {proc.poll()})"
+    import fcntl, termios, traceback
+    fds = {n: os.readlink(f"/proc/{proc.pid}/fd/{n}") for n in ("0", "1", "2")}
+    ptn = fcntl.ioctl(fd, 0x80045430, b"\0\0\0\0")  # TIOCGPTN: the master's pts number
+    queued = fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0")
+    state += f" fds {fds} master pts {int.from_bytes(ptn, 'little')} fd {fd} -> {os.readlink(f'/proc/self/fd/{fd}')}"
+    state += f" queued {int.from_bytes(queued, 'little')}\nthis process's threads:\n"
+    for ident, frame in sys._current_frames().items():
+        state += f"--- {ident}\n" + "".join(traceback.format_stack(frame)[-4:])
+    proc.send_signal(signal.SIGABRT)
+    dump, deadline = b"", time.monotonic() + 5
+    while time.monotonic() < deadline and select.select([fd], [], [], 0.5)[0]:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        dump += chunk
+    return f"child {proc.pid}: {state}, wchan {wchan}\n{dump.decode(errors='replace')[-6000:]}"
+
+
+def _read_until(fd: int, marker: bytes, timeout: float = 120.0, proc: subprocess.Popen | None = None) -> bytes:
     buf, deadline = b"", time.monotonic() + timeout
     while marker not in buf:
         left = deadline - time.monotonic()
         if left <= 0 or not select.select([fd], [], [], left)[0]:
-            raise AssertionError(f"timed out waiting for {marker!r}; got {buf[-2000:]!r}")
+            why = _child_state(proc, fd) if proc is not None else ""
+            raise AssertionError(f"timed out waiting for {marker!r}; got {buf[-2000:]!r}\n{why}")
         try:
             chunk = os.read(fd, 4096)
         except OSError:  # EIO: the child closed the terminal
@@ -233,6 +263,7 @@ class _Pty:
         # (in-process servers) can leave locks held and the child hangs before it starts.
         take_tty = ("import fcntl, os, sys, termios; fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
                     "os.execvp(sys.argv[1], sys.argv[1:])")
+        env = {**env, "PYTHONFAULTHANDLER": "1"}  # a silent child shows its stacks (see _child_state)
         self.proc = subprocess.Popen([sys.executable, "-c", take_tty, *map(str, args)], stdin=slave,
                                      stdout=slave, stderr=slave, cwd=ROOT, env=env, start_new_session=True)
         os.close(slave)
@@ -240,11 +271,14 @@ class _Pty:
     def ask(self, line: str, timeout: float = 60.0) -> str:
         """Type a line, return what came back before the next prompt (echo removed)."""
         os.write(self.master, line.encode() + b"\r")
-        out = _read_until(self.master, b"\r\n> ", timeout)
+        out = self.read_until(b"\r\n> ", timeout)
         text = ANSI.sub(b"", out[: out.rindex(b"\r\n> ")]).decode()
         echo = line + "\r\n"
         assert text.startswith(echo), text
         return text[len(echo):]
+
+    def read_until(self, marker: bytes, timeout: float = 120.0) -> bytes:
+        return _read_until(self.master, marker, timeout, self.proc)
 
     def close(self) -> int:
         try:
@@ -263,7 +297,7 @@ def test_repl_under_a_terminal_equals_torch(model, trained, prompts, server, no_
     term = _Pty(_cmd("--server", f"127.0.0.1:{server.port}", "--bundle", model[0] / "edge",
                      "--max-sentences", CAP), {**_env(no_torch), "SLLM_CLOUD_TOKEN": TOKEN})
     try:
-        banner = _read_until(term.master, b"> ").decode()
+        banner = term.read_until(b"> ").decode()
         assert "edge-chat" in banner and "/help" in banner
         assert term.ask(prompts[0]) == "".join(ref[0])
         assert "/reset" in term.ask("/help")
@@ -278,7 +312,7 @@ def test_repl_under_a_terminal_equals_torch(model, trained, prompts, server, no_
 
 
 def _until_turn_end(term: _Pty) -> dict:
-    out = ANSI.sub(b"", _read_until(term.master, b"\r\n> ")).decode()
+    out = ANSI.sub(b"", term.read_until(b"\r\n> ")).decode()
     line = next(ln for ln in out.splitlines() if '"turn_end"' in ln)
     return json.loads(line[line.index("{"):])  # after the terminal's echo of ^C
 
@@ -292,16 +326,16 @@ def test_ctrl_c_stops_the_answer_and_keeps_the_session(model, prompts, server, n
     term = _Pty(_cmd("--server", f"127.0.0.1:{server.port}", "--bundle", model[0] / "edge", "--json",
                      "--max-sentences", 200, "--token", TOKEN), _env(no_torch))
     try:
-        _read_until(term.master, b"> ")
+        term.read_until(b"> ")
         ends = []
         for text in prompts:
             os.write(term.master, text.encode() + b"\r")
-            _read_until(term.master, b'"event": "sentence"')  # the answer is under way
+            term.read_until(b'"event": "sentence"')  # the answer is under way
             os.write(term.master, b"\x03")
             ends.append(_until_turn_end(term))
             assert ends[-1]["reason"] == "interrupted" and 1 <= ends[-1]["sentences"] < 200
             os.write(term.master, b"\x03")  # ^C at the prompt: a fresh prompt, nothing else
-            _read_until(term.master, b"> ")
+            term.read_until(b"> ")
         first, second = ends
         assert first["context_sentences"] == first["prompt_sentences"] + first["sentences"]
         # the same session: turn 2, on top of everything turn 1 left (the printed sentences included)

@@ -9,6 +9,7 @@ post-LN OPT-350M), and a new 2-way linear head (0 = decode another sentence, 1 =
 """
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import torch
@@ -20,6 +21,14 @@ from transformers.masking_utils import create_causal_mask
 from training.config import ConfigError, OPTSpec
 
 STOP, CONTINUE = 1, 0  # termination head classes (Eq. 9: argmax 1 ends generation)
+# transformers 5.24 renamed the KV-cache argument and output field `past_key_values` -> `cache`;
+# pass and read whichever this install uses (the old name warns, then goes away in 5.40)
+CACHE_KWARG = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+
+
+def output_cache(out):
+    """The KV cache of a transformers model output, under either field name."""
+    return getattr(out, CACHE_KWARG)
 
 
 def opt_config_from_spec(spec: OPTSpec, vocab_size: int, pad_id: int = 1, bos_id: int = 2,
@@ -97,11 +106,11 @@ class GraftedOPT(nn.Module):
             position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)[:, P:]  # [B, T]
         # Always build the mask: with attention_mask=None, eager attention would drop causality.
         mask = create_causal_mask(config=self.config, inputs_embeds=vectors, attention_mask=attention_mask,
-                                  past_key_values=past, position_ids=position_ids, allow_is_causal_skip=False)
+                                  position_ids=position_ids, allow_is_causal_skip=False, **{CACHE_KWARG: past})
         x = vectors + self.embed_positions(attention_mask, P, position_ids=position_ids).to(vectors.dtype)
         for layer in self.layers:
-            x = layer(x, attention_mask=mask, past_key_values=past, use_cache=past is not None,
-                      position_ids=position_ids)  # [B, T, d]
+            x = layer(x, attention_mask=mask, use_cache=past is not None, position_ids=position_ids,
+                      **{CACHE_KWARG: past})  # [B, T, d]
         if self.final_layer_norm is not None:
             x = self.final_layer_norm(x)
         return x, self.stop_head(x)  # [B, T, d], [B, T, 2]
