@@ -156,6 +156,16 @@ def test_baseline_trains_and_ppl_counts_the_same_tokens(tiny_corpus, sllm_run, t
     assert res.exit_code == 2 and "not an SLLM" in res.output
 
 
+def test_baseline_can_take_the_stage1_run_dir_as_its_tokenizer(tiny_corpus, stage1, tmp_path):
+    """So the baseline can train beside stage 2: it needs only stage 1's tokenizer, not the SLLM."""
+    overrides = data_overrides(tiny_corpus, tmp_path / "cache") + OPT_TINY + [f"data.tokenizer={stage1}"]
+    task = OPTBaselineTask(build_run_config(None, overrides, str(tmp_path / "run"), BaselineRunConfig), **QUIET)
+    assert task.data.tokenizer.to_json_str() == load_sentence_vae(stage1).tokenizer.to_json_str()
+    with pytest.raises(Exception, match="tokenizer not found"):  # a missing path is still an error
+        OPTBaselineTask(build_run_config(None, overrides + [f"data.tokenizer={tmp_path / 'nope'}"],
+                                         str(tmp_path / "run"), BaselineRunConfig), **QUIET)
+
+
 def test_generation_streams_sentences_and_matches_full_recompute(sllm_run):
     trained = load_sllm(sllm_run)
     gen = SLLMGenerator(trained.model, trained.tokenizer, trained.run.data.split_on_comma)

@@ -108,6 +108,16 @@ class SplitCorpus:
     key: str  # changes with the corpus, the tokenizer, the segmentation and the split
 
 
+def _tokenizer_dir(path: str) -> Path:
+    """A tokenizer file or dir as given; a training run dir (its `latest` file) means its last checkpoint."""
+    p = Path(path)
+    if p.is_dir() and (p / "latest").is_file():
+        from training.checkpoint import resolve_checkpoint
+
+        return resolve_checkpoint(p)
+    return p
+
+
 def load_split_corpus(cfg: DataConfig, max_tokens: int, log=print) -> SplitCorpus:
     """Load the corpus, split it by document, and load (or train and cache) the tokenizer."""
     docs = load_documents(cfg.corpus or None)
@@ -117,7 +127,7 @@ def load_split_corpus(cfg: DataConfig, max_tokens: int, log=print) -> SplitCorpu
     cache.mkdir(parents=True, exist_ok=True)
 
     if cfg.tokenizer:
-        tok = SentenceTokenizer.load(cfg.tokenizer)
+        tok = SentenceTokenizer.load(_tokenizer_dir(cfg.tokenizer))
     else:
         tok_dir = cache / f"tokenizer-{_fingerprint(corpus_id, str(cfg.vocab_size), str(cfg.val_fraction), str(cfg.split_seed))}"
         if (tok_dir / "tokenizer.json").is_file():
