@@ -165,3 +165,33 @@ def test_cli_reports_bad_input_without_traceback(tmp_path):
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2, (args, proc.stderr[-2000:])
         assert "Traceback" not in proc.stderr and "error:" in proc.stderr, args
+
+
+def test_cli_plot_adds_exact_match_per_checkpoint_and_caches_it(tiny_corpus, tmp_path):
+    from typer.testing import CliRunner
+
+    from training.cli import app, build_run_config
+    from training.evaluate import exact_match
+    from training.exact_curve import CACHE_FILE
+    from training.data.sentence_data import prepare_data
+    from training.tasks.sentence_vae import SentenceVAETask
+    from training.trainer import Trainer
+
+    overrides = tiny_overrides(tiny_corpus, tmp_path / "cache") + [
+        "train.max_steps=6", "train.save_every=3", "train.keep_checkpoints=5"]
+    run = build_run_config(None, overrides, str(tmp_path / "run"))
+    Trainer(SentenceVAETask(run, log=lambda *a: None), run.train, run, log=lambda *a: None).fit()
+    png = tmp_path / "curve.png"
+    res = CliRunner().invoke(app, ["plot", str(tmp_path / "run"), "--out", str(png), "--exact-match", "30"])
+    assert res.exit_code == 0, res.output
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = [json.loads(line) for line in (tmp_path / "run" / CACHE_FILE).read_text().splitlines()]
+    assert [r["step"] for r in rows] == [3, 6]
+    last = load_sentence_vae(tmp_path / "run")
+    val = prepare_data(last.run.data, last.model.cfg.max_sentence_tokens, log=lambda *a: None).val
+    assert rows[-1]["exact_match"] == exact_match(last, val, 30)["exact_match"]
+    # a second plot reads the cache instead of decoding again
+    res = CliRunner().invoke(app, ["plot", str(tmp_path / "run"), "--out", str(png), "--exact-match", "30"])
+    assert res.exit_code == 0 and len((tmp_path / "run" / CACHE_FILE).read_text().splitlines()) == 2
+    res = CliRunner().invoke(app, ["plot", str(tmp_path / "nope"), "--exact-match", "30"])
+    assert res.exit_code != 0 and "no complete checkpoints" in res.output

@@ -211,11 +211,18 @@ def compare(
 
 
 @app.command()
-def plot(run_dir: Path = typer.Argument(...), out: Optional[Path] = typer.Option(None)):
+def plot(run_dir: Path = typer.Argument(...), out: Optional[Path] = typer.Option(None),
+         exact_match: int = typer.Option(0, help="also reconstruct this many validation sentences at every "
+                                                 "saved checkpoint (SentenceVAE or SLLM runs) and plot exact match")):
     """Plot the metrics log (training loss, validation loss, tokens/s) to a PNG."""
+    from training.exact_curve import exact_match_curve
     from training.plot import plot_metrics
 
-    path = plot_metrics(run_dir, out)
+    try:
+        rows = exact_match_curve(run_dir, exact_match, log=_log_err) if exact_match > 0 else None
+        path = plot_metrics(run_dir, out, rows)
+    except _user_errors() as e:
+        _fail(str(e))
     typer.echo(str(path))
 
 
