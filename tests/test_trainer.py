@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -195,3 +196,33 @@ def test_cli_plot_adds_exact_match_per_checkpoint_and_caches_it(tiny_corpus, tmp
     assert res.exit_code == 0 and len((tmp_path / "run" / CACHE_FILE).read_text().splitlines()) == 2
     res = CliRunner().invoke(app, ["plot", str(tmp_path / "nope"), "--exact-match", "30"])
     assert res.exit_code != 0 and "no complete checkpoints" in res.output
+
+
+def test_sigterm_saves_at_a_step_boundary_and_the_run_resumes(tiny_corpus, tmp_path):
+    import signal
+
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "training.cli", "svae", "--out", str(out),
+            *tiny_overrides(tiny_corpus, tmp_path / "cache"), "train.max_steps=100000", "train.save_every=100000"]
+    proc = subprocess.Popen(args, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (out / "metrics.jsonl").is_file() or not (out / "metrics.jsonl").read_text().count("\n") >= 2:
+            assert proc.poll() is None and time.monotonic() < deadline, "no training rows (or it exited)"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "SIGTERM: saving step" in err
+    saved = json.loads((out / (out / "latest").read_text().strip() / "trainer_state.json").read_text())
+    logged = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert saved["step"] >= max(logged) >= 2
+    resumed = subprocess.run(args[:-2] + [f"train.max_steps={saved['step'] + 2}"], cwd=ROOT, capture_output=True,
+                             text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=240)
+    assert resumed.returncode == 0 and "resumed from" in resumed.stderr, resumed.stderr[-3000:]
+    assert (out / "latest").read_text().strip() == f"checkpoints/step_{saved['step'] + 2:08d}"

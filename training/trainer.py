@@ -17,6 +17,8 @@ import json
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, Protocol
@@ -239,8 +241,13 @@ class Trainer:
         window_tokens, window_loss, window_n, t0 = 0.0, 0.0, 0, time.perf_counter()
         last_eval: dict[str, float] = {}
         model.train()
+        terminate = self._catch_sigterm()
         try:
             while self.step < stop:
+                if terminate.is_set():
+                    self.log(f"SIGTERM: saving step {self.step} so the run can resume")
+                    self.save()
+                    raise SystemExit(128 + signal.SIGTERM)
                 steps_per_epoch = self.task.num_batches(self.epoch) // world
                 if steps_per_epoch == 0:
                     raise RuntimeError("the training split is smaller than one batch per process; lower batch_size")
@@ -292,10 +299,19 @@ class Trainer:
                 self.save()
             raise
         finally:
+            terminate.restore()
             if bar is not None:
                 bar.close()
             self.dist.close()
         return last_eval
+
+    def _catch_sigterm(self) -> "_SignalFlag":
+        """SIGTERM (a scheduler's preemption, `kill`, a background job that ignores Ctrl-C) ends a
+        single-process run at the next step boundary, saved. Under torchrun the launcher owns it."""
+        flag = _SignalFlag()
+        if self.dist.world == 1 and threading.current_thread() is threading.main_thread():
+            flag.catch(signal.SIGTERM)
+        return flag
 
     def _evaluate(self) -> dict[str, float]:
         metrics: dict[str, float] = {}
@@ -306,3 +322,14 @@ class Trainer:
             self.log(f"step {self.step}: " + ", ".join(f"val {k} {v:.4g}" for k, v in metrics.items()))
         self.dist.barrier()
         return metrics
+
+
+class _SignalFlag(threading.Event):
+    """Set by a signal; the handler it replaced comes back with restore()."""
+
+    def catch(self, signum: int) -> None:
+        self._signum, self._previous = signum, signal.signal(signum, lambda *_: self.set())
+
+    def restore(self) -> None:
+        if hasattr(self, "_previous"):
+            signal.signal(self._signum, self._previous)
