@@ -16,4 +16,4 @@ sllm-train eval runs/sllm-small --n-exact 2000 --n-loss 20000 --report docs/resu
 sllm-train plot runs/sllm-small --out docs/results/sllm-small-curve.png
 sllm-train compare runs/sllm-small runs/baseline-small --report docs/results/sllm-vs-baseline.md
 sllm-export runs/sllm-small --out models/default --force             # edge + cloud bundles
-sllm-export runs/baseline-small --out models/default                  # models/default/baseline (bench)
+sllm-export runs/baseline-small --out models/default --force          # models/default/baseline (bench)
