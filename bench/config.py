@@ -38,8 +38,8 @@ class BenchConfig:
     baseline_run: Path | None = None
     ppl_passages: int = 0  # validation passages for the recomputed PPL; 0 = all
     svae_layers: list[int] = field(default_factory=lambda: [1, 2, 4])  # H1, H2, H4
-    svae_steps: int = 300
-    svae_batch: int = 64
+    svae_steps: int = 1000  # 1.4 M target tokens per variant: enough for depth to start to show
+    svae_batch: int = 128
     svae_eval_sentences: int = 0  # loss / PPL over this many validation sentences; 0 = all (as recorded)
     svae_exact_sentences: int = 500  # greedy exact-match over this many
     train_svae: bool = True  # full mode trains the variants; --quick reports the recorded H1

@@ -2,7 +2,7 @@
 
 Each variant is `configs/svae-small.json` with encoder_layers = decoder_layers = k and a small,
 equal budget (steps x batch), trained with the project's own trainer (`sllm-train svae`) into
-WORK/svae-H{k}; a run already at its step count is evaluated again, not retrained. They use the
+WORK/svae-H{k}-{steps}x{batch} (one folder per budget); a run already at its step count is evaluated again, not retrained. They use the
 SLLM bundle's tokenizer, so their vocabulary is the bundled model's. Evaluation, EMA weights:
 validation loss and PPL (paper Eq. 10: tokens + eos) and greedy exact-match reconstruction.
 """
@@ -83,7 +83,7 @@ def run_variants(layers: list[int], steps: int, batch: int, threads: int, work: 
                  advance: Callable[[], None] = lambda: None) -> dict:
     rows = []
     for k in layers:
-        run = variant_config(base_config, k, steps, batch, threads, work / f"svae-H{k}", work / "cache", tokenizer,
+        run = variant_config(base_config, k, steps, batch, threads, work / f"svae-H{k}-{steps}x{batch}", work / "cache", tokenizer,
                              corpus)
         train_s = train_variant(run, log)
         rows.append({"name": f"H{k}", **evaluate_variant(Path(run.train.out_dir), n_loss, n_exact, log),
@@ -93,7 +93,7 @@ def run_variants(layers: list[int], steps: int, batch: int, threads: int, work: 
 
     base = relative(base_config) if base_config else "RunConfig defaults"
     return {"source": f"trained by this benchmark: {base} with {'/'.join(map(str, layers))} blocks a side, {steps} "
-                      f"steps x {batch} sentences each, into {relative(work)}/svae-H*", "steps": steps, "batch": batch,
+                      f"steps x {batch} sentences each, into {relative(work)}/svae-H*-{steps}x{batch}", "steps": steps, "batch": batch,
             "base_config": str(base_config) if base_config else "RunConfig defaults", "rows": rows}
 
 

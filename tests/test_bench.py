@@ -189,3 +189,8 @@ def test_svae_variants_train_evaluate_and_plot(model_dir, tiny_corpus, tmp_path)
     again = svae_variants.run_variants([1], 3, 8, 1, tmp_path / "work", base, model_dir / "edge",
                                        [str(tiny_corpus)], 0, 8, logs.append)
     assert again["rows"][0]["train_s"] == 0.0 and again["rows"][0]["loss"] == pytest.approx(h1["loss"])
+    # another budget is another run: trained from scratch in its own folder, the first kept
+    other = svae_variants.run_variants([1], 4, 8, 1, tmp_path / "work", base, model_dir / "edge",
+                                       [str(tiny_corpus)], 0, 8, logs.append)
+    assert other["rows"][0]["train_s"] > 0 and other["rows"][0]["steps"] == 4
+    assert sorted(p.name for p in (tmp_path / "work").glob("svae-H1-*")) == ["svae-H1-3x8", "svae-H1-4x8"]
