@@ -57,14 +57,11 @@ def train_variant(run: RunConfig, log: Callable[[str], None]) -> float:
 
 
 def evaluate_variant(run_dir: Path, n_loss: int, n_exact: int, log: Callable[[str], None]) -> dict:
-    from training.data.sentence_data import prepare_data
-    from training.evaluate import exact_match
+    from training.evaluate import exact_match, validation_sentences
     from training.tasks.sentence_vae import load_sentence_vae, trainer_state, validation_loss
 
     trained = load_sentence_vae(run_dir)
-    data_cfg = trained.run.data
-    data_cfg.tokenizer = str(trained.path)
-    val = prepare_data(data_cfg, trained.model.cfg.max_sentence_tokens, log=log).val
+    val = validation_sentences(trained, log=log)
     n = len(val) if n_loss <= 0 else min(n_loss, len(val))
     metrics = validation_loss(trained.model, val, n, 128)
     em = exact_match(trained, val, n_exact)

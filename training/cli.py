@@ -99,16 +99,13 @@ def evaluate(
 ):
     """Validation loss, PPL, exact-match reconstruction and the paper's Table 2 inputs (a SentenceVAE
     checkpoint, or the SentenceVAE inside an SLLM checkpoint)."""
-    from training.data.sentence_data import prepare_data
-    from training.evaluate import evaluate_sentence_vae, render_markdown
+    from training.evaluate import evaluate_sentence_vae, render_markdown, validation_sentences
     from training.tasks.sllm import load_any_sentence_vae
 
     try:
         trained = load_any_sentence_vae(checkpoint, weights=weights)
-        data_cfg = trained.run.data
-        data_cfg.tokenizer = str(trained.path)  # the checkpoint's own tokenizer
-        data = prepare_data(data_cfg, trained.model.cfg.max_sentence_tokens, log=_log_err)
-        result = evaluate_sentence_vae(trained, data.val, n_loss=n_loss, n_exact=n_exact)
+        val = validation_sentences(trained, log=_log_err)
+        result = evaluate_sentence_vae(trained, val, n_loss=n_loss, n_exact=n_exact)
     except _user_errors() as e:
         _fail(str(e))
     text = render_markdown(result, f"SentenceVAE evaluation: {trained.path}")

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from sentences.limit import is_blank, text_to_sentences
-from training.data.sentence_data import SentenceTokens, pad_token_lists
+from training.data.sentence_data import SentenceTokens, pad_token_lists, prepare_data
 from training.models.generate import SamplingConfig, decode_sentences
 from training.tasks.sentence_vae import TrainedSentenceVAE, validation_loss
 
@@ -68,6 +68,13 @@ def reconstruct_texts(trained: TrainedSentenceVAE, texts: list[str]) -> list[dic
     return [{"input": t, "tokens": sum(r["tokens"] for r in rows), "output": "".join(r["output"] for r in rows),
              "exact": all(r["exact"] for r in rows)}
             for t, rows in zip(texts, _reconstruct_many(trained, texts))]
+
+
+def validation_sentences(trained: TrainedSentenceVAE, log=print) -> SentenceTokens:
+    """The validation split of the run a checkpoint came from, tokenized with the checkpoint's own tokenizer."""
+    data_cfg = trained.run.data
+    data_cfg.tokenizer = str(trained.path)
+    return prepare_data(data_cfg, trained.model.cfg.max_sentence_tokens, log=log).val
 
 
 def exact_match(trained: TrainedSentenceVAE, data: SentenceTokens, n: int, batch_size: int = 128) -> dict[str, float]:

@@ -22,8 +22,8 @@ def run_checkpoints(run_dir: Path) -> list[Path]:
 
 def exact_match_curve(run_dir: Path, n_sentences: int, log=print) -> list[dict]:
     """One row per checkpoint: step, tokens_seen, exact_match, exact_match_le16 (greedy, EMA weights)."""
-    from training.data.sentence_data import prepare_data
-    from training.evaluate import exact_match
+    from training.evaluate import exact_match, validation_sentences
+    from training.tasks.sentence_vae import trainer_state
     from training.tasks.sllm import load_any_sentence_vae
 
     cache_path = Path(run_dir) / CACHE_FILE
@@ -34,14 +34,12 @@ def exact_match_curve(run_dir: Path, n_sentences: int, log=print) -> list[dict]:
             cached[(row["step"], row["sentences_asked"])] = row
     rows, val = [], None
     for d in run_checkpoints(run_dir):
-        state = json.loads((d / "trainer_state.json").read_text())
+        state = trainer_state(d)
         key = (state["step"], n_sentences)
         if key not in cached:
             trained = load_any_sentence_vae(d)
             if val is None:  # every checkpoint of a run shares its tokenizer and split
-                data_cfg = trained.run.data
-                data_cfg.tokenizer = str(d)
-                val = prepare_data(data_cfg, trained.model.cfg.max_sentence_tokens, log=log).val
+                val = validation_sentences(trained, log=log)
             m = exact_match(trained, val, n_sentences)
             cached[key] = {"step": state["step"], "tokens_seen": state.get("tokens_seen", 0),
                            "sentences_asked": n_sentences, **m}

@@ -18,6 +18,7 @@ import torch
 from sentences.limit import split_to_token_limit
 from sentences.segment import SEGMENTATION_VERSION, split_sentences
 from sentences.tokenizer import SentenceTokenizer, train_bpe
+from training.checkpoint import resolve_checkpoint
 from training.config import DataConfig
 from training.data.corpus import Document, load_documents, split_documents
 
@@ -112,8 +113,6 @@ def _tokenizer_dir(path: str) -> Path:
     """A tokenizer file or dir as given; a training run dir (its `latest` file) means its last checkpoint."""
     p = Path(path)
     if p.is_dir() and (p / "latest").is_file():
-        from training.checkpoint import resolve_checkpoint
-
         return resolve_checkpoint(p)
     return p
 
