@@ -10,6 +10,10 @@ Exit status: 0 done; 2 a benchmark that cannot run as asked (missing bundle, bad
 """
 from __future__ import annotations
 
+from runtime.roles import require_role
+
+require_role("bench", "sllm-bench")  # before anything heavy: one line, not a traceback, in an edge install
+
 import argparse
 import dataclasses
 import json
@@ -183,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench.models import BenchError
     from bench.progress import BenchProgress
     from edge.chat import EdgeError
-    from export.manifest import BundleError
+    from runtime.manifest import BundleError
 
     from transformers.utils import logging as hf_logging
 

@@ -113,10 +113,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         bundle = args.bundle
         if bundle is None:
-            from cloud.testing import write_random_bundle
+            from modeling.cloud_bundle import write_random_cloud_bundle
 
             bundle = Path(tmp) / "bundle"
-            write_random_bundle(bundle, model_id=RANDOM_MODEL_ID, d=args.d, layers=args.layers, heads=args.heads,
+            write_random_cloud_bundle(bundle, model_id=RANDOM_MODEL_ID, d=args.d, layers=args.layers, heads=args.heads,
                                 max_sentences=256)
         manifest = json.loads((bundle / "manifest.json").read_text())
         model_id, d = manifest["model_id"], manifest["d_model"]

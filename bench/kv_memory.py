@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from bench.texts import ValidationText, flatten
-from training.models.opt_graft import output_cache
+from modeling.opt_graft import output_cache
 
 
 def cache_nbytes(cache) -> int:

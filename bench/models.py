@@ -53,9 +53,9 @@ def load_models(model_dir: Path, threads: int, seed: int = 0) -> BenchModels:
 
     from cloud.engine import Engine
     from edge.runtime import EdgeRuntime
-    from export.baseline_bundle import FOLDER, load_baseline_bundle
-    from export.cloud_bundle import load_cloud_bundle
-    from export.manifest import BundleError
+    from modeling.baseline_bundle import FOLDER, load_baseline_bundle
+    from modeling.cloud_bundle import load_cloud_bundle
+    from runtime.manifest import BundleError
 
     model_dir = Path(model_dir)
     torch.set_num_threads(threads)

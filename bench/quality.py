@@ -28,7 +28,7 @@ def _model_id(checkpoint: str, make) -> str | None:
 def _provenance(result: dict, sllm_model_id: str, baseline_model_id: str | None) -> dict:
     """Were the scored checkpoints the ones the benchmarked bundles were exported from? (None: unknown)"""
     from export import baseline_bundle
-    from export.cloud_bundle import model_id_for
+    from modeling.cloud_bundle import model_id_for
 
     s_id = _model_id(result["sllm"]["checkpoint"], model_id_for)
     b_id = _model_id(result["baseline"]["checkpoint"], baseline_bundle.baseline_model_id)

@@ -1,5 +1,5 @@
-"""One timed SLLM generation: the edge loop of `edge.chat.ChatSession.turn`, with the cloud half
-either behind gRPC (a real server) or called in this process (the engine, no wire).
+"""One timed SLLM generation: the edge sentence loop (`edge.loop.sentence_loop`, as edge-chat runs
+it), with the cloud half either behind gRPC (a real server) or called in this process (the engine).
 
     prompt sentences -> encoder.onnx -> cloud step (prefill) -> h_1
     repeat: decoder.onnx(h_t) -> a sentence; encoder.onnx(sentence) -> cloud step -> h_t+1
@@ -7,8 +7,9 @@ either behind gRPC (a real server) or called in this process (the engine, no wir
 Differences from a chat turn, both deliberate: the termination head's stop flag is ignored and
 generation runs until the output holds >= `min_tokens` tokens (the baseline is likewise forced
 to a fixed length with min_new_tokens), and the last sentence is not appended (nothing would read
-its h). Greedy decoding. Output tokens are the tokens of the sentences actually decoded (no bos or
-eos), so the count is whatever the SLLM produced, a little over `min_tokens`.
+its h): the run stops reading the loop right after that sentence. Greedy decoding. Output tokens
+are the tokens of the sentences actually decoded (no bos or eos), so the count is whatever the
+SLLM produced, a little over `min_tokens`.
 """
 from __future__ import annotations
 
@@ -17,35 +18,33 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from edge.loop import TurnEnd, sentence_loop
 from edge.sampling import Sampling
 from protos.sllm.v1 import sllm_pb2 as pb
 from protos.wire import pack
 
 
-@dataclass
-class StepAnswer:
-    hidden: np.ndarray  # [d] float32
-    request_bytes: int  # serialized ClientMessage that carried the vectors (0 in-process)
-    reply_bytes: int  # serialized ServerMessage that carried h (0 in-process)
-
-
 class GrpcStepper:
-    """Cloud steps over one Converse stream of a running server (protos.client, as edge-chat uses it)."""
+    """Cloud steps over one Converse stream of a running server (protos.client, as edge-chat uses
+    it); `wire` holds (request bytes, reply bytes) of every step since `open`."""
 
     def __init__(self, client, model_id: str, d: int, dtype: str = "float16"):
         self.client, self.model_id, self.d, self.dtype = client, model_id, d, dtype
         self.conv = None
+        self.wire: list[tuple[int, int]] = []
 
     def open(self) -> None:
         self.conv = self.client.conversation(self.model_id, self.d, dtype=self.dtype, reply_dtype=self.dtype)
+        self.wire = []
 
-    def step(self, vectors: np.ndarray) -> StepAnswer:
+    def append(self, vectors: np.ndarray):
         r = self.conv.append(vectors)
         # the very messages protos.client sent and the server answered, rebuilt to measure their size
         request = pb.ClientMessage(append=pb.Append(vectors=pack(vectors, self.dtype)))
         reply = pb.ServerMessage(step=pb.Step(hidden=pack(r.hidden, self.dtype), stop=r.stop,
                                               stop_probability=r.stop_probability, past_length=r.past_length))
-        return StepAnswer(r.hidden, request.ByteSize(), reply.ByteSize())
+        self.wire.append((request.ByteSize(), reply.ByteSize()))
+        return r
 
     def close(self) -> None:
         if self.conv is not None and not self.conv.finished:
@@ -55,19 +54,22 @@ class GrpcStepper:
 
 class EngineStepper:
     """Cloud steps by the cloud engine in this process: the same forward pass the server batches,
-    without gRPC, the session store and the batcher thread."""
+    without gRPC, the session store and the batcher thread (so no wire bytes: zeros in `wire`)."""
 
     def __init__(self, engine):
         self.engine = engine
         self.kv = None
+        self.wire: list[tuple[int, int]] = []
 
     def open(self) -> None:
         self.kv = None
+        self.wire = []
 
-    def step(self, vectors: np.ndarray) -> StepAnswer:
+    def append(self, vectors: np.ndarray):
         out = self.engine.forward([self.kv], [np.asarray(vectors, dtype=np.float32).reshape(-1, self.engine.d)])[0]
         self.kv = out.kv
-        return StepAnswer(out.hidden, 0, 0)
+        self.wire.append((0, 0))
+        return out
 
     def close(self) -> None:
         self.kv = None
@@ -98,43 +100,40 @@ class SLLMRun:
         return {**asdict(self), "tokens_per_s": self.tokens_per_s}
 
 
+_ENDED = {"empty": "empty", "context_full": "context"}  # the loop's reasons in this report's words
+
+
 def generate(runtime, stepper, prompt: list[list[int]], min_tokens: int, max_sentences: int) -> SLLMRun:
-    """Run one prompt (token lists of its sentences) until >= min_tokens output tokens; times each part."""
-    greedy = Sampling()
-    pc = time.perf_counter
+    """Run one prompt (token lists of its sentences) until >= min_tokens output tokens, in a context
+    of `max_sentences` sentences; times each part."""
     stepper.open()
     try:
-        t0 = pc()
-        answer = stepper.step(runtime.encode(prompt))
-        t_gen = pc()
-        prefill_s, prefill_bytes = t_gen - t0, answer.request_bytes + answer.reply_bytes
-        tokens = sentences = steps = req = rep = 0
-        enc = stp = dec = 0.0
-        room = max_sentences - len(prompt)
-        ended = "length"
-        while True:
-            t = pc()
-            decoded = runtime.decode(answer.hidden, greedy)
-            dec += pc() - t
-            if not decoded.ids:
-                ended = "empty"
+        t0 = time.perf_counter()
+        events = sentence_loop(runtime, stepper, prompt, Sampling(), room=max_sentences - len(prompt),
+                               use_stop_flag=False, append_last=False)
+        tokens, ms, ended = 0, {"prefill": 0.0, "encode": 0.0, "step": 0.0, "decode": 0.0}, "length"
+        for ev in events:
+            # an event's encode + step made its h_t: the prompt's (the prefill) for the first
+            first = ev.sentences == 0 if isinstance(ev, TurnEnd) else ev.index == 0
+            if first:
+                ms["prefill"] += ev.edge_encode_ms + ev.cloud_step_ms
+            else:
+                ms["encode"] += ev.edge_encode_ms
+                ms["step"] += ev.cloud_step_ms
+            ms["decode"] += ev.edge_decode_ms
+            if isinstance(ev, TurnEnd):
+                ended = _ENDED[ev.reason]
                 break
-            tokens += len(decoded.ids)
-            sentences += 1
+            tokens += len(ev.ids)
             if tokens >= min_tokens:
-                break
-            if sentences >= room:
-                ended = "context"
-                break
-            t = pc()
-            vec = runtime.encode([decoded.ids])
-            t2 = pc()
-            answer = stepper.step(vec)
-            t3 = pc()
-            enc, stp, steps = enc + (t2 - t), stp + (t3 - t2), steps + 1
-            req, rep = req + answer.request_bytes, rep + answer.reply_bytes
-        gen_s = pc() - t_gen
+                break  # before the loop appends this sentence
+        total_s = time.perf_counter() - t0
+        sentences = ev.sentences if isinstance(ev, TurnEnd) else ev.index + 1
+        events.close()
     finally:
         stepper.close()
-    return SLLMRun(len(prompt), sum(len(s) for s in prompt), tokens, sentences, prefill_s, gen_s, enc, stp, dec,
-                   steps, prefill_bytes, req, rep, ended)
+    (prefill_req, prefill_rep), gen_wire = stepper.wire[0], stepper.wire[1:]
+    return SLLMRun(len(prompt), sum(len(s) for s in prompt), tokens, sentences, ms["prefill"] / 1e3,
+                   total_s - ms["prefill"] / 1e3, ms["encode"] / 1e3, ms["step"] / 1e3, ms["decode"] / 1e3,
+                   len(gen_wire), prefill_req + prefill_rep, sum(r for r, _ in gen_wire), sum(r for _, r in gen_wire),
+                   ended)

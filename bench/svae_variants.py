@@ -58,15 +58,17 @@ def train_variant(run: RunConfig, log: Callable[[str], None]) -> float:
 
 def evaluate_variant(run_dir: Path, n_loss: int, n_exact: int, log: Callable[[str], None]) -> dict:
     from training.evaluate import exact_match, validation_sentences
-    from training.tasks.sentence_vae import load_sentence_vae, trainer_state, validation_loss
+    from training.checkpoint import read_trainer_state
+    from training.evaluate import validation_loss
+    from training.load import load_stage1
 
-    trained = load_sentence_vae(run_dir)
+    trained = load_stage1(run_dir)
     val = validation_sentences(trained, log=log)
     n = len(val) if n_loss <= 0 else min(n_loss, len(val))
     metrics = validation_loss(trained.model, val, n, 128)
     em = exact_match(trained, val, n_exact)
     cfg = trained.model.cfg
-    state = trainer_state(trained.path)
+    state = read_trainer_state(trained.path)
     return {"layers": cfg.encoder_layers, "d_model": cfg.d_model, "vocab": cfg.vocab_size,
             "params": sum(p.numel() for p in trained.model.parameters()), "loss": metrics["loss"],
             "ppl": metrics["ppl"], "val_sentences": n, "val_tokens": metrics["tokens"],
@@ -96,7 +98,7 @@ def run_variants(layers: list[int], steps: int, batch: int, threads: int, work: 
 
 def recorded_h1(results_json: Path, base_config: Path | None, vocab: int) -> dict | None:
     """The recorded evaluation of the stage-1 model (`sllm-train eval runs/svae-small`), for --quick."""
-    from training.models.sentence_vae import SentenceVAE
+    from modeling.sentence_vae import SentenceVAE
 
     if not Path(results_json).is_file():
         return None

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sentences.limit import is_blank, text_to_sentences
+from sentences.limit import sentence_token_ids
 
 
 @dataclass
@@ -71,9 +71,7 @@ def validation_text(tokenizer, max_sentence_tokens: int, split_on_comma: bool, c
         val = docs
     sentences: list[list[int]] = []
     for doc in val:
-        pieces = [p for p in text_to_sentences(doc.text, tokenizer, max_sentence_tokens, split_on_comma)
-                  if not is_blank(p)]
-        sentences += [ids for ids in tokenizer.encode_batch(pieces) if ids]
+        sentences += sentence_token_ids(doc.text, tokenizer, max_sentence_tokens, split_on_comma)
     where = ", ".join(corpus) if corpus else "the bundled corpus (data/corpus)"
     return ValidationText(sentences, f"{len(val)} validation documents of {where}: {len(sentences)} sentences, "
                                      f"{sum(len(s) for s in sentences)} tokens")

@@ -7,6 +7,10 @@
 """
 from __future__ import annotations
 
+from runtime.roles import require_role
+
+require_role("cloud", "sllm-cloud")  # before anything heavy: one line, not a traceback, in an edge install
+
 import json
 import os
 import signal
@@ -69,7 +73,7 @@ def serve(
     """Serve a cloud bundle until SIGINT/SIGTERM (then drain for --grace seconds)."""
     from cloud.config import MIB, ServerConfig
     from cloud.jsonlog import log, setup_logging
-    from export.manifest import BundleError
+    from runtime.manifest import BundleError
 
     setup_logging(log_level)
     config = ServerConfig(
@@ -137,9 +141,9 @@ def random_bundle(
     seed: int = typer.Option(0),
 ) -> None:
     """A cloud bundle with random weights (benchmarks, load tests, demos of the wire)."""
-    from cloud.testing import write_random_bundle
+    from modeling.cloud_bundle import write_random_cloud_bundle
 
-    manifest = write_random_bundle(out, model_id=model_id, d=d, layers=layers, heads=heads,
+    manifest = write_random_cloud_bundle(out, model_id=model_id, d=d, layers=layers, heads=heads,
                                    max_sentences=max_sentences, seed=seed)
     typer.echo(json.dumps({k: manifest[k] for k in ("model_id", "d_model", "num_layers", "max_sentences")}))
 

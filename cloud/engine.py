@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from transformers.cache_utils import DynamicCache
 
-from training.models.opt_graft import STOP, GraftedOPT
+from modeling.opt_graft import STOP, GraftedOPT
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

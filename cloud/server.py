@@ -20,8 +20,9 @@ from cloud.jsonlog import log
 from cloud.metrics import Metrics, MetricsHTTPServer
 from cloud.service import SentenceLMService, add_service
 from cloud.sessions import SessionStore
+from modeling.cloud_bundle import load_cloud_bundle
 from protos.sllm.v1 import sllm_pb2 as pb
-from training.models.opt_graft import GraftedOPT
+from modeling.opt_graft import GraftedOPT
 
 _DRAIN_POLL_S = 0.02  # how often stop() checks whether the open streams have ended
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SentenceLM"].full_name  # "sllm.v1.SentenceLM"
@@ -61,8 +62,6 @@ class CloudServer:
 
     @classmethod
     def from_bundle(cls, bundle_dir: str | Path, config: ServerConfig) -> "CloudServer":
-        from export.cloud_bundle import load_cloud_bundle
-
         model, manifest = load_cloud_bundle(Path(bundle_dir), "cpu")
         return cls(model, manifest["model_id"], config)
 

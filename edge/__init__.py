@@ -1,11 +1,36 @@
-"""The edge client: the SentenceVAE in ONNX Runtime, the gRPC client, `edge-chat`.
+"""The edge client: the SentenceVAE in ONNX Runtime, the gRPC client, `edge-chat`, a Python API.
+
+    import edge
+    with edge.connect("127.0.0.1:50051", "models/default/edge") as chat:
+        print(chat.ask("Hello.").text())
 
 No torch and no transformers anywhere in this package (a test imports every module with both
-made unimportable). Modules:
-    providers  ONNX Runtime execution provider, chosen deliberately (CUDA only when it really loads)
+made unimportable). `import edge` itself loads nothing heavy: the API names below are imported
+on first use. Modules:
     sampling   greedy / temperature / top-k / top-p / seed, in numpy
     runtime    EdgeRuntime: verified bundle, segmenter, tokenizer, encoder, cached decoder loop
+    loop       the sentence loop over a cloud "stepper" (chat, API and bench all run it)
     chat       ChatSession: one cloud conversation, history vectors, rebuild after a lost session
+    api        connect / EdgeChat / Answer: the conversation for apps (docs/edge-api.md)
     local      LocalServer: `sllm-cloud serve` on loopback for `edge-chat --local`
-    cli        the `edge-chat` command
+    cli        the `edge-chat` command, built on the api
 """
+from __future__ import annotations
+
+_API = ("connect", "load_runtime", "EdgeChat", "Answer", "AnswerOptions")
+_CHAT = ("EdgeError", "TurnError")
+_LOOP = ("SentenceEvent", "TurnEnd")
+__all__ = [*_API, *_CHAT, *_LOOP]
+
+
+def __getattr__(name: str):
+    # lazy: these pull in onnxruntime, grpc and the tokenizer, which `import edge` should not
+    if name in _API:
+        from edge import api as module
+    elif name in _CHAT:
+        from edge import chat as module
+    elif name in _LOOP:
+        from edge import loop as module
+    else:
+        raise AttributeError(f"module 'edge' has no attribute {name!r}")
+    return getattr(module, name)

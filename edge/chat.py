@@ -1,28 +1,23 @@
 """One conversation between the edge runtime and the cloud service.
 
-The edge keeps every sentence vector the cloud has acknowledged (the history). A turn:
+The edge keeps every sentence vector the cloud has acknowledged (the history). A turn is the
+shared sentence loop (`edge.loop.sentence_loop`) with this session as its stepper: at most
+`max_sentences` sentences, never more than the context holds (the session's room minus what it
+already holds, prompt included), and the last generated sentence is appended too, so the next
+turn (or a rebuild) sees the whole conversation.
 
-    prompt text -> sentences -> encoder.onnx -> Append(prompt vectors) -> Step(h_t, stop)
-    repeat: stop? -> done; decode h_t -> sentence (empty -> done); yield it;
-            encoder.onnx(sentence) -> Append(its vector) -> Step(h_t+1, stop)
-
-which is the torch reference loop (`SLLMGenerator.generate`) with the same stop rules and the
-same cap: at most `max_sentences` sentences a turn, and never more than the context holds
-(the session's room minus what it already holds, prompt included). The last generated
-sentence is appended too, so the next turn (or a rebuild) sees the whole conversation.
-
-When the stream breaks (server restarted, idle timeout, network) the next Append reopens a
+When the stream breaks (server restarted, idle timeout, network) the next append reopens a
 session from the history vectors (`Open{history}`), tells `notify` so, and retries once.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import grpc
 import numpy as np
 
+from edge.loop import SentenceEvent, TurnEnd, sentence_loop
 from edge.runtime import EdgeRuntime, PromptError
 from edge.sampling import Sampling
 from protos.client import CloudClient, CloudError, Conversation, StepResult
@@ -68,35 +63,6 @@ def rebuildable(e: CloudError) -> bool:
         return True
     # the server frees a session idle longer than its timeout and ends its stream so
     return e.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "idle" in (e.details or "")
-
-
-@dataclass
-class SentenceEvent:
-    """One decoded sentence. Timings of the chain that made it: the edge encoded the vectors
-    of the step that produced its h_t (the prompt, or the previous sentence), the cloud ran that
-    step (round trip), the edge decoded h_t into this sentence."""
-
-    turn: int
-    index: int
-    text: str
-    ids: list[int]
-    stop_probability: float  # P(stop) the termination head gave before this sentence
-    edge_encode_ms: float
-    cloud_step_ms: float
-    edge_decode_ms: float
-
-
-@dataclass
-class TurnEnd:
-    turn: int
-    reason: str  # "stop" | "empty" | "max_sentences" | "interrupted"
-    sentences: int
-    prompt_sentences: int
-    context_sentences: int  # sentences the session holds now (all turns)
-    edge_encode_ms: float  # the trailing encode + step (of the last sentence, or of the prompt)
-    cloud_step_ms: float
-    total_ms: float
-    stop_probability: float  # of the last step
 
 
 @dataclass
@@ -189,11 +155,11 @@ class ChatSession:
         self.notify(f"the cloud session was lost ({why}); rebuilt it from the {n} history vectors the edge keeps"
                     if n else f"the cloud session was lost ({why}); opened a new one (no history yet)")
 
-    def _append(self, vectors: np.ndarray) -> tuple[StepResult, float]:
-        """Append [n, d] vectors; on a broken stream, rebuild from the history and retry once."""
+    def append(self, vectors: np.ndarray) -> StepResult:
+        """The stepper of the sentence loop: append [n, d] vectors; on a broken stream, rebuild
+        the session from the history and retry once; EdgeError when that fails."""
         if self.conv is None or self.conv.finished:
             self._rebuild(self._lost)
-        t0 = time.perf_counter()
         try:
             step = self.conv.append(vectors)
         except CloudError as e:
@@ -201,27 +167,26 @@ class ChatSession:
                 self._drop_stream()
                 raise EdgeError(explain(e, self.target)) from None
             self._rebuild(f"{e.code.name}: {e.details}" if e.details else e.code.name)
-            t0 = time.perf_counter()
             try:
                 step = self.conv.append(vectors)
             except CloudError as e2:
                 self._drop_stream()
                 raise EdgeError(explain(e2, self.target)) from None
-        ms = (time.perf_counter() - t0) * 1e3
         self.history.extend(np.asarray(vectors, dtype=np.float32))
-        return step, ms
+        return step
 
     # ------------------------------------------------------------ turns
 
     def turn(self, text: str, sampling: Sampling, max_sentences: int = 8, max_tokens: int | None = None,
              interrupted: Callable[[], bool] = lambda: False) -> Iterator[SentenceEvent | TurnEnd]:
-        """Run one user turn; yields each sentence as soon as it is decoded, then a TurnEnd.
+        """One user turn: TurnError now if it cannot run (bad prompt, no room), else an iterator
+        that yields each sentence as soon as it is decoded, then a TurnEnd.
 
-        `interrupted()` is checked before each sentence: the sentence printed last is always
+        `interrupted()` is checked before each sentence: the sentence yielded last is always
         appended first, so the context holds exactly what the user saw. A KeyboardInterrupt
         raised inside (a second Ctrl-C) drops the stream; the next turn rebuilds the session."""
         if max_sentences < 0:
-            raise TurnError(f"--max-sentences must be >= 0, got {max_sentences}")
+            raise TurnError(f"max_sentences must be >= 0, got {max_sentences}")
         try:
             prompt = self.runtime.prompt_sentences(text)
         except PromptError as e:
@@ -230,44 +195,21 @@ class ChatSession:
         room = self.room or (self.info.max_sentences if self.info else 0)
         if used + len(prompt) >= room:
             raise TurnError(f"the conversation holds {used} of the {room} sentences this model's context has room "
-                            f"for; a prompt of {len(prompt)} sentence(s) leaves no room for an answer: /reset "
-                            "starts a new conversation")
-        cap = min(max_sentences, room - used - len(prompt))
+                            f"for; a prompt of {len(prompt)} sentence(s) leaves no room for an answer: start a new "
+                            "conversation (/reset in edge-chat, reset() in the API)")
         self.turns += 1
-        turn = self.turns
-        t_turn = time.perf_counter()
+        events = sentence_loop(self.runtime, self, prompt, sampling, room=room - used - len(prompt),
+                               max_sentences=max_sentences, max_tokens=max_tokens, turn=self.turns,
+                               context_used=used, interrupted=interrupted)
+        return self._dropping_on_abort(events)
+
+    def _dropping_on_abort(self, events: Iterator) -> Iterator:
         try:
-            t0 = time.perf_counter()
-            vectors = self.runtime.encode(prompt)
-            encode_ms = (time.perf_counter() - t0) * 1e3
-            step, step_ms = self._append(vectors)
-            reason, n = "max_sentences", 0
-            for i in range(cap):
-                if interrupted():
-                    reason = "interrupted"
-                    break
-                if step.stop:
-                    reason = "stop"
-                    break
-                decoded = self.runtime.decode(step.hidden, sampling.for_sentence(i), max_tokens)
-                if not decoded.ids:  # eos straight away: nothing left to say
-                    reason = "empty"
-                    break
-                yield SentenceEvent(turn, i, decoded.text, decoded.ids, float(step.stop_probability),
-                                    encode_ms, step_ms, decoded.ms)
-                n += 1
-                t0 = time.perf_counter()
-                vectors = self.runtime.encode([decoded.ids])
-                encode_ms = (time.perf_counter() - t0) * 1e3
-                step, step_ms = self._append(vectors)
-            if reason == "max_sentences" and interrupted():
-                reason = "interrupted"
+            yield from events
         except KeyboardInterrupt:
             # mid-call: the stream's state is unknown; the next append rebuilds the session
             self._drop_stream("an answer was aborted mid-step")
             raise
-        yield TurnEnd(turn, reason, n, len(prompt), len(self.history), encode_ms, step_ms,
-                      (time.perf_counter() - t_turn) * 1e3, float(step.stop_probability))
 
     def reset(self) -> None:
         """Forget the conversation: free the session on the server, clear the history, open a new one."""

@@ -23,12 +23,13 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Iterator, Optional
 
 import typer
 
-from edge.chat import ChatSession, EdgeError, SentenceEvent, TurnEnd, TurnError
-from edge.sampling import Sampling
+from edge.api import AnswerOptions, EdgeChat, check_wire_dtype, connect, load_runtime
+from edge.chat import EdgeError, TurnError
+from edge.loop import SentenceEvent, TurnEnd
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
                   help="Chat with a sentence-level LM: SentenceVAE on this machine (ONNX Runtime), "
@@ -61,10 +62,12 @@ def _resolve(path: Path) -> Path:
 
 
 class _Interrupts:
-    """SIGINT while an answer runs: the first sets a flag (checked between sentences), the second
-    raises KeyboardInterrupt. Outside the main thread (no signals there) it does nothing."""
+    """SIGINT while an answer runs: the first calls `stop` (the answer ends after the sentence
+    being decoded), the second raises KeyboardInterrupt. Outside the main thread (no signals
+    there) it does nothing."""
 
-    def __init__(self) -> None:
+    def __init__(self, stop: Callable[[], None]) -> None:
+        self.stop = stop
         self.count = 0
         self._prev = None
 
@@ -79,9 +82,7 @@ class _Interrupts:
         self.count += 1
         if self.count >= 2:
             raise KeyboardInterrupt
-
-    def requested(self) -> bool:
-        return self.count > 0
+        self.stop()
 
     def __exit__(self, *exc) -> None:
         if self._prev is not None:
@@ -114,7 +115,7 @@ class _Output:
                        "prompt_sentences": ev.prompt_sentences, "context_sentences": ev.context_sentences,
                        "stop_probability": round(ev.stop_probability, 6),
                        "edge_encode_ms": round(ev.edge_encode_ms, 3), "cloud_step_ms": round(ev.cloud_step_ms, 3),
-                       "total_ms": round(ev.total_ms, 3)})
+                       "edge_decode_ms": round(ev.edge_decode_ms, 3), "total_ms": round(ev.total_ms, 3)})
         else:
             self.end_line()
         if ev.reason == "interrupted":
@@ -127,22 +128,39 @@ class _Output:
         self.open_line = False
 
 
+def _terminal_lines() -> Iterator[str]:
+    """Lines typed at the "> " prompt until Ctrl-D; Ctrl-C at the prompt only clears the line."""
+    try:
+        import readline  # noqa: F401 - line editing and history for input()
+    except ImportError:
+        pass
+    while True:
+        try:
+            yield input("> ")
+        except EOFError:
+            typer.echo("", err=True)
+            return
+        except KeyboardInterrupt:
+            typer.echo("", err=True)  # a fresh line
+
+
+def _piped_lines(stream) -> Iterator[str]:
+    for line in iter(stream.readline, ""):
+        yield line.rstrip("\r\n")
+
+
 class _Chat:
-    def __init__(self, session: ChatSession, out: _Output, sampling: Sampling, max_sentences: int,
-                 max_tokens: int | None):
-        self.session, self.out = session, out
-        self.sampling, self.max_sentences, self.max_tokens = sampling, max_sentences, max_tokens
+    def __init__(self, chat: EdgeChat, out: _Output):
+        self.chat, self.out = chat, out
 
     def turn(self, text: str) -> None:
         """One turn; EdgeError/TurnError/KeyboardInterrupt propagate (after the answer line is closed)."""
         try:
-            with _Interrupts() as interrupts:
-                for ev in self.session.turn(text, self.sampling, self.max_sentences, self.max_tokens,
-                                            interrupts.requested):
-                    if isinstance(ev, SentenceEvent):
-                        self.out.sentence(ev)
-                    elif isinstance(ev, TurnEnd):
-                        self.out.turn_end(ev)
+            answer = self.chat.ask(text)
+            with _Interrupts(answer.stop):
+                for sentence in answer:
+                    self.out.sentence(sentence)
+                self.out.turn_end(answer.end)
         except BaseException:
             if self.out.open_line:
                 self.out.end_line()
@@ -154,7 +172,7 @@ class _Chat:
         if cmd in ("/quit", "/exit"):
             return False
         if cmd == "/reset":
-            self.session.reset()
+            self.chat.reset()
             _note("new conversation")
         elif cmd == "/help":
             typer.echo(HELP, err=True)
@@ -162,26 +180,19 @@ class _Chat:
             _note(f"unknown command {cmd}; /help lists them")
         return True
 
-    def repl(self) -> None:
-        try:
-            import readline  # noqa: F401 - line editing and history for input()
-        except ImportError:
-            pass
-        while True:
-            try:
-                line = input("> ")
-            except EOFError:
-                typer.echo("", err=True)
-                return
-            except KeyboardInterrupt:
-                typer.echo("", err=True)  # Ctrl-C at the prompt: a fresh line
-                continue
+    def run(self, lines: Iterator[str], keep_going: bool) -> None:
+        """Every non-empty line is one turn, or a /command. keep_going (the REPL): a failed or
+        aborted turn is reported and the next line is read; else the failure ends the chat."""
+        for line in lines:
             text = line.strip()
             if not text:
                 continue
             if text.startswith("/"):
                 if not self.command(text):
                     return
+                continue
+            if not keep_going:
+                self.turn(line)
                 continue
             try:
                 self.turn(line)
@@ -189,24 +200,9 @@ class _Chat:
                 typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
             except EdgeError as e:
                 typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
-                _note(f"the conversation ({len(self.session.history)} sentences) is kept; the next turn tries again")
+                _note(f"the conversation ({self.chat.context_sentences} sentences) is kept; the next turn tries again")
             except KeyboardInterrupt:
                 _note("answer aborted; the session will be rebuilt from the history on the next turn")
-
-    def piped(self, stream) -> None:
-        """Every non-empty line is one turn; /commands as in the REPL."""
-        while True:
-            line = stream.readline()
-            if not line:
-                return
-            text = line.strip()
-            if not text:
-                continue
-            if text.startswith("/"):
-                if not self.command(text):
-                    return
-                continue
-            self.turn(line.rstrip("\r\n"))
 
 
 def _terminate(signum, frame) -> None:
@@ -260,20 +256,8 @@ def chat(
 
 def _run(prompt, server, token, tls_ca, tls, server_name, bundle, local, model, local_timeout, temperature, top_k,
          top_p, seed, max_sentences, max_sentence_tokens, as_json, device, threads, wire_dtype) -> int:
-    from edge.providers import ProviderError
-    from edge.runtime import EdgeRuntime
-    from export.manifest import BundleError
-
-    try:
-        sampling = Sampling(temperature, top_k, top_p, seed)
-    except ValueError as e:
-        raise EdgeError(str(e)) from None
-    if max_sentences < 0:
-        raise EdgeError(f"--max-sentences must be >= 0, got {max_sentences}")
-    if max_sentence_tokens < 0:
-        raise EdgeError(f"--max-sentence-tokens must be >= 0 (0 = the bundle's limit), got {max_sentence_tokens}")
-    if wire_dtype not in ("float32", "float16"):
-        raise EdgeError(f"--wire-dtype must be float32 or float16, got {wire_dtype!r}")
+    options = AnswerOptions(temperature, top_k, top_p, seed, max_sentences, max_sentence_tokens)
+    check_wire_dtype(wire_dtype)
     if prompt is not None and not prompt.strip():
         raise EdgeError("--prompt is empty")
 
@@ -283,12 +267,7 @@ def _run(prompt, server, token, tls_ca, tls, server_name, bundle, local, model, 
         hint = ("export one there with `sllm-export CHECKPOINT --out models/default`, or pass --model / --bundle"
                 if model == DEFAULT_MODEL else "pass --bundle or a --model folder holding edge/ and cloud/")
         raise EdgeError(f"no edge bundle at {edge_dir}: {hint}")
-    try:
-        runtime = EdgeRuntime.load(edge_dir, device=device, threads=threads)
-    except (BundleError, ProviderError, ValueError) as e:
-        raise EdgeError(str(e)) from None
-    for warning in runtime.notes + ([runtime.device_note] if runtime.device_note else []):
-        _note(f"warning: {warning}")
+    runtime = load_runtime(edge_dir, device, threads, notify=_note)
 
     previous = {}
     for sig in (signal.SIGTERM, signal.SIGHUP):
@@ -298,57 +277,36 @@ def _run(prompt, server, token, tls_ca, tls, server_name, bundle, local, model, 
             pass
 
     local_server = None
-    session = None
+    chat = None
     try:
         if local:
             local_server = _start_local(model_dir, runtime, local_timeout, threads, device)
-            target, token, root_certs = local_server.address, local_server.token, None
-            tls, server_name = False, None  # loopback, plaintext; the random token still guards it
-            _note(f"started a local cloud server (pid {local_server.pid}) at {target}")
-        else:
-            target = server.strip()
-            if not target or (":" not in target):
-                raise EdgeError(f"--server must be host:port, got {server!r}")
-            root_certs = None
-            if tls_ca is not None:
-                try:
-                    root_certs = tls_ca.read_bytes()
-                except OSError as e:
-                    raise EdgeError(f"cannot read --tls-ca: {e}") from None
-
-        from protos.client import CloudClient
-
-        def client_factory() -> CloudClient:
-            return CloudClient(target, token or None, tls=tls, root_certificates=root_certs,
-                               server_name=server_name)
-
-        session = ChatSession(runtime, client_factory, target, wire_dtype=wire_dtype, notify=_note)
-        session.connect()
-        out = _Output(as_json)
-        chat = _Chat(session, out, sampling, max_sentences, max_sentence_tokens or None)
-        interactive = prompt is None and sys.stdin.isatty()
+            server, token = local_server.address, local_server.token
+            tls, tls_ca, server_name = False, None, None  # loopback, plaintext; the random token still guards it
+            _note(f"started a local cloud server (pid {local_server.pid}) at {server}")
+        chat = connect(server, runtime, token=token, tls=tls, tls_ca=tls_ca, server_name=server_name,
+                       wire_dtype=wire_dtype, options=options, notify=_note)
+        session, out = chat.session, _Output(as_json)
         info = session.info
         if as_json:
             out.emit({"event": "ready", "model_id": runtime.model_id, "d": runtime.d_model,
-                      "edge_provider": runtime.provider, "server": target, "cloud_device": info.device,
-                      "cloud_dtype": info.compute_dtype, "context_sentences": session.room,
+                      "edge_provider": runtime.provider, "server": session.target, "cloud_device": info.device,
+                      "cloud_dtype": info.compute_dtype, "context_sentences": chat.context_capacity,
                       "local_server_pid": local_server.pid if local_server else None})
-        if interactive:
+        if prompt is not None:
+            _Chat(chat, out).turn(prompt)
+        elif sys.stdin.isatty():
             edge_dev = "CPU" if runtime.provider == "CPUExecutionProvider" else "CUDA"
             typer.echo(f"edge-chat · model {runtime.model_id} (d={runtime.d_model}) · edge: ONNX Runtime {edge_dev} "
-                       f"· cloud: {target} ({info.device}, {info.compute_dtype}) · up to {max_sentences} "
+                       f"· cloud: {session.target} ({info.device}, {info.compute_dtype}) · up to {max_sentences} "
                        f"sentences an answer · /help", err=True)
-            chat.repl()
-        elif prompt is not None:
-            chat.turn(prompt)
+            _Chat(chat, out).run(_terminal_lines(), keep_going=True)
         else:
-            chat.piped(sys.stdin)
+            _Chat(chat, out).run(_piped_lines(sys.stdin), keep_going=False)
         return 0
-    except TurnError as e:
-        raise EdgeError(str(e)) from None
     finally:
-        if session is not None:
-            session.close()
+        if chat is not None:
+            chat.close()
         if local_server is not None:
             local_server.stop()
         for sig, handler in previous.items():
@@ -357,7 +315,7 @@ def _run(prompt, server, token, tls_ca, tls, server_name, bundle, local, model, 
 
 def _start_local(model_dir: Path, runtime, timeout: float, threads: int, device: str):
     from edge.local import LocalServer
-    from export.manifest import BundleError, read_manifest
+    from runtime.manifest import BundleError, read_manifest
 
     cloud_dir = model_dir / "cloud"
     try:

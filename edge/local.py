@@ -27,6 +27,7 @@ from pathlib import Path
 import grpc
 
 from edge.chat import EdgeError
+from runtime.roles import role_problem
 
 TOKENS_ENV = "SLLM_CLOUD_TOKENS"  # what `sllm-cloud serve` reads its tokens from
 HEALTH_SERVICE = "sllm.v1.SentenceLM"
@@ -61,6 +62,7 @@ class LocalServer:
         self.startup_timeout = startup_timeout
         self.stop_timeout = stop_timeout
         self.token = secrets.token_urlsafe(24)
+        self.default_command = command is None  # `python -m cloud.cli serve` in this environment
         self.command = command or [
             sys.executable, "-m", "cloud.cli", "serve", "--bundle", str(self.bundle), "--host", "127.0.0.1",
             "--port", "0", "--grace", "1", "--device", device, "--threads", str(max(0, threads))]
@@ -74,6 +76,10 @@ class LocalServer:
     # ------------------------------------------------------------ start
 
     def start(self) -> "LocalServer":
+        if self.default_command:  # an edge install has no torch: say so before starting anything
+            problem = role_problem("cloud", "edge-chat --local")
+            if problem is not None:
+                raise EdgeError(f"{problem}; or chat with a running server: --server HOST:PORT")
         env = {**os.environ, TOKENS_ENV: self.token}
         try:
             self.proc = subprocess.Popen(

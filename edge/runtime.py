@@ -6,8 +6,8 @@
     tokens = rt.decode(h_t, Sampling())                # decoder.onnx with its KV cache
     text = rt.detokenize(tokens)
 
-The loops mirror the torch reference (`training.models.sllm_generate.SLLMGenerator` and
-`training.models.generate.decode_sentences`): the prompt is split with the shared segmenter
+The loops mirror the torch reference (`modeling.sllm_generate.SLLMGenerator` and
+`modeling.generate.decode_sentences`): the prompt is split with the shared segmenter
 (`sentences.limit.text_to_sentences`, the bundle's split_on_comma and max sentence length,
 blank pieces skipped), a sentence decodes from bos until eos or the token limit.
 """
@@ -19,13 +19,13 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.providers import open_sessions
+from runtime.providers import open_sessions
 from edge.sampling import Sampling, numpy_generator, pick_next
-from export.edge_bundle import EdgeBundle, load_edge_bundle
-from export.manifest import BundleError
-from export.ort_decode import decode_loop
-from export.ort_decode import encode as ort_encode
-from sentences.limit import is_blank, text_to_sentences
+from runtime.edge_bundle import EdgeBundle, load_edge_bundle
+from runtime.manifest import BundleError
+from runtime.svae_onnx import decode_loop
+from runtime.svae_onnx import encode as ort_encode
+from sentences.limit import sentence_token_ids
 from sentences.segment import SEGMENTATION_VERSION
 from sentences.tokenizer import TokenizerError
 
@@ -98,13 +98,12 @@ class EdgeRuntime:
     def prompt_sentences(self, text: str) -> list[list[int]]:
         """Token ids of each sentence of `text` (as the torch reference splits it)."""
         try:
-            pieces = [p for p in text_to_sentences(text, self.tokenizer, self.max_sentence_tokens,
-                                                   self.split_on_comma) if not is_blank(p)]
-            if not pieces:
-                raise PromptError("the prompt is empty or only whitespace")
-            return [self.tokenizer.encode(p) for p in pieces]
+            ids = sentence_token_ids(text, self.tokenizer, self.max_sentence_tokens, self.split_on_comma)
         except TokenizerError as e:
             raise PromptError(str(e)) from None
+        if not ids:
+            raise PromptError("the prompt is empty or only whitespace")
+        return ids
 
     def encode(self, token_lists: list[list[int]]) -> np.ndarray:
         """Sentence vectors float32 [S, d] (encoder.onnx)."""
@@ -128,6 +127,6 @@ class EdgeRuntime:
 def decode_vectors(session, memory: np.ndarray, spec, sampling: Sampling,
                    max_tokens: int | None = None) -> list[list[int]]:
     """Decode vectors memory [B, d] with decoder.onnx and its KV cache; one token list per row
-    (no bos/eos): the shared loop of `export.ort_decode`, with this edge's sampling."""
+    (no bos/eos): the shared loop of `runtime.svae_onnx`, with this edge's sampling."""
     rng = numpy_generator(sampling)
     return decode_loop(session, memory, spec, lambda logits: pick_next(logits, sampling, rng), max_tokens)

@@ -1,6 +1,6 @@
 """Next-token choice for the edge decoder, in numpy: greedy, temperature, top-k, top-p, seed.
 
-The same rules as the torch reference `training.models.generate.pick_next` (greedy = argmax;
+The same rules as the torch reference `modeling.generate.pick_next` (greedy = argmax;
 top-k keeps the logits >= the k-th largest, ties included; top-p keeps the most likely tokens
 until the mass of the strictly more likely ones reaches p, the top token always stays), and
 the same seeding scheme as `SLLMGenerator.generate` (sentence i of a turn draws from

@@ -17,7 +17,6 @@ tolerance below; nothing else in OUT is touched (edge/ and cloud/ may live besid
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -26,11 +25,16 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import torch
+from transformers import OPTForCausalLM
+from transformers.utils import logging as hf_logging
 
-from export.manifest import BundleError, read_manifest, write_manifest
+from modeling.baseline_bundle import FOLDER, KIND, load_hf_opt
+from runtime.artifacts import CheckpointError
+from runtime.files import replace_dir, sha256_file
+from runtime.manifest import BundleError, read_manifest, write_manifest
+from training.load import load_baseline
 
-KIND = "baseline"
-FOLDER = "baseline"
 STEPS = ("load", "write", "verify", "install")
 # fp16 keeps ~3 significant digits per weight; through 4-12 layers that moves logits by a few
 # hundredths at most. The rule is relative to the logits' scale, so it fits models of any size,
@@ -56,18 +60,8 @@ class BaselineExport:
     manifest: dict
 
 
-@dataclass
-class LoadedBaseline:
-    model: object  # OPTForCausalLM, eval, fp32 on the CPU
-    tokenizer: object  # sentences.tokenizer.SentenceTokenizer
-    manifest: dict
-    path: Path
-
-
 def baseline_model_id(checkpoint_dir: Path, weights: str = "ema") -> str:
-    from training import checkpoint as ckpt
-
-    return "opt-baseline-" + ckpt.sha256_file(Path(checkpoint_dir) / f"{weights}.safetensors")[:16]
+    return "opt-baseline-" + sha256_file(Path(checkpoint_dir) / f"{weights}.safetensors")[:16]
 
 
 def _probe_ids(vocab_size: int, max_positions: int, bos_id: int, specials: set[int], seed: int = 0) -> list[np.ndarray]:
@@ -85,8 +79,6 @@ def _probe_ids(vocab_size: int, max_positions: int, bos_id: int, specials: set[i
 
 def compare_logits(reference, candidate, probes: list[np.ndarray]) -> dict:
     """Run both models on each probe; the worst absolute difference, the logits' scale and argmax agreement."""
-    import torch
-
     worst, scale, agree, positions = 0.0, 0.0, 0, 0
     with torch.no_grad():
         for ids in probes:
@@ -121,11 +113,6 @@ def _check_out(out: Path, model_id: str, force: bool) -> None:
 def export_baseline(checkpoint: Path, out: Path, *, weights: str = "ema", force: bool = False,
                     progress: Callable[[str], None] | None = None) -> BaselineExport:
     """Write OUT/baseline from a trained opt_baseline checkpoint (or run dir), verified, atomically."""
-    import torch
-    from transformers import OPTForCausalLM
-
-    from training import checkpoint as ckpt
-    from training.tasks.opt_baseline import load_baseline
 
     step = progress or (lambda name: None)
     out = Path(out)
@@ -134,7 +121,7 @@ def export_baseline(checkpoint: Path, out: Path, *, weights: str = "ema", force:
         raise BaselineExportError(f"--weights must be 'ema' or 'model', got {weights!r}")
     try:
         trained = load_baseline(checkpoint, weights=weights)
-    except (ckpt.CheckpointError, ValueError) as e:
+    except (CheckpointError, ValueError) as e:
         raise BaselineExportError(f"cannot export {checkpoint} as the token-level baseline: {e}") from None
     model_id = baseline_model_id(trained.path, weights)
     _check_out(out, model_id, force)
@@ -146,8 +133,6 @@ def export_baseline(checkpoint: Path, out: Path, *, weights: str = "ema", force:
         step("write")
         half = OPTForCausalLM(cfg)  # a copy: the checkpoint's fp32 model stays the reference
         half.load_state_dict(model.state_dict())
-        from transformers.utils import logging as hf_logging
-
         hf_logging.disable_progress_bar()
         half.half().save_pretrained(tmp, safe_serialization=True)
         del half
@@ -180,44 +165,8 @@ def export_baseline(checkpoint: Path, out: Path, *, weights: str = "ema", force:
         for f in tmp.iterdir():
             f.chmod(0o644)
         final = out / FOLDER
-        old = None
-        if final.exists():
-            old = final.with_name(f".{FOLDER}.old-{os.getpid()}")
-            os.replace(final, old)
-        os.replace(tmp, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, final)
         return BaselineExport(final, json.loads((final / "manifest.json").read_text()))
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def load_hf_opt(folder: Path):
-    """An OPTForCausalLM saved with save_pretrained, in fp32, eager attention (as the SLLM's
-    grafted blocks run: the speed comparison uses the same attention kernels on both sides)."""
-    import torch
-    from transformers import OPTForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # its per-tensor bars would bury the caller's own progress lines
-    model = OPTForCausalLM.from_pretrained(str(folder), local_files_only=True, dtype=torch.float16,
-                                           attn_implementation="eager")
-    return model.float().eval()
-
-
-def load_baseline_bundle(folder: Path) -> LoadedBaseline:
-    """Check every file against the manifest, then load the model (fp32) and the tokenizer."""
-    from sentences.tokenizer import SentenceTokenizer, TokenizerError
-
-    folder = Path(folder)
-    manifest = read_manifest(folder, kind=KIND)
-    try:
-        tok = SentenceTokenizer.load(folder)
-    except TokenizerError as e:
-        raise BundleError(f"{folder}: {e}") from None
-    try:
-        model = load_hf_opt(folder)
-    except (OSError, ValueError) as e:
-        raise BundleError(f"{folder}: cannot load the model ({e})") from None
-    return LoadedBaseline(model, tok, manifest, folder)

@@ -10,6 +10,10 @@ Exit status: 0 exported and verified; 1 verification failed (nothing installed);
 """
 from __future__ import annotations
 
+from runtime.roles import require_role
+
+require_role("export", "sllm-export")  # before anything heavy: one line, not a traceback, in an edge install
+
 import time
 from pathlib import Path
 from typing import Optional
@@ -75,7 +79,7 @@ def export(
     and DIR/cloud (grafted OPT blocks + termination head); prove ORT == torch first. A token-level
     baseline checkpoint (opt_baseline) goes to DIR/baseline instead (fp16 Hugging Face folder, verified)."""
     from export.exporter import STEPS, ExportError, VerificationFailed, checkpoint_kind, export_checkpoint
-    from export.manifest import BundleError
+    from runtime.manifest import BundleError
 
     try:
         _, kind = checkpoint_kind(checkpoint, ("sllm", "sentence_vae", "opt_baseline"))

@@ -8,7 +8,6 @@ verification leaves its report as OUT/export-failed-report.{json,md}).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -17,12 +16,28 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import onnx
+import onnxruntime
+import onnxscript
+import torch
 
-from export.cloud_bundle import load_cloud_bundle, model_id_for, write_cloud_bundle
-from export.edge_bundle import (DECODER, DECODER_INT8, ENCODER, ENCODER_INT8, KV_LAYOUT, REPORT_JSON, REPORT_MD,
+from export import verify
+from export.onnx_export import OPSET, export_decoder, export_encoder
+from export.quantize import QUANT_MODES, quantize_int8
+from export.verify import render_markdown
+from modeling.cloud_bundle import load_cloud_bundle, model_id_for, write_cloud_bundle
+from runtime.edge_bundle import (DECODER, DECODER_INT8, ENCODER, ENCODER_INT8, KV_LAYOUT, REPORT_JSON, REPORT_MD,
                                 TOKENIZER, TOKENIZER_META, decoder_spec, load_edge_bundle, write_edge_manifest)
-from export.manifest import BundleError, read_manifest
-from export.ort_decode import DECODER_INPUTS, DECODER_OUTPUTS, ENCODER_INPUTS, ENCODER_OUTPUTS, PROVIDERS, cpu_session
+from runtime.artifacts import CheckpointError, expect
+from runtime.files import replace_dir
+from runtime.manifest import BundleError, read_manifest
+from runtime.providers import CPU, cpu_session
+from runtime.svae_onnx import DECODER_INPUTS, DECODER_OUTPUTS, ENCODER_INPUTS, ENCODER_OUTPUTS
+from sentences.limit import sentence_token_ids
+from sentences.segment import SEGMENTATION_VERSION
+from training.data.corpus import CorpusError, load_documents, split_documents
+from training.data.sentence_data import segment_documents
+from training.load import load_sllm, load_stage1
 
 STEPS = ("load", "export encoder", "export decoder", "verify", "quantize", "write")
 # what --quantize int8 converts, per graph: the op types whose weights become int8 (see export.quantize)
@@ -68,20 +83,12 @@ class ExportResult:
 def checkpoint_kind(path: Path, kinds: tuple[str, ...] = ("sllm", "sentence_vae")) -> tuple[Path, str]:
     """(resolved checkpoint dir, its kind, one of `kinds`); ExportError for anything else. The CLI
     also accepts "opt_baseline" (export.baseline_bundle); the SLLM export does not."""
-    from training import checkpoint as ckpt
-
     try:
-        d = ckpt.resolve_checkpoint(path)
-    except ckpt.CheckpointError as e:
-        raise ExportError(str(e)) from None
-    try:
-        kind = json.loads((d / "config.json").read_text()).get("kind")
-    except (OSError, ValueError, AttributeError) as e:
-        raise ExportError(f"{d} has no readable config.json ({e}); export takes a SentenceVAE or SLLM checkpoint") from None
-    if kind not in kinds:
-        raise ExportError(f"{d} holds a {kind!r} checkpoint; export takes a SentenceVAE (stage 1) or SLLM "
-                          f"(stage 2) checkpoint, or a token-level baseline (opt_baseline)")
-    return d, kind
+        found = expect(path, *kinds)
+    except CheckpointError as e:
+        raise ExportError(f"{e}; export takes a SentenceVAE (stage 1) or SLLM (stage 2) checkpoint, or a "
+                          "token-level baseline (opt_baseline)") from None
+    return found.path, found.kind
 
 
 def check_output_dir(out: Path, model_id: str, force: bool) -> list[str]:
@@ -119,11 +126,6 @@ def check_output_dir(out: Path, model_id: str, force: bool) -> list[str]:
 
 def load_checkpoint(path: Path, weights: str = "ema") -> LoadedCheckpoint:
     """Load a stage-1 or stage-2 checkpoint on the CPU in fp32, with clear refusals."""
-    from sentences.segment import SEGMENTATION_VERSION
-    from training import checkpoint as ckpt
-    from training.tasks.sentence_vae import load_sentence_vae
-    from training.tasks.sllm import load_sllm
-
     if weights not in ("ema", "model"):
         raise ExportError(f"--weights must be 'ema' or 'model', got {weights!r}")
     d, kind = checkpoint_kind(path)
@@ -134,9 +136,9 @@ def load_checkpoint(path: Path, weights: str = "ema") -> LoadedCheckpoint:
             t = load_sllm(d, weights=weights)
             svae, opt, cfg_data = t.model.svae, t.model.opt, t.run.data
         else:
-            t = load_sentence_vae(d, weights=weights)
+            t = load_stage1(d, weights=weights)
             svae, opt, cfg_data = t.model, None, t.run.data
-    except (ckpt.CheckpointError, ValueError) as e:
+    except (CheckpointError, ValueError) as e:
         raise ExportError(f"cannot export {d}: {e}") from None
     cfg = svae.cfg
     if cfg.max_sentence_tokens < 2:
@@ -163,10 +165,6 @@ def verification_sentences(loaded: LoadedCheckpoint, n: int, sentences_file: Pat
                            seed: int = 0) -> tuple[list[list[int]], str]:
     """(n token lists, where they came from): the checkpoint's validation split, topped up from
     its training documents if short; a text file if given; random ids if the corpus is gone."""
-    from sentences.limit import is_blank, text_to_sentences
-    from training.data.corpus import CorpusError, load_documents, split_documents
-    from training.data.sentence_data import segment_documents
-
     tok, cfg, data = loaded.tokenizer, loaded.svae.cfg, loaded.data
     limit = cfg.max_sentence_tokens
     if sentences_file is not None:
@@ -174,9 +172,7 @@ def verification_sentences(loaded: LoadedCheckpoint, n: int, sentences_file: Pat
             text = Path(sentences_file).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise ExportError(f"cannot read --sentences {sentences_file}: {e}") from None
-        pieces = [p for p in text_to_sentences(text, tok, limit, split_on_comma=data.split_on_comma)
-                  if not is_blank(p)]
-        ids = [t for t in tok.encode_batch(pieces) if t] if pieces else []
+        ids = sentence_token_ids(text, tok, limit, data.split_on_comma)
         if not ids:
             raise ExportError(f"--sentences {sentences_file} holds no sentence")
         picked = _pick(ids, n)
@@ -205,29 +201,11 @@ def verification_sentences(loaded: LoadedCheckpoint, n: int, sentences_file: Pat
 # ---------------------------------------------------------------- the export
 
 def _versions() -> dict:
-    import onnx
-    import onnxruntime
-    import onnxscript
-    import torch
-
     return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
             "onnxscript": onnxscript.__version__}
 
 
-def _install(tmp: Path, final: Path) -> None:
-    """Replace `final` by `tmp` (renames within one folder)."""
-    old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def _write_report(directory: Path, stem_json: str, stem_md: str, report: dict) -> None:
-    from export.verify import render_markdown
-
     (directory / stem_json).write_text(json.dumps(report, indent=2) + "\n")
     (directory / stem_md).write_text(render_markdown(report))
 
@@ -236,13 +214,6 @@ def export_checkpoint(checkpoint: Path, out: Path, *, quantize: str | None = Non
                       n_verify: int = 100, weights: str = "ema", sentences_file: Path | None = None,
                       progress: Callable[[str], None] | None = None) -> ExportResult:
     """Export, verify, install. ExportError for user errors, VerificationFailed if ORT != torch."""
-    import torch
-
-    from export import verify
-    from export.onnx_export import OPSET, export_decoder, export_encoder
-    from export.quantize import QUANT_MODES, quantize_int8
-    from sentences.segment import SEGMENTATION_VERSION
-
     step = progress or (lambda name: None)
     out = Path(out)
     if quantize is not None and quantize not in QUANT_MODES:
@@ -290,7 +261,7 @@ def export_checkpoint(checkpoint: Path, out: Path, *, quantize: str | None = Non
         report = {
             "model_id": loaded.model_id, "checkpoint": str(loaded.path), "source_kind": loaded.kind,
             "weights": loaded.weights, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": _versions(),
-            "provider": PROVIDERS[0], "opset": OPSET, "tolerance": verify.TOLERANCE_RULE, "checker": checker,
+            "provider": CPU, "opset": OPSET, "tolerance": verify.TOLERANCE_RULE, "checker": checker,
             "parity": parity, "parity_max": _parity_max(parity), "sentence_source": source, "greedy": greedy,
             "speed": speed, "quantization": None, "notes": notes,
         }
@@ -370,9 +341,9 @@ def export_checkpoint(checkpoint: Path, out: Path, *, quantize: str | None = Non
             raise VerificationFailed("the written edge bundle decodes differently from the verified graphs", report)
         del bundle, enc, dec, speed_sessions
 
-        _install(tmp_edge, out / "edge")
+        replace_dir(tmp_edge, out / "edge")
         if tmp_cloud is not None:
-            _install(tmp_cloud, out / "cloud")
+            replace_dir(tmp_cloud, out / "cloud")
         elif (out / "cloud").exists():  # a stale cloud half of another model (only reachable with --force)
             shutil.rmtree(out / "cloud")
         for suffix in (".json", ".md"):

@@ -2,9 +2,9 @@
 
 Parity rule: for every compared output, max |ORT - torch| <= ATOL * max(1, max |torch|),
 i.e. 1e-4 absolute for outputs of magnitude <= 1 and 1e-4 relative above (logits).
-ORT runs on the CPU provider, chosen deliberately (see export.ort_decode.PROVIDERS).
+ORT runs on the CPU provider, chosen deliberately (runtime.providers.cpu_session).
 
-Greedy decoding through ORT (export.ort_decode, the loop the edge runs) must give the
+Greedy decoding through ORT (runtime.svae_onnx, the loop the edge runs) must give the
 same tokens as torch `decode_sentences`. A sentence whose tokens differ only passes when
 the first difference sits on a near-tie: torch's top-2 logits there are within the parity
 tolerance, so a 1e-6 difference in arithmetic order can flip it; every such case is listed.
@@ -18,9 +18,9 @@ import numpy as np
 import onnx
 import torch
 
-from export.ort_decode import DecoderSpec, decoder_step, encode, greedy_decode
-from training.models.generate import decode_sentences
-from training.models.sentence_vae import SentenceVAE
+from runtime.svae_onnx import DecoderSpec, decoder_step, encode, greedy_decode
+from modeling.generate import decode_sentences
+from modeling.sentence_vae import SentenceVAE
 
 ATOL = 1e-4
 TOLERANCE_RULE = f"max|ORT - torch| <= {ATOL:g} * max(1, max|torch|)"

@@ -66,3 +66,16 @@ def text_to_sentences(text: str, tok: SentenceTokenizer, max_tokens: int, split_
 def is_blank(piece: str) -> bool:
     """True for a piece that is only whitespace (nothing for the model to encode)."""
     return not piece or piece.isspace()
+
+
+def model_sentences(text: str, tok: SentenceTokenizer, max_tokens: int, split_on_comma: bool = True) -> list[str]:
+    """The sentences of `text` a model reads: segmented, each within `max_tokens`, blank pieces skipped.
+    Training, evaluation, export, the torch reference and the edge all cut text this way."""
+    return [p for p in text_to_sentences(text, tok, max_tokens, split_on_comma) if not is_blank(p)]
+
+
+def sentence_token_ids(text: str, tok: SentenceTokenizer, max_tokens: int,
+                       split_on_comma: bool = True) -> list[list[int]]:
+    """Token ids of each of `model_sentences(text, ...)`; [] for empty or blank text."""
+    pieces = model_sentences(text, tok, max_tokens, split_on_comma)
+    return tok.encode_batch(pieces) if pieces else []

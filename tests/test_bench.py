@@ -14,12 +14,14 @@ from bench import kv_memory, plots, svae_variants
 from bench.models import load_models, untrained_baseline
 from bench.texts import ValidationText
 from export import baseline_bundle
+from modeling.baseline_bundle import load_baseline_bundle
 from export.cli import app as export_app
 from export.exporter import export_checkpoint
-from export.manifest import BundleError
+from runtime.manifest import BundleError
 from tests.test_sllm import OPT_TINY, _train, data_overrides, sllm_overrides
 from training.config import BaselineRunConfig, SLLMRunConfig
-from training.tasks.opt_baseline import OPTBaselineTask, load_baseline
+from training.load import load_baseline
+from training.tasks.opt_baseline import OPTBaselineTask
 from training.tasks.sllm import SLLMTask
 
 
@@ -61,7 +63,7 @@ def test_baseline_export_round_trips_in_float16(model_dir, runs, tmp_path, monke
     assert _safetensors_dtypes(folder / "model.safetensors") == {"F16"}  # half the size of the checkpoint
     assert (model_dir / "edge").is_dir() and (model_dir / "cloud").is_dir()  # the SLLM halves are untouched
 
-    loaded = baseline_bundle.load_baseline_bundle(folder)
+    loaded = load_baseline_bundle(folder)
     assert loaded.tokenizer.to_json_str() == trained.tokenizer.to_json_str()
     ids = torch.tensor([[trained.tokenizer.bos_id] + list(range(5, 40))])
     with torch.no_grad():
@@ -89,7 +91,7 @@ def test_baseline_export_round_trips_in_float16(model_dir, runs, tmp_path, monke
         (copy / f.name).write_bytes(f.read_bytes())
     (copy / "config.json").write_text((copy / "config.json").read_text() + " ")
     with pytest.raises(BundleError, match="does not match its manifest"):
-        baseline_bundle.load_baseline_bundle(copy)
+        load_baseline_bundle(copy)
 
 
 # ---------------------------------------------------------------- KV bytes per context token

@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cloud.cli import app
-from cloud.testing import write_random_bundle
+from modeling.cloud_bundle import write_random_cloud_bundle
 from protos.client import CloudClient, CloudError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,7 +25,7 @@ def _command() -> list[str]:
 
 
 def test_serve_process_logs_json_and_stops_on_sigterm(tmp_path):
-    write_random_bundle(tmp_path / "bundle", model_id="sllm-cli", d=16, layers=1, heads=2)
+    write_random_cloud_bundle(tmp_path / "bundle", model_id="sllm-cli", d=16, layers=1, heads=2)
     (tmp_path / "tokens").write_text("# one token a line\ntok-1\n")
     proc = subprocess.Popen(
         _command() + ["serve", "--bundle", str(tmp_path / "bundle"), "--port", "0", "--no-batching",
@@ -68,7 +68,7 @@ def test_serve_refuses_bad_bundles_and_flags(tmp_path):
     runner = CliRunner()
     r = runner.invoke(app, ["serve", "--bundle", str(tmp_path / "missing")])
     assert r.exit_code == 2 and "no such bundle directory" in r.output
-    write_random_bundle(tmp_path / "b", d=16, layers=1, heads=2)
+    write_random_cloud_bundle(tmp_path / "b", d=16, layers=1, heads=2)
     with open(tmp_path / "b" / "cloud.safetensors", "r+b") as f:  # one flipped byte
         f.seek(100)
         byte = f.read(1)
@@ -77,7 +77,7 @@ def test_serve_refuses_bad_bundles_and_flags(tmp_path):
     r = runner.invoke(app, ["serve", "--bundle", str(tmp_path / "b")])
     assert r.exit_code == 2 and "does not match its manifest hash" in r.output
     shutil.rmtree(tmp_path / "b")
-    write_random_bundle(tmp_path / "b", d=16, layers=1, heads=2)
+    write_random_cloud_bundle(tmp_path / "b", d=16, layers=1, heads=2)
     r = runner.invoke(app, ["serve", "--bundle", str(tmp_path / "b"), "--max-batch", "0"])
     assert r.exit_code == 2 and "max_batch must be >= 1" in r.output
     r = runner.invoke(app, ["serve", "--bundle", str(tmp_path / "b"), "--tls-cert", str(tmp_path / "c.pem")])

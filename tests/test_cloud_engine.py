@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 
 from cloud.engine import Engine
-from cloud.testing import random_grafted_opt, reference_outputs
+from modeling.cloud_bundle import random_grafted_opt
+from tests.cloud_helpers import reference_outputs
 
 
 @pytest.fixture(scope="module")

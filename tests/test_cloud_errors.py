@@ -10,33 +10,18 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from cloud.testing import converse_raw, reference_outputs, running_server, write_random_bundle
-from export.cloud_bundle import load_cloud_bundle
+from tests.cloud_helpers import D, MODEL_ID, converse_raw, reference_outputs, running_server
 from protos.client import CloudClient, CloudError
 from protos.sllm.v1 import sllm_pb2 as pb
 from protos.wire import pack
 
-D = 32
-MODEL_ID = "sllm-test-model"
 C = grpc.StatusCode
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    out = tmp_path_factory.mktemp("cloud-bundle")
-    write_random_bundle(out, model_id=MODEL_ID, d=D, layers=2, heads=4, max_sentences=64)
-    return out
-
-
-@pytest.fixture(scope="module")
-def model(bundle):
-    return load_cloud_bundle(bundle)[0]
-
-
-@pytest.fixture(scope="module")
-def server(bundle):
+def server(cloud_bundle):
     # max_abs above float32's range: only the model's own overflow guard stops huge values
-    with running_server(bundle, max_sentences=8, max_message_bytes=64 * 1024, max_abs=1e39) as srv:
+    with running_server(cloud_bundle, max_sentences=8, max_message_bytes=64 * 1024, max_abs=1e39) as srv:
         yield srv
 
 
@@ -117,10 +102,10 @@ def test_bad_input_gets_a_precise_status(server, name):
         assert len(replies) == max(0, len(messages) - 1)  # every message before the bad one was answered
 
 
-def test_bad_inputs_leave_no_trace_and_others_unaffected(server, model):
+def test_bad_inputs_leave_no_trace_and_others_unaffected(server, cloud_model):
     """A good conversation runs while every bad input above hits the server from other threads."""
     v = _vec(6, seed=1)
-    ref = reference_outputs(model, v)[0]
+    ref = reference_outputs(cloud_model, v)[0]
     stop = threading.Event()
 
     def hammer():
@@ -213,8 +198,8 @@ def test_fuzzed_requests_get_clean_statuses(server, first, valid, rest, garbage)
 
 
 # -- limits -------------------------------------------------------------------------------------------
-def test_max_sessions_evicts_detached_first_then_refuses(bundle):
-    with running_server(bundle, max_sessions=2) as srv, CloudClient(_target(srv)) as c:
+def test_max_sessions_evicts_detached_first_then_refuses(cloud_bundle):
+    with running_server(cloud_bundle, max_sessions=2) as srv, CloudClient(_target(srv)) as c:
         a = c.conversation(MODEL_ID, D)
         a.append(_vec(2))
         a.close(keep=True)  # detached: evictable
@@ -231,9 +216,9 @@ def test_max_sessions_evicts_detached_first_then_refuses(bundle):
         assert c.stats().sessions_evicted_total == 1
 
 
-def test_kv_budget_evicts_detached_then_refuses(bundle):
+def test_kv_budget_evicts_detached_then_refuses(cloud_bundle):
     per = 2 * 2 * D * 4  # layers * (k, v) * d * float32
-    with running_server(bundle, kv_budget_bytes=10 * per) as srv, CloudClient(_target(srv)) as c:
+    with running_server(cloud_bundle, kv_budget_bytes=10 * per) as srv, CloudClient(_target(srv)) as c:
         assert c.model_info().kv_bytes_per_sentence == per
         old = c.conversation(MODEL_ID, D)
         old.append(_vec(4))
@@ -252,8 +237,8 @@ def test_kv_budget_evicts_detached_then_refuses(bundle):
         assert c.stats().kv_bytes == 0 and c.stats().sessions_evicted_total == 1
 
 
-def test_idle_timeout_frees_detached_and_ends_idle_streams(bundle):
-    with running_server(bundle, idle_timeout_s=0.4) as srv, CloudClient(_target(srv)) as c:
+def test_idle_timeout_frees_detached_and_ends_idle_streams(cloud_bundle):
+    with running_server(cloud_bundle, idle_timeout_s=0.4) as srv, CloudClient(_target(srv)) as c:
         detached = c.conversation(MODEL_ID, D)
         detached.append(_vec(2))
         detached.close(keep=True)

@@ -8,21 +8,11 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from cloud.testing import converse_raw, reference_outputs, running_server, write_random_bundle
-from export.cloud_bundle import load_cloud_bundle
+from tests.cloud_helpers import D, MODEL_ID, converse_raw, reference_outputs, running_server
 from protos.client import CloudClient, CloudError
 from protos.sllm.v1 import sllm_pb2 as pb
 
-D = 32
-MODEL_ID = "sllm-test-model"
 TOKENS = ["s3cret-token", "rotated-token"]
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    out = tmp_path_factory.mktemp("cloud-bundle")
-    write_random_bundle(out, model_id=MODEL_ID, d=D, layers=2, heads=4, max_sentences=64)
-    return out
 
 
 def _vec(n, seed=0):
@@ -64,8 +54,8 @@ def _self_signed(tmp_path):
     return cert, key
 
 
-def test_bearer_token_auth(bundle):
-    with running_server(bundle, tokens=TOKENS) as srv:
+def test_bearer_token_auth(cloud_bundle):
+    with running_server(cloud_bundle, tokens=TOKENS) as srv:
         target = f"127.0.0.1:{srv.port}"
         for token in (None, "wrong", "s3cret-token-but-longer", "s3cret"):
             with CloudClient(target, token=token) as c:
@@ -95,12 +85,11 @@ def _details(target, metadata) -> str:
     return details
 
 
-def test_tls_with_a_self_signed_certificate(bundle, tmp_path):
+def test_tls_with_a_self_signed_certificate(cloud_bundle, cloud_model, tmp_path):
     cert, key = _self_signed(tmp_path)
-    model = load_cloud_bundle(bundle)[0]
     v = _vec(4, seed=1)
-    h = reference_outputs(model, v)[0]
-    with running_server(bundle, tokens=TOKENS, tls_cert=str(cert), tls_key=str(key)) as srv:
+    h = reference_outputs(cloud_model, v)[0]
+    with running_server(cloud_bundle, tokens=TOKENS, tls_cert=str(cert), tls_key=str(key)) as srv:
         target = f"127.0.0.1:{srv.port}"
         with CloudClient(target, token=TOKENS[0], root_certificates=cert.read_bytes()) as c:
             with c.conversation(MODEL_ID, D) as conv:

@@ -12,29 +12,14 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from cloud.testing import reference_outputs, running_server, write_random_bundle
-from export.cloud_bundle import load_cloud_bundle
+from tests.cloud_helpers import D, MODEL_ID, reference_outputs, running_server
 from protos.client import CloudClient, CloudError
 
-D = 32
-MODEL_ID = "sllm-test-model"
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    out = tmp_path_factory.mktemp("cloud-bundle")
-    write_random_bundle(out, model_id=MODEL_ID, d=D, layers=2, heads=4, max_sentences=64)
-    return out
-
-
-@pytest.fixture(scope="module")
-def model(bundle):
-    return load_cloud_bundle(bundle)[0]
-
-
-@pytest.fixture(scope="module")
-def server(bundle):
-    with running_server(bundle, batch_wait_ms=2.0) as srv:
+def server(cloud_bundle):
+    with running_server(cloud_bundle, batch_wait_ms=2.0) as srv:
         yield srv
 
 
@@ -62,11 +47,11 @@ def _assert_step(step, ref, k, atol=1e-5):
     assert step.past_length == k + 1
 
 
-def test_outputs_equal_torch_reference(server, model):
+def test_outputs_equal_torch_reference(server, cloud_model):
     """Prompt (3 sentences in one message), 4 generated-sentence steps, a second user turn
     (2 sentences) and 2 more steps on one stream == one full forward over the same vectors."""
     v = _vectors(11, seed=1)
-    ref = reference_outputs(model, v)
+    ref = reference_outputs(cloud_model, v)
     assert ref[2].any() and not ref[2].all()  # both stop decisions occur in this sequence
     with _client(server) as c:
         info = c.model_info()
@@ -81,10 +66,10 @@ def test_outputs_equal_torch_reference(server, model):
                 _assert_step(conv.append(v[k]), ref, k)
 
 
-def test_float16_on_the_wire(server, model):
+def test_float16_on_the_wire(server, cloud_model):
     v = _vectors(5, seed=2)
     v16 = v.astype(np.float16).astype(np.float32)
-    h = reference_outputs(model, v16)[0]
+    h = reference_outputs(cloud_model, v16)[0]
     with _client(server) as c, c.conversation(MODEL_ID, D, dtype="float16", reply_dtype="float16") as conv:
         np.testing.assert_allclose(conv.append(v[:4]).hidden, h[3], atol=2e-3, rtol=2e-3)
         np.testing.assert_allclose(conv.append(v[4]).hidden, h[4], atol=2e-3, rtol=2e-3)
@@ -138,8 +123,8 @@ def test_concurrent_clients_equal_one_by_one(server):
     assert after["sessions"] == 0 and after["kv_bytes"] == 0
 
 
-def test_cancel_mid_stream_frees_the_session(bundle):
-    with running_server(bundle) as srv, _client(srv) as c:
+def test_cancel_mid_stream_frees_the_session(cloud_bundle):
+    with running_server(cloud_bundle) as srv, _client(srv) as c:
         conv = c.conversation(MODEL_ID, D)
         conv.append(_vectors(5, seed=3))
         conv.append(_vectors(1, seed=4))
@@ -154,8 +139,8 @@ def test_cancel_mid_stream_frees_the_session(bundle):
             c.conversation(MODEL_ID, D, session_id=conv.session_id)
 
 
-def test_deadline_ends_the_stream_and_frees_the_session(bundle):
-    with running_server(bundle) as srv, _client(srv) as c:
+def test_deadline_ends_the_stream_and_frees_the_session(cloud_bundle):
+    with running_server(cloud_bundle) as srv, _client(srv) as c:
         t0 = time.monotonic()
         conv = c.conversation(MODEL_ID, D, timeout=1.0)
         conv.append(_vectors(3, seed=5))
@@ -166,9 +151,9 @@ def test_deadline_ends_the_stream_and_frees_the_session(bundle):
         assert _wait_for(lambda: c.stats().sessions == 0) and c.stats().kv_bytes == 0
 
 
-def test_close_keep_resume_and_rebuild_from_history(server, model):
+def test_close_keep_resume_and_rebuild_from_history(server, cloud_model):
     v = _vectors(8, seed=7)
-    ref = reference_outputs(model, v)
+    ref = reference_outputs(cloud_model, v)
     with _client(server) as c:
         conv = c.conversation(MODEL_ID, D)
         conv.append(v[:3])
@@ -198,10 +183,10 @@ def test_close_keep_resume_and_rebuild_from_history(server, model):
         assert c.stats().sessions == 0
 
 
-def test_graceful_shutdown_drains_open_streams(bundle, model):
+def test_graceful_shutdown_drains_open_streams(cloud_bundle, cloud_model):
     v = _vectors(4, seed=8)
-    ref = reference_outputs(model, v)
-    with running_server(bundle) as srv, _client(srv) as c:
+    ref = reference_outputs(cloud_model, v)
+    with running_server(cloud_bundle) as srv, _client(srv) as c:
         conv = c.conversation(MODEL_ID, D)
         _assert_step(conv.append(v[:2]), ref, 1)
         t0 = time.monotonic()
@@ -220,8 +205,8 @@ def test_graceful_shutdown_drains_open_streams(bundle, model):
         assert srv.store.stats()["sessions"] == 0 and not srv.batcher.alive
 
 
-def test_shutdown_cancels_streams_left_open_after_the_grace_period(bundle):
-    with running_server(bundle) as srv, _client(srv) as c:
+def test_shutdown_cancels_streams_left_open_after_the_grace_period(cloud_bundle):
+    with running_server(cloud_bundle) as srv, _client(srv) as c:
         conv = c.conversation(MODEL_ID, D)
         conv.append(_vectors(2, seed=9))
         t0 = time.monotonic()
@@ -249,8 +234,8 @@ def test_health_and_reflection(server):
         assert replies[1].file_descriptor_response.file_descriptor_proto
 
 
-def test_stats_and_prometheus_metrics(bundle):
-    with running_server(bundle, metrics_port=0, batching=False) as srv, _client(srv) as c:
+def test_stats_and_prometheus_metrics(cloud_bundle):
+    with running_server(cloud_bundle, metrics_port=0, batching=False) as srv, _client(srv) as c:
         with c.conversation(MODEL_ID, D) as conv:
             conv.append(_vectors(3, seed=11))
             conv.append(_vectors(1, seed=12))

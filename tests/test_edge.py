@@ -23,24 +23,28 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from cloud.testing import running_server, write_random_bundle
+from modeling.cloud_bundle import write_random_cloud_bundle
+from tests.cloud_helpers import running_server
 from edge.chat import EdgeError
 from edge.cli import app
 from edge.local import LocalServer
-from edge.providers import CPU, ProviderError, open_sessions
-from edge.runtime import EdgeRuntime
+from runtime.providers import CPU, ProviderError, open_sessions
+from edge.loop import sentence_loop
+from edge.runtime import Decoded, EdgeRuntime
 from edge.sampling import Sampling, filter_logits, numpy_generator, pick_next
 from export.exporter import export_checkpoint
+from protos.client import StepResult
 from tests.conftest import ROOT, tiny_overrides
 from tests.test_sllm import _train, sllm_overrides
 from training.cli import build_run_config
 from training.config import SLLMRunConfig
-from training.models.generate import SamplingConfig, decode_sentences
-from training.models.generate import pick_next as torch_pick_next
-from training.models.opt_graft import STOP
-from training.models.sllm_generate import SLLMGenerator
+from modeling.generate import SamplingConfig, decode_sentences
+from modeling.generate import pick_next as torch_pick_next
+from modeling.opt_graft import STOP
+from modeling.sllm_generate import SLLMGenerator
 from training.tasks.sentence_vae import SentenceVAETask
-from training.tasks.sllm import SLLMTask, load_sllm
+from training.load import load_sllm
+from training.tasks.sllm import SLLMTask
 
 CAP = 4  # --max-sentences in the comparisons (the torch reference uses the same cap)
 TOKEN = "edge-test-token"
@@ -405,7 +409,8 @@ def test_aborted_answer_is_rebuilt_from_history(model, trained, prompts, server)
     """A second Ctrl-C (KeyboardInterrupt mid-answer) drops the stream; the next turn rebuilds the
     session from the history (prompt + the one sentence already appended) and goes on exactly as
     torch does for that conversation."""
-    from edge.chat import ChatSession, SentenceEvent
+    from edge.chat import ChatSession
+    from edge.loop import SentenceEvent
     from protos.client import CloudClient
 
     notes = []
@@ -455,7 +460,7 @@ def test_server_down_wrong_token_and_mismatched_halves(model, server, tmp_path):
     r = _invoke(["--server", f"127.0.0.1:{server.port}", "--bundle", edge, "--prompt", "Hello."])  # no token
     assert r.exit_code == 2 and "refused the bearer token" in r.stderr
     other = tmp_path / "other"
-    write_random_bundle(other / "cloud", model_id="sllm-another-model", d=32, layers=1, heads=2)
+    write_random_cloud_bundle(other / "cloud", model_id="sllm-another-model", d=32, layers=1, heads=2)
     with running_server(other / "cloud", threads=1) as srv:
         r = _invoke(["--server", f"127.0.0.1:{srv.port}", "--bundle", edge, "--prompt", "Hello."])
     assert r.exit_code == 2 and "not halves of the same model" in r.stderr and "sllm-another-model" in r.stderr
@@ -483,7 +488,7 @@ def test_tls_and_token_over_the_wire(model, trained, prompts, tmp_path):
         r = _invoke(["--server", f"127.0.0.1:{srv.port}", "--tls-ca", other, *base])
         assert r.exit_code == 2 and "error: cannot reach the cloud server" in r.stderr
         r = _invoke(["--server", f"127.0.0.1:{srv.port}", "--tls-ca", tmp_path / "missing.pem", *base])
-        assert r.exit_code == 2 and "error: cannot read --tls-ca" in r.stderr
+        assert r.exit_code == 2 and "error: cannot read the TLS CA certificate" in r.stderr
 
 
 def _flip_byte(path: Path, at: int = 200) -> None:
@@ -528,6 +533,9 @@ def test_every_edge_module_imports_and_runs_without_torch(model, no_torch):
     code = textwrap.dedent(f"""\
         import importlib, pkgutil, sys
         import edge
+        heavy = [m for m in ("onnxruntime", "grpc", "tokenizers", "numpy") if m in sys.modules]
+        assert not heavy, f"import edge loaded {{heavy}}"
+        assert edge.EdgeChat.__module__ == "edge.api"  # the API, imported on first use
         names = [m.name for m in pkgutil.walk_packages(edge.__path__, "edge.") if m.name != "edge.__main__"]
         for name in names:
             importlib.import_module(name)
@@ -543,21 +551,23 @@ def test_every_edge_module_imports_and_runs_without_torch(model, no_torch):
             pass
         else:
             raise SystemExit("the blocker let torch in")
-        bad = [m for m in ("torch", "transformers", "training", "cloud") if m in sys.modules]
+        # the edge imports only edge, runtime, protos, sentences (+ numpy, grpc, typer, ORT, tokenizers)
+        bad = [m for m in ("torch", "transformers", "onnx", "modeling", "cloud", "training", "export", "bench")
+               if m in sys.modules]
         assert not bad, bad
         print("ok", len(names))
         """)
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(no_torch), capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.split() == ["ok", "6"]  # chat, cli, local, providers, runtime, sampling
+    assert proc.stdout.split() == ["ok", "7"]  # api, chat, cli, local, loop, runtime, sampling
     assert proc.stderr == ""  # no ORT provider errors on a CPU-only machine
 
 
 def test_cuda_is_used_only_when_it_really_loads(model, monkeypatch, capfd):
     import onnxruntime as ort
 
-    from edge import providers
+    from runtime import providers
 
     paths = [str(model[0] / "edge" / "encoder.onnx"), str(model[0] / "edge" / "decoder.onnx")]
     sessions, provider, note = open_sessions(paths, "cpu", threads=1)
@@ -566,7 +576,11 @@ def test_cuda_is_used_only_when_it_really_loads(model, monkeypatch, capfd):
     # no CUDA libraries) and the edge falls back to the CPU quietly, with the reason
     monkeypatch.setattr(providers.glob, "glob", lambda pattern: ["/dev/nvidia0"])
     sessions, provider, note = open_sessions(paths, "auto", threads=1)
-    if provider == CPU:
+    if providers.CUDA not in ort.get_available_providers():  # a CPU build: CUDA is not even tried
+        assert provider == CPU and note == ""
+        with pytest.raises(ProviderError, match="--device cuda: this onnxruntime build .* has no CUDA provider"):
+            open_sessions(paths, "cuda", threads=1)
+    elif provider == CPU:
         assert "CUDA" in note and all(s.get_providers() == [CPU] for s in sessions)
         with pytest.raises(ProviderError, match="--device cuda: "):
             open_sessions(paths, "cuda", threads=1)
@@ -580,6 +594,7 @@ def test_cuda_is_used_only_when_it_really_loads(model, monkeypatch, capfd):
             super().__init__(path, opts, providers=[p for p in providers if p == CPU], **kw)
 
     monkeypatch.setattr(ort, "InferenceSession", FallsBack)
+    monkeypatch.setattr(ort, "get_available_providers", lambda: [providers.CUDA, CPU])
     sessions, provider, note = open_sessions(paths, "auto", threads=1)
     assert provider == CPU and "CUDA provider did not load" in note
     monkeypatch.undo()
@@ -619,3 +634,68 @@ def test_sampling_matches_torch_and_seeds_reproduce(monkeypatch):
     with pytest.raises(ValueError, match="top_p"):
         Sampling(temperature=1.0, top_p=0)
     assert Sampling(seed=5).for_sentence(2).seed == 7 and Sampling().for_sentence(2).seed is None
+
+
+# ---------------------------------------------------------------- the sentence loop's rules
+
+class _ScriptedRuntime:
+    """An edge runtime whose decoder says the scripted sentences in turn ([] = eos at once)."""
+
+    def __init__(self, sentences: list[list[int]]):
+        self.sentences = list(sentences)
+
+    def encode(self, ids: list[list[int]]) -> np.ndarray:
+        return np.zeros((len(ids), 2), np.float32)
+
+    def decode(self, hidden, sampling, max_tokens=None) -> Decoded:
+        ids = self.sentences.pop(0) if self.sentences else [7]
+        return Decoded(ids, f"<{len(ids)}>", 1.0)
+
+
+class _ScriptedStepper:
+    """A cloud whose termination head says the scripted stop flags in turn; counts what is appended."""
+
+    def __init__(self, stops: list[bool]):
+        self.stops, self.appended = list(stops), []
+
+    def append(self, vectors: np.ndarray) -> StepResult:
+        self.appended.append(len(vectors))
+        return StepResult(np.zeros(2, np.float32), self.stops.pop(0) if self.stops else False, 0.5, 0)
+
+
+@pytest.mark.parametrize("sentences, stops, options, reason, n, appended", [
+    ([[5], [6]], [False, False, True], {}, "stop", 2, [2, 1, 1]),
+    ([[5], []], [], {}, "empty", 1, [2, 1]),
+    ([], [], {"max_sentences": 2}, "max_sentences", 2, [2, 1, 1]),
+    ([], [], {"room": 2}, "context_full", 2, [2, 1, 1]),
+    ([], [True] * 9, {"room": 3, "use_stop_flag": False}, "context_full", 3, [2, 1, 1, 1]),
+    ([], [], {"room": 2, "append_last": False}, "context_full", 2, [2, 1]),  # the bench's runs
+    ([], [], {"interrupted": lambda: True}, "interrupted", 0, [2]),
+])
+def test_sentence_loop_stop_rules_and_caps(sentences, stops, options, reason, n, appended):
+    stepper = _ScriptedStepper(stops)
+    options = {"room": 5, "max_sentences": 8, **options}
+    events = list(sentence_loop(_ScriptedRuntime(sentences), stepper, [[3], [4]], Sampling(), context_used=10,
+                                turn=3, **options))
+    *said, end = events
+    assert [ev.index for ev in said] == list(range(n)) and all(ev.turn == 3 for ev in said)
+    assert (end.reason, end.sentences, end.prompt_sentences) == (reason, n, 2)
+    assert stepper.appended == appended and end.context_sentences == 10 + sum(appended)
+    assert end.edge_decode_ms == (1.0 if reason == "empty" else 0.0)  # the empty decode, timed
+    assert (end.cloud_step_ms == 0.0) == (options.get("append_last") is False)  # no step after the last
+
+
+def test_sentence_loop_appends_a_sentence_only_when_asked_for_the_next_event():
+    """A consumer that stops reading right after a sentence leaves it out of the context; one that
+    asks to be interrupted gets it appended first."""
+    stepper = _ScriptedStepper([])
+    events = sentence_loop(_ScriptedRuntime([]), stepper, [[3]], Sampling(), room=5)
+    assert next(events).index == 0 and stepper.appended == [1]
+    events.close()
+    assert stepper.appended == [1]
+    stop = []
+    events = sentence_loop(_ScriptedRuntime([]), stepper, [[3]], Sampling(), room=5, interrupted=lambda: bool(stop))
+    next(events)
+    stop.append(1)
+    end = next(events)
+    assert end.reason == "interrupted" and end.sentences == 1 and stepper.appended == [1, 1, 1]

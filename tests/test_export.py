@@ -13,37 +13,18 @@ import torch
 from typer.testing import CliRunner
 
 from export.cli import app
-from export.cloud_bundle import load_cloud_bundle, model_id_for
-from export.edge_bundle import load_edge_bundle
+from modeling.cloud_bundle import load_cloud_bundle, model_id_for
+from runtime.edge_bundle import load_edge_bundle
 from export.exporter import ExportError, VerificationFailed, check_output_dir, export_checkpoint
-from export.manifest import BundleError, read_manifest
-from export.ort_decode import decoder_step
-from tests.conftest import ROOT, tiny_overrides
-from tests.test_sllm import _train, sllm_overrides
-from training.cli import build_run_config
-from training.config import SLLMRunConfig
-from training.models.generate import decode_sentences
-from training.tasks.sentence_vae import SentenceVAETask
-from training.tasks.sllm import SLLMTask, load_sllm
+from runtime.artifacts import CheckpointError
+from runtime.manifest import BundleError, read_manifest
+from runtime.svae_onnx import decoder_step
+from tests.conftest import ROOT
+from modeling.generate import decode_sentences
+from training.load import load_sllm
 
 N_VERIFY = 40
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def stage1(tiny_corpus, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("x_stage1")
-    overrides = tiny_overrides(tiny_corpus, out / "cache") + ["train.max_steps=30", "model.max_sentence_tokens=16"]
-    _train(type(build_run_config(None, [], None)), SentenceVAETask, overrides, out / "run")
-    return out / "run"
-
-
-@pytest.fixture(scope="module")
-def sllm_run(tiny_corpus, stage1, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("x_sllm")
-    overrides = sllm_overrides(tiny_corpus, out / "cache") + [f"sllm.svae_checkpoint={stage1}", "train.max_steps=4"]
-    _train(SLLMRunConfig, SLLMTask, overrides, out / "run")
-    return out / "run"
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +79,30 @@ def test_export_writes_edge_and_cloud_bundles_of_one_model(exported, sllm_run):
     ref = trained.model.opt.state_dict()
     assert all(torch.equal(v, ref[k]) for k, v in opt.state_dict().items())
     assert not any(p.name.startswith(".") for p in exported.out.iterdir())  # no temp folders left
+
+
+def test_one_loader_opens_every_kind(exported, stage1, sllm_run, tmp_path):
+    from modeling.opt_graft import GraftedOPT
+    from runtime.artifacts import identify
+    from runtime.edge_bundle import EdgeBundle
+    from training.load import ExportFolder, TrainedSentenceVAE, TrainedSLLM, load, load_sentence_vae
+
+    kinds = {p: identify(p).kind for p in (stage1, _ckpt(stage1), sllm_run, exported.edge, exported.cloud,
+                                           exported.out)}
+    assert list(kinds.values()) == ["sentence_vae", "sentence_vae", "sllm", "edge", "cloud", "export"]
+    assert identify(sllm_run).path == _ckpt(sllm_run)  # a run dir means its newest checkpoint
+    assert isinstance(load(stage1), TrainedSentenceVAE) and isinstance(load(sllm_run), TrainedSLLM)
+    assert isinstance(load(exported.edge), EdgeBundle)
+    opt, manifest = load(exported.cloud)
+    assert isinstance(opt, GraftedOPT) and manifest["model_id"] == exported.report["model_id"]
+    folder = load(exported.out)
+    assert isinstance(folder, ExportFolder) and folder.edge.model_id == folder.cloud[1]["model_id"]
+    assert folder.baseline is None
+    # the SentenceVAE inside an SLLM checkpoint is what its edge bundle runs
+    assert load_sentence_vae(sllm_run).model.cfg.d_model == folder.edge.d_model
+    for path, why in ((tmp_path / "missing", "no such"), (tmp_path, "neither a checkpoint nor a bundle")):
+        with pytest.raises(CheckpointError, match=why):
+            load(path)
 
 
 def test_onnx_checker_and_dynamic_axes(exported):
@@ -175,7 +180,7 @@ def test_ort_greedy_tokens_identical_to_torch(exported, sllm_run):
 def test_edge_bundle_loads_without_torch(exported):
     code = (
         "import sys, numpy as np\n"
-        "from export.edge_bundle import load_edge_bundle\n"
+        "from runtime.edge_bundle import load_edge_bundle\n"
         f"b = load_edge_bundle({str(exported.edge)!r})\n"
         "ids = b.tokenizer.encode('The king sees the river.')\n"
         "v = b.encode_ids([ids])\n"
@@ -185,7 +190,7 @@ def test_edge_bundle_loads_without_torch(exported):
         "assert not bad, bad\n"
         "print('ok', b.model_id)\n")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                          env={"PATH": "", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)})
+                          env={"PATH": "", "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith("ok sllm-")
 
@@ -204,7 +209,7 @@ def test_a_flipped_byte_is_refused_on_load(exported, tmp_path):
         path.write_bytes(original)
         load(path.parent)
     # a manifest whose sizes do not describe the graphs (hashes re-done) is refused as well
-    from export.manifest import write_manifest
+    from runtime.manifest import write_manifest
 
     m = read_manifest(edge)
     write_manifest(edge, {**{k: v for k, v in m.items() if k not in ("files", "format_version")}, "head_dim": 8},

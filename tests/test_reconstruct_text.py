@@ -14,7 +14,7 @@ from sentences.tokenizer import TokenizerError
 from tests.conftest import ROOT
 from training.cli import EMPTY_TEXT, app
 from training.evaluate import reconstruct_text, reconstruct_texts
-from training.tasks.sentence_vae import load_sentence_vae
+from training.load import load_stage1
 
 WORDS = " ".join(f"word{i % 97}" for i in range(2000))[:10_000]  # no punctuation at all
 ONE_LETTER = "a" * 10_000
@@ -40,7 +40,7 @@ def checkpoint(tiny_svae_run) -> Path:
 
 @pytest.fixture(scope="module")
 def trained(checkpoint):
-    return load_sentence_vae(checkpoint)
+    return load_stage1(checkpoint)
 
 
 def _kept(trained, text: str) -> str:
@@ -197,7 +197,7 @@ def test_cli_corrupt_or_missing_checkpoint_exits_2(checkpoint, tmp_path):
         assert "error:" in result.stderr and "Traceback" not in result.output
         assert result.stdout == ""
     # a real process too: stderr is what a user sees
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "training.cli", "reconstruct", str(ckpt), "Hello there."],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "error:" in proc.stderr and "corrupt or truncated" in proc.stderr

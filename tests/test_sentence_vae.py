@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from training.config import ConfigError, SentenceVAEConfig
-from training.losses import token_loss, token_nll_sum
-from training.models.generate import SamplingConfig, decode_full_recompute, decode_sentences, pick_next
-from training.models.sentence_vae import SentenceDecoder, SentenceVAE
+from modeling.config import ConfigError, SentenceVAEConfig
+from modeling.losses import token_loss, token_nll_sum
+from modeling.generate import SamplingConfig, decode_full_recompute, decode_sentences, pick_next
+from modeling.sentence_vae import SentenceDecoder, SentenceVAE
 
 torch.set_num_threads(1)
 

@@ -11,41 +11,23 @@ import torch
 from safetensors.torch import load_file
 from transformers import OPTForCausalLM
 
-from tests.conftest import ROOT, tiny_overrides
+from tests.conftest import OPT_TINY, QUIET, ROOT, _train, data_overrides, sllm_overrides
 from training.checkpoint import CheckpointError
 from training.cli import build_run_config
-from training.config import BaselineRunConfig, OPTSpec, SLLMRunConfig
+from modeling.config import OPTSpec
+from training.config import BaselineRunConfig, SLLMRunConfig
 from training.data.passage_data import collate_passages
 from training.evaluate_lm import baseline_token_nll, sllm_token_nll
-from training.models.generate import SamplingConfig, decode_sentences
-from training.models.opt_graft import opt_config_from_spec
-from training.models.sllm_generate import SLLMGenerator
-from training.tasks.opt_baseline import OPTBaselineTask, load_baseline
-from training.tasks.sentence_vae import SentenceVAETask, load_sentence_vae
-from training.tasks.sllm import SLLMTask, load_sllm
-from training.trainer import Trainer
+from modeling.generate import SamplingConfig, decode_sentences
+from modeling.opt_graft import opt_config_from_spec
+from modeling.sllm_generate import SLLMGenerator
+from training.load import load_baseline
+from training.tasks.opt_baseline import OPTBaselineTask
+from training.load import load_stage1
+from training.load import load_sllm
+from training.tasks.sllm import SLLMTask
 
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
-QUIET = dict(log=lambda *a, **k: None)
-OPT_TINY = ["opt.hidden_size=32", "opt.num_hidden_layers=2", "opt.num_attention_heads=2", "opt.ffn_dim=64",
-            "opt.max_position_embeddings=256"]
-
-
-def data_overrides(corpus: Path, cache: Path) -> list[str]:
-    return [o for o in tiny_overrides(corpus, cache) if not o.startswith("model.")] + [
-        "data.max_passage_sentences=12", "data.max_passage_tokens=200", "train.batch_size=2"]
-
-
-def sllm_overrides(corpus: Path, cache: Path) -> list[str]:
-    return data_overrides(corpus, cache) + OPT_TINY + [
-        "svae.d_model=32", "svae.n_heads=2", "svae.ffn_dim=64", "svae.max_sentence_tokens=16"]
-
-
-def _train(cls, task_cls, overrides, out: Path):
-    run = build_run_config(None, overrides, str(out), cls)
-    task = task_cls(run, **QUIET)
-    Trainer(task, run.train, run, **QUIET).fit()
-    return task
 
 
 def _losses(run_dir: Path) -> list[float]:
@@ -53,25 +35,8 @@ def _losses(run_dir: Path) -> list[float]:
     return [r["loss"] for r in rows if "loss" in r and "val_loss" not in r]
 
 
-@pytest.fixture(scope="module")
-def stage1(tiny_corpus, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("stage1")
-    overrides = tiny_overrides(tiny_corpus, out / "cache") + ["train.max_steps=30", "model.max_sentence_tokens=16",
-                                                               "model.n_heads=2"]
-    _train(type(build_run_config(None, [], None)), SentenceVAETask, overrides, out / "run")
-    return out / "run"
-
-
-@pytest.fixture(scope="module")
-def sllm_run(tiny_corpus, stage1, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("sllm")
-    overrides = sllm_overrides(tiny_corpus, out / "cache") + [f"sllm.svae_checkpoint={stage1}", "train.max_steps=6"]
-    _train(SLLMRunConfig, SLLMTask, overrides, out / "run")
-    return out / "run"
-
-
 def test_torchrun_ddp_sllm_trains_and_loss_falls(tiny_corpus, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = sllm_overrides(tiny_corpus, tmp_path / "cache") + ["train.max_steps=16", "train.lr=0.01",
                                                                "train.save_every=100"]
     cmd = [TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "training.cli", "sllm", "--out",
@@ -87,7 +52,7 @@ def test_torchrun_ddp_sllm_trains_and_loss_falls(tiny_corpus, tmp_path):
 
 
 def test_sllm_from_stage1_keeps_its_tokenizer_and_segmentation(sllm_run, stage1):
-    trained, s1 = load_sllm(sllm_run), load_sentence_vae(stage1)
+    trained, s1 = load_sllm(sllm_run), load_stage1(stage1)
     assert trained.tokenizer.to_json_str() == s1.tokenizer.to_json_str()
     assert trained.run.svae == s1.model.cfg
     assert trained.run.data.split_on_comma == s1.run.data.split_on_comma
@@ -160,7 +125,7 @@ def test_baseline_can_take_the_stage1_run_dir_as_its_tokenizer(tiny_corpus, stag
     """So the baseline can train beside stage 2: it needs only stage 1's tokenizer, not the SLLM."""
     overrides = data_overrides(tiny_corpus, tmp_path / "cache") + OPT_TINY + [f"data.tokenizer={stage1}"]
     task = OPTBaselineTask(build_run_config(None, overrides, str(tmp_path / "run"), BaselineRunConfig), **QUIET)
-    assert task.data.tokenizer.to_json_str() == load_sentence_vae(stage1).tokenizer.to_json_str()
+    assert task.data.tokenizer.to_json_str() == load_stage1(stage1).tokenizer.to_json_str()
     with pytest.raises(Exception, match="tokenizer not found"):  # a missing path is still an error
         OPTBaselineTask(build_run_config(None, overrides + [f"data.tokenizer={tmp_path / 'nope'}"],
                                          str(tmp_path / "run"), BaselineRunConfig), **QUIET)
@@ -250,13 +215,13 @@ def test_width_mismatch_and_wrong_kind_are_refused(tiny_corpus, tmp_path, sllm_r
     with pytest.raises(CheckpointError, match="not an SLLM"):
         load_sllm(stage1)
     with pytest.raises(CheckpointError, match="not a SentenceVAE"):
-        load_sentence_vae(sllm_run)
+        load_stage1(sllm_run)
 
 
 def test_reconstruction_loss_is_stage_one_loss_on_the_passage_sentences(sllm_run):
     """sllm.reconstruction_loss_weight adds weight * the SentenceVAE's own (stage-1) loss over the
     real sentences of the batch, padding sentences excluded."""
-    from training.losses import token_loss
+    from modeling.losses import token_loss
     from training.tasks.sllm import sllm_losses
 
     trained = load_sllm(sllm_run)
@@ -287,12 +252,12 @@ def test_eval_reads_the_sentence_vae_inside_an_sllm_checkpoint(sllm_run, stage1)
     from typer.testing import CliRunner
 
     from training.cli import app
-    from training.tasks.sllm import load_any_sentence_vae
+    from training.load import load_sentence_vae
 
-    inner = load_any_sentence_vae(sllm_run)
+    inner = load_sentence_vae(sllm_run)
     sllm_svae = load_sllm(sllm_run).model.svae.state_dict()
     assert all(torch.equal(v, sllm_svae[k]) for k, v in inner.model.state_dict().items())
-    stage1_svae = load_any_sentence_vae(stage1).model.state_dict()
+    stage1_svae = load_sentence_vae(stage1).model.state_dict()
     assert any(not torch.equal(v, sllm_svae[k]) for k, v in stage1_svae.items())  # stage 2 changed it
     res = CliRunner().invoke(app, ["eval", str(sllm_run), "--n-exact", "20", "--n-loss", "50"])
     assert res.exit_code == 0, res.output

@@ -13,14 +13,14 @@ from safetensors.torch import load_file
 from tests.conftest import ROOT, tiny_overrides
 from training.checkpoint import CheckpointError
 from training.cli import build_run_config
-from training.tasks.sentence_vae import load_sentence_vae
+from training.load import load_stage1
 from training.trainer import lr_at
 
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 
 
 def _torchrun(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "training.cli", "svae", *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -71,7 +71,7 @@ def trained_run(tiny_svae_run) -> Path:
 
 
 def test_checkpoint_loads_with_its_tokenizer(trained_run):
-    trained = load_sentence_vae(trained_run)
+    trained = load_stage1(trained_run)
     assert trained.tokenizer.vocab_size == trained.model.cfg.vocab_size
     assert trained.run.data.segmentation_version
 
@@ -89,7 +89,7 @@ def test_truncated_checkpoint_is_refused(trained_run, tmp_path):
     weights = ckpt / "ema.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(CheckpointError, match="corrupt or truncated"):
-        load_sentence_vae(ckpt)
+        load_stage1(ckpt)
 
 
 def test_garbage_weights_are_refused_even_without_manifest(trained_run, tmp_path):
@@ -97,7 +97,7 @@ def test_garbage_weights_are_refused_even_without_manifest(trained_run, tmp_path
     (ckpt / "ema.safetensors").write_bytes(b"\x00garbage" * 10)
     (ckpt / "manifest.json").unlink()
     with pytest.raises(CheckpointError, match="neither a checkpoint"):
-        load_sentence_vae(ckpt)
+        load_stage1(ckpt)
     from training.checkpoint import load_tensors
 
     with pytest.raises(CheckpointError, match="corrupt or truncated"):
@@ -116,7 +116,7 @@ def test_config_that_does_not_match_weights_is_refused(trained_run, tmp_path):
     manifest["sha256"]["config.json"] = sha256_file(ckpt / "config.json")
     (ckpt / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match="do not match the config"):
-        load_sentence_vae(ckpt)
+        load_stage1(ckpt)
 
 
 def test_tokenizer_that_does_not_match_model_is_refused(trained_run, tmp_path, tiny_corpus):
@@ -131,19 +131,19 @@ def test_tokenizer_that_does_not_match_model_is_refused(trained_run, tmp_path, t
         manifest["sha256"][name] = sha256_file(ckpt / name)
     (ckpt / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match="does not match the model"):
-        load_sentence_vae(ckpt)
+        load_stage1(ckpt)
 
 
 def test_not_a_checkpoint_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="no such checkpoint"):
-        load_sentence_vae(tmp_path / "missing")
+        load_stage1(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="neither a checkpoint"):
-        load_sentence_vae(tmp_path / "empty")
+        load_stage1(tmp_path / "empty")
 
 
 def test_cli_eval_reports_metrics_and_paper_inputs(trained_run, tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = dict(os.environ)
     report = tmp_path / "report.md"
     proc = subprocess.run([sys.executable, "-m", "training.cli", "eval", str(trained_run), "--n-exact", "20",
                            "--n-loss", "50", "--report", str(report)], cwd=ROOT, env=env, capture_output=True,
@@ -158,7 +158,7 @@ def test_cli_eval_reports_metrics_and_paper_inputs(trained_run, tmp_path):
 
 
 def test_cli_reports_bad_input_without_traceback(tmp_path):
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = dict(os.environ)
     (tmp_path / "bad.json").write_text("{not json")
     for args in (["eval", str(tmp_path / "nope")], ["svae", "--config", str(tmp_path / "bad.json")],
                  ["svae", "model.d_model=30", "model.n_heads=4"], ["svae", "train.no_such_key=1"]):
@@ -188,7 +188,7 @@ def test_cli_plot_adds_exact_match_per_checkpoint_and_caches_it(tiny_corpus, tmp
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = [json.loads(line) for line in (tmp_path / "run" / CACHE_FILE).read_text().splitlines()]
     assert [r["step"] for r in rows] == [3, 6]
-    last = load_sentence_vae(tmp_path / "run")
+    last = load_stage1(tmp_path / "run")
     val = prepare_data(last.run.data, last.model.cfg.max_sentence_tokens, log=lambda *a: None).val
     assert rows[-1]["exact_match"] == exact_match(last, val, 30)["exact_match"]
     # a second plot reads the cache instead of decoding again
@@ -204,7 +204,7 @@ def test_sigterm_saves_at_a_step_boundary_and_the_run_resumes(tiny_corpus, tmp_p
     out = tmp_path / "run"
     args = [sys.executable, "-m", "training.cli", "svae", "--out", str(out),
             *tiny_overrides(tiny_corpus, tmp_path / "cache"), "train.max_steps=100000", "train.save_every=100000"]
-    proc = subprocess.Popen(args, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(args, cwd=ROOT, env={**os.environ}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 240
@@ -223,6 +223,6 @@ def test_sigterm_saves_at_a_step_boundary_and_the_run_resumes(tiny_corpus, tmp_p
     logged = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert saved["step"] >= max(logged) >= 2
     resumed = subprocess.run(args[:-2] + [f"train.max_steps={saved['step'] + 2}"], cwd=ROOT, capture_output=True,
-                             text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=240)
+                             text=True, env={**os.environ}, timeout=240)
     assert resumed.returncode == 0 and "resumed from" in resumed.stderr, resumed.stderr[-3000:]
     assert (out / "latest").read_text().strip() == f"checkpoints/step_{saved['step'] + 2:08d}"

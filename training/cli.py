@@ -10,6 +10,10 @@
 """
 from __future__ import annotations
 
+from runtime.roles import require_role
+
+require_role("train", "sllm-train")  # before anything heavy: one line, not a traceback, in an edge install
+
 import json
 import sys
 from pathlib import Path
@@ -17,7 +21,9 @@ from typing import Optional
 
 import typer
 
-from training.config import ConfigError, RunConfig, apply_overrides, load_run_config
+from modeling.config import ConfigError
+
+from training.config import RunConfig, apply_overrides, load_run_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train and evaluate sllm models.")
 
@@ -100,10 +106,10 @@ def evaluate(
     """Validation loss, PPL, exact-match reconstruction and the paper's Table 2 inputs (a SentenceVAE
     checkpoint, or the SentenceVAE inside an SLLM checkpoint)."""
     from training.evaluate import evaluate_sentence_vae, render_markdown, validation_sentences
-    from training.tasks.sllm import load_any_sentence_vae
+    from training.load import load_sentence_vae
 
     try:
-        trained = load_any_sentence_vae(checkpoint, weights=weights)
+        trained = load_sentence_vae(checkpoint, weights=weights)
         val = validation_sentences(trained, log=_log_err)
         result = evaluate_sentence_vae(trained, val, n_loss=n_loss, n_exact=n_exact)
     except _user_errors() as e:
@@ -129,7 +135,7 @@ def reconstruct(
     """Encode any text sentence by sentence and decode it back (greedy). Sentences over the
     token limit are split, never truncated; empty or blank text reconstructs to nothing."""
     from training.evaluate import reconstruct_text
-    from training.tasks.sllm import load_any_sentence_vae
+    from training.load import load_sentence_vae
 
     if text is None:
         data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
@@ -138,7 +144,7 @@ def reconstruct(
         except UnicodeDecodeError as e:
             _fail(f"stdin is not valid UTF-8 text ({e})")
     try:
-        trained = load_any_sentence_vae(checkpoint, weights=weights)
+        trained = load_sentence_vae(checkpoint, weights=weights)
         pieces = reconstruct_text(trained, text)
     except (*_user_errors(), ValueError) as e:
         _fail(str(e))
@@ -167,9 +173,9 @@ def generate(
     seed: Optional[int] = typer.Option(None),
 ):
     """Continue a prompt sentence by sentence with a trained SLLM (torch reference, one process)."""
-    from training.models.generate import SamplingConfig
-    from training.models.sllm_generate import SLLMGenerator
-    from training.tasks.sllm import load_sllm
+    from modeling.generate import SamplingConfig
+    from modeling.sllm_generate import SLLMGenerator
+    from training.load import load_sllm
 
     if prompt is None:
         prompt = sys.stdin.read()

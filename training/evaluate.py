@@ -5,11 +5,15 @@ import time
 
 import numpy as np
 import torch
+from torch import nn
 
-from sentences.limit import is_blank, text_to_sentences
-from training.data.sentence_data import SentenceTokens, pad_token_lists, prepare_data
-from training.models.generate import SamplingConfig, decode_sentences
-from training.tasks.sentence_vae import TrainedSentenceVAE, validation_loss
+from sentences.limit import model_sentences
+from modeling.losses import token_nll_sum
+from modeling.sentence_vae import pad_token_lists
+from training.data.sentence_data import SentenceTokens, collate, prepare_data
+from modeling.generate import SamplingConfig, decode_sentences
+from training.load import TrainedSentenceVAE
+from training.tasks.common import unwrap
 
 # The eight inputs of the paper's Table 2, verbatim.
 PAPER_TABLE2_INPUTS = [
@@ -23,6 +27,22 @@ PAPER_TABLE2_INPUTS = [
     "Yao yao ling xian!",
 ]
 LENGTH_BUCKETS = [(1, 8), (9, 16), (17, 32), (33, 64), (65, 10_000)]
+
+
+@torch.no_grad()
+def validation_loss(model: nn.Module, data: SentenceTokens, n: int, batch_size: int) -> dict[str, float]:
+    """Cross-entropy per target token (sentence tokens + eos) and PPL (paper Eq. 10)."""
+    model = unwrap(model).eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, n, batch_size):
+        index = np.arange(start, min(n, start + batch_size))
+        ids, mask = (t.to(device) for t in collate(data, index, model.cfg.pad_id))
+        _, targets = model.teacher_forcing_targets(ids, mask)
+        nll, k = token_nll_sum(model(ids, mask), targets)
+        total, count = total + float(nll), count + int(k)
+    loss = total / max(count, 1)
+    return {"loss": loss, "ppl": float(np.exp(loss)), "tokens": float(count)}
 
 
 @torch.no_grad()
@@ -45,8 +65,7 @@ def _reconstruct_many(trained: TrainedSentenceVAE, texts: list[str],
     limit, never truncated) with their reconstructions; all pieces decode in one batch."""
     tok, limit = trained.tokenizer, trained.model.cfg.max_sentence_tokens
     split_on_comma = trained.run.data.split_on_comma
-    pieces = [[p for p in text_to_sentences(t, tok, limit, split_on_comma=split_on_comma) if not is_blank(p)]
-              for t in texts]
+    pieces = [model_sentences(t, tok, limit, split_on_comma) for t in texts]
     flat = [p for ps in pieces for p in ps]
     ids = tok.encode_batch(flat) if flat else []
     outputs = reconstruct_ids(trained, ids, sampling=sampling) if ids else []

@@ -20,9 +20,10 @@ import math
 import numpy as np
 import torch
 
-from training.data.passage_data import Passages, collate_passages, collate_token_sequences
-from training.losses import IGNORE_INDEX, _token_nll
-from training.models.sllm import SLLM
+from modeling.losses import IGNORE_INDEX, _token_nll, next_token_logits
+from modeling.sllm import SLLM
+from training.data.passage_data import Passages, collate_passages, collate_token_sequences, prepare_passages
+from training.load import load_baseline, load_sllm
 
 
 def _result(nll: float, tokens: int, **extra: float) -> dict[str, float]:
@@ -57,8 +58,6 @@ def sllm_token_nll(model: SLLM, data: Passages, index: np.ndarray, batch_size: i
 @torch.no_grad()
 def baseline_token_nll(model, data: Passages, index: np.ndarray, batch_size: int, pad_id: int,
                        bos_id: int) -> dict[str, float]:
-    from training.tasks.opt_baseline import next_token_logits
-
     model.eval()
     device = next(model.parameters()).device
     total, tokens = 0.0, 0
@@ -74,10 +73,6 @@ def baseline_token_nll(model, data: Passages, index: np.ndarray, batch_size: int
 
 
 def compare_sllm_baseline(sllm_path, baseline_path, n_passages: int = 0, log=print) -> dict:
-    from training.data.passage_data import prepare_passages
-    from training.tasks.opt_baseline import load_baseline
-    from training.tasks.sllm import load_sllm
-
     sllm, base = load_sllm(sllm_path), load_baseline(baseline_path)
     if sllm.tokenizer.to_json_str() != base.tokenizer.to_json_str():
         raise ValueError("the SLLM and the baseline use different tokenizers: their PPLs would not compare")

@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 
 from training import checkpoint as ckpt
+from training.evaluate import exact_match, validation_sentences
+from training.load import load_sentence_vae
 
 CACHE_FILE = "exact_match.jsonl"
 
@@ -22,10 +24,6 @@ def run_checkpoints(run_dir: Path) -> list[Path]:
 
 def exact_match_curve(run_dir: Path, n_sentences: int, log=print) -> list[dict]:
     """One row per checkpoint: step, tokens_seen, exact_match, exact_match_le16 (greedy, EMA weights)."""
-    from training.evaluate import exact_match, validation_sentences
-    from training.tasks.sentence_vae import trainer_state
-    from training.tasks.sllm import load_any_sentence_vae
-
     cache_path = Path(run_dir) / CACHE_FILE
     cached = {}
     if cache_path.is_file():
@@ -34,10 +32,10 @@ def exact_match_curve(run_dir: Path, n_sentences: int, log=print) -> list[dict]:
             cached[(row["step"], row["sentences_asked"])] = row
     rows, val = [], None
     for d in run_checkpoints(run_dir):
-        state = trainer_state(d)
+        state = ckpt.read_trainer_state(d)
         key = (state["step"], n_sentences)
         if key not in cached:
-            trained = load_any_sentence_vae(d)
+            trained = load_sentence_vae(d)
             if val is None:  # every checkpoint of a run shares its tokenizer and split
                 val = validation_sentences(trained, log=log)
             m = exact_match(trained, val, n_sentences)

@@ -177,7 +177,7 @@ class Trainer:
             return False
         d = ckpt.resolve_checkpoint(self.out)
         ckpt.verify_checkpoint_dir(d)
-        state = json.loads((d / "trainer_state.json").read_text())
+        state = ckpt.read_trainer_state(d)
         if state["world_size"] != self.dist.world:
             raise ckpt.CheckpointError(
                 f"{d} was written by {state['world_size']} processes; resume with the same --nproc_per_node "

@@ -12,13 +12,12 @@ sequence is bos + the passage's sentence tokens, concatenated.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from sentences.limit import is_blank, text_to_sentences
+from sentences.limit import model_sentences
 from sentences.tokenizer import SentenceTokenizer
 from training.config import DataConfig
 from training.data.corpus import Document
@@ -63,7 +62,7 @@ def build_passages(docs: list[Document], tok: SentenceTokenizer, max_tokens: int
     para_end: list[bool] = []
     doc_bounds = [0]
     for doc in docs:
-        pieces = [p for p in text_to_sentences(doc.text, tok, max_tokens, split_on_comma) if not is_blank(p)]
+        pieces = model_sentences(doc.text, tok, max_tokens, split_on_comma)
         texts.extend(pieces)
         para_end.extend(_ends_paragraph(pieces[i + 1] if i + 1 < len(pieces) else None) for i in range(len(pieces)))
         doc_bounds.append(len(texts))
@@ -155,7 +154,3 @@ def collate_token_sequences(p: Passages, index: np.ndarray, pad_id: int, bos_id:
         first_end[b] = 1 + p.sentences.offsets[p.starts[i] + 1] - a
     mask = torch.arange(ids.shape[1])[None, :] < torch.from_numpy(1 + counts)[:, None]
     return torch.from_numpy(ids), mask, torch.from_numpy(first_end)
-
-
-def passage_summary(p: Passages) -> str:
-    return json.dumps({"passages": len(p), "sentences": len(p.sentences), "tokens": int(p.sentences.offsets[-1])})

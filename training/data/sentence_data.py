@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sentences.limit import split_to_token_limit
-from sentences.segment import SEGMENTATION_VERSION, split_sentences
+from sentences.limit import model_sentences
+from sentences.segment import SEGMENTATION_VERSION
 from sentences.tokenizer import SentenceTokenizer, train_bpe
 from training.checkpoint import resolve_checkpoint
 from training.config import DataConfig
@@ -55,14 +55,7 @@ class SentenceTokens:
 
 def segment_documents(docs: list[Document], tok: SentenceTokenizer, max_tokens: int, split_on_comma: bool) -> list[str]:
     """All non-blank sentences of `docs`, each at most `max_tokens` tokens."""
-    sentences = [s for d in docs for s in split_sentences(d.text, split_on_comma) if s.strip()]
-    out = []
-    for s, ids in zip(sentences, tok.encode_batch(sentences)):
-        if len(ids) <= max_tokens:
-            out.append(s)
-        else:
-            out.extend(p for p in split_to_token_limit(s, tok, max_tokens) if p.strip())
-    return out
+    return [s for d in docs for s in model_sentences(d.text, tok, max_tokens, split_on_comma)]
 
 
 def tokenize_sentences(sentences: list[str], tok: SentenceTokenizer) -> SentenceTokens:
@@ -193,11 +186,3 @@ def collate(data: SentenceTokens, index: np.ndarray, pad_id: int) -> tuple[torch
     ids_t = torch.from_numpy(ids)
     mask = torch.arange(ids.shape[1])[None, :] < torch.from_numpy(lengths)[:, None]
     return ids_t, mask
-
-
-def pad_token_lists(token_lists: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token id lists -> ids [B, Lmax] right-padded, mask [B, Lmax] (as `collate`)."""
-    lengths = np.array([len(s) for s in token_lists], dtype=np.int64)
-    data = SentenceTokens(np.array([t for s in token_lists for t in s], dtype=np.int32),
-                          np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
-    return collate(data, np.arange(len(token_lists)), pad_id)

@@ -1,19 +1,11 @@
-"""What every training task shares: epoch batching and opening a saved checkpoint."""
+"""What every training task shares: epoch batching, and the module inside DDP / torch.compile."""
 from __future__ import annotations
-
-import json
-from pathlib import Path
 
 import numpy as np
 from torch import nn
-from transformers import OPTConfig
 
-from sentences.tokenizer import SentenceTokenizer, TokenizerError
-from training import checkpoint as ckpt
-from training.config import ConfigError, TrainConfig, load_run_config
+from training.config import TrainConfig
 from training.data.sentence_data import epoch_batches
-
-OPT_CONFIG_FILE = "opt_config.json"
 
 
 class EpochBatches:
@@ -33,44 +25,3 @@ class EpochBatches:
 def unwrap(model: nn.Module) -> nn.Module:
     model = getattr(model, "_orig_mod", model)  # torch.compile
     return getattr(model, "module", model)  # DDP
-
-
-def open_checkpoint(path: str | Path, kind: str, what: str):
-    """(checkpoint dir, run config, tokenizer) after checking hashes, config and kind."""
-    d = ckpt.resolve_checkpoint(path)
-    ckpt.verify_checkpoint_dir(d)
-    try:
-        run = load_run_config(d / "config.json")
-        run.validate()
-    except ConfigError as e:
-        raise ckpt.CheckpointError(f"{d}/config.json: {e}") from None
-    if run.kind != kind:
-        raise ckpt.CheckpointError(f"{d} holds a {run.kind!r} checkpoint, not {what}")
-    try:
-        tok = SentenceTokenizer.load(d)
-    except TokenizerError as e:
-        raise ckpt.CheckpointError(f"{d}: {e}") from None
-    return d, run, tok
-
-
-def load_opt_config(d: Path) -> OPTConfig:
-    try:
-        config = OPTConfig.from_dict(json.loads((d / OPT_CONFIG_FILE).read_text()))
-    except (OSError, ValueError) as e:
-        raise ckpt.CheckpointError(f"{d}/{OPT_CONFIG_FILE} is missing or corrupt ({e})") from None
-    config._attn_implementation = "eager"
-    return config
-
-
-def load_weights(model: nn.Module, d: Path, weights: str) -> None:
-    if weights not in ("ema", "model"):
-        raise ValueError("weights must be 'ema' or 'model'")
-    ckpt.load_state_into(model, ckpt.load_tensors(d / f"{weights}.safetensors"), str(d))
-
-
-def check_tokenizer_matches(d: Path, tok: SentenceTokenizer, vocab_size: int, pad: int, bos: int, eos: int) -> None:
-    if (tok.vocab_size, tok.pad_id, tok.bos_id, tok.eos_id) != (vocab_size, pad, bos, eos):
-        raise ckpt.CheckpointError(
-            f"{d}: tokenizer (vocab {tok.vocab_size}, pad/bos/eos {tok.pad_id}/{tok.bos_id}/{tok.eos_id}) does not "
-            f"match the model (vocab {vocab_size}, pad/bos/eos {pad}/{bos}/{eos})")
-

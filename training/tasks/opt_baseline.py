@@ -2,7 +2,6 @@
 very same passages (bos + the passage's sentence tokens) with the same trainer."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -10,14 +9,16 @@ import torch
 from torch import nn
 from transformers import OPTConfig, OPTForCausalLM
 
+from modeling.config import ConfigError
+from modeling.losses import IGNORE_INDEX, next_token_logits, token_loss
+from modeling.opt_graft import load_opt
+from runtime.artifacts import CheckpointError, expect
 from sentences.segment import SEGMENTATION_VERSION
-from sentences.tokenizer import SentenceTokenizer
-from training import checkpoint as ckpt
-from training.config import BaselineRunConfig, ConfigError, load_run_config
+from training.config import BaselineRunConfig, load_run_config
 from training.data.passage_data import PreparedPassages, collate_token_sequences, prepare_passages
-from training.losses import IGNORE_INDEX, token_loss
-from training.models.opt_graft import load_opt
-from training.tasks.common import OPT_CONFIG_FILE, EpochBatches, load_opt_config, load_weights, open_checkpoint, unwrap
+from training.evaluate_lm import baseline_token_nll
+from training.load import OPT_CONFIG_FILE
+from training.tasks.common import EpochBatches, unwrap
 
 
 class OPTBaselineTask:
@@ -60,8 +61,6 @@ class OPTBaselineTask:
         return token_loss(logits, targets, self.run.train.loss, self.run.train.focal_gamma), int((targets != IGNORE_INDEX).sum())
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
-        from training.evaluate_lm import baseline_token_nll
-
         n = min(len(self.data.val), self.run.train.eval_batches * self.run.train.batch_size)
         tok = self.data.tokenizer
         return baseline_token_nll(unwrap(model), self.data.val, np.arange(n), self.run.train.batch_size,
@@ -73,34 +72,13 @@ class OPTBaselineTask:
 
 
 def _copy_sllm_data_config(run: BaselineRunConfig) -> None:
-    d = ckpt.resolve_checkpoint(run.match_sllm)
+    try:
+        d = expect(run.match_sllm, "sllm").path
+    except CheckpointError as e:
+        raise ConfigError(f"match_sllm={run.match_sllm!r}: {e}") from None
     sllm_run = load_run_config(d / "config.json")
-    if sllm_run.kind != "sllm":
-        raise ConfigError(f"match_sllm={run.match_sllm!r} holds a {sllm_run.kind!r} checkpoint, not an SLLM")
     cache_dir = run.data.cache_dir
     run.data = sllm_run.data
     run.data.cache_dir = cache_dir
     run.data.tokenizer = str(d)
     run.max_sentence_tokens = sllm_run.svae.max_sentence_tokens
-
-
-def next_token_logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor):
-    """ids, mask [B, N] -> logits [B, N-1, V] predicting ids[:, 1:], targets [B, N-1] (-100 on padding)."""
-    logits = model(input_ids=ids, attention_mask=mask.long()).logits[:, :-1]
-    targets = ids[:, 1:].masked_fill(~mask[:, 1:], IGNORE_INDEX)
-    return logits, targets
-
-
-@dataclass
-class TrainedBaseline:
-    model: OPTForCausalLM
-    tokenizer: SentenceTokenizer
-    run: BaselineRunConfig
-    path: Path
-
-
-def load_baseline(path: str | Path, weights: str = "ema", device: str = "cpu") -> TrainedBaseline:
-    d, run, tok = open_checkpoint(path, "opt_baseline", "a token-level OPT baseline")
-    model = OPTForCausalLM(load_opt_config(d))
-    load_weights(model, d, weights)
-    return TrainedBaseline(model.to(device).eval(), tok, run, d)

@@ -5,7 +5,6 @@ t+1; CE or focal, per token) + stop_loss_weight * focal loss of the stop flags.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -13,18 +12,17 @@ import torch
 from torch import nn
 from transformers import OPTConfig
 
+from modeling.config import ConfigError
+from modeling.losses import token_loss
+from modeling.opt_graft import GraftedOPT, load_opt
+from modeling.sentence_vae import SentenceVAE
+from modeling.sllm import SLLM
 from sentences.segment import SEGMENTATION_VERSION
-from sentences.tokenizer import SentenceTokenizer
-from training import checkpoint as ckpt
-from training.config import ConfigError, RunConfig, SLLMRunConfig, load_run_config
+from training.config import SLLMRunConfig
 from training.data.passage_data import PassageBatch, PreparedPassages, collate_passages, prepare_passages
-from training.losses import token_loss
-from training.models.opt_graft import GraftedOPT, load_opt
-from training.models.sentence_vae import SentenceVAE
-from training.models.sllm import SLLM
-from training.tasks.common import (OPT_CONFIG_FILE, EpochBatches, check_tokenizer_matches, load_opt_config,
-                                   load_weights, open_checkpoint, unwrap)
-from training.tasks.sentence_vae import TrainedSentenceVAE, load_sentence_vae
+from training.evaluate_lm import sllm_token_nll
+from training.load import OPT_CONFIG_FILE, load_stage1
+from training.tasks.common import EpochBatches, unwrap
 
 
 class SLLMTask:
@@ -32,7 +30,7 @@ class SLLMTask:
         self.run = run
         self.svae_state: dict[str, torch.Tensor] | None = None
         if run.sllm.svae_checkpoint:
-            stage1 = load_sentence_vae(run.sllm.svae_checkpoint)
+            stage1 = load_stage1(run.sllm.svae_checkpoint)
             # the SentenceVAE's own tokenizer, width and segmentation come with it
             run.svae = stage1.model.cfg
             run.data.tokenizer = str(stage1.path)
@@ -91,8 +89,6 @@ class SLLMTask:
         return decode_loss + self.run.sllm.stop_loss_weight * stop_loss, n_tokens
 
     def evaluate(self, model: nn.Module) -> dict[str, float]:
-        from training.evaluate_lm import sllm_token_nll
-
         n = min(len(self.data.val), self.run.train.eval_batches * self.run.train.batch_size)
         return sllm_token_nll(unwrap(model), self.data.val, np.arange(n), self.run.train.batch_size)
 
@@ -117,41 +113,3 @@ def sllm_losses(model: nn.Module, batch: PassageBatch, run: SLLMRunConfig):
     stop = token_loss(stop_logits, SLLM.stop_targets(batch.sentence_mask, batch.para_end), "focal",
                       run.sllm.stop_focal_gamma)
     return decode, stop, count
-
-
-# ---------------------------------------------------------------- loading a trained SLLM
-
-@dataclass
-class TrainedSLLM:
-    model: SLLM
-    tokenizer: SentenceTokenizer
-    run: SLLMRunConfig
-    path: Path
-
-
-def load_sllm(path: str | Path, weights: str = "ema", device: str = "cpu") -> TrainedSLLM:
-    """A stage-2 checkpoint, self-contained: config.json, opt_config.json, tokenizer, weights."""
-    d, run, tok = open_checkpoint(path, "sllm", "an SLLM")
-    m = run.svae
-    check_tokenizer_matches(d, tok, m.vocab_size, m.pad_id, m.bos_id, m.eos_id)
-    try:
-        model = SLLM(SentenceVAE(m), GraftedOPT(load_opt_config(d)))
-    except ConfigError as e:
-        raise ckpt.CheckpointError(f"{d}: {e}") from None
-    load_weights(model, d, weights)
-    return TrainedSLLM(model.to(device).eval(), tok, run, d)
-
-
-def load_any_sentence_vae(path: str | Path, weights: str = "ema", device: str = "cpu") -> TrainedSentenceVAE:
-    """The SentenceVAE of a stage-1 checkpoint, or the (fine-tuned) one inside an SLLM checkpoint:
-    what the edge bundle exported from it encodes and decodes with."""
-    d = ckpt.resolve_checkpoint(path)
-    try:
-        kind = load_run_config(d / "config.json").kind
-    except (ConfigError, OSError):
-        kind = "sentence_vae"  # let load_sentence_vae say what is wrong
-    if kind != "sllm":
-        return load_sentence_vae(d, weights, device)
-    t = load_sllm(d, weights, device)
-    return TrainedSentenceVAE(t.model.svae, t.tokenizer, RunConfig(model=t.run.svae, data=t.run.data,
-                                                                   train=t.run.train), t.path)

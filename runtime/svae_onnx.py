@@ -1,7 +1,7 @@
 """Run the exported SentenceVAE graphs with onnxruntime: encode token lists, greedy-decode vectors.
 
-numpy + onnxruntime only (no torch, no tokenizers): the edge client runs this, and the
-exporter checks it against the torch loop in `training.models.generate.decode_sentences`
+numpy only (the sessions come from runtime.providers; no torch, no tokenizers): the edge runs this, and the
+exporter checks it against the torch loop in `modeling.generate.decode_sentences`
 token for token.
 
 Graph contract (the names the exporter gives, see `export.onnx_export`):
@@ -15,24 +15,17 @@ The first step feeds a past of length 0 (one decoder file does every step).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnxruntime as ort
+
+if TYPE_CHECKING:  # the sessions come from runtime.providers; this module only calls run()
+    import onnxruntime
 
 ENCODER_INPUTS = ("ids", "mask")
 ENCODER_OUTPUTS = ("vectors",)
 DECODER_INPUTS = ("ids", "memory", "past_kv")
 DECODER_OUTPUTS = ("logits", "present_kv")
-PROVIDERS = ["CPUExecutionProvider"]  # chosen deliberately: CUDA on a CPU box only prints errors
-
-
-def cpu_session(path: str, threads: int = 0) -> ort.InferenceSession:
-    """An ORT session on the CPU provider only; threads=0 lets ORT choose."""
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3  # errors only
-    return ort.InferenceSession(str(path), opts, providers=PROVIDERS)
 
 
 def pad_batch(token_lists: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -62,7 +55,7 @@ class DecoderSpec:
         return np.zeros((self.n_layers, 2, batch, self.n_heads, 0, self.head_dim), dtype=np.float32)
 
 
-def encode(session: ort.InferenceSession, token_lists: list[list[int]], pad_id: int) -> np.ndarray:
+def encode(session: onnxruntime.InferenceSession, token_lists: list[list[int]], pad_id: int) -> np.ndarray:
     """Sentence vectors float32 [B, d], one per token list (each non-empty, <= max_sentence_tokens)."""
     if not token_lists:
         return np.zeros((0, session.get_outputs()[0].shape[-1]), dtype=np.float32)
@@ -72,7 +65,7 @@ def encode(session: ort.InferenceSession, token_lists: list[list[int]], pad_id: 
     return session.run(list(ENCODER_OUTPUTS), {"ids": ids, "mask": mask})[0]
 
 
-def decoder_step(session: ort.InferenceSession, ids: np.ndarray, memory: np.ndarray,
+def decoder_step(session: onnxruntime.InferenceSession, ids: np.ndarray, memory: np.ndarray,
                  past_kv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """One call of decoder.onnx: (logits [B, T, V], present_kv [n_layers, 2, B, H, P+T, hd])."""
     logits, present = session.run(list(DECODER_OUTPUTS), {
@@ -82,13 +75,13 @@ def decoder_step(session: ort.InferenceSession, ids: np.ndarray, memory: np.ndar
     return logits, present
 
 
-def greedy_decode(session: ort.InferenceSession, memory: np.ndarray, spec: DecoderSpec,
+def greedy_decode(session: onnxruntime.InferenceSession, memory: np.ndarray, spec: DecoderSpec,
                   max_tokens: int | None = None) -> list[list[int]]:
     """Decode sentence vectors memory [B, d] greedily with the KV cache (see `decode_loop`)."""
     return decode_loop(session, memory, spec, lambda logits: logits.argmax(axis=-1), max_tokens)
 
 
-def decode_loop(session: ort.InferenceSession, memory: np.ndarray, spec: DecoderSpec, pick,
+def decode_loop(session: onnxruntime.InferenceSession, memory: np.ndarray, spec: DecoderSpec, pick,
                 max_tokens: int | None = None) -> list[list[int]]:
     """Decode sentence vectors memory [B, d] with decoder.onnx and its KV cache.
 

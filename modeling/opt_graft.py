@@ -10,6 +10,7 @@ post-LN OPT-350M), and a new 2-way linear head (0 = decode another sentence, 1 =
 from __future__ import annotations
 
 import inspect
+import json
 from pathlib import Path
 
 import torch
@@ -18,9 +19,9 @@ from transformers import OPTConfig, OPTForCausalLM
 from transformers.cache_utils import DynamicCache
 from transformers.masking_utils import create_causal_mask
 
-from training.config import ConfigError, OPTSpec
+from modeling.config import ConfigError, OPTSpec
 
-STOP, CONTINUE = 1, 0  # termination head classes (Eq. 9: argmax 1 ends generation)
+STOP = 1  # termination head class that ends generation (Eq. 9: argmax 1); 0 = decode another sentence
 # transformers 5.24 renamed the KV-cache argument and output field `past_key_values` -> `cache`;
 # pass and read whichever this install uses (the old name warns, then goes away in 5.40)
 CACHE_KWARG = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
@@ -42,6 +43,16 @@ def opt_config_from_spec(spec: OPTSpec, vocab_size: int, pad_id: int = 1, bos_id
         do_layer_norm_before=spec.do_layer_norm_before, dropout=spec.dropout, attention_dropout=spec.dropout,
         pad_token_id=pad_id, bos_token_id=bos_id, eos_token_id=eos_id, enable_bias=True,
     )
+
+
+def read_opt_config(path: Path) -> OPTConfig:
+    """An OPTConfig saved as JSON (beside a checkpoint or in a cloud bundle), set to eager attention."""
+    try:
+        config = OPTConfig.from_dict(json.loads(Path(path).read_text()))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path} is missing or corrupt ({e})") from None
+    config._attn_implementation = "eager"
+    return config
 
 
 def load_opt(spec: OPTSpec, vocab_size: int, pad_id: int = 1, bos_id: int = 2, eos_id: int = 2) -> OPTForCausalLM:

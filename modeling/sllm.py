@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from training.config import ConfigError
-from training.models.opt_graft import GraftedOPT
-from training.losses import token_loss_sum
-from training.models.sentence_vae import IGNORE_INDEX, SentenceVAE
+from modeling.config import ConfigError
+from modeling.opt_graft import GraftedOPT
+from modeling.losses import token_loss_sum
+from modeling.sentence_vae import IGNORE_INDEX, SentenceVAE
 
 
 class SLLM(nn.Module):

@@ -32,6 +32,11 @@ def session_options(threads: int = 0, severity: int = ERRORS_ONLY) -> ort.Sessio
     return opts
 
 
+def cpu_session(path: str, threads: int = 0) -> ort.InferenceSession:
+    """A session on the CPU provider only (the exporter's checks, the edge's default)."""
+    return ort.InferenceSession(str(path), session_options(threads), providers=[CPU])
+
+
 def cuda_unavailable_reason() -> str | None:
     """Why CUDA is not worth trying here, or None when it may load."""
     if CUDA not in ort.get_available_providers():
@@ -81,5 +86,5 @@ def open_sessions(paths: list[str], device: str = "auto", threads: int = 0,
             raise ProviderError(f"--device cuda: {why}")
         note = "" if not_here else f"running on the CPU: {why}"
     if cpu_sessions is None:
-        cpu_sessions = [ort.InferenceSession(str(p), session_options(threads), providers=[CPU]) for p in paths]
+        cpu_sessions = [cpu_session(p, threads) for p in paths]
     return cpu_sessions, CPU, note

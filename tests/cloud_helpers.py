@@ -1,37 +1,21 @@
-"""Random cloud bundles and in-process servers, for tests, benchmarks and demos
-(no training needed: the wire, batching and limits do not care what the weights are)."""
+"""Cloud test helpers: in-process servers, the torch reference of a step, raw Converse streams."""
 from __future__ import annotations
 
 import contextlib
 from pathlib import Path
 from typing import Iterator
 
+import grpc
+import numpy as np
 import torch
-from transformers import OPTForCausalLM
 
 from cloud.config import ServerConfig
 from cloud.server import CloudServer
-from training.config import OPTSpec
-from training.models.opt_graft import GraftedOPT, opt_config_from_spec
+from modeling.opt_graft import STOP, GraftedOPT
+from protos.sllm.v1 import sllm_pb2 as pb
 
-
-def random_grafted_opt(d: int = 32, layers: int = 2, heads: int = 4, ffn_dim: int | None = None,
-                       max_sentences: int = 64, seed: int = 0) -> GraftedOPT:
-    torch.manual_seed(seed)
-    cfg = opt_config_from_spec(OPTSpec(hidden_size=d, num_hidden_layers=layers, num_attention_heads=heads,
-                                       ffn_dim=ffn_dim or 4 * d, max_position_embeddings=max_sentences),
-                               vocab_size=16)
-    cfg._attn_implementation = "eager"
-    opt = GraftedOPT.from_causal_lm(OPTForCausalLM(cfg)).eval()
-    with torch.no_grad():  # a stop head that says "stop" now and then, so both answers get exercised
-        opt.stop_head.weight.normal_(0, 1.0 / d ** 0.5)
-    return opt
-
-
-def write_random_bundle(out_dir: str | Path, model_id: str = "sllm-test-model", **kwargs) -> dict:
-    from export.cloud_bundle import write_cloud_bundle
-
-    return write_cloud_bundle(random_grafted_opt(**kwargs), Path(out_dir), model_id)
+D = 32  # the random cloud model of the `cloud_bundle` fixture (tests/conftest.py)
+MODEL_ID = "sllm-test-model"
 
 
 @contextlib.contextmanager
@@ -49,10 +33,6 @@ def running_server(bundle_dir: str | Path, **config) -> Iterator[CloudServer]:
 def reference_outputs(model: GraftedOPT, vectors) -> tuple:
     """The torch reference: one full forward over all `vectors` [N, d] ->
     (hidden [N, d], P(stop) [N], stop decision [N]) as numpy."""
-    import numpy as np
-
-    from training.models.opt_graft import STOP
-
     with torch.no_grad():
         h, logits = model(torch.as_tensor(np.asarray(vectors, dtype=np.float32))[None])
     p = logits[0].float().softmax(-1)[:, STOP].numpy()
@@ -63,10 +43,6 @@ def converse_raw(target: str, messages: list, metadata=(), timeout: float = 10.0
                  credentials=None) -> tuple[list, object, str]:
     """Send `messages` on one Converse stream, then half-close. Returns (replies, status code, details).
     With raw=True, `messages` are bytes sent as they are."""
-    import grpc
-
-    from protos.sllm.v1 import sllm_pb2 as pb
-
     channel = grpc.secure_channel(target, credentials) if credentials else grpc.insecure_channel(target)
     try:
         call = channel.stream_stream(

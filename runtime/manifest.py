@@ -2,10 +2,10 @@
 the edge imports this module to check its bundle before loading it."""
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from pathlib import Path
+
+from runtime.files import atomic_write_text, sha256_file
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -15,22 +15,13 @@ class BundleError(ValueError):
     """A bundle that is missing, damaged, or not the model it claims to be."""
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
 
 def write_manifest(bundle_dir: Path, fields: dict, files: list[str]) -> dict:
     """Write manifest.json with `fields`, the format version and the sha256 of each file (atomically)."""
     bundle_dir = Path(bundle_dir)
     manifest = {"format_version": FORMAT_VERSION, **fields,
                 "files": {name: sha256_file(bundle_dir / name) for name in sorted(files)}}
-    tmp = bundle_dir / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, bundle_dir / MANIFEST)
+    atomic_write_text(bundle_dir / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return manifest
 
 

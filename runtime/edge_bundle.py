@@ -18,8 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from export.manifest import BundleError, read_manifest, write_manifest
-from export.ort_decode import DecoderSpec, cpu_session, encode, greedy_decode
+from runtime.manifest import BundleError, read_manifest, write_manifest
+from runtime.providers import cpu_session
+from runtime.svae_onnx import DecoderSpec, encode, greedy_decode
 
 KIND = "edge"
 ENCODER = "encoder.onnx"

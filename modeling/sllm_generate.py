@@ -12,12 +12,12 @@ from typing import Iterator
 
 import torch
 
-from sentences.limit import is_blank, text_to_sentences
+from sentences.limit import sentence_token_ids
 from sentences.tokenizer import SentenceTokenizer
-from training.data.sentence_data import pad_token_lists
-from training.models.generate import SamplingConfig, decode_sentences
-from training.models.opt_graft import STOP
-from training.models.sllm import SLLM
+from modeling.generate import SamplingConfig, decode_sentences
+from modeling.opt_graft import STOP
+from modeling.sentence_vae import pad_token_lists
+from modeling.sllm import SLLM
 
 
 @dataclass
@@ -35,11 +35,10 @@ class SLLMGenerator:
         self.max_tokens = sllm.svae.cfg.max_sentence_tokens
 
     def prompt_sentences(self, prompt: str) -> list[list[int]]:
-        pieces = [p for p in text_to_sentences(prompt, self.tok, self.max_tokens, self.split_on_comma)
-                  if not is_blank(p)]
-        if not pieces:
+        ids = sentence_token_ids(prompt, self.tok, self.max_tokens, self.split_on_comma)
+        if not ids:
             raise ValueError("the prompt is empty or only whitespace")
-        return [self.tok.encode(p) for p in pieces]
+        return ids
 
     def encode(self, sentences: list[list[int]]) -> torch.Tensor:
         """Token id lists -> sentence vectors [S, d]."""

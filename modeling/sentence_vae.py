@@ -11,8 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.config import SentenceVAEConfig
-from training.models.layers import DecoderBlock, EncoderBlock, init_weights
+from modeling.config import SentenceVAEConfig
+from modeling.generate import decode_sentences
+from modeling.layers import DecoderBlock, EncoderBlock, init_weights
+from runtime.svae_onnx import pad_batch
 
 IGNORE_INDEX = -100
 
@@ -160,8 +162,6 @@ class SentenceVAE(nn.Module):
     def reconstruct(self, ids: torch.Tensor, mask: torch.Tensor, max_tokens: int | None = None,
                     sampling=None) -> list[list[int]]:
         """Encode then decode (greedy unless `sampling` says otherwise)."""
-        from training.models.generate import decode_sentences
-
         was_training = self.training
         self.eval()
         try:
@@ -178,3 +178,9 @@ class SentenceVAE(nn.Module):
             for emb in (self.encoder.tok_emb, self.encoder.pos_emb, self.decoder.tok_emb, self.decoder.pos_emb):
                 n -= emb.weight.numel()
         return n
+
+
+def pad_token_lists(token_lists: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists -> ids [B, Lmax] right-padded with pad_id, mask bool [B, Lmax] (True = real token)."""
+    ids, mask = pad_batch(token_lists, pad_id)
+    return torch.from_numpy(ids), torch.from_numpy(mask)

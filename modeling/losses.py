@@ -1,4 +1,5 @@
-"""Token losses: cross-entropy, focal loss (paper Eq. 5) and the NLL sum behind PPL (Eq. 10).
+"""Token losses: cross-entropy, focal loss (paper Eq. 5), the NLL sum behind PPL (Eq. 10), and the
+next-token targets of a causal LM.
 
 All computed in float32 with autocast off, so they are safe under bf16 autocast.
 """
@@ -6,6 +7,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 IGNORE_INDEX = -100
 
@@ -49,3 +51,10 @@ def token_nll_sum(logits: torch.Tensor, targets: torch.Tensor,
     """(sum of -log p over non-ignored targets as float32, their count as int64): PPL = exp(sum / count)."""
     nll = _token_nll(logits, targets, ignore_index)
     return nll.sum(), (targets != ignore_index).sum()
+
+
+def next_token_logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor):
+    """ids, mask [B, N] -> logits [B, N-1, V] predicting ids[:, 1:], targets [B, N-1] (-100 on padding)."""
+    logits = model(input_ids=ids, attention_mask=mask.long()).logits[:, :-1]
+    targets = ids[:, 1:].masked_fill(~mask[:, 1:], IGNORE_INDEX)
+    return logits, targets

@@ -1,0 +1,206 @@
+"""Edge chat from Python: the conversation `edge-chat` holds, for apps that embed the client.
+
+    import edge
+
+    with edge.connect("127.0.0.1:50051", "models/default/edge", token=TOKEN) as chat:
+        for sentence in chat.ask("It is a truth universally acknowledged,"):
+            print(sentence.text, end="", flush=True)       # as soon as it is decoded
+        print(chat.ask("Go on.", temperature=0.8, seed=1).text())
+
+Every failure is an `EdgeError` whose message can be shown as it is; a `TurnError` (a subclass)
+is a turn that cannot run (empty prompt, full context, a bad option) and leaves the conversation
+as it was. After an EdgeError from the server (it went away), the next `ask` rebuilds the cloud
+session from the sentence vectors the edge keeps. One conversation is not thread-safe.
+
+This is the same ChatSession and sentence loop as `edge-chat` (which is built on this module).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Iterator
+
+from edge.chat import DEFAULT_CONNECT_TIMEOUT_S, ChatSession, EdgeError, TurnError
+from edge.loop import SentenceEvent, TurnEnd
+from edge.runtime import EdgeRuntime
+from edge.sampling import Sampling
+from protos.client import CloudClient, make_channel
+
+WIRE_DTYPES = ("float32", "float16")
+_log = logging.getLogger("edge")
+
+
+@dataclass(frozen=True)
+class AnswerOptions:
+    """How an answer is generated (the edge-chat options of the same names)."""
+
+    temperature: float = 0.0  # 0 = greedy: the text `sllm-train generate` prints
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    seed: int | None = None  # sentence i of an answer samples with seed + i
+    max_sentences: int = 8  # per answer (the context may allow fewer)
+    max_tokens: int = 0  # per sentence; 0 = the bundle's limit
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_sentences, bool) or not isinstance(self.max_sentences, int) or self.max_sentences < 0:
+            raise TurnError(f"max_sentences must be an integer >= 0, got {self.max_sentences!r}")
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 0:
+            raise TurnError(f"max_tokens must be an integer >= 0 (0 = the bundle's limit), got {self.max_tokens!r}")
+        self.sampling  # noqa: B018 - checks temperature, top_k, top_p, seed now
+
+    @property
+    def sampling(self) -> Sampling:
+        try:
+            return Sampling(self.temperature, self.top_k, self.top_p, self.seed)
+        except ValueError as e:
+            raise TurnError(str(e)) from None
+
+
+class Answer:
+    """One answer, decoded as it is read: iterate for its sentences (SentenceEvent: .text, .ids,
+    timings); `end` (a TurnEnd: reason, context size, timings) is set once it has ended.
+
+    `stop()` ends it after the sentence being decoded (that sentence stays in the context).
+    Leaving it unread (break, close(), or the next `ask`) ends it where it stands: the sentence
+    read last is then not in the context."""
+
+    def __init__(self, session: ChatSession, text: str, options: AnswerOptions):
+        self.sentences: list[SentenceEvent] = []
+        self.end: TurnEnd | None = None
+        self._stop = False
+        self._events = session.turn(text, options.sampling, options.max_sentences, options.max_tokens or None,
+                                    interrupted=lambda: self._stop)
+
+    def __iter__(self) -> Iterator[SentenceEvent]:
+        return self
+
+    def __next__(self) -> SentenceEvent:
+        event = next(self._events)
+        if isinstance(event, TurnEnd):
+            self.end = event
+            self._events.close()
+            raise StopIteration
+        self.sentences.append(event)
+        return event
+
+    def text(self) -> str:
+        """Run the answer to its end; all its sentences joined."""
+        for _ in self:
+            pass
+        return "".join(s.text for s in self.sentences)
+
+    def stop(self) -> None:
+        self._stop = True
+
+    def close(self) -> None:
+        self._events.close()
+
+
+class EdgeChat:
+    """One conversation with a cloud server; `connect` opens one."""
+
+    def __init__(self, session: ChatSession, options: AnswerOptions = AnswerOptions()):
+        self.session = session
+        self.runtime: EdgeRuntime = session.runtime
+        self.model_id: str = session.runtime.model_id
+        self.options = options  # the defaults of every `ask`
+        self._answer: Answer | None = None
+        self._closed = False
+
+    @property
+    def context_sentences(self) -> int:
+        """Sentences the conversation holds (prompts and answers, all turns)."""
+        return len(self.session.history)
+
+    @property
+    def context_capacity(self) -> int:
+        """Sentences the server's context has room for, all turns together."""
+        return self.session.room
+
+    def ask(self, text: str, **options) -> Answer:
+        """Start a turn; TurnError now if it cannot run. `options`: any AnswerOptions field, for this
+        turn only. The previous answer, if still being read, ends where it stands."""
+        if self._closed:
+            raise EdgeError("this conversation is closed")
+        if self._answer is not None:
+            self._answer.close()
+        self._answer = Answer(self.session, text, replace(self.options, **options) if options else self.options)
+        return self._answer
+
+    def reset(self) -> None:
+        """Forget the conversation and start a new one (a new cloud session)."""
+        if self._answer is not None:
+            self._answer.close()
+        self.session.reset()
+
+    def close(self) -> None:
+        if self._answer is not None:
+            self._answer.close()
+        self._closed = True
+        self.session.close()
+
+    def __enter__(self) -> "EdgeChat":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def connect(server: str, bundle: str | Path | EdgeRuntime, *, token: str | None = None, tls: bool = False,
+            tls_ca: str | Path | None = None, server_name: str | None = None, wire_dtype: str = "float32",
+            connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S, device: str = "auto", threads: int = 0,
+            options: AnswerOptions = AnswerOptions(), notify: Callable[[str], None] = _log.warning) -> EdgeChat:
+    """Open a conversation: load the edge bundle (or take a loaded EdgeRuntime), check that the
+    server at `server` (host:port) serves the other half of the same model, open a session.
+
+    tls_ca: a CA / self-signed certificate file to trust (implies TLS); tls: TLS with the system's
+    roots; server_name: the name to check in the server's certificate. notify: what to say about
+    warnings and rebuilt sessions (default: the "edge" logger)."""
+    check_wire_dtype(wire_dtype)
+    target = server.strip()
+    if ":" not in target:
+        raise EdgeError(f"the server address must be host:port, got {server!r}")
+    root_certificates = None
+    if tls_ca is not None:
+        try:
+            root_certificates = Path(tls_ca).read_bytes()
+        except OSError as e:
+            raise EdgeError(f"cannot read the TLS CA certificate: {e}") from None
+    runtime = bundle if isinstance(bundle, EdgeRuntime) else load_runtime(bundle, device, threads, notify)
+
+    def client_factory() -> CloudClient:
+        # a channel of its own subchannels: a rebuild after a lost server then really dials again,
+        # instead of inheriting the shared subchannel's back-off from the failure that lost it
+        channel = make_channel(target, tls=tls, root_certificates=root_certificates, server_name=server_name,
+                               options=(("grpc.use_local_subchannel_pool", 1),))
+        return CloudClient(target, token or None, channel=channel)
+
+    session = ChatSession(runtime, client_factory, target, wire_dtype=wire_dtype, connect_timeout=connect_timeout,
+                          notify=notify)
+    try:
+        session.connect()
+    except BaseException:
+        session.close()
+        raise
+    return EdgeChat(session, options)
+
+
+def load_runtime(bundle: str | Path, device: str = "auto", threads: int = 0,
+                 notify: Callable[[str], None] = _log.warning) -> EdgeRuntime:
+    """The edge bundle, verified and loaded; EdgeError when it is missing, corrupt or cannot run."""
+    from runtime.manifest import BundleError
+    from runtime.providers import ProviderError
+
+    try:
+        runtime = EdgeRuntime.load(bundle, device=device, threads=threads)
+    except (BundleError, ProviderError, ValueError) as e:
+        raise EdgeError(str(e)) from None
+    for warning in runtime.notes + ([runtime.device_note] if runtime.device_note else []):
+        notify(f"warning: {warning}")
+    return runtime
+
+
+def check_wire_dtype(wire_dtype: str) -> None:
+    if wire_dtype not in WIRE_DTYPES:
+        raise EdgeError(f"wire_dtype must be float32 or float16, got {wire_dtype!r}")

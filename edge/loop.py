@@ -1,0 +1,131 @@
+"""The edge sentence loop: one answer, sentence by sentence, over any cloud "stepper".
+
+    prompt ids -> encoder.onnx -> stepper.append(prompt vectors) -> step (h_t, stop flag)
+    repeat: stop? -> done; decoder.onnx(h_t) -> sentence (empty -> done); yield it;
+            encoder.onnx(sentence) -> stepper.append(its vector) -> next step
+
+This is the torch reference loop (`modeling.sllm_generate.SLLMGenerator.generate`) with the same
+stop rules; `edge.chat.ChatSession` (gRPC, history, rebuild) and the bench (gRPC with wire-byte
+counts, or the cloud engine in-process) all run it. Bench-only behaviour comes from options
+(`use_stop_flag=False`, `append_last=False`) or from the consumer breaking out of the iterator:
+a sentence is appended only after the consumer asks for the next event, so breaking right after
+a sentence leaves it out of the context.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator, Protocol
+
+import numpy as np
+
+from edge.sampling import Sampling
+
+
+class Step(Protocol):
+    """What one cloud step answers (protos.client.StepResult, cloud.engine.StepOutput)."""
+
+    @property
+    def hidden(self) -> np.ndarray: ...  # [d] float32: h_t, decoded into the next sentence
+
+    @property
+    def stop(self) -> bool: ...  # the termination head says the answer is finished
+
+    @property
+    def stop_probability(self) -> float: ...
+
+
+class Stepper(Protocol):
+    def append(self, vectors: np.ndarray) -> Step:
+        """Append sentence vectors [n, d] float32 to the context; the step of the last one."""
+        ...
+
+
+@dataclass
+class SentenceEvent:
+    """One decoded sentence. Timings of the chain that made it: the edge encoded the vectors
+    of the step that produced its h_t (the prompt, or the previous sentence), the cloud ran that
+    step (round trip), the edge decoded h_t into this sentence."""
+
+    turn: int
+    index: int
+    text: str
+    ids: list[int]
+    stop_probability: float  # P(stop) the termination head gave before this sentence
+    edge_encode_ms: float
+    cloud_step_ms: float
+    edge_decode_ms: float
+
+
+@dataclass
+class TurnEnd:
+    turn: int
+    reason: str  # "stop" | "empty" | "max_sentences" | "context_full" | "interrupted"
+    sentences: int
+    prompt_sentences: int
+    context_sentences: int  # sentences the context holds now (all turns)
+    # the step after the last sentence event (of the prompt when there was none); 0 when the last
+    # sentence was not appended (append_last=False)
+    edge_encode_ms: float
+    cloud_step_ms: float
+    edge_decode_ms: float  # the decode that came back empty ("empty"), else 0
+    total_ms: float
+    stop_probability: float  # of the last step
+
+
+def _never() -> bool:
+    return False
+
+
+def sentence_loop(runtime, stepper: Stepper, prompt: list[list[int]], sampling: Sampling, *, room: int,
+                  max_sentences: int | None = None, max_tokens: int | None = None, turn: int = 1,
+                  context_used: int = 0, use_stop_flag: bool = True, append_last: bool = True,
+                  interrupted: Callable[[], bool] = _never) -> Iterator[SentenceEvent | TurnEnd]:
+    """One answer to `prompt` (token ids of its sentences): yields each sentence as soon as it is
+    decoded, then one TurnEnd.
+
+    runtime: encode(list of id lists) -> [n, d]; decode(h, sampling, max_tokens) -> .ids .text .ms
+    room: sentences the context can take after the prompt; max_sentences: per answer (None = room).
+    context_used: sentences the context held before the prompt (for TurnEnd.context_sentences).
+    use_stop_flag=False: generate past the termination head (the bench's fixed-length runs).
+    append_last=False: the sentence that reaches the cap is not appended (nothing reads its step).
+    interrupted(): checked before each sentence; True ends the answer ("interrupted") after the
+    sentence decoded last has been appended, so the context holds what the consumer saw.
+    Sentence i samples with `sampling.for_sentence(i)` (seed + i)."""
+    cap = room if max_sentences is None else min(max_sentences, room)
+    at_cap = "max_sentences" if max_sentences is not None and max_sentences <= room else "context_full"
+    t_turn = time.perf_counter()
+    step, encode_ms, step_ms = _encode_and_append(runtime, stepper, prompt)
+    reason, n, appended, empty_ms = at_cap, 0, 0, 0.0
+    for i in range(max(cap, 0)):
+        if interrupted():
+            reason = "interrupted"
+            break
+        if use_stop_flag and step.stop:
+            reason = "stop"
+            break
+        decoded = runtime.decode(step.hidden, sampling.for_sentence(i), max_tokens)
+        if not decoded.ids:  # eos straight away: nothing left to say
+            reason, empty_ms = "empty", decoded.ms
+            break
+        yield SentenceEvent(turn, i, decoded.text, decoded.ids, float(step.stop_probability), encode_ms, step_ms,
+                            decoded.ms)
+        n += 1
+        if n == cap and not append_last:
+            encode_ms = step_ms = 0.0
+            break
+        step, encode_ms, step_ms = _encode_and_append(runtime, stepper, [decoded.ids])
+        appended += 1
+    if reason == at_cap and interrupted():
+        reason = "interrupted"
+    yield TurnEnd(turn, reason, n, len(prompt), context_used + len(prompt) + appended, encode_ms, step_ms, empty_ms,
+                  (time.perf_counter() - t_turn) * 1e3, float(step.stop_probability))
+
+
+def _encode_and_append(runtime, stepper: Stepper, ids: list[list[int]]) -> tuple[Step, float, float]:
+    """encoder.onnx then one cloud step: (the step, encode ms, step ms)."""
+    t0 = time.perf_counter()
+    vectors = runtime.encode(ids)
+    t1 = time.perf_counter()
+    step = stepper.append(vectors)
+    return step, (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3

@@ -1,0 +1,95 @@
+"""What a path holds: a training checkpoint (or a run dir, meaning its latest checkpoint), a
+bundle, or an export folder. One place decides, for every command; it reads JSON only (no torch),
+so the edge can tell a user who points it at a checkpoint what to do instead.
+
+    checkpoint   manifest.json {"sha256": ...} + config.json {"kind": sentence_vae | sllm | opt_baseline}
+    run dir      a `latest` file naming its newest checkpoint
+    bundle       manifest.json {"kind": edge | cloud | baseline, "files": ...}
+    export       a folder holding edge/ (and cloud/, baseline/): what `sllm-export --out` writes
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+MANIFEST = "manifest.json"
+CHECKPOINT_KINDS = {"sentence_vae": "a SentenceVAE (stage 1) checkpoint", "sllm": "an SLLM (stage 2) checkpoint",
+                    "opt_baseline": "a token-level OPT baseline checkpoint"}
+BUNDLE_KINDS = {"edge": "an edge bundle", "cloud": "a cloud bundle", "baseline": "a baseline bundle"}
+EXPORT = "export"
+DESCRIPTIONS = {**CHECKPOINT_KINDS, **BUNDLE_KINDS, EXPORT: "an export folder (edge/ + cloud/)"}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, corrupt, or does not fit the model."""
+
+
+@dataclass(frozen=True)
+class Artifact:
+    path: Path  # the checkpoint itself for a run dir
+    kind: str  # a key of DESCRIPTIONS
+
+    @property
+    def is_checkpoint(self) -> bool:
+        return self.kind in CHECKPOINT_KINDS
+
+    @property
+    def description(self) -> str:
+        return DESCRIPTIONS[self.kind]
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint dir, or a run dir whose `latest` file names one."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"no such checkpoint or run directory: {path}")
+    if (path / MANIFEST).is_file():
+        return path
+    latest = path / "latest"
+    if latest.is_file():
+        target = path / latest.read_text().strip()
+        if (target / MANIFEST).is_file():
+            return target
+        raise CheckpointError(f"{latest} points to {target}, which is not a complete checkpoint")
+    raise CheckpointError(f"{path} is neither a checkpoint (no {MANIFEST}) nor a run directory (no 'latest')")
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is missing or not valid JSON ({e})") from None
+
+
+def identify(path: str | Path) -> Artifact:
+    """The kind of checkpoint, bundle or export folder at `path` (CheckpointError when it is none)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"no such checkpoint, run directory or bundle: {path}")
+    if not (path / MANIFEST).is_file() and (path / "edge" / MANIFEST).is_file():
+        return Artifact(path, EXPORT)
+    if not (path / MANIFEST).is_file() and not (path / "latest").is_file():
+        raise CheckpointError(f"{path} is neither a checkpoint nor a bundle (no {MANIFEST}), a run directory (no "
+                              "'latest') or an export folder (no edge/)")
+    d = resolve_checkpoint(path)
+    manifest = _read_json(d / MANIFEST)
+    if isinstance(manifest, dict) and manifest.get("kind") in BUNDLE_KINDS:
+        return Artifact(d, manifest["kind"])
+    if not isinstance(manifest, dict) or "sha256" not in manifest:
+        raise CheckpointError(f"{d / MANIFEST} is neither a checkpoint nor a bundle manifest")
+    config = _read_json(d / "config.json")
+    kind = config.get("kind", "sentence_vae") if isinstance(config, dict) else None
+    if kind not in CHECKPOINT_KINDS:
+        raise CheckpointError(f"{d} holds a {kind!r} checkpoint, which this version does not know (kinds: "
+                              f"{', '.join(sorted(CHECKPOINT_KINDS))})")
+    return Artifact(d, kind)
+
+
+def expect(path: str | Path, *kinds: str) -> Artifact:
+    """`identify(path)`, refused (CheckpointError) unless it is one of `kinds`."""
+    found = identify(path)
+    if found.kind not in kinds:
+        wanted = " or ".join(DESCRIPTIONS[k] for k in kinds)
+        raise CheckpointError(f"{found.path} holds {found.description}, not {wanted}")
+    return found

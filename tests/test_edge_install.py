@@ -1,0 +1,134 @@
+"""The edge install, for real: `.venv-edge` holds `pip install ".[edge]"` only (scripts/setup_edge.sh,
+a regular install, no torch / transformers / onnx). Every module of the edge's packages imports
+there; the other roles' packages do not; edge-chat there answers exactly as edge-chat in the full
+dev env against one real cloud server; the other roles' commands there fail in one line."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.cloud_helpers import running_server
+
+ROOT = Path(__file__).resolve().parents[1]
+EDGE_ENV = ROOT / ".venv-edge"
+FULL_BIN = Path(sys.executable).parent  # the env running the tests (the dev env: every role)
+MODEL = ROOT / "models" / "default"
+EDGE_PACKAGES = ("edge", "runtime", "sentences", "protos")
+NOT_IN_EDGE = ("torch", "transformers", "onnx", "safetensors")
+PROMPT = "It is a truth universally acknowledged, that a single man must be in want of a wife."
+
+
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def _run(cmd: list, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([str(c) for c in cmd], cwd=cwd, env=_env(), capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+@pytest.fixture(scope="session")
+def edge_env() -> Path:
+    """.venv-edge, built or refreshed (idempotent: a few ms when up to date, ~1 min from scratch)."""
+    proc = subprocess.run([str(ROOT / "scripts" / "setup_edge.sh")], cwd=ROOT, env=_env(), capture_output=True,
+                          text=True, timeout=540, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, f"setup_edge.sh failed:\n{proc.stdout}\n{proc.stderr}"
+    assert (EDGE_ENV / "bin" / "edge-chat").exists()
+    return EDGE_ENV
+
+
+def test_edge_env_imports_edge_modules_and_lacks_the_others(edge_env, tmp_path):
+    """Run outside the checkout (cwd tmp): what imports comes from the installed wheel."""
+    script = textwrap.dedent(f"""
+        import importlib, importlib.metadata as md, json, pkgutil, sys
+        out = {{"absent": {{}}, "imported": [], "failed": {{}}, "files": {{}}}}
+        for name in {NOT_IN_EDGE!r}:
+            try:
+                importlib.import_module(name)
+                out["absent"][name] = "imported"
+            except ModuleNotFoundError as e:
+                out["absent"][name] = "ModuleNotFoundError" if e.name == name else f"other: {{e}}"
+        for top in {EDGE_PACKAGES!r}:
+            pkg = importlib.import_module(top)
+            out["files"][top] = pkg.__file__
+            names = [top] + [m.name for m in pkgutil.walk_packages(pkg.__path__, top + ".",
+                                                                   onerror=lambda n: out["failed"].setdefault(n, "walk"))]
+            for name in names:
+                if name.rsplit(".", 1)[-1] == "__main__":
+                    continue  # runs the command
+                try:
+                    importlib.import_module(name)
+                    out["imported"].append(name)
+                except BaseException as e:
+                    out["failed"][name] = f"{{type(e).__name__}}: {{e}}"
+        out["heavy_loaded"] = sorted(m for m in {NOT_IN_EDGE!r} if m in sys.modules)
+        out["dists"] = sorted(d.metadata["Name"].lower() for d in md.distributions())
+        print(json.dumps(out))
+    """)
+    proc = _run([edge_env / "bin" / "python", "-c", script], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["absent"] == {name: "ModuleNotFoundError" for name in NOT_IN_EDGE}
+    assert out["failed"] == {}
+    assert out["heavy_loaded"] == []
+    for top in EDGE_PACKAGES:
+        assert top in out["imported"]
+        assert Path(out["files"][top]).is_relative_to(edge_env), out["files"][top]  # the wheel, not the checkout
+    assert {"edge.cli", "edge.chat", "edge.local", "runtime.roles", "protos.client"} <= set(out["imported"])
+    dists = set(out["dists"])
+    assert {"sllm", "onnxruntime", "numpy", "tokenizers", "grpcio", "protobuf", "typer"} <= dists
+    assert not dists & {"torch", "transformers", "onnx", "onnxscript", "safetensors", "onnxruntime-gpu",
+                        "matplotlib", "grpcio-health-checking", "grpcio-reflection"}, dists
+
+
+def test_edge_chat_from_the_edge_install_matches_the_full_env(edge_env, tmp_path):
+    """One real cloud server (full env, in this process); greedy edge-chat from each env: same text."""
+    outputs = {}
+    with running_server(MODEL / "cloud") as server:
+        target = f"127.0.0.1:{server.port}"
+        for name, bin_dir in (("edge", edge_env / "bin"), ("full", FULL_BIN)):
+            proc = _run([bin_dir / "edge-chat", "--server", target, "--bundle", MODEL / "edge", "--prompt", PROMPT,
+                         "--max-sentences", "3", "--threads", "1"], cwd=tmp_path)
+            assert proc.returncode == 0, f"{name}: {proc.stderr}"
+            assert "Traceback" not in proc.stderr, f"{name}: {proc.stderr}"
+            outputs[name] = proc.stdout
+    assert outputs["edge"].strip(), outputs
+    assert outputs["edge"] == outputs["full"]
+
+
+@pytest.mark.parametrize("command, extra", [("sllm-train", "train"), ("sllm-cloud", "cloud"),
+                                            ("sllm-export", "export"), ("sllm-bench", "bench")])
+def test_other_roles_commands_fail_in_one_line_in_the_edge_install(edge_env, tmp_path, command, extra):
+    t0 = time.perf_counter()
+    proc = _run([edge_env / "bin" / command, "--help"], cwd=tmp_path, timeout=60)
+    assert time.perf_counter() - t0 < 30
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stdout == ""
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"error: `{command}` needs the {extra} install: pip install 'sllm[{extra}")
+    assert "missing here: torch" in lines[0]
+    # the guard lets the same command through where its role is installed
+    full = _run([FULL_BIN / command, "--help"], cwd=tmp_path, timeout=60)
+    assert full.returncode == 0, full.stderr
+    assert "Usage" in full.stdout or "usage" in full.stdout
+
+
+def test_edge_chat_local_in_the_edge_install_says_to_install_the_cloud(edge_env, tmp_path):
+    proc = _run([edge_env / "bin" / "edge-chat", "--local", "--model", MODEL, "--prompt", PROMPT], cwd=tmp_path,
+                timeout=60)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stdout == ""
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "`edge-chat --local` needs the cloud install: pip install 'sllm[cloud]'" in errors[0]
+    assert "missing here: torch" in errors[0]
