@@ -184,12 +184,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2)
 
+    from transformers.utils import logging as hf_logging
+
     from bench.models import BenchError
     from bench.progress import BenchProgress
     from edge.chat import EdgeError
     from runtime.manifest import BundleError
-
-    from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # generate()'s advice about generation flags is noise here
     t0 = time.perf_counter()

@@ -57,9 +57,8 @@ def train_variant(run: RunConfig, log: Callable[[str], None]) -> float:
 
 
 def evaluate_variant(run_dir: Path, n_loss: int, n_exact: int, log: Callable[[str], None]) -> dict:
-    from training.evaluate import exact_match, validation_sentences
     from training.checkpoint import read_trainer_state
-    from training.evaluate import validation_loss
+    from training.evaluate import exact_match, validation_loss, validation_sentences
     from training.load import load_stage1
 
     trained = load_stage1(run_dir)

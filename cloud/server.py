@@ -21,8 +21,8 @@ from cloud.metrics import Metrics, MetricsHTTPServer
 from cloud.service import SentenceLMService, add_service
 from cloud.sessions import SessionStore
 from modeling.cloud_bundle import load_cloud_bundle
-from protos.sllm.v1 import sllm_pb2 as pb
 from modeling.opt_graft import GraftedOPT
+from protos.sllm.v1 import sllm_pb2 as pb
 
 _DRAIN_POLL_S = 0.02  # how often stop() checks whether the open streams have ended
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SentenceLM"].full_name  # "sllm.v1.SentenceLM"

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.providers import open_sessions
 from edge.sampling import Sampling, numpy_generator, pick_next
 from runtime.edge_bundle import EdgeBundle, load_edge_bundle
 from runtime.manifest import BundleError
+from runtime.providers import open_sessions
 from runtime.svae_onnx import decode_loop
 from runtime.svae_onnx import encode as ort_encode
 from sentences.limit import sentence_token_ids

@@ -107,8 +107,7 @@ def export(
 
 
 def _export_baseline(checkpoint: Path, out: Path, weights: str, force: bool) -> None:
-    from export.baseline_bundle import (STEPS, BaselineExportError, BaselineVerificationFailed,
-                                        export_baseline)
+    from export.baseline_bundle import STEPS, BaselineExportError, BaselineVerificationFailed, export_baseline
 
     try:
         with _Steps(list(STEPS)) as progress:

@@ -26,9 +26,21 @@ from export.onnx_export import OPSET, export_decoder, export_encoder
 from export.quantize import QUANT_MODES, quantize_int8
 from export.verify import render_markdown
 from modeling.cloud_bundle import load_cloud_bundle, model_id_for, write_cloud_bundle
-from runtime.edge_bundle import (DECODER, DECODER_INT8, ENCODER, ENCODER_INT8, KV_LAYOUT, REPORT_JSON, REPORT_MD,
-                                TOKENIZER, TOKENIZER_META, decoder_spec, load_edge_bundle, write_edge_manifest)
 from runtime.artifacts import CheckpointError, expect
+from runtime.edge_bundle import (
+    DECODER,
+    DECODER_INT8,
+    ENCODER,
+    ENCODER_INT8,
+    KV_LAYOUT,
+    REPORT_JSON,
+    REPORT_MD,
+    TOKENIZER,
+    TOKENIZER_META,
+    decoder_spec,
+    load_edge_bundle,
+    write_edge_manifest,
+)
 from runtime.files import replace_dir
 from runtime.manifest import BundleError, read_manifest
 from runtime.providers import CPU, cpu_session

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from runtime.svae_onnx import DECODER_INPUTS, DECODER_OUTPUTS, ENCODER_INPUTS, ENCODER_OUTPUTS
 from modeling.sentence_vae import SentenceDecoder, SentenceEncoder
+from runtime.svae_onnx import DECODER_INPUTS, DECODER_OUTPUTS, ENCODER_INPUTS, ENCODER_OUTPUTS
 
 OPSET = 18
 

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from modeling.config import ConfigError
-from modeling.opt_graft import GraftedOPT
 from modeling.losses import token_loss_sum
+from modeling.opt_graft import GraftedOPT
 from modeling.sentence_vae import IGNORE_INDEX, SentenceVAE
 
 

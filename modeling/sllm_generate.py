@@ -12,12 +12,12 @@ from typing import Iterator
 
 import torch
 
-from sentences.limit import sentence_token_ids
-from sentences.tokenizer import SentenceTokenizer
 from modeling.generate import SamplingConfig, decode_sentences
 from modeling.opt_graft import STOP
 from modeling.sentence_vae import pad_token_lists
 from modeling.sllm import SLLM
+from sentences.limit import sentence_token_ids
+from sentences.tokenizer import SentenceTokenizer
 
 
 @dataclass

@@ -9,7 +9,6 @@ from safetensors.torch import load_file, save_file
 
 from runtime.artifacts import CheckpointError
 
-
 # ---------------------------------------------------------------- tensors <-> files
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:

@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 import contextlib
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Iterator
 
 import grpc
 import numpy as np
+import pytest
 import torch
 
 from cloud.config import ServerConfig
@@ -58,3 +61,38 @@ def converse_raw(target: str, messages: list, metadata=(), timeout: float = 10.0
         return replies, call.code(), call.details() or ""
     finally:
         channel.close()
+
+
+def self_signed_cert(tmp_path):
+    """A self-signed certificate for localhost / 127.0.0.1: `cryptography` when installed, else openssl."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    try:
+        import datetime
+        import ipaddress
+
+        from cryptography import x509
+        from cryptography.hazmat.primitives import hashes, serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+        from cryptography.x509.oid import NameOID
+    except ImportError:
+        if shutil.which("openssl") is None:
+            pytest.skip("neither the cryptography package nor the openssl CLI is available")
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                        "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
+                        "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+                       check=True, capture_output=True, timeout=30)
+        return cert, key
+    pkey = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    crt = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(pkey.public_key())
+           .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
+           .not_valid_after(now + datetime.timedelta(days=1))
+           .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
+                                                       x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
+           .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
+           .sign(pkey, hashes.SHA256()))
+    cert.write_bytes(crt.public_bytes(serialization.Encoding.PEM))
+    key.write_bytes(pkey.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                       serialization.NoEncryption()))
+    return cert, key

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import OPT_TINY, data_overrides, sllm_overrides, train_run
 from typer.testing import CliRunner
 
 from bench import cli as bench_cli
@@ -14,11 +15,10 @@ from bench import kv_memory, plots, svae_variants
 from bench.models import load_models, untrained_baseline
 from bench.texts import ValidationText
 from export import baseline_bundle
-from modeling.baseline_bundle import load_baseline_bundle
 from export.cli import app as export_app
 from export.exporter import export_checkpoint
+from modeling.baseline_bundle import load_baseline_bundle
 from runtime.manifest import BundleError
-from tests.test_sllm import OPT_TINY, _train, data_overrides, sllm_overrides
 from training.config import BaselineRunConfig, SLLMRunConfig
 from training.load import load_baseline
 from training.tasks.opt_baseline import OPTBaselineTask
@@ -29,9 +29,9 @@ from training.tasks.sllm import SLLMTask
 def runs(tiny_corpus, tiny_svae_run, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("bench_runs")
     sllm = sllm_overrides(tiny_corpus, out / "cache") + [f"sllm.svae_checkpoint={tiny_svae_run}", "train.max_steps=3"]
-    _train(SLLMRunConfig, SLLMTask, sllm, out / "sllm")
+    train_run(SLLMRunConfig, SLLMTask, sllm, out / "sllm")
     base = data_overrides(tiny_corpus, out / "cache") + OPT_TINY + [f"match_sllm={out / 'sllm'}", "train.max_steps=3"]
-    _train(BaselineRunConfig, OPTBaselineTask, base, out / "baseline")
+    train_run(BaselineRunConfig, OPTBaselineTask, base, out / "baseline")
     return {"sllm": out / "sllm", "baseline": out / "baseline"}
 
 

@@ -1,10 +1,10 @@
 """The batched forward over per-session KV caches equals each session alone and the full forward."""
 import numpy as np
 import pytest
+from cloud_helpers import reference_outputs
 
 from cloud.engine import Engine
 from modeling.cloud_bundle import random_grafted_opt
-from tests.cloud_helpers import reference_outputs
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,10 @@ import time
 import grpc
 import numpy as np
 import pytest
+from cloud_helpers import MODEL_ID, D, converse_raw, reference_outputs, running_server
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from tests.cloud_helpers import D, MODEL_ID, converse_raw, reference_outputs, running_server
 from protos.client import CloudClient, CloudError
 from protos.sllm.v1 import sllm_pb2 as pb
 from protos.wire import pack

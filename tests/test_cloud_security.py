@@ -1,14 +1,12 @@
 """Bearer-token auth (missing / wrong / malformed tokens rejected, health stays open) and TLS
 with a self-signed certificate made here."""
-import shutil
-import subprocess
 
 import grpc
 import numpy as np
 import pytest
+from cloud_helpers import MODEL_ID, D, converse_raw, reference_outputs, running_server, self_signed_cert
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.cloud_helpers import D, MODEL_ID, converse_raw, reference_outputs, running_server
 from protos.client import CloudClient, CloudError
 from protos.sllm.v1 import sllm_pb2 as pb
 
@@ -17,41 +15,6 @@ TOKENS = ["s3cret-token", "rotated-token"]
 
 def _vec(n, seed=0):
     return np.random.default_rng(seed).standard_normal((n, D)).astype(np.float32)
-
-
-def _self_signed(tmp_path):
-    """A self-signed certificate for localhost / 127.0.0.1: `cryptography` when installed, else openssl."""
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    try:
-        import datetime
-        import ipaddress
-
-        from cryptography import x509
-        from cryptography.hazmat.primitives import hashes, serialization
-        from cryptography.hazmat.primitives.asymmetric import ec
-        from cryptography.x509.oid import NameOID
-    except ImportError:
-        if shutil.which("openssl") is None:
-            pytest.skip("neither the cryptography package nor the openssl CLI is available")
-        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-                        "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
-                        "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
-                       check=True, capture_output=True, timeout=30)
-        return cert, key
-    pkey = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    crt = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(pkey.public_key())
-           .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
-           .not_valid_after(now + datetime.timedelta(days=1))
-           .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost"),
-                                                       x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), False)
-           .add_extension(x509.BasicConstraints(ca=True, path_length=None), True)
-           .sign(pkey, hashes.SHA256()))
-    cert.write_bytes(crt.public_bytes(serialization.Encoding.PEM))
-    key.write_bytes(pkey.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                       serialization.NoEncryption()))
-    return cert, key
 
 
 def test_bearer_token_auth(cloud_bundle):
@@ -86,7 +49,7 @@ def _details(target, metadata) -> str:
 
 
 def test_tls_with_a_self_signed_certificate(cloud_bundle, cloud_model, tmp_path):
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed_cert(tmp_path)
     v = _vec(4, seed=1)
     h = reference_outputs(cloud_model, v)[0]
     with running_server(cloud_bundle, tokens=TOKENS, tls_cert=str(cert), tls_key=str(key)) as srv:
@@ -106,7 +69,7 @@ def test_tls_with_a_self_signed_certificate(cloud_bundle, cloud_model, tmp_path)
                 c.model_info(timeout=5)
             assert e.value.code == grpc.StatusCode.UNAVAILABLE
         (tmp_path / "other").mkdir()
-        other_cert, _ = _self_signed(tmp_path / "other")
+        other_cert, _ = self_signed_cert(tmp_path / "other")
         with CloudClient(target, token=TOKENS[0], root_certificates=other_cert.read_bytes()) as c:
             with pytest.raises(CloudError) as e:  # a certificate the client does not trust
                 c.model_info(timeout=5)

@@ -21,29 +21,28 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cloud_helpers import running_server
+from helpers import NO_TORCH_BLOCKER, ROOT, sllm_overrides, tiny_overrides, train_run
 from typer.testing import CliRunner
 
-from modeling.cloud_bundle import write_random_cloud_bundle
-from tests.cloud_helpers import running_server
 from edge.chat import EdgeError
 from edge.cli import app
 from edge.local import LocalServer
-from runtime.providers import CPU, ProviderError, open_sessions
 from edge.loop import sentence_loop
 from edge.runtime import Decoded, EdgeRuntime
 from edge.sampling import Sampling, filter_logits, numpy_generator, pick_next
 from export.exporter import export_checkpoint
-from protos.client import StepResult
-from tests.conftest import ROOT, tiny_overrides
-from tests.test_sllm import _train, sllm_overrides
-from training.cli import build_run_config
-from training.config import SLLMRunConfig
+from modeling.cloud_bundle import write_random_cloud_bundle
 from modeling.generate import SamplingConfig, decode_sentences
 from modeling.generate import pick_next as torch_pick_next
 from modeling.opt_graft import STOP
 from modeling.sllm_generate import SLLMGenerator
-from training.tasks.sentence_vae import SentenceVAETask
+from protos.client import StepResult
+from runtime.providers import CPU, ProviderError, open_sessions
+from training.cli import build_run_config
+from training.config import SLLMRunConfig
 from training.load import load_sllm
+from training.tasks.sentence_vae import SentenceVAETask
 from training.tasks.sllm import SLLMTask
 
 CAP = 4  # --max-sentences in the comparisons (the torch reference uses the same cap)
@@ -51,17 +50,6 @@ TOKEN = "edge-test-token"
 CANDIDATES = ["The king loves the river.", "My sister remembers the garden,", "Hello.",
               "A small dog sees a letter. She builds the city!", "The people guards her book; He finds a song?",
               "Our nation praises the law.", "He leaves the city."]
-BLOCKER = """\
-import sys
-
-class _NoTorch:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("torch", "transformers"):
-            raise ImportError(f"{name} is blocked: the edge must not import it")
-        return None
-
-sys.meta_path.insert(0, _NoTorch())
-"""
 ANSI = re.compile(rb"\x1b\[[0-9;?]*[a-zA-Z]")
 runner = CliRunner()
 
@@ -73,10 +61,10 @@ def model(tiny_corpus, tmp_path_factory):
     """(export dir with edge/ and cloud/, trained SLLM run dir)."""
     out = tmp_path_factory.mktemp("edge_model")
     overrides = tiny_overrides(tiny_corpus, out / "c1") + ["train.max_steps=600"]
-    _train(type(build_run_config(None, [], None)), SentenceVAETask, overrides, out / "s1")
+    train_run(type(build_run_config(None, [], None)), SentenceVAETask, overrides, out / "s1")
     overrides = sllm_overrides(tiny_corpus, out / "c2") + [f"sllm.svae_checkpoint={out / 's1'}",
                                                          "train.max_steps=300"]
-    _train(SLLMRunConfig, SLLMTask, overrides, out / "s2")
+    train_run(SLLMRunConfig, SLLMTask, overrides, out / "s2")
     export_checkpoint(out / "s2", out / "export", n_verify=4)
     return out / "export", out / "s2"
 
@@ -137,7 +125,7 @@ def server(model):
 @pytest.fixture(scope="module")
 def no_torch(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("no_torch")
-    (d / "sitecustomize.py").write_text(BLOCKER)
+    (d / "sitecustomize.py").write_text(NO_TORCH_BLOCKER)
     return d
 
 
@@ -219,7 +207,9 @@ def _child_state(proc: subprocess.Popen, fd: int) -> str:
         wchan = Path(f"/proc/{proc.pid}/wchan").read_text()
     except (OSError, StopIteration):
         return f"child {proc.pid} gone (exit {proc.poll()})"
-    import fcntl, termios, traceback
+    import fcntl
+    import termios
+    import traceback
     fds = {n: os.readlink(f"/proc/{proc.pid}/fd/{n}") for n in ("0", "1", "2")}
     ptn = fcntl.ioctl(fd, 0x80045430, b"\0\0\0\0")  # TIOCGPTN: the master's pts number
     queued = fcntl.ioctl(fd, termios.FIONREAD, b"\0\0\0\0")
@@ -472,9 +462,9 @@ def test_server_down_wrong_token_and_mismatched_halves(model, server, tmp_path):
 def test_tls_and_token_over_the_wire(model, trained, prompts, tmp_path):
     """--tls-ca + --token against a TLS server: the answer equals torch; a plaintext client or an
     untrusted certificate is a clear error."""
-    from tests.test_cloud_security import _self_signed
+    from cloud_helpers import self_signed_cert
 
-    cert, key = _self_signed(tmp_path)
+    cert, key = self_signed_cert(tmp_path)
     edge = model[0] / "edge"
     with running_server(model[0] / "cloud", tokens=[TOKEN], tls_cert=str(cert), tls_key=str(key), threads=1) as srv:
         base = ["--bundle", edge, "--token", TOKEN, "--max-sentences", CAP, "--prompt", prompts[0]]
@@ -484,7 +474,7 @@ def test_tls_and_token_over_the_wire(model, trained, prompts, tmp_path):
         r = _invoke(["--server", f"127.0.0.1:{srv.port}", *base])
         assert r.exit_code == 2 and "error: cannot reach the cloud server" in r.stderr
         (tmp_path / "other").mkdir()
-        other, _ = _self_signed(tmp_path / "other")
+        other, _ = self_signed_cert(tmp_path / "other")
         r = _invoke(["--server", f"127.0.0.1:{srv.port}", "--tls-ca", other, *base])
         assert r.exit_code == 2 and "error: cannot reach the cloud server" in r.stderr
         r = _invoke(["--server", f"127.0.0.1:{srv.port}", "--tls-ca", tmp_path / "missing.pem", *base])

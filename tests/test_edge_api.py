@@ -9,14 +9,13 @@ import subprocess
 import sys
 
 import pytest
+from cloud_helpers import running_server
+from helpers import NO_TORCH_BLOCKER, ROOT
 from typer.testing import CliRunner
 
 import edge
 from edge.cli import app
 from modeling.cloud_bundle import write_random_cloud_bundle
-from tests.cloud_helpers import running_server
-from tests.conftest import ROOT
-from tests.test_edge import BLOCKER
 
 MODEL = ROOT / "models" / "default"
 FIRST, SECOND = "It is a truth universally acknowledged,", "She laughed. Then she was gone."
@@ -193,7 +192,7 @@ def test_the_documented_example_runs_without_torch(server, tmp_path):
     doc = (ROOT / "docs" / "edge-api.md").read_text()
     example = re.search(r"```python\n(.*?)```", doc, re.S).group(1).replace("127.0.0.1:50051",
                                                                            f"127.0.0.1:{server.port}")
-    (tmp_path / "sitecustomize.py").write_text(BLOCKER)
+    (tmp_path / "sitecustomize.py").write_text(NO_TORCH_BLOCKER)
     env = {"PYTHONPATH": f"{tmp_path}:{ROOT}", "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
     proc = subprocess.run([sys.executable, "-c", example], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=120)

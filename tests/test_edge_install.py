@@ -13,8 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-from tests.cloud_helpers import running_server
+from cloud_helpers import running_server
 
 ROOT = Path(__file__).resolve().parents[1]
 EDGE_ENV = ROOT / ".venv-edge"

@@ -10,17 +10,17 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from helpers import ROOT
 from typer.testing import CliRunner
 
 from export.cli import app
-from modeling.cloud_bundle import load_cloud_bundle, model_id_for
-from runtime.edge_bundle import load_edge_bundle
 from export.exporter import ExportError, VerificationFailed, check_output_dir, export_checkpoint
+from modeling.cloud_bundle import load_cloud_bundle, model_id_for
+from modeling.generate import decode_sentences
 from runtime.artifacts import CheckpointError
+from runtime.edge_bundle import load_edge_bundle
 from runtime.manifest import BundleError, read_manifest
 from runtime.svae_onnx import decoder_step
-from tests.conftest import ROOT
-from modeling.generate import decode_sentences
 from training.load import load_sllm
 
 N_VERIFY = 40

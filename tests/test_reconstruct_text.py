@@ -7,11 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import ROOT
 from typer.testing import CliRunner
 
 from sentences.limit import is_blank, text_to_sentences
 from sentences.tokenizer import TokenizerError
-from tests.conftest import ROOT
 from training.cli import EMPTY_TEXT, app
 from training.evaluate import reconstruct_text, reconstruct_texts
 from training.load import load_stage1

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from modeling.config import ConfigError, SentenceVAEConfig
-from modeling.losses import token_loss, token_nll_sum
 from modeling.generate import SamplingConfig, decode_full_recompute, decode_sentences, pick_next
+from modeling.losses import token_loss, token_nll_sum
 from modeling.sentence_vae import SentenceDecoder, SentenceVAE
 
 torch.set_num_threads(1)

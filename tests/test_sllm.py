@@ -8,23 +8,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import OPT_TINY, QUIET, ROOT, data_overrides, sllm_overrides, train_run
 from safetensors.torch import load_file
 from transformers import OPTForCausalLM
 
-from tests.conftest import OPT_TINY, QUIET, ROOT, _train, data_overrides, sllm_overrides
-from training.checkpoint import CheckpointError
-from training.cli import build_run_config
 from modeling.config import OPTSpec
-from training.config import BaselineRunConfig, SLLMRunConfig
-from training.data.passage_data import collate_passages
-from training.evaluate_lm import baseline_token_nll, sllm_token_nll
 from modeling.generate import SamplingConfig, decode_sentences
 from modeling.opt_graft import opt_config_from_spec
 from modeling.sllm_generate import SLLMGenerator
-from training.load import load_baseline
+from training.checkpoint import CheckpointError
+from training.cli import build_run_config
+from training.config import BaselineRunConfig, SLLMRunConfig
+from training.data.passage_data import collate_passages
+from training.evaluate_lm import baseline_token_nll, sllm_token_nll
+from training.load import load_baseline, load_sllm, load_stage1
 from training.tasks.opt_baseline import OPTBaselineTask
-from training.load import load_stage1
-from training.load import load_sllm
 from training.tasks.sllm import SLLMTask
 
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
@@ -94,7 +92,7 @@ def test_baseline_trains_and_ppl_counts_the_same_tokens(tiny_corpus, sllm_run, t
     sllm = load_sllm(sllm_run)
     overrides = data_overrides(tiny_corpus, tmp_path / "cache") + OPT_TINY + [
         f"match_sllm={sllm_run}", "train.max_steps=12", "train.lr=0.01"]
-    task = _train(BaselineRunConfig, OPTBaselineTask, overrides, tmp_path / "run")
+    task = train_run(BaselineRunConfig, OPTBaselineTask, overrides, tmp_path / "run")
     losses = _losses(tmp_path / "run")
     assert np.mean(losses[-3:]) < np.mean(losses[:3])
     base = load_baseline(tmp_path / "run")
@@ -109,6 +107,7 @@ def test_baseline_trains_and_ppl_counts_the_same_tokens(tiny_corpus, sllm_run, t
     assert np.isfinite(b["ppl"]) and np.isfinite(s["ppl"])
 
     from typer.testing import CliRunner
+
     from training.cli import app
 
     report = tmp_path / "compare.md"
@@ -152,6 +151,7 @@ def test_generation_streams_sentences_and_matches_full_recompute(sllm_run):
 
 def test_generate_cli(sllm_run):
     from typer.testing import CliRunner
+
     from training.cli import app
 
     res = CliRunner().invoke(app, ["generate", str(sllm_run), "The king sees the river.", "--max-sentences", "2"])
@@ -179,7 +179,7 @@ def test_generation_bad_prompts_are_clear_errors(sllm_run):
 def test_freeze_svae_and_finetune_last_layer(tiny_corpus, tmp_path):
     overrides = sllm_overrides(tiny_corpus, tmp_path / "cache") + [
         "train.max_steps=3", "sllm.freeze_svae=true", "sllm.finetune_layers=1", "sllm.finetune_from=last"]
-    task = _train(SLLMRunConfig, SLLMTask, overrides, tmp_path / "run")
+    task = train_run(SLLMRunConfig, SLLMTask, overrides, tmp_path / "run")
     torch.manual_seed(task.run.train.seed)
     initial = task.build_model().state_dict()
     final = load_sllm(tmp_path / "run", weights="model").model.state_dict()
@@ -198,7 +198,7 @@ def test_pretrained_opt_dir_grafts_and_trains(tiny_corpus, tmp_path):
     overrides = sllm_overrides(tiny_corpus, tmp_path / "cache") + [
         f"opt.pretrained={tmp_path / 'opt'}", "train.max_steps=2", "train.lr=1e-6",
         "sllm.init_embeddings_from_opt=true"]
-    _train(SLLMRunConfig, SLLMTask, overrides, tmp_path / "run")
+    train_run(SLLMRunConfig, SLLMTask, overrides, tmp_path / "run")
     trained = load_sllm(tmp_path / "run")
     assert trained.model.opt.config.max_position_embeddings == 128  # the checkpoint's config, not the spec's
     hf = load_file(str(tmp_path / "opt" / "model.safetensors"))
@@ -210,7 +210,7 @@ def test_pretrained_opt_dir_grafts_and_trains(tiny_corpus, tmp_path):
 
 def test_width_mismatch_and_wrong_kind_are_refused(tiny_corpus, tmp_path, sllm_run, stage1):
     with pytest.raises(Exception, match="must equal OPT's hidden size"):
-        _train(SLLMRunConfig, SLLMTask, sllm_overrides(tiny_corpus, tmp_path / "cache") + ["svae.d_model=64"],
+        train_run(SLLMRunConfig, SLLMTask, sllm_overrides(tiny_corpus, tmp_path / "cache") + ["svae.d_model=64"],
                tmp_path / "run")
     with pytest.raises(CheckpointError, match="not an SLLM"):
         load_sllm(stage1)

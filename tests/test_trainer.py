@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import ROOT, tiny_overrides
 from safetensors.torch import load_file
 
-from tests.conftest import ROOT, tiny_overrides
 from training.checkpoint import CheckpointError
 from training.cli import build_run_config
 from training.load import load_stage1
@@ -172,9 +172,9 @@ def test_cli_plot_adds_exact_match_per_checkpoint_and_caches_it(tiny_corpus, tmp
     from typer.testing import CliRunner
 
     from training.cli import app, build_run_config
+    from training.data.sentence_data import prepare_data
     from training.evaluate import exact_match
     from training.exact_curve import CACHE_FILE
-    from training.data.sentence_data import prepare_data
     from training.tasks.sentence_vae import SentenceVAETask
     from training.trainer import Trainer
 

@@ -27,6 +27,7 @@ from modeling.weights import load_state_into, load_tensors, read_metadata, save_
 from runtime.artifacts import MANIFEST, CheckpointError, resolve_checkpoint
 from runtime.files import atomic_write_bytes, atomic_write_text, sha256_file
 
+
 def optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     sd = opt.state_dict()
     tensors = {}

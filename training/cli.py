@@ -22,7 +22,6 @@ from typing import Optional
 import typer
 
 from modeling.config import ConfigError
-
 from training.config import RunConfig, apply_overrides, load_run_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train and evaluate sllm models.")

@@ -7,11 +7,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from sentences.limit import model_sentences
+from modeling.generate import SamplingConfig, decode_sentences
 from modeling.losses import token_nll_sum
 from modeling.sentence_vae import pad_token_lists
+from sentences.limit import model_sentences
 from training.data.sentence_data import SentenceTokens, collate, prepare_data
-from modeling.generate import SamplingConfig, decode_sentences
 from training.load import TrainedSentenceVAE
 from training.tasks.common import unwrap
 

@@ -6,12 +6,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from modeling.losses import token_loss
+from modeling.sentence_vae import SentenceVAE
 from sentences.segment import SEGMENTATION_VERSION
 from training.config import RunConfig
 from training.data.sentence_data import PreparedData, collate, prepare_data
 from training.evaluate import validation_loss
-from modeling.losses import token_loss
-from modeling.sentence_vae import SentenceVAE
 from training.tasks.common import EpochBatches, unwrap
 
 
