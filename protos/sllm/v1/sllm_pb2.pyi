@@ -113,7 +113,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_id", "dim", "compute_dtype", "accepted_dtypes", "num_layers", "max_sentences", "max_sessions", "max_message_bytes", "idle_timeout_s", "kv_budget_bytes", "kv_bytes_per_sentence", "device", "batching", "max_batch")
+    __slots__ = ("model_id", "dim", "compute_dtype", "accepted_dtypes", "num_layers", "max_sentences", "max_sessions", "max_message_bytes", "idle_timeout_s", "kv_budget_bytes", "kv_bytes_per_sentence", "device", "batching", "max_batch", "weights_sha256")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_DTYPE_FIELD_NUMBER: _ClassVar[int]
@@ -128,6 +128,7 @@ class ModelInfo(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     BATCHING_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
+    WEIGHTS_SHA256_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     dim: int
     compute_dtype: str
@@ -142,7 +143,8 @@ class ModelInfo(_message.Message):
     device: str
     batching: bool
     max_batch: int
-    def __init__(self, model_id: _Optional[str] = ..., dim: _Optional[int] = ..., compute_dtype: _Optional[str] = ..., accepted_dtypes: _Optional[_Iterable[_Union[DType, str]]] = ..., num_layers: _Optional[int] = ..., max_sentences: _Optional[int] = ..., max_sessions: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., idle_timeout_s: _Optional[float] = ..., kv_budget_bytes: _Optional[int] = ..., kv_bytes_per_sentence: _Optional[int] = ..., device: _Optional[str] = ..., batching: _Optional[bool] = ..., max_batch: _Optional[int] = ...) -> None: ...
+    weights_sha256: str
+    def __init__(self, model_id: _Optional[str] = ..., dim: _Optional[int] = ..., compute_dtype: _Optional[str] = ..., accepted_dtypes: _Optional[_Iterable[_Union[DType, str]]] = ..., num_layers: _Optional[int] = ..., max_sentences: _Optional[int] = ..., max_sessions: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., idle_timeout_s: _Optional[float] = ..., kv_budget_bytes: _Optional[int] = ..., kv_bytes_per_sentence: _Optional[int] = ..., device: _Optional[str] = ..., batching: _Optional[bool] = ..., max_batch: _Optional[int] = ..., weights_sha256: _Optional[str] = ...) -> None: ...
 
 class GetStatsRequest(_message.Message):
     __slots__ = ()
