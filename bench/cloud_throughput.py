@@ -48,11 +48,15 @@ def start_server(bundle: Path, batching: bool, threads: int, max_batch: int, bat
 
 
 def client_loop(target: str, model_id: str, d: int, stop_at: float, measure_from: float, steps_per_conv: int,
-                seed: int, out: dict, token: str | None = None) -> None:
+                seed: int, out: dict, token: str | None = None, session_keys: bool = False) -> None:
+    """One client's conversations until `stop_at` (out: steps, latencies). session_keys: each
+    conversation sends a key of its own (protos.client.SESSION_KEY_HEADER), as the edge does."""
     rng = np.random.default_rng(seed)
     steps, latencies = 0, []
     with CloudClient(target, token) as c:
         while time.perf_counter() < stop_at:
+            if session_keys:
+                c.session_key = f"bench-{seed}-{rng.integers(1 << 62)}"
             with c.conversation(model_id, d, dtype="float16") as conv:
                 conv.append(rng.standard_normal((4, d)).astype(np.float32))
                 for _ in range(steps_per_conv):
@@ -68,28 +72,51 @@ def client_loop(target: str, model_id: str, d: int, stop_at: float, measure_from
     out["steps"], out["latencies"] = steps, latencies
 
 
+def _counted(out: dict, loop, *args) -> None:
+    """client_loop, its failure kept in out["error"] (the point reports failures, it does not die)."""
+    try:
+        loop(*args)
+    except Exception as e:  # noqa: BLE001 - counted and reported
+        out.setdefault("steps", 0)
+        out.setdefault("latencies", [])
+        out["error"] = repr(e)
+
+
+def _stats_sum(targets: list[str], token: str | None) -> tuple[int, int]:
+    """(steps, forward passes) summed over the servers at `targets`."""
+    steps = passes = 0
+    for target in targets:
+        with CloudClient(target, token) as c:
+            st = c.stats()
+        steps, passes = steps + st.steps_total, passes + st.forward_passes_total
+    return steps, passes
+
+
 def run_point(target: str, model_id: str, d: int, clients: int, duration: float, warmup: float,
-              steps_per_conv: int, token: str | None = None) -> dict:
+              steps_per_conv: int, token: str | None = None, stats_targets: list[str] | None = None,
+              session_keys: bool = False) -> dict:
     """Aggregate steps/s of `clients` concurrent client threads (see the module doc), with the
-    server's mean batch (from its stats) and the per-step latency percentiles."""
+    servers' mean batch (from the stats of `stats_targets`, each server straight: default `target`),
+    the per-step latency percentiles and the clients that failed (`errors`)."""
+    stats_targets = stats_targets or [target]
     start = time.perf_counter()
     measure_from, stop_at = start + warmup, start + warmup + duration
     outs = [{} for _ in range(clients)]
-    with CloudClient(target, token) as c:
-        before = c.stats()
-    threads = [threading.Thread(target=client_loop, args=(target, model_id, d, stop_at, measure_from,
-                                                          steps_per_conv, i, outs[i], token)) for i in range(clients)]
+    before = _stats_sum(stats_targets, token)
+    threads = [threading.Thread(target=_counted, args=(outs[i], client_loop, target, model_id, d, stop_at,
+                                                       measure_from, steps_per_conv, i, outs[i], token, session_keys))
+               for i in range(clients)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    with CloudClient(target, token) as c:
-        after = c.stats()
+    after = _stats_sum(stats_targets, token)
     steps = sum(o["steps"] for o in outs)
     lat = np.array([x for o in outs for x in o["latencies"]]) * 1000
-    passes = after.forward_passes_total - before.forward_passes_total
+    passes = after[1] - before[1]
     return {"clients": clients, "steps_per_s": steps / duration,
-            "mean_batch": (after.steps_total - before.steps_total) / passes if passes else 0.0,
+            "errors": [o["error"] for o in outs if "error" in o],
+            "mean_batch": (after[0] - before[0]) / passes if passes else 0.0,
             "p50_ms": float(np.percentile(lat, 50)) if len(lat) else float("nan"),
             "p95_ms": float(np.percentile(lat, 95)) if len(lat) else float("nan")}
 

@@ -2,8 +2,11 @@
 
     sllm-cloud serve --bundle runs/export/cloud --port 50051
     sllm-cloud serve --bundle B --host 0.0.0.0 --token-file tokens.txt --tls-cert c.pem --tls-key k.pem
+    sllm-cloud serve --bundle B --host 0.0.0.0 --tls-cert c.pem --tls-key k.pem --tls-client-ca clients-ca.pem
     sllm-cloud info --target 127.0.0.1:50051
     sllm-cloud random-bundle /tmp/cloud-d256 --d 256 --layers 4
+    sllm-cloud cluster --bundle models/default/cloud --replicas 2 --port 50051   # replicas behind nginx
+    sllm-cloud health --target 127.0.0.1:50051                                   # exit 0 iff SERVING (probes)
 """
 from __future__ import annotations
 
@@ -24,6 +27,10 @@ import typer
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="The sllm cloud gRPC service.")
 
 TOKENS_ENV = "SLLM_CLOUD_TOKENS"
+# Both names are read, the same way (comma-separated, merged): SLLM_CLOUD_TOKEN is the edge's name
+# for its one token, and a server started with it must not come up open to anyone.
+TOKENS_ENVS = (TOKENS_ENV, "SLLM_CLOUD_TOKEN")
+FORCED_EXIT_S = 5.0  # after a second signal, exit at once if the forced stop has not finished by then
 
 
 def _fail(message: str) -> None:
@@ -32,7 +39,8 @@ def _fail(message: str) -> None:
 
 
 def read_tokens(token_file: Optional[Path]) -> list[str]:
-    """Bearer tokens from a file (one per line, # comments) and/or $SLLM_CLOUD_TOKENS (comma-separated)."""
+    """Bearer tokens from a file (one per line, # comments) and/or $SLLM_CLOUD_TOKENS and $SLLM_CLOUD_TOKEN
+    (comma-separated, both read), without repeats."""
     tokens = []
     if token_file is not None:
         try:
@@ -42,21 +50,27 @@ def read_tokens(token_file: Optional[Path]) -> list[str]:
         tokens += [ln.strip() for ln in lines if ln.strip() and not ln.strip().startswith("#")]
         if not tokens:
             _fail(f"{token_file} holds no token")
-    tokens += [t.strip() for t in os.environ.get(TOKENS_ENV, "").split(",") if t.strip()]
-    return tokens
+    for name in TOKENS_ENVS:
+        tokens += [t.strip() for t in os.environ.get(name, "").split(",") if t.strip()]
+    return list(dict.fromkeys(tokens))
 
 
 @app.command()
 def serve(
     bundle: Path = typer.Option(..., "--bundle", help="cloud bundle directory (export output)"),
     port: int = typer.Option(50051, help="TCP port; 0 = any free port"),
-    host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.0.0 / [::] for all)"),
+    host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.0.0 / [::] for all: needs TLS and "
+                                                "tokens or --tls-client-ca, or --insecure)"),
     max_sessions: int = typer.Option(256, help="sessions held at once"),
     max_sentences: int = typer.Option(0, help="sentences per session; 0 = the model's max positions"),
     idle_timeout: float = typer.Option(300.0, help="seconds of inactivity before a session is freed"),
-    max_message_mb: float = typer.Option(4.0, help="largest request message, MiB"),
+    max_message_mb: float = typer.Option(0.0, help="largest message, MiB; 0 = 4, or what rebuilding a full "
+                                                   "session needs if more"),
     kv_budget_mb: float = typer.Option(1024.0, help="KV cache memory for all sessions, MiB"),
     max_abs: float = typer.Option(1e4, help="largest |value| accepted in a sentence vector"),
+    open_timeout: float = typer.Option(10.0, help="seconds a new stream has to send its Open"),
+    max_pending_streams: int = typer.Option(64, help="streams waiting to send their Open; beyond it the "
+                                                     "oldest of the token with the most is ended"),
     batching: bool = typer.Option(True, "--batching/--no-batching", help="batch concurrent sessions' steps"),
     max_batch: int = typer.Option(64, help="steps per forward pass"),
     batch_wait_ms: float = typer.Option(0.0, help="wait this long for more steps before a forward pass"),
@@ -64,13 +78,22 @@ def serve(
     dtype: str = typer.Option("float32", help="compute dtype: float32, float16, bfloat16 (GPU)"),
     threads: int = typer.Option(0, help="torch CPU threads; 0 = default"),
     grace: float = typer.Option(10.0, help="shutdown: seconds open streams get to finish"),
-    token_file: Optional[Path] = typer.Option(None, help=f"bearer tokens, one per line (also ${TOKENS_ENV})"),
+    hand_back_idle: float = typer.Option(2.0, help="shutdown: a stream with no step for this many seconds (between "
+                                                   "turns) is handed back to its client at once; 0 = never"),
+    token_file: Optional[Path] = typer.Option(None, help=f"bearer tokens, one per line (also ${TOKENS_ENV} "
+                                                         "or $SLLM_CLOUD_TOKEN, comma-separated)"),
     tls_cert: Optional[Path] = typer.Option(None, help="PEM certificate chain (TLS)"),
     tls_key: Optional[Path] = typer.Option(None, help="PEM private key (TLS)"),
+    tls_client_ca: Optional[Path] = typer.Option(None, help="PEM CA certificates: clients must present a "
+                                                            "certificate they signed (mutual TLS)"),
+    insecure: bool = typer.Option(False, "--insecure", help="serve on a non-loopback --host without TLS or "
+                                                            "authentication (logged as INSECURE)"),
     metrics_port: int = typer.Option(-1, help="Prometheus /metrics HTTP port; -1 = off"),
+    metrics_host: str = typer.Option("127.0.0.1", help="address of /metrics (no auth, no TLS: loopback unless "
+                                                       "the network is trusted)"),
     log_level: str = typer.Option("info", help="debug logs every forward pass"),
 ) -> None:
-    """Serve a cloud bundle until SIGINT/SIGTERM (then drain for --grace seconds)."""
+    """Serve a cloud bundle until SIGINT/SIGTERM (then drain for --grace seconds; a second signal stops at once)."""
     from cloud.config import MIB, ServerConfig
     from cloud.jsonlog import log, setup_logging
     from runtime.manifest import BundleError
@@ -79,9 +102,12 @@ def serve(
     config = ServerConfig(
         host=host, port=port, max_sessions=max_sessions, max_sentences=max_sentences, idle_timeout_s=idle_timeout,
         max_message_bytes=int(max_message_mb * MIB), kv_budget_bytes=int(kv_budget_mb * MIB), max_abs=max_abs,
+        open_timeout_s=open_timeout, max_pending_streams=max_pending_streams,
         batching=batching, max_batch=max_batch, batch_wait_ms=batch_wait_ms, device=device, dtype=dtype,
-        threads=threads, grace_s=grace, tokens=read_tokens(token_file), tls_cert=str(tls_cert or ""),
-        tls_key=str(tls_key or ""), metrics_port=metrics_port, log_steps=log_level.lower() == "debug")
+        threads=threads, grace_s=grace, hand_back_idle_s=hand_back_idle, tokens=read_tokens(token_file),
+        tls_cert=str(tls_cert or ""), tls_key=str(tls_key or ""), tls_client_ca=str(tls_client_ca or ""),
+        insecure=insecure,
+        metrics_port=metrics_port, metrics_host=metrics_host, log_steps=log_level.lower() == "debug")
     try:
         config.validate()
         from cloud.server import CloudServer
@@ -90,21 +116,33 @@ def serve(
         server.start()
     except (BundleError, ValueError, OSError, RuntimeError) as e:
         _fail(str(e))
-    if not config.tokens:
-        log("no_auth", 30, message="no bearer tokens configured: any client may connect")
+    signals = []
 
     def on_signal(signum, _frame):
-        log("signal", signal=signal.Signals(signum).name)
-        threading.Thread(target=server.stop, name="sllm-shutdown", daemon=True).start()
+        signals.append(signum)
+        if len(signals) == 1:  # drain for --grace seconds
+            log("signal", signal=signal.Signals(signum).name)
+            threading.Thread(target=server.stop, name="sllm-shutdown", daemon=True).start()
+            return
+        # a second signal: cancel the open streams now; exit even if that hangs
+        log("signal", 30, signal=signal.Signals(signum).name, message="second signal: stopping now")
+        server.force_stop()
+        timer = threading.Timer(FORCED_EXIT_S, _exit, args=(1,))
+        timer.daemon = True
+        timer.start()
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    while not server.wait(0.5):
+    while not server.wait(0.1):
         pass
     # everything is stopped and logged: skip the interpreter's slow teardown of torch (seconds)
+    _exit(1 if len(signals) > 1 else 0)
+
+
+def _exit(code: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(code)
 
 
 @app.command()
@@ -128,6 +166,84 @@ def info(
     except CloudError as e:
         _fail(str(e))
     typer.echo(json.dumps(out, indent=2))
+
+
+@app.command()
+def cluster(
+    bundle: Path = typer.Option(..., "--bundle", help="cloud bundle directory, served by every replica"),
+    replicas: int = typer.Option(2, min=1, help="sllm-cloud serve processes"),
+    port: int = typer.Option(50051, help="the balancer's port on 127.0.0.1; 0 = any free port"),
+    threads: int = typer.Option(0, help="torch CPU threads per replica; 0 = default"),
+    grace: float = typer.Option(10.0, help="seconds a replica drains its open streams on SIGTERM"),
+    restart: bool = typer.Option(True, "--restart/--no-restart", help="start a replica again when it exits"),
+    token_file: Optional[Path] = typer.Option(None, help=f"bearer tokens shared by the replicas (also "
+                                                         f"${TOKENS_ENV}); none = no auth (loopback)"),
+    directory: Optional[Path] = typer.Option(None, "--dir", help="where the nginx config, pid file and logs go "
+                                                                 "(default: a temporary folder, removed at the end)"),
+) -> None:
+    """Try replicas out: N `sllm-cloud serve` replicas and nginx in front of them on 127.0.0.1, with
+    affinity on each conversation's key, health-driven routing and failover (docs/deploy/README.md).
+    Ctrl-C drains and stops everything."""
+    from cloud.cluster import Cluster, ClusterConfig, ClusterError
+
+    def say(message: str) -> None:
+        typer.echo(f"cluster: {message}", err=True)
+
+    config = ClusterConfig(bundle=bundle, replicas=replicas, port=port, tokens=read_tokens(token_file), grace_s=grace,
+                           threads=threads, restart=restart)
+    if directory is not None:
+        directory.mkdir(parents=True, exist_ok=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        c = Cluster(config, directory, say=say)
+        c.start()
+    except (ClusterError, OSError) as e:
+        _fail(str(e))
+    typer.echo(f"listening on {c.address}")
+    say(f"chat: edge-chat --server {c.address} --bundle <the edge bundle of {bundle}>"
+        + (" --token <a token>" if config.tokens else ""))
+    say(f"logs and the nginx config: {c.directory}; Ctrl-C stops everything")
+    for r in c.replicas:
+        say(f"replica {r.index}: pid {r.pid}, {r.address} (kill -TERM drains it, kill -KILL fails it over)")
+    while not stop.wait(0.5):
+        if not c.balancer.running():
+            say("nginx has stopped; stopping the replicas")
+            break
+    say("stopping: replicas drain, then nginx")
+    c.stop(grace=True)
+    _exit(0)
+
+
+@app.command()
+def health(
+    target: str = typer.Option("127.0.0.1:50051", help="host:port of a server (a replica, or a balancer)"),
+    tls_ca: Optional[Path] = typer.Option(None, help="CA / self-signed certificate to trust (TLS)"),
+    server_name: Optional[str] = typer.Option(None, help="TLS name to check in the certificate"),
+    timeout: float = typer.Option(2.0, help="seconds to wait for the answer"),
+) -> None:
+    """Exit 0 when the server reports SERVING (grpc.health.v1, service sllm.v1.SentenceLM; no token
+    needed), 1 when it does not (draining, model thread dead), 2 when it cannot be reached: for
+    container health checks and Kubernetes exec probes (whose own gRPC probe has no TLS)."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from protos.client import make_channel
+
+    channel = make_channel(target, root_certificates=tls_ca.read_bytes() if tls_ca else None,
+                           server_name=server_name, keepalive_s=0)
+    try:
+        status = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service="sllm.v1.SentenceLM"), timeout=timeout).status
+    except grpc.RpcError as e:
+        typer.echo(f"{target}: unreachable ({e.code().name}: {e.details()})", err=True)
+        raise typer.Exit(2) from None
+    finally:
+        channel.close()
+    name = health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+    typer.echo(f"{target}: {name}")
+    raise typer.Exit(0 if status == health_pb2.HealthCheckResponse.SERVING else 1)
 
 
 @app.command("random-bundle")

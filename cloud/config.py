@@ -1,9 +1,23 @@
 """Server settings and limits (the `sllm-cloud serve` flags map one to one onto these fields)."""
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass, field
 
 MIB = 1 << 20
+DEFAULT_MAX_MESSAGE_BYTES = 4 * MIB  # the floor of the automatic message-size limit
+
+
+def is_loopback(host: str) -> bool:
+    """True for an address only this machine can reach (127.0.0.0/8, ::1, localhost). Any other
+    name counts as exposed: a hostname may resolve to a public address."""
+    h = host.strip().strip("[]").lower()
+    if h == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(h).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass
@@ -11,12 +25,15 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051  # 0: any free port (tests)
     # limits
-    max_sessions: int = 256  # sessions held at once (attached + detached)
+    max_sessions: int = 256  # sessions held at once (attached + detached); one per open conversation
     max_sentences: int = 0  # sentences one session may hold; 0 = the model's max positions (never more)
     idle_timeout_s: float = 300.0  # a session untouched this long is freed (its stream, if open, ends)
-    max_message_bytes: int = 4 * MIB  # larger messages: RESOURCE_EXHAUSTED (grpc)
+    # largest message; 0 = automatic: 4 MiB, or what a rebuild of a full history needs if more
+    max_message_bytes: int = 0
     kv_budget_bytes: int = 1024 * MIB  # all sessions' KV caches together
     max_abs: float = 1e4  # largest |value| accepted in a sentence vector
+    open_timeout_s: float = 10.0  # a Converse stream must send its Open within this
+    max_pending_streams: int = 64  # streams not yet past their Open; beyond it cloud.service.PendingStreams ends one
     # batching
     batching: bool = True  # off: one session's step per forward pass (benchmarks)
     max_batch: int = 64  # steps in one forward pass
@@ -26,34 +43,61 @@ class ServerConfig:
     dtype: str = "float32"  # compute dtype: float32, or float16 / bfloat16 (GPU)
     threads: int = 0  # torch threads; 0 = torch's default
     grace_s: float = 10.0  # shutdown: open streams get this long to finish
+    # draining: a stream with no step for this long (a conversation between turns) is handed back
+    # (UNAVAILABLE: its client rebuilds elsewhere on its next turn) instead of holding the drain; 0 = never
+    hand_back_idle_s: float = 2.0
     # security
     tokens: list[str] = field(default_factory=list)  # bearer tokens; empty = no auth
     tls_cert: str = ""  # PEM files; both set = TLS
     tls_key: str = ""
+    tls_client_ca: str = ""  # PEM CA bundle: client certificates required and verified against it (mTLS)
+    insecure: bool = False  # allow a non-loopback address without TLS + authentication (loud warning)
     # observability
-    metrics_port: int = -1  # Prometheus text on http://host:port/metrics; -1 = off, 0 = any free port
+    metrics_port: int = -1  # Prometheus text on http://metrics_host:port/metrics; -1 = off, 0 = any free port
+    metrics_host: str = "127.0.0.1"  # the metrics endpoint has no auth and no TLS: loopback unless chosen
     log_steps: bool = False  # a JSON log line per forward pass
 
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert)
+
+    @property
+    def authenticated(self) -> bool:
+        """Callers prove who they are: a bearer token or a verified client certificate."""
+        return bool(self.tokens) or bool(self.tls_client_ca)
+
+    @property
+    def exposed_insecurely(self) -> bool:
+        """Listening beyond loopback without TLS or without caller authentication."""
+        return not is_loopback(self.host) and not (self.tls and self.authenticated)
+
     def validate(self) -> None:
-        if self.max_sessions < 1:
-            raise ValueError("max_sessions must be >= 1")
-        if self.max_sentences < 0:
-            raise ValueError("max_sentences must be >= 0 (0 = the model's limit)")
-        if self.idle_timeout_s <= 0:
-            raise ValueError("idle_timeout_s must be > 0")
-        if self.max_message_bytes < 1024:
-            raise ValueError("max_message_bytes must be >= 1024")
-        if self.kv_budget_bytes < 1:
-            raise ValueError("kv_budget_bytes must be >= 1")
-        if self.max_batch < 1:
-            raise ValueError("max_batch must be >= 1")
-        if self.batch_wait_ms < 0:
-            raise ValueError("batch_wait_ms must be >= 0")
-        if self.max_abs <= 0:
-            raise ValueError("max_abs must be > 0")
-        if self.dtype not in ("float32", "float16", "bfloat16"):
-            raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
+        for ok, message in (
+                (self.max_sessions >= 1, "max_sessions must be >= 1"),
+                (self.max_sentences >= 0, "max_sentences must be >= 0 (0 = the model's limit)"),
+                (self.idle_timeout_s > 0, "idle_timeout_s must be > 0"),
+                (not 0 < self.max_message_bytes < 1024, "max_message_bytes must be >= 1024 (or 0: automatic)"),
+                (self.kv_budget_bytes >= 1, "kv_budget_bytes must be >= 1"),
+                (self.max_batch >= 1, "max_batch must be >= 1"),
+                (self.batch_wait_ms >= 0, "batch_wait_ms must be >= 0"),
+                (self.max_abs > 0, "max_abs must be > 0"),
+                (self.open_timeout_s > 0, "open_timeout_s must be > 0"),
+                (self.hand_back_idle_s >= 0, "hand_back_idle_s must be >= 0 (0 = never)"),
+                (self.max_pending_streams >= 1, "max_pending_streams must be >= 1"),
+                (self.dtype in ("float32", "float16", "bfloat16"),
+                 f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")):
+            if not ok:
+                raise ValueError(message)
         if bool(self.tls_cert) != bool(self.tls_key):
             raise ValueError("TLS needs both a certificate and a key file")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("--tls-client-ca (mutual TLS) needs TLS: give --tls-cert and --tls-key too")
         if any(not t or any(c.isspace() for c in t) for t in self.tokens):
             raise ValueError("bearer tokens must be non-empty and contain no whitespace")
+        if self.exposed_insecurely and not self.insecure:
+            missing = " and ".join(w for w, ok in (("TLS (--tls-cert, --tls-key)", self.tls),
+                                                   ("authentication (--token-file / $SLLM_CLOUD_TOKENS, or "
+                                                    "--tls-client-ca)", self.authenticated)) if not ok)
+            raise ValueError(f"refusing to listen on {self.host} without {missing}: anyone who can reach that "
+                             "address could use the model and read the traffic. Listen on 127.0.0.1, add "
+                             "them, or pass --insecure to serve anyway")

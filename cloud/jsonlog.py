@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import threading
+import time
 
 LOGGER_NAME = "sllm.cloud"
 
@@ -51,3 +53,26 @@ def log(event: str, level: int = logging.INFO, exc_info=None, **fields) -> None:
     if logger.isEnabledFor(level):
         logger.log(level, event, extra={"fields": fields}, exc_info=exc_info)
 
+
+
+class LogRateLimit:
+    """At most one log line per `interval_s` for a noisy event (say, every rejected token): the first
+    goes out at once, later ones within the interval are only counted, and the next line that goes
+    out carries that count as `suppressed`. Thread-safe."""
+
+    def __init__(self, interval_s: float):
+        self.interval_s = interval_s
+        self._lock = threading.Lock()
+        self._next = 0.0
+        self._suppressed = 0
+
+    def take(self) -> int | None:
+        """None: stay quiet; else log now, with this many suppressed since the last line."""
+        now = time.monotonic()
+        with self._lock:
+            if now < self._next:
+                self._suppressed += 1
+                return None
+            self._next = now + self.interval_s
+            n, self._suppressed = self._suppressed, 0
+            return n

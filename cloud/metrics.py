@@ -1,6 +1,7 @@
 """Counters and gauges of the service, as the Stats message and as Prometheus text."""
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections import Counter, deque
@@ -85,6 +86,8 @@ _HELP = {
     "sessions_opened_total": ("counter", "sessions opened"),
     "sessions_evicted_total": ("counter", "sessions freed by the idle timeout or the KV budget"),
     "uptime_s": ("gauge", "seconds since the server started"),
+    "pending_streams": ("gauge", "Converse streams that have not sent their Open yet"),
+    "pending_streams_evicted_total": ("counter", "streams ended because too many were waiting to send their Open"),
 }
 
 
@@ -109,8 +112,13 @@ def prometheus_text(stats: dict, prefix: str = "sllm_cloud_") -> str:
     return "\n".join(lines) + "\n"
 
 
+class _HTTPServer6(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+
 class MetricsHTTPServer:
-    """GET /metrics -> Prometheus text, in a daemon thread."""
+    """GET /metrics -> Prometheus text, in a daemon thread. No auth and no TLS: bind it to loopback
+    (the default) unless the network in between is trusted."""
 
     def __init__(self, host: str, port: int, stats_fn):
         class Handler(BaseHTTPRequestHandler):
@@ -128,7 +136,9 @@ class MetricsHTTPServer:
             def log_message(self, *args):  # quiet: the service logs JSON
                 pass
 
-        self.httpd = ThreadingHTTPServer((host, port), Handler)
+        host = host.strip("[]")
+        server_class = _HTTPServer6 if ":" in host else ThreadingHTTPServer
+        self.httpd = server_class((host, port), Handler)
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
         self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},

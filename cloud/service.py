@@ -1,18 +1,28 @@
-"""The SentenceLM servicer: Converse (one conversation per stream), GetModelInfo, GetStats."""
+"""The SentenceLM servicer: Converse (one conversation per stream), GetModelInfo, GetStats.
+
+The handlers are coroutines on the server's event loop (grpc.aio): an open stream holds no
+thread, so streams waiting for their first message, idle conversations, health checks and unary
+calls never compete for a thread pool. The model runs in the batcher thread; a stream awaits
+its step. A stream is ended only by its own handler (`context.abort` with a status), which
+waits for the next message and for an end request at once: the open deadline, the eviction of
+the oldest stream still waiting to open, and the idle reaper (from its thread) use that.
+"""
 from __future__ import annotations
 
+import asyncio
 import logging
-import threading
+from collections import Counter, OrderedDict
 
 import grpc
 import numpy as np
 from google.protobuf.message import DecodeError
 
-from cloud.batcher import Batcher, Job
+from cloud.auth import owner_of
+from cloud.batcher import Batcher, Job, dead_error
 from cloud.config import ServerConfig
 from cloud.engine import Engine, StepOutput
 from cloud.errors import ServiceError, invalid, precondition, unavailable
-from cloud.jsonlog import log
+from cloud.jsonlog import LogRateLimit, log
 from cloud.metrics import Metrics
 from cloud.sessions import Session, SessionStore, check_session_id
 from protos.sllm.v1 import sllm_pb2 as pb
@@ -20,18 +30,8 @@ from protos.sllm.v1 import sllm_pb2_grpc as pb_grpc
 from protos.wire import NUMPY_DTYPES, WireError, pack, unpack
 
 POLL_S = 1.0  # how often a waiting stream checks that the model thread is alive
-
-
-class _StreamEnded(Exception):
-    """The RPC ended (cancel, deadline, disconnect, eviction) while this handler was working."""
-
-
-def end_stream_with_status(context: grpc.ServicerContext, code: grpc.StatusCode, details: str) -> None:
-    """End an RPC from another thread with a status code and message (falls back to a plain cancel)."""
-    try:
-        context._rpc_event.call.cancel(code.value[0], details)  # noqa: SLF001 - grpc has no public API for this
-    except Exception:  # noqa: BLE001
-        context.cancel()
+STREAM_ERROR_LOG_INTERVAL_S = 1.0  # at most one `stream_error` line per status code this often
+_STATS_FIELDS = frozenset(pb.Stats.DESCRIPTOR.fields_by_name)
 
 
 def parse_client_message(raw: bytes) -> pb.ClientMessage:
@@ -43,47 +43,78 @@ def parse_client_message(raw: bytes) -> pb.ClientMessage:
 
 
 class _Stream:
-    """One Converse RPC: its session, the step in flight, and how it ends."""
+    """One Converse RPC: its owner, its session, the step in flight, and how it is asked to end."""
 
-    def __init__(self, service: "SentenceLMService", context: grpc.ServicerContext):
+    def __init__(self, service: "SentenceLMService", context: grpc.aio.ServicerContext, owner: str):
         self.svc = service
         self.context = context
+        self.owner = owner
+        self.loop = asyncio.get_running_loop()
+        self.end_request: asyncio.Future = self.loop.create_future()  # (code, details): end this stream
         self.session: Session | None = None
         self.reply_dtype = pb.DTYPE_FLOAT32
         self.kept = False
-        self.ended = False
+        self.keep_on_disconnect = False  # Open.keep_on_disconnect
+        self.cut = False  # the RPC was cancelled (the client went away), not ended by a status or a Close
         self.job: Job | None = None
-        self.lock = threading.Lock()
 
-    # called by grpc when the RPC terminates, for any reason
-    def on_done(self) -> None:
-        with self.lock:
-            self.ended = True
-            job = self.job
-        if job is not None:
-            job.cancelled = True
-            job.done.set()
-        if self.session is not None and not self.kept:
+    # -- ending ------------------------------------------------------------------------------
+    def end(self, code: grpc.StatusCode, details: str) -> None:
+        """Ask this stream's handler to end it with a status (event-loop thread)."""
+        if not self.end_request.done():
+            self.end_request.set_result((code, details))
+
+    def end_threadsafe(self, code: grpc.StatusCode, details: str) -> None:
+        """`end` from any thread (the idle reaper): Session.end_stream."""
+        try:
+            self.loop.call_soon_threadsafe(self.end, code, details)
+        except RuntimeError:  # the loop is closed: the server, and this stream, are gone
+            pass
+
+    def finish(self) -> None:
+        """The handler is leaving, for any reason: nothing of this stream may live on but a kept session
+        (Close{keep: true}, or a cut stream that opened with keep_on_disconnect)."""
+        if self.job is not None:
+            self.job.cancelled = True
+        if self.session is None or self.kept:
+            return
+        if self.cut and self._keeps_when_cut():
+            self.svc.store.detach(self.session, "its stream was cut (keep_on_disconnect)")
+        else:
             self.svc.store.free(self.session, "its stream ended (cancelled, deadline exceeded or disconnected)")
 
-    def end_stream(self, code: grpc.StatusCode, details: str) -> None:
-        end_stream_with_status(self.context, code, details)
+    async def next_message(self, timeout: float | None = None):
+        """The next request (bytes) or grpc.aio.EOF; ServiceError when asked to end or past `timeout`."""
+        read = asyncio.ensure_future(self.context.read())
+        try:
+            done, _ = await asyncio.wait((read, self.end_request), timeout=timeout,
+                                         return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not read.done():
+                read.cancel()
+        if read in done:
+            return read.result()
+        if self.end_request.done():
+            raise ServiceError(*self.end_request.result())
+        raise ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                           f"no Open within {timeout:g} s of the stream's start; send Open first")
 
-    def handle(self, msg: pb.ClientMessage) -> tuple[pb.ServerMessage, bool]:
+    # -- messages ----------------------------------------------------------------------------
+    async def handle(self, msg: pb.ClientMessage) -> tuple[pb.ServerMessage, bool]:
         kind = msg.WhichOneof("kind")
         if kind is None:
             raise invalid("empty ClientMessage: set one of open, append, close")
         if kind == "open":
             if self.session is not None:
-                raise precondition(f"this stream already opened session {self.session.id}; one Open per stream")
-            return pb.ServerMessage(opened=self.open(msg.open)), False
+                raise precondition("this stream already opened a session; one Open per stream")
+            return pb.ServerMessage(opened=await self.open(msg.open)), False
         if self.session is None:
             raise precondition(f"the first message of a stream must be Open, got {kind}")
         if kind == "append":
             if not msg.append.HasField("vectors"):
                 raise invalid("append.vectors is missing")
             vectors = self._vectors(msg.append.vectors, "append.vectors")
-            return pb.ServerMessage(step=self.step(vectors)), False
+            return pb.ServerMessage(step=await self.step(vectors)), False
         keep = msg.close.keep
         if keep:
             self.kept = True
@@ -95,8 +126,15 @@ class _Stream:
     def end_of_input(self) -> pb.ServerMessage:
         if self.session is None:
             raise invalid("empty stream: the client ended the stream before sending Open")
-        self.svc.store.free(self.session, "the client ended its stream without Close{keep: true}")
-        return pb.ServerMessage(closed=pb.Closed(session_id=self.session.id, kept=False))
+        if self._keeps_when_cut():  # a proxy in between may end the stream so when its client goes away
+            self.kept = True
+            self.svc.store.detach(self.session, "its stream ended without Close (keep_on_disconnect)")
+        else:
+            self.svc.store.free(self.session, "the client ended its stream without Close{keep: true}")
+        return pb.ServerMessage(closed=pb.Closed(session_id=self.session.id, kept=self.kept))
+
+    def _keeps_when_cut(self) -> bool:
+        return self.keep_on_disconnect and not self.svc.draining and not self.session.freed
 
     def _vectors(self, msg: pb.Vectors, what: str) -> np.ndarray:
         try:
@@ -104,11 +142,13 @@ class _Stream:
         except WireError as e:
             raise invalid(str(e)) from None
 
-    def open(self, o: pb.Open) -> pb.Opened:
+    async def open(self, o: pb.Open) -> pb.Opened:
         svc = self.svc
         if svc.draining:
             raise unavailable("the server is shutting down; reconnect (to another replica) and rebuild the session "
                               "from its history")
+        if not svc.batcher.alive:
+            raise dead_error()
         if not o.model_id:
             raise invalid("open.model_id is empty: send the model id of the edge bundle")
         if o.model_id != svc.model_id:
@@ -123,50 +163,56 @@ class _Stream:
             raise invalid(f"open.reply_dtype {o.reply_dtype} is not a supported dtype; use DTYPE_FLOAT32 or "
                           "DTYPE_FLOAT16")
         self.reply_dtype = o.reply_dtype or pb.DTYPE_FLOAT32
+        self.keep_on_disconnect = o.keep_on_disconnect
         history = self._vectors(o.history, "open.history") if o.HasField("history") else None
         session_id = check_session_id(o.session_id) if o.session_id else None
-        with self.lock:
-            if self.ended:
-                raise _StreamEnded()
-            self.session, resumed = svc.store.acquire(session_id, None if history is None else len(history),
-                                                      self.end_stream)
+        self.session, resumed = svc.store.acquire(self.owner, session_id,
+                                                  None if history is None else len(history), self.end_threadsafe)
         s = self.session
         opened = pb.Opened(session_id=s.id, resumed=resumed)
         if resumed:
             if s.last_hidden is not None:
                 opened.last.CopyFrom(self._step_msg(s.last_hidden, s.last_stop_logits, s.length))
-            log("session_resume", session=s.id, length=s.length)
+            log("session_resume", session=s.tag, length=s.length)
         elif history is not None:
-            opened.last.CopyFrom(self.step(history))
+            opened.last.CopyFrom(await self.step(history))
         opened.past_length = s.length
         opened.remaining_sentences = max(0, svc.store.max_sentences - s.length)
         return opened
 
-    def step(self, vectors: np.ndarray) -> pb.Step:
+    async def step(self, vectors: np.ndarray) -> pb.Step:
         """Run `vectors` [T, d] through the model on top of the session's cache."""
         svc, s, n = self.svc, self.session, len(vectors)
         svc.store.reserve(s, n)
-        job = Job(s, vectors)
-        with self.lock:
-            if self.ended:
-                svc.store.release(s, n)
-                raise _StreamEnded()
-            self.job = job
-        svc.batcher.submit(job)
-        while not job.done.wait(POLL_S):
-            if not svc.batcher.alive:
-                job.finish(error=unavailable("the model thread has stopped"))
-        with self.lock:
+        done = self.loop.create_future()
+        loop = self.loop
+
+        def resolve() -> None:  # the batcher's thread (or this one, when submit refuses)
+            try:
+                loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
+            except RuntimeError:  # the loop is closed: nobody waits any more
+                pass
+
+        job = self.job = Job(s, vectors, on_done=resolve)
+        try:
+            svc.batcher.submit(job)
+            while not done.done():
+                await asyncio.wait((done,), timeout=POLL_S)
+                if not done.done() and not svc.batcher.alive:
+                    job.finish(error=dead_error())
+        except asyncio.CancelledError:  # the client went away: the step never happened (finish() frees or
+            svc.store.release(s, n)  # keeps the session as it was before it)
+            raise
+        finally:  # the batcher skips a cancelled job (and its output is dropped if it ran)
             self.job = None
-            ended = self.ended
-        if ended:
-            raise _StreamEnded()
+            if not job.done.is_set():
+                job.cancelled = True
         if job.error is not None:
             svc.store.release(s, n)
             raise job.error
         out: StepOutput = job.output
         if not svc.store.commit(s, n, out.kv, out.hidden, out.stop_logits):
-            raise _StreamEnded()  # freed meanwhile (idle eviction ended this stream)
+            raise unavailable("this session was freed while its step ran (the server is shutting down)")
         return self._step_msg(out.hidden, out.stop_logits, s.length)
 
     def _step_msg(self, hidden: np.ndarray, stop_logits: np.ndarray, length: int) -> pb.Step:
@@ -175,61 +221,117 @@ class _Stream:
                        stop_probability=out.stop_probability, past_length=length)
 
 
+class PendingStreams:
+    """Converse streams that have not sent their Open yet, oldest first (event-loop thread only).
+    At most `limit`: a new stream ends the oldest one of the owner (token) with the most streams
+    waiting (RESOURCE_EXHAUSTED), so streams that never send anything keep out neither a new
+    conversation nor, when they come from one token, another token's streams. Each also has its
+    own deadline (ServerConfig.open_timeout_s)."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.streams: OrderedDict[_Stream, None] = OrderedDict()
+        self.by_owner: Counter[str] = Counter()
+        self.evicted_total = 0
+
+    def enter(self, stream: _Stream) -> None:
+        while len(self.streams) >= self.limit:
+            greediest = max(self.by_owner, key=self.by_owner.__getitem__)
+            oldest = next(s for s in self.streams if s.owner == greediest)
+            self.leave(oldest)
+            self.evicted_total += 1
+            oldest.end(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                       f"more than {self.limit} streams were waiting to send their Open; this one, the oldest "
+                       "of its token's, was ended: send Open as soon as the stream starts")
+        self.streams[stream] = None
+        self.by_owner[stream.owner] += 1
+
+    def leave(self, stream: _Stream) -> None:
+        if self.streams.pop(stream, False) is None:
+            self.by_owner[stream.owner] -= 1
+            if not self.by_owner[stream.owner]:
+                del self.by_owner[stream.owner]
+
+
 class SentenceLMService(pb_grpc.SentenceLMServicer):
     def __init__(self, engine: Engine, store: SessionStore, batcher: Batcher, metrics: Metrics,
-                 config: ServerConfig, model_id: str):
+                 config: ServerConfig, model_id: str, *, max_message_bytes: int = 0, weights_sha256: str = ""):
         self.engine, self.store, self.batcher, self.metrics = engine, store, batcher, metrics
         self.config, self.model_id = config, model_id
+        self.max_message_bytes = max_message_bytes or config.max_message_bytes
+        self.weights_sha256 = weights_sha256
         self.draining = False
+        self.pending = PendingStreams(config.max_pending_streams)
+        self._error_logs: dict[str, LogRateLimit] = {}
 
-    def Converse(self, request_iterator, context):  # noqa: N802
-        stream = _Stream(self, context)
-        if not context.add_callback(stream.on_done):
-            return
+    async def Converse(self, request_iterator, context):  # noqa: N802
+        c = self.config
+        stream = _Stream(self, context, owner_of(context, tokens=bool(c.tokens), client_certs=bool(c.tls_client_ca)))
+        self.pending.enter(stream)
         try:
-            for raw in request_iterator:
-                reply, finished = stream.handle(parse_client_message(raw))
-                yield reply
+            raw = await stream.next_message(c.open_timeout_s)
+            self.pending.leave(stream)
+            if stream.end_request.done():  # ended for waiting in the same instant its first message came: it
+                stream.end_request = stream.loop.create_future()  # did send it, so it goes on
+            while raw is not grpc.aio.EOF:
+                reply, finished = await stream.handle(parse_client_message(raw))
+                await context.write(reply)
                 if finished:
                     return
-            yield stream.end_of_input()
+                raw = await stream.next_message()
+            await context.write(stream.end_of_input())
         except ServiceError as e:
-            self._fail(stream, e.code, e.message)
-        except (_StreamEnded, grpc.RpcError):
-            return  # the RPC is over; on_done has freed the session
+            await self._fail(stream, e.code, e.message)
+        except asyncio.CancelledError:
+            stream.cut = True
+            raise  # the RPC was cancelled (client, deadline, shutdown): `finish` cleans up
         except Exception:  # noqa: BLE001 - a bug must end this stream only
+            if context.done():
+                return  # the RPC is over already (a read or write raced its end): nothing to report
             log("internal_error", logging.ERROR, exc_info=True,
-                session=stream.session.id if stream.session else None)
-            self._fail(stream, grpc.StatusCode.INTERNAL, "internal error (logged on the server)")
+                session=stream.session.tag if stream.session else None)
+            await self._fail(stream, grpc.StatusCode.INTERNAL, "internal error (logged on the server)")
+        finally:
+            self.pending.leave(stream)
+            stream.finish()
 
-    def _fail(self, stream: _Stream, code: grpc.StatusCode, message: str) -> None:
+    async def _fail(self, stream: _Stream, code: grpc.StatusCode, message: str) -> None:
         self.metrics.error(code.name)
-        sid = stream.session.id if stream.session else None
-        log("stream_error", logging.WARNING, session=sid, code=code.name, message=message)
+        limit = self._error_logs.setdefault(code.name, LogRateLimit(STREAM_ERROR_LOG_INTERVAL_S))
+        suppressed = limit.take()
+        if suppressed is not None:
+            log("stream_error", logging.WARNING, session=stream.session.tag if stream.session else None,
+                code=code.name, message=message, suppressed=suppressed)
         if stream.session is not None:
             self.store.free(stream.session, f"its stream ended with {code.name}")
-        stream.context.abort(code, message)
+        await stream.context.abort(code, message)
 
     def model_info(self) -> pb.ModelInfo:
         e, c = self.engine, self.config
         return pb.ModelInfo(
             model_id=self.model_id, dim=e.d, compute_dtype=c.dtype,
             accepted_dtypes=sorted(NUMPY_DTYPES), num_layers=e.num_layers, max_sentences=self.store.max_sentences,
-            max_sessions=c.max_sessions, max_message_bytes=c.max_message_bytes, idle_timeout_s=c.idle_timeout_s,
+            max_sessions=c.max_sessions, max_message_bytes=self.max_message_bytes, idle_timeout_s=c.idle_timeout_s,
             kv_budget_bytes=c.kv_budget_bytes, kv_bytes_per_sentence=e.kv_bytes_per_sentence,
-            device=str(e.device), batching=c.batching, max_batch=self.batcher.max_batch)
+            device=str(e.device), batching=c.batching, max_batch=self.batcher.max_batch,
+            weights_sha256=self.weights_sha256)
 
-    def GetModelInfo(self, request, context):  # noqa: N802
+    async def GetModelInfo(self, request, context):  # noqa: N802
+        if not self.batcher.alive and not self.draining:
+            self.metrics.error(grpc.StatusCode.UNAVAILABLE.name)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, dead_error().message)
         return self.model_info()
 
     def stats(self) -> dict:
-        return {**self.store.stats(), "queue_depth": self.batcher.queue_depth(), **self.metrics.snapshot()}
+        return {**self.store.stats(), "queue_depth": self.batcher.queue_depth(), **self.metrics.snapshot(),
+                "pending_streams": len(self.pending.streams),
+                "pending_streams_evicted_total": self.pending.evicted_total}
 
-    def GetStats(self, request, context):  # noqa: N802
-        return pb.Stats(**self.stats())
+    async def GetStats(self, request, context):  # noqa: N802
+        return pb.Stats(**{k: v for k, v in self.stats().items() if k in _STATS_FIELDS})
 
 
-def add_service(service: SentenceLMService, server: grpc.Server) -> None:
+def add_service(service: SentenceLMService, server: grpc.aio.Server) -> None:
     """Like the generated add_SentenceLMServicer_to_server, but Converse reads raw bytes."""
     handlers = {
         "Converse": grpc.stream_stream_rpc_method_handler(

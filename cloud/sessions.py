@@ -1,5 +1,11 @@
 """Sessions: one conversation's KV cache, its limits, and when it is freed.
 
+A session belongs to the caller that opened it (its owner: a hash of its bearer token, see
+cloud.auth.owner_of) and is filed under (owner, id): an Open from another owner never finds it,
+whatever id it sends; a rebuild under the same id by another owner makes that owner's own session.
+Ids never appear in logs or error messages; logs carry `Session.tag`, a keyed hash of
+(owner, id) that cannot be turned back into either.
+
 A session is *attached* while a Converse stream uses it, *detached* after Close{keep:true}.
 Freed: on Close{keep:false}, when its stream ends any other way (cancel, deadline, error,
 end of input), when idle longer than the idle timeout, or evicted (least recently used
@@ -9,7 +15,10 @@ RESOURCE_EXHAUSTED instead.
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
 import re
+import secrets
 import threading
 import time
 import uuid
@@ -26,7 +35,8 @@ from cloud.jsonlog import log
 from cloud.metrics import Metrics
 
 SESSION_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
-REMEMBER_GONE = 10000  # ids of freed sessions remembered, to say "expired" rather than "unknown"
+REMEMBER_GONE = 10000  # ids of freed sessions remembered (per owner), to say "expired" rather than "unknown"
+_TAG_KEY = secrets.token_bytes(32)  # per process: tags correlate log lines, and reveal nothing else
 
 
 def new_session_id() -> str:
@@ -35,14 +45,19 @@ def new_session_id() -> str:
 
 def check_session_id(session_id: str) -> str:
     if not SESSION_ID.match(session_id):
-        raise invalid(f"open.session_id {session_id[:40]!r}{'...' if len(session_id) > 40 else ''} is not a "
-                      "session id: 1-128 characters from A-Z a-z 0-9 . _ : -")
+        raise invalid("open.session_id is not a session id: 1-128 characters from A-Z a-z 0-9 . _ : -")
     return session_id
+
+
+def session_tag(owner: str, session_id: str) -> str:
+    """What logs show instead of a session id: 12 hex digits of an HMAC under a key of this process."""
+    return hmac.new(_TAG_KEY, f"{owner}\0{session_id}".encode(), hashlib.sha256).hexdigest()[:12]
 
 
 @dataclass(eq=False)
 class Session:
     id: str
+    owner: str = ""  # cloud.auth.owner_of of the caller that opened it
     length: int = 0  # sentences in the KV cache
     kv: torch.Tensor | None = None  # [layers, 2, heads, length, head_dim]
     last_hidden: np.ndarray | None = None  # the last step's answer, returned on resume
@@ -55,6 +70,10 @@ class Session:
     steps: int = 0
     freed: bool = False
     free_reason: str = ""
+
+    def __post_init__(self) -> None:
+        self.key = (self.owner, self.id)  # where the store files it
+        self.tag = session_tag(self.owner, self.id)  # what logs show
 
     @property
     def kv_bytes(self) -> int:
@@ -72,46 +91,48 @@ class SessionStore:
         self.per_sentence = kv_bytes_per_sentence
         self.metrics = metrics
         self.lock = threading.RLock()
-        self.sessions: OrderedDict[str, Session] = OrderedDict()  # least recently active first
-        self.gone: OrderedDict[str, str] = OrderedDict()  # freed id -> why
+        # (owner, id) -> session, least recently active first
+        self.sessions: OrderedDict[tuple[str, str], Session] = OrderedDict()
+        self.gone: OrderedDict[tuple[str, str], str] = OrderedDict()  # freed (owner, id) -> why
         self.sentences_in_use = 0  # held + reserved, for the KV budget
 
     # -- opening ---------------------------------------------------------------------------
-    def acquire(self, session_id: str | None, history_len: int | None, end_stream) -> tuple[Session, bool]:
-        """(session, resumed) for an Open. A held `session_id` is resumed (it must be detached,
-        and `history_len`, when given, must equal its length); an id not held is created when
-        there is history to rebuild it from, else NOT_FOUND; no id creates a new session."""
+    def acquire(self, owner: str, session_id: str | None, history_len: int | None,
+                end_stream) -> tuple[Session, bool]:
+        """(session, resumed) for an Open by `owner`. A session of this owner held under
+        `session_id` is resumed (it must be detached, and `history_len`, when given, must equal its
+        length); an id this owner does not hold is created when there is history to rebuild it
+        from, else NOT_FOUND; no id creates a new session with an id the server picks."""
         with self.lock:
             if session_id:
-                held = self.sessions.get(session_id)
+                held = self.sessions.get((owner, session_id))
                 if held is not None:
                     if held.attached:
-                        raise precondition(f"session {session_id} is attached to another open stream; close or "
-                                           "cancel that stream first")
+                        raise precondition("this session is attached to another open stream; close or cancel "
+                                           "that stream first")
                     if history_len is not None and history_len != held.length:
-                        raise precondition(f"session {session_id} holds {held.length} sentences but open.history "
-                                           f"has {history_len}; send the full history, or a new session id")
+                        raise precondition(f"this session holds {held.length} sentences but open.history has "
+                                           f"{history_len}; send the full history, or a new session id")
                     self._attach(held, end_stream)
                     return held, True
                 if history_len is None:
-                    why = self.gone.get(session_id)
+                    why = self.gone.get((owner, session_id))
                     if why:
-                        raise not_found(f"session {session_id} is no longer held ({why}); rebuild it with "
+                        raise not_found(f"this session is no longer held ({why}); rebuild it with "
                                         "Open{session_id, history}")
-                    raise not_found(f"unknown session {session_id}; rebuild it with Open{{session_id, history}} "
-                                    "or open a new one")
+                    raise not_found("unknown session; rebuild it with Open{session_id, history} or open a new one")
             if history_len is not None and history_len > self.max_sentences:
                 raise exhausted(f"open.history has {history_len} sentences; a session holds at most "
                                 f"{self.max_sentences}")
             if len(self.sessions) >= self.max_sessions and not self._evict_one("to make room for a new session"):
                 raise exhausted(f"the server holds its maximum of {self.max_sessions} sessions, all in use; "
                                 "retry later")
-            s = Session(session_id or new_session_id())
-            self.sessions[s.id] = s
-            self.gone.pop(s.id, None)
+            s = Session(session_id or new_session_id(), owner)
+            self.sessions[s.key] = s
+            self.gone.pop(s.key, None)
             self._attach(s, end_stream)
         self.metrics.session_opened()
-        log("session_open", session=s.id, rebuilt_from=history_len)
+        log("session_open", session=s.tag, rebuilt_from=history_len)
         return s, False
 
     def _attach(self, s: Session, end_stream) -> None:
@@ -120,23 +141,35 @@ class SessionStore:
 
     def _touch(self, s: Session) -> None:
         s.last_active = time.monotonic()
-        if s.id in self.sessions:
-            self.sessions.move_to_end(s.id)
+        if self.sessions.get(s.key) is s:
+            self.sessions.move_to_end(s.key)
 
-    def detach(self, s: Session) -> None:
+    def detach(self, s: Session, reason: str = "Close{keep: true}") -> None:
         with self.lock:
             s.attached, s.end_stream = False, None
             self._touch(s)
-        log("session_detach", session=s.id, length=s.length)
+        log("session_detach", session=s.tag, length=s.length, reason=reason)
+
+    def hand_back(self, idle_s: float, message: str) -> int:
+        """A draining server: end the streams of attached sessions with no step in flight for `idle_s`
+        seconds (a conversation between turns) with UNAVAILABLE `message`, so their clients move to
+        another replica on their next turn; answers in progress go on. Returns how many were ended."""
+        now = time.monotonic()
+        with self.lock:
+            idle = [(s, s.end_stream) for s in self.sessions.values()
+                    if s.attached and s.end_stream is not None and not s.reserved and now - s.last_active >= idle_s]
+        for _, end_stream in idle:  # outside the lock: ending a stream runs grpc callbacks
+            end_stream(grpc.StatusCode.UNAVAILABLE, message)
+        return len(idle)
 
     # -- steps -----------------------------------------------------------------------------
     def reserve(self, s: Session, n: int) -> None:
         """Room for `n` more sentences in session `s` (sentence limit + KV budget), or RESOURCE_EXHAUSTED."""
         with self.lock:
             if s.freed:
-                raise not_found(f"session {s.id} is no longer held ({s.free_reason})")
+                raise not_found(f"this session is no longer held ({s.free_reason})")
             if s.length + s.reserved + n > self.max_sentences:
-                raise exhausted(f"session {s.id} holds {s.length} sentences; {n} more would pass the limit of "
+                raise exhausted(f"this session holds {s.length} sentences; {n} more would pass the limit of "
                                 f"{self.max_sentences} per session; start a new conversation")
             while (self.sentences_in_use + n) * self.per_sentence > self.kv_budget_bytes:
                 if not self._evict_one("to make room in the KV cache budget", keep=s):
@@ -172,15 +205,16 @@ class SessionStore:
             if s.freed:
                 return
             s.freed, s.free_reason = True, reason
-            self.sessions.pop(s.id, None)
+            if self.sessions.get(s.key) is s:
+                del self.sessions[s.key]
             self.sentences_in_use -= s.length + s.reserved
             s.kv = None
-            self.gone[s.id] = reason
+            self.gone[s.key] = reason
             while len(self.gone) > REMEMBER_GONE:
                 self.gone.popitem(last=False)
         if evicted:
             self.metrics.session_evicted()
-        log("session_free", session=s.id, reason=reason, length=s.length, steps=s.steps,
+        log("session_free", session=s.tag, reason=reason, length=s.length, steps=s.steps,
             age_s=round(time.monotonic() - s.created, 3))
 
     def _evict_one(self, why: str, keep: Session | None = None) -> bool:
@@ -204,7 +238,7 @@ class SessionStore:
                 self.free(s, f"expired: idle for more than {self.idle_timeout_s:g} s", evicted=True)
         for s, end_stream in ended:  # outside the lock: ending a stream runs grpc callbacks
             end_stream(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                       f"session {s.id} was idle for more than {self.idle_timeout_s:g} s and has been freed")
+                       f"this session was idle for more than {self.idle_timeout_s:g} s and has been freed")
         return len(idle)
 
     def free_all(self, reason: str) -> None:

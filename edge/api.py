@@ -21,11 +21,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
-from edge.chat import DEFAULT_CONNECT_TIMEOUT_S, ChatSession, EdgeError, TurnError
+from edge.chat import DEFAULT_CONNECT_TIMEOUT_S, DEFAULT_STEP_TIMEOUT_S, ChatSession, EdgeError, TurnError
 from edge.loop import SentenceEvent, TurnEnd
 from edge.runtime import EdgeRuntime
 from edge.sampling import Sampling
-from protos.client import CloudClient, make_channel
+from protos.client import DEFAULT_KEEPALIVE_S, CloudClient, make_channel
 
 WIRE_DTYPES = ("float32", "float16")
 _log = logging.getLogger("edge")
@@ -148,42 +148,72 @@ class EdgeChat:
 
 
 def connect(server: str, bundle: str | Path | EdgeRuntime, *, token: str | None = None, tls: bool = False,
-            tls_ca: str | Path | None = None, server_name: str | None = None, wire_dtype: str = "float32",
-            connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S, device: str = "auto", threads: int = 0,
+            tls_ca: str | Path | None = None, tls_cert: str | Path | None = None, tls_key: str | Path | None = None,
+            server_name: str | None = None, wire_dtype: str = "float32",
+            connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S, step_timeout: float | None = DEFAULT_STEP_TIMEOUT_S,
+            keepalive_s: float | None = DEFAULT_KEEPALIVE_S, device: str = "auto", threads: int = 0,
             options: AnswerOptions = AnswerOptions(), notify: Callable[[str], None] = _log.warning) -> EdgeChat:
     """Open a conversation: load the edge bundle (or take a loaded EdgeRuntime), check that the
-    server at `server` (host:port) serves the other half of the same model, open a session.
+    server at `server` (host:port) serves the other half of the same model (model id, d and the
+    sha256 of its weights), open a session.
 
     tls_ca: a CA / self-signed certificate file to trust (implies TLS); tls: TLS with the system's
-    roots; server_name: the name to check in the server's certificate. notify: what to say about
-    warnings and rebuilt sessions (default: the "edge" logger)."""
+    roots; tls_cert + tls_key: this client's certificate and key (PEM files; implies TLS), for a
+    server that requires client certificates (mutual TLS); server_name: the name to check in the
+    server's certificate. connect_timeout: seconds for the server's model info (at connect and at
+    every rebuild); step_timeout: seconds each cloud step may take (0 or None: no limit);
+    keepalive_s: seconds between keepalive pings while the conversation is open (0 or None: none).
+    notify: what to say about warnings and sessions rebuilt or resumed after a lost stream (default: the
+    "edge" logger)."""
     check_wire_dtype(wire_dtype)
     target = server.strip()
     if ":" not in target:
         raise EdgeError(f"the server address must be host:port, got {server!r}")
-    root_certificates = None
-    if tls_ca is not None:
-        try:
-            root_certificates = Path(tls_ca).read_bytes()
-        except OSError as e:
-            raise EdgeError(f"cannot read the TLS CA certificate: {e}") from None
+    _check_seconds(connect_timeout=(connect_timeout, False), step_timeout=(step_timeout, True),
+                   keepalive_s=(keepalive_s, True))
+    if (tls_cert is None) != (tls_key is None):
+        raise EdgeError("a TLS client certificate needs both files: tls_cert and tls_key (--tls-cert, --tls-key)")
+    root_certificates = _read_pem(tls_ca, "the TLS CA certificate")
+    certificate_chain = _read_pem(tls_cert, "the TLS client certificate")
+    private_key = _read_pem(tls_key, "the TLS client key")
     runtime = bundle if isinstance(bundle, EdgeRuntime) else load_runtime(bundle, device, threads, notify)
 
     def client_factory() -> CloudClient:
         # a channel of its own subchannels: a rebuild after a lost server then really dials again,
         # instead of inheriting the shared subchannel's back-off from the failure that lost it
-        channel = make_channel(target, tls=tls, root_certificates=root_certificates, server_name=server_name,
-                               options=(("grpc.use_local_subchannel_pool", 1),))
+        channel = make_channel(target, tls=tls, root_certificates=root_certificates, private_key=private_key,
+                               certificate_chain=certificate_chain, server_name=server_name,
+                               keepalive_s=keepalive_s or 0, options=(("grpc.use_local_subchannel_pool", 1),))
         return CloudClient(target, token or None, channel=channel)
 
     session = ChatSession(runtime, client_factory, target, wire_dtype=wire_dtype, connect_timeout=connect_timeout,
-                          notify=notify)
+                          step_timeout=step_timeout or None, notify=notify,
+                          tls=bool(tls or root_certificates or certificate_chain))
     try:
         session.connect()
     except BaseException:
         session.close()
         raise
     return EdgeChat(session, options)
+
+
+def _check_seconds(**values: tuple[float, bool]) -> None:
+    """Each value a number of seconds > 0 (>= 0, or None, where zero is allowed: no limit)."""
+    for name, (value, zero_ok) in values.items():
+        if zero_ok and value is None:
+            continue
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not number or not (value > 0 or (zero_ok and value == 0)):
+            raise EdgeError(f"{name} must be a number of seconds {'>= 0' if zero_ok else '> 0'}, got {value!r}")
+
+
+def _read_pem(path: str | Path | None, what: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise EdgeError(f"cannot read {what}: {e}") from None
 
 
 def load_runtime(bundle: str | Path, device: str = "auto", threads: int = 0,

@@ -28,8 +28,9 @@ from typing import Callable, Iterator, Optional
 import typer
 
 from edge.api import AnswerOptions, EdgeChat, check_wire_dtype, connect, load_runtime
-from edge.chat import EdgeError, TurnError
+from edge.chat import DEFAULT_STEP_TIMEOUT_S, EdgeError, TurnError
 from edge.loop import SentenceEvent, TurnEnd
+from protos.client import DEFAULT_KEEPALIVE_S
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
                   help="Chat with a sentence-level LM: SentenceVAE on this machine (ONNX Runtime), "
@@ -128,6 +129,28 @@ class _Output:
         self.open_line = False
 
 
+PROMPT_TICK_S = 0.1
+
+
+def _prompt_input(prompt: str) -> str:
+    """input(prompt), where a Ctrl-C is acted on whenever it lands. CPython's readline prompt looks
+    at signals only when the select() it waits in is interrupted: a Ctrl-C that arrives between the
+    prompt being written and that select() (microseconds, more on a loaded machine; one in a few
+    hundred when ^C is pressed as the prompt appears) stays pending until the next key, and then
+    swallows the line typed. A no-op SIGALRM every PROMPT_TICK_S interrupts the select(), so a
+    pending Ctrl-C clears the line within that time."""
+    try:
+        previous = signal.signal(signal.SIGALRM, lambda *_: None)
+    except (AttributeError, ValueError):  # no SIGALRM (Windows), or not the main thread
+        return input(prompt)
+    signal.setitimer(signal.ITIMER_REAL, PROMPT_TICK_S, PROMPT_TICK_S)
+    try:
+        return input(prompt)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def _terminal_lines() -> Iterator[str]:
     """Lines typed at the "> " prompt until Ctrl-D; Ctrl-C at the prompt only clears the line."""
     try:
@@ -136,7 +159,7 @@ def _terminal_lines() -> Iterator[str]:
         pass
     while True:
         try:
-            yield input("> ")
+            yield _prompt_input("> ")
         except EOFError:
             typer.echo("", err=True)
             return
@@ -218,7 +241,14 @@ def chat(
                                         help="bearer token for the cloud server"),
     tls_ca: Optional[Path] = typer.Option(None, "--tls-ca", help="CA / self-signed certificate to trust (TLS)"),
     tls: bool = typer.Option(False, "--tls", help="TLS with the system's trusted roots"),
+    tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", help="this client's certificate (PEM; with "
+                                                                      "--tls-key): for a server that requires one"),
+    tls_key: Optional[Path] = typer.Option(None, "--tls-key", help="the private key of --tls-cert (PEM)"),
     server_name: Optional[str] = typer.Option(None, help="TLS name to check in the server's certificate"),
+    step_timeout: float = typer.Option(DEFAULT_STEP_TIMEOUT_S, min=0, help="seconds a cloud step may take before "
+                                                                           "the turn fails; 0 = no limit"),
+    keepalive: float = typer.Option(DEFAULT_KEEPALIVE_S, min=0, help="seconds between keepalive pings to the server "
+                                                                     "while a chat is open; 0 = none"),
     bundle: Optional[Path] = typer.Option(None, "--bundle", help="edge bundle (default: MODEL/edge)"),
     local: bool = typer.Option(False, "--local", help="start a cloud server for MODEL/cloud on 127.0.0.1 "
                                                        "for this chat, stop it on exit"),
@@ -254,8 +284,9 @@ def chat(
     raise typer.Exit(code)
 
 
-def _run(prompt, server, token, tls_ca, tls, server_name, bundle, local, model, local_timeout, temperature, top_k,
-         top_p, seed, max_sentences, max_sentence_tokens, as_json, device, threads, wire_dtype) -> int:
+def _run(prompt, server, token, tls_ca, tls, tls_cert, tls_key, server_name, step_timeout, keepalive, bundle, local,
+         model, local_timeout, temperature, top_k, top_p, seed, max_sentences, max_sentence_tokens, as_json, device,
+         threads, wire_dtype) -> int:
     options = AnswerOptions(temperature, top_k, top_p, seed, max_sentences, max_sentence_tokens)
     check_wire_dtype(wire_dtype)
     if prompt is not None and not prompt.strip():
@@ -282,10 +313,12 @@ def _run(prompt, server, token, tls_ca, tls, server_name, bundle, local, model, 
         if local:
             local_server = _start_local(model_dir, runtime, local_timeout, threads, device)
             server, token = local_server.address, local_server.token
-            tls, tls_ca, server_name = False, None, None  # loopback, plaintext; the random token still guards it
+            # loopback, plaintext; the random token still guards it
+            tls, tls_ca, tls_cert, tls_key, server_name = False, None, None, None, None
             _note(f"started a local cloud server (pid {local_server.pid}) at {server}")
-        chat = connect(server, runtime, token=token, tls=tls, tls_ca=tls_ca, server_name=server_name,
-                       wire_dtype=wire_dtype, options=options, notify=_note)
+        chat = connect(server, runtime, token=token, tls=tls, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key,
+                       server_name=server_name, wire_dtype=wire_dtype, step_timeout=step_timeout,
+                       keepalive_s=keepalive, options=options, notify=_note)
         session, out = chat.session, _Output(as_json)
         info = session.info
         if as_json:
@@ -315,18 +348,17 @@ def _run(prompt, server, token, tls_ca, tls, server_name, bundle, local, model, 
 
 def _start_local(model_dir: Path, runtime, timeout: float, threads: int, device: str):
     from edge.local import LocalServer
-    from runtime.manifest import BundleError, read_manifest
+    from runtime.manifest import CLOUD_WEIGHTS, BundleError, cloud_weights_sha256, read_manifest
 
     cloud_dir = model_dir / "cloud"
-    try:
-        cloud = read_manifest(cloud_dir, kind="cloud", verify=False)  # the server checks the hashes itself
+    try:  # the server checks the hashes itself
+        cloud = read_manifest(cloud_dir, kind="cloud", verify=False, required=(CLOUD_WEIGHTS,))
     except BundleError as e:
         raise EdgeError(f"--local needs a cloud bundle in {model_dir}: {e}") from None
-    if cloud.get("model_id") != runtime.model_id or cloud.get("d_model") != runtime.d_model:
-        raise EdgeError(
-            f"the edge bundle and the cloud model are not halves of the same model: {runtime.path} holds "
-            f"{runtime.model_id} (d={runtime.d_model}), {cloud_dir} holds {cloud.get('model_id')} "
-            f"(d={cloud.get('d_model')}); refusing to start. Use the edge/ and cloud/ of one export.")
+    problem = runtime.bundle.cloud_mismatch(cloud.get("model_id"), cloud.get("d_model"), cloud_weights_sha256(cloud),
+                                            f"{cloud_dir} holds", "refusing to start")
+    if problem is not None:  # before starting anything (connect checks the server's answer again)
+        raise EdgeError(problem)
     return LocalServer(cloud_dir, startup_timeout=timeout, threads=threads,
                        device="cpu" if device == "cpu" else "auto").start()
 

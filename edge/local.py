@@ -17,7 +17,6 @@ import collections
 import json
 import os
 import secrets
-import signal
 import subprocess
 import sys
 import threading
@@ -27,32 +26,12 @@ from pathlib import Path
 import grpc
 
 from edge.chat import EdgeError
+from runtime.procs import stop_process, with_parent_death_signal
 from runtime.roles import role_problem
 
 TOKENS_ENV = "SLLM_CLOUD_TOKENS"  # what `sllm-cloud serve` reads its tokens from
 HEALTH_SERVICE = "sllm.v1.SentenceLM"
 TAIL_LINES = 15
-
-
-# Linux: the server gets SIGTERM when the chat dies (PR_SET_PDEATHSIG survives exec). Set by a
-# tiny launcher that then execs the server: no Python code runs between fork and exec in this
-# process (a preexec_fn there crashes when gRPC threads are running in the parent).
-_LAUNCHER = """\
-import ctypes, os, signal, sys
-try:
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-except Exception:
-    pass
-if os.getppid() != int(sys.argv[1]):  # the chat died before prctl
-    sys.exit(0)
-os.execv(sys.argv[2], sys.argv[2:])
-"""
-
-
-def _with_parent_death_signal(command: list[str]) -> list[str]:
-    if not sys.platform.startswith("linux"):
-        return command
-    return [sys.executable, "-S", "-E", "-c", _LAUNCHER, str(os.getpid()), *command]
 
 
 class LocalServer:
@@ -83,7 +62,7 @@ class LocalServer:
         env = {**os.environ, TOKENS_ENV: self.token}
         try:
             self.proc = subprocess.Popen(
-                _with_parent_death_signal(self.command), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                with_parent_death_signal(self.command), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT, env=env, start_new_session=True, text=True, errors="replace", bufsize=1)
         except OSError as e:
             raise EdgeError(f"cannot start the local cloud server ({self.command[0]}): {e}") from None
@@ -164,27 +143,12 @@ class LocalServer:
         proc = self.proc
         if proc is None:
             return None
-        if proc.poll() is None:
-            self._signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=self.stop_timeout)
-            except subprocess.TimeoutExpired:
-                self._signal(signal.SIGKILL)
-                proc.wait(timeout=10)
+        stop_process(proc, self.stop_timeout)
         if self._reader is not None:
             self._reader.join(timeout=2)
         if proc.stdout is not None:
             proc.stdout.close()
         return proc.returncode
-
-    def _signal(self, sig: int) -> None:
-        try:
-            os.killpg(self.proc.pid, sig)  # its own process group (start_new_session)
-        except (ProcessLookupError, PermissionError, AttributeError):
-            try:
-                self.proc.send_signal(sig)
-            except ProcessLookupError:
-                pass
 
     def __enter__(self) -> "LocalServer":
         return self.start()

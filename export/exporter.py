@@ -28,6 +28,7 @@ from export.verify import render_markdown
 from modeling.cloud_bundle import load_cloud_bundle, model_id_for, write_cloud_bundle
 from runtime.artifacts import CheckpointError, expect
 from runtime.edge_bundle import (
+    CLOUD_WEIGHTS_FIELD,
     DECODER,
     DECODER_INT8,
     ENCODER,
@@ -42,7 +43,7 @@ from runtime.edge_bundle import (
     write_edge_manifest,
 )
 from runtime.files import replace_dir
-from runtime.manifest import BundleError, read_manifest
+from runtime.manifest import BundleError, cloud_weights_sha256, read_manifest
 from runtime.providers import CPU, cpu_session
 from runtime.svae_onnx import DECODER_INPUTS, DECODER_OUTPUTS, ENCODER_INPUTS, ENCODER_OUTPUTS
 from sentences.limit import sentence_token_ids
@@ -316,8 +317,9 @@ def export_checkpoint(checkpoint: Path, out: Path, *, quantize: str | None = Non
                                      f" (report: {out / (FAILED_REPORT + '.md')})", report)
 
         step("write")
+        cloud_weights = None  # the edge bundle records the cloud half's weights hash: its identity
         if loaded.opt is not None:
-            write_cloud_bundle(loaded.opt, tmp_cloud, loaded.model_id)
+            cloud_weights = cloud_weights_sha256(write_cloud_bundle(loaded.opt, tmp_cloud, loaded.model_id))
             cloud_opt, _ = load_cloud_bundle(tmp_cloud)
             ref = loaded.opt.state_dict()
             same = all(torch.equal(v, ref[k]) for k, v in cloud_opt.state_dict().items())
@@ -333,7 +335,7 @@ def export_checkpoint(checkpoint: Path, out: Path, *, quantize: str | None = Non
         files = [encoder_file, decoder_file, TOKENIZER, TOKENIZER_META, REPORT_JSON, REPORT_MD]
         write_edge_manifest(tmp_edge, {
             "model_id": loaded.model_id, "source_kind": loaded.kind, "weights": loaded.weights,
-            "has_cloud_bundle": loaded.opt is not None,
+            "has_cloud_bundle": loaded.opt is not None, CLOUD_WEIGHTS_FIELD: cloud_weights,
             "d_model": cfg.d_model, "vocab_size": cfg.vocab_size, "pad_id": cfg.pad_id, **spec_fields,
             "kv_layout": KV_LAYOUT, "encoder_file": encoder_file, "decoder_file": decoder_file,
             "tokenizer_file": TOKENIZER, "quantization": quantization, "opset": OPSET,

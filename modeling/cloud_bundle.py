@@ -4,6 +4,10 @@
       cloud.safetensors   GraftedOPT state dict (no token embedding, no SentenceVAE)
       opt_config.json     the OPTConfig that rebuilds it
       manifest.json       kind "cloud", model id, d, max sentences, dtype, sha256 of each file
+
+The sha256 of cloud.safetensors (`runtime.manifest.cloud_weights_sha256(manifest)`) is the model's
+identity: the edge bundle of the same export records it, the server reports it (ModelInfo.weights_sha256)
+and the edge refuses a server whose weights have another one, whatever model id it claims.
 """
 from __future__ import annotations
 
@@ -16,9 +20,9 @@ from modeling.config import ConfigError, OPTSpec
 from modeling.opt_graft import GraftedOPT, opt_config_from_spec, read_opt_config
 from modeling.weights import CheckpointError, load_state_into, load_tensors, save_tensors
 from runtime.files import sha256_file
-from runtime.manifest import BundleError, read_manifest, write_manifest
+from runtime.manifest import CLOUD_WEIGHTS, BundleError, read_manifest, write_manifest
 
-WEIGHTS = "cloud.safetensors"
+WEIGHTS = CLOUD_WEIGHTS
 OPT_CONFIG = "opt_config.json"
 
 
@@ -39,9 +43,10 @@ def write_cloud_bundle(opt: GraftedOPT, out_dir: Path, model_id: str) -> dict:
 
 
 def load_cloud_bundle(bundle_dir: Path, device: str | torch.device = "cpu") -> tuple[GraftedOPT, dict]:
-    """(GraftedOPT in eval mode, manifest); every file is checked against the manifest first."""
+    """(GraftedOPT in eval mode, manifest); every file is checked against the manifest first (both
+    files must be listed in it, under plain names inside the folder)."""
     bundle_dir = Path(bundle_dir)
-    manifest = read_manifest(bundle_dir, kind="cloud")
+    manifest = read_manifest(bundle_dir, kind="cloud", required=(WEIGHTS, OPT_CONFIG))
     try:
         config = read_opt_config(bundle_dir / OPT_CONFIG)
     except ConfigError as e:

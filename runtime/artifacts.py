@@ -10,8 +10,10 @@ so the edge can tell a user who points it at a checkpoint what to do instead.
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 MANIFEST = "manifest.json"
 CHECKPOINT_KINDS = {"sentence_vae": "a SentenceVAE (stage 1) checkpoint", "sllm": "an SLLM (stage 2) checkpoint",
@@ -39,8 +41,10 @@ class Artifact:
         return DESCRIPTIONS[self.kind]
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint dir, or a run dir whose `latest` file names one."""
+def resolve_checkpoint(path: str | Path, notify: Callable[[str], None] | None = None) -> Path:
+    """A checkpoint dir, or a run dir: the checkpoint its `latest` file names or, when that one is
+    missing or incomplete (a run killed at a bad moment, a folder deleted by hand), the newest
+    complete one in its checkpoints/ folder, said through `notify` (default: a line on stderr)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"no such checkpoint or run directory: {path}")
@@ -48,10 +52,19 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return path
     latest = path / "latest"
     if latest.is_file():
-        target = path / latest.read_text().strip()
-        if (target / MANIFEST).is_file():
+        name = latest.read_text().strip()
+        target = path / name
+        if name and (target / MANIFEST).is_file():
             return target
-        raise CheckpointError(f"{latest} points to {target}, which is not a complete checkpoint")
+        steps = [(int(p.name[5:]), p) for p in (path / "checkpoints").glob("step_*")
+                 if p.name[5:].isdigit() and (p / MANIFEST).is_file()]
+        if not steps:
+            raise CheckpointError(f"{latest} points to {target}, which is not a complete checkpoint, and "
+                                  f"{path / 'checkpoints'} holds no complete one")
+        newest = max(steps)[1]
+        (notify or (lambda m: print(m, file=sys.stderr)))(
+            f"{latest} points to {target}, which is not a complete checkpoint: using the newest complete one, {newest}")
+        return newest
     raise CheckpointError(f"{path} is neither a checkpoint (no {MANIFEST}) nor a run directory (no 'latest')")
 
 

@@ -7,7 +7,11 @@
       tokenizer.json        tokenizers' own format
       tokenizer_meta.json   pad/bos/eos ids (read by sentences.tokenizer.SentenceTokenizer.load)
       report.json/.md       the torch-vs-ORT verification the exporter ran
-      manifest.json         kind "edge", model id, sizes, special ids, file names, sha256 of each file
+      manifest.json         kind "edge", model id, sizes, special ids, file names, sha256 of each file,
+                            cloud_weights_sha256: the sha256 of the cloud half's cloud.safetensors
+
+The edge chats only with a cloud model whose weights have that sha256 (`EdgeBundle.cloud_mismatch`):
+the model id is a label anyone can write, the hash is what was exported.
 
 No torch here: the edge imports this module (numpy, onnxruntime, tokenizers only).
 """
@@ -18,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.manifest import BundleError, read_manifest, write_manifest
+from runtime.manifest import CLOUD_WEIGHTS, BundleError, listed_file, read_manifest, write_manifest
 from runtime.providers import cpu_session
 from runtime.svae_onnx import DecoderSpec, encode, greedy_decode
 
@@ -37,10 +41,13 @@ KV_LAYOUT = "[n_layers, 2, batch, n_heads, past, head_dim]"
 REQUIRED_FIELDS = ("model_id", "d_model", "vocab_size", "pad_id", "bos_id", "eos_id", "max_sentence_tokens",
                    "n_layers", "n_heads", "head_dim", "encoder_file", "decoder_file", "tokenizer_file",
                    "segmentation_version", "split_on_comma")
+# the sha256 of the cloud half's weights (None: a stage-1 export, no cloud half); absent in bundles
+# exported before it existed, which the edge loads but refuses to chat with (`cloud_mismatch`)
+CLOUD_WEIGHTS_FIELD = "cloud_weights_sha256"
 
 
 def write_edge_manifest(bundle_dir: Path, fields: dict, files: list[str]) -> dict:
-    missing = [k for k in REQUIRED_FIELDS if k not in fields]
+    missing = [k for k in (*REQUIRED_FIELDS, CLOUD_WEIGHTS_FIELD) if k not in fields]
     if missing:
         raise ValueError(f"edge manifest fields missing: {missing}")
     return write_manifest(bundle_dir, {"kind": KIND, **fields}, files)
@@ -81,6 +88,33 @@ class EdgeBundle:
             raise ValueError(f"a token id is outside the vocabulary [0, {vocab})")
         return encode(self.encoder, token_lists, int(self.manifest["pad_id"]))
 
+    def cloud_mismatch(self, model_id: str, d: int, weights_sha256: str, cloud: str,
+                       refusing: str = "refusing it") -> str | None:
+        """Why the cloud model `cloud` describes ("the server at HOST:PORT serves", "DIR holds") is not
+        the other half of this bundle, as a message to show (with `refusing`: "refusing to chat"); None
+        when it is: the same model id and d, and weights whose sha256 is the one recorded at export."""
+        ours, where = self.manifest, f"the edge bundle {self.path}"
+        if (model_id, d) != (self.model_id, self.d_model):
+            return (f"the edge bundle and the cloud model are not halves of the same model: {where} holds "
+                    f"{self.model_id} (d={self.d_model}), {cloud} {model_id} (d={d}); {refusing}. Use the edge/ "
+                    "and cloud/ of one export.")
+        if CLOUD_WEIGHTS_FIELD not in ours:
+            return (f"{where} was exported before edge bundles recorded the sha256 of their cloud weights, so "
+                    f"the cloud model cannot be checked (its id {model_id} is only a label); {refusing}: re-export "
+                    "the bundle with this version (`sllm-export CHECKPOINT --out DIR`, both halves)")
+        expected = ours[CLOUD_WEIGHTS_FIELD]
+        if not expected:
+            return f"{where} is a stage-1 export with no cloud half: it cannot chat with a cloud model"
+        if not weights_sha256:
+            return (f"{cloud} {model_id} without the sha256 of its weights (a cloud server older than this "
+                    f"edge), so it cannot be checked; {refusing}: update the server")
+        if weights_sha256 != expected:
+            return (f"the cloud model is not the other half of this edge bundle: {cloud} {model_id} with weights "
+                    f"sha256 {weights_sha256}, but {where} was exported with cloud weights sha256 {expected} "
+                    f"(a relabelled, retrained or modified {CLOUD_WEIGHTS}); {refusing}. Use the edge/ and "
+                    "cloud/ of one export.")
+        return None
+
     def decode_vectors(self, vectors: np.ndarray, max_tokens: int | None = None) -> list[list[int]]:
         """Sentence vectors [B, d] -> greedy token lists (without bos/eos)."""
         vectors = np.asarray(vectors, dtype=np.float32)
@@ -94,23 +128,24 @@ def load_edge_bundle(bundle_dir: Path, threads: int = 0) -> EdgeBundle:
     from sentences.tokenizer import SentenceTokenizer, TokenizerError
 
     bundle_dir = Path(bundle_dir)
-    manifest = read_manifest(bundle_dir, kind=KIND)
+    manifest = read_manifest(bundle_dir, kind=KIND, required=(TOKENIZER_META,))
     missing = [k for k in REQUIRED_FIELDS if k not in manifest]
     if missing:
         raise BundleError(f"{bundle_dir}: the manifest lacks {missing}; re-export the bundle")
-    for key in ("encoder_file", "decoder_file", "tokenizer_file"):
-        if manifest[key] not in manifest["files"]:
-            raise BundleError(f"{bundle_dir}: {manifest[key]} is not among the manifest's files")
+    encoder_file, decoder_file, tokenizer_file = (listed_file(bundle_dir, manifest, key)
+                                                  for key in ("encoder_file", "decoder_file", "tokenizer_file"))
+    if tokenizer_file.parent != bundle_dir:  # its special ids are read from the tokenizer_meta.json beside it
+        raise BundleError(f"{bundle_dir}: tokenizer_file {manifest['tokenizer_file']!r} is not at the bundle's top")
     try:
-        tok = SentenceTokenizer.load(bundle_dir)
+        tok = SentenceTokenizer.load(tokenizer_file)
     except TokenizerError as e:
         raise BundleError(f"{bundle_dir}: {e}") from None
     expected = (manifest["vocab_size"], manifest["pad_id"], manifest["bos_id"], manifest["eos_id"])
     if (tok.vocab_size, tok.pad_id, tok.bos_id, tok.eos_id) != tuple(expected):
         raise BundleError(f"{bundle_dir}: the tokenizer (vocab {tok.vocab_size}, pad/bos/eos "
                           f"{tok.pad_id}/{tok.bos_id}/{tok.eos_id}) does not match the manifest {expected}")
-    encoder = cpu_session(str(bundle_dir / manifest["encoder_file"]), threads)
-    decoder = cpu_session(str(bundle_dir / manifest["decoder_file"]), threads)
+    encoder = cpu_session(str(encoder_file), threads)
+    decoder = cpu_session(str(decoder_file), threads)
     _check_graph_io(bundle_dir, manifest, encoder, decoder)
     return EdgeBundle(bundle_dir, manifest, tok, encoder, decoder, decoder_spec(manifest))
 

@@ -96,3 +96,61 @@ def self_signed_cert(tmp_path):
     key.write_bytes(pkey.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                        serialization.NoEncryption()))
     return cert, key
+
+
+def _openssl(*args: str) -> None:
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl CLI is not available")
+    subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=30)
+
+
+def make_ca(directory: Path, name: str = "test-ca") -> tuple[Path, Path]:
+    """A throwaway certificate authority (openssl CLI): (ca.pem, ca.key) in `directory`."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    cert, key = directory / f"{name}.pem", directory / f"{name}.key"
+    _openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+             "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", f"/CN={name}",
+             "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    return cert, key
+
+
+def issue_cert(directory: Path, ca: tuple[Path, Path], name: str) -> tuple[Path, Path]:
+    """A certificate signed by `ca` (from make_ca) for CN=name, valid for localhost / 127.0.0.1 as a
+    server and as a client (mutual TLS): (name.pem, name.key) in `directory`."""
+    directory = Path(directory)
+    cert, key, csr, ext = (directory / f"{name}.pem", directory / f"{name}.key", directory / f"{name}.csr",
+                           directory / f"{name}.ext")
+    ext.write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n")
+    _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(key),
+             "-out", str(csr), "-subj", f"/CN={name}")
+    _openssl("x509", "-req", "-in", str(csr), "-CA", str(ca[0]), "-CAkey", str(ca[1]), "-CAcreateserial",
+             "-out", str(cert), "-days", "1", "-extfile", str(ext))
+    return cert, key
+
+
+@contextlib.contextmanager
+def captured_logs() -> Iterator[list[dict]]:
+    """The server's JSON-log entries (event + fields) emitted inside the block, at info level and up,
+    whatever handlers the `sllm.cloud` logger has (other tests may have set it up)."""
+    import logging
+
+    from cloud.jsonlog import get_logger
+
+    entries: list[dict] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            entries.append({"event": record.getMessage(), "level": record.levelname.lower(),
+                            **getattr(record, "fields", {})})
+
+    logger, handler = get_logger(), Collect()
+    level = logger.level
+    logger.addHandler(handler)
+    if not logger.isEnabledFor(logging.INFO):
+        logger.setLevel(logging.INFO)
+    try:
+        yield entries
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)

@@ -1,25 +1,32 @@
 """`import edge` (docs/edge-api.md) against a real gRPC server on 127.0.0.1 and the real exported
 bundles of the bundled model (models/default): the API says what `edge-chat` prints, seeds
 reproduce, a conversation carries over turns, failures are one clear EdgeError and the
-conversation goes on where it can."""
+conversation goes on where it can; a server that stops answering ends a turn within the step
+deadline, keepalive pings notice a vanished server, client certificates work (mutual TLS)."""
+import contextlib
 import json
+import os
 import re
 import socket
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
-from cloud_helpers import running_server
+from cloud_helpers import running_server, self_signed_cert
 from helpers import NO_TORCH_BLOCKER, ROOT
 from typer.testing import CliRunner
 
 import edge
 from edge.cli import app
 from modeling.cloud_bundle import write_random_cloud_bundle
+from protos.client import DEFAULT_KEEPALIVE_S, channel_options
 
 MODEL = ROOT / "models" / "default"
 FIRST, SECOND = "It is a truth universally acknowledged,", "She laughed. Then she was gone."
 SAMPLED = dict(temperature=0.9, top_k=50, top_p=0.95, seed=7)
+SERVER_MIN_PING_INTERVAL_S = 10.0  # cloud/server.py: grpc.http2.min_ping_interval_without_data_ms
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +38,13 @@ def server():
 @pytest.fixture(scope="module")
 def runtime():
     return edge.load_runtime(MODEL / "edge", threads=1)
+
+
+@pytest.fixture
+def relay(server):
+    r = SilentRelay(server.port)
+    yield r
+    r.close()
 
 
 @pytest.fixture
@@ -199,3 +213,185 @@ def test_the_documented_example_runs_without_torch(server, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     assert len(lines) == 3 and lines[0] and lines[1] and re.fullmatch(r"\w+ \d+ of 1024 sentences", lines[2])
+
+
+# ---------------------------------------------------------------- deadlines, keepalive, mutual TLS
+
+class SilentRelay:
+    """127.0.0.1:port -> 127.0.0.1:target. `silence()`: bytes stop flowing both ways, connections
+    stay open (a host gone from the network); `resume()`: they flow again. `close()` ends it all."""
+
+    def __init__(self, target: int):
+        self.target = target
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.listener.settimeout(0.1)  # accept() wakes up to see `closed`
+        self.port = self.listener.getsockname()[1]
+        self.flowing = threading.Event()
+        self.flowing.set()
+        self.closed = False
+        self.sockets: list[socket.socket] = []
+        self.threads = [threading.Thread(target=self._accept, daemon=True)]
+        self.threads[0].start()
+
+    def _accept(self) -> None:
+        while not self.closed:
+            try:
+                client, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            client.settimeout(None)
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            self.sockets += [client, upstream]
+            for src, dst in ((client, upstream), (upstream, client)):
+                t = threading.Thread(target=self._pump, args=(src, dst), daemon=True)
+                t.start()
+                self.threads.append(t)
+
+    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                self.flowing.wait()
+                if self.closed:
+                    return
+                dst.sendall(data)
+        except OSError:
+            pass
+
+    def silence(self) -> None:
+        self.flowing.clear()
+
+    def resume(self) -> None:
+        self.flowing.set()
+
+    def close(self) -> None:
+        self.closed = True
+        self.flowing.set()
+        self.threads[0].join(timeout=5)
+        self.listener.close()
+        for s in self.sockets:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+        for t in self.threads:
+            t.join(timeout=5)
+
+
+def _failure_time(chat, **options) -> tuple[float, str]:
+    """Seconds until a turn fails with EdgeError, and its message."""
+    t0 = time.monotonic()
+    with pytest.raises(edge.EdgeError) as e:
+        chat.ask(SECOND, max_sentences=2, **options).text()
+    return time.monotonic() - t0, str(e.value)
+
+
+def test_a_server_silent_mid_step_fails_the_turn_at_the_step_deadline(runtime, relay):
+    """No keepalive: the step deadline alone ends the wait (1 s here, 30 s by default); the next
+    turn, with the server back, rebuilds the session from the history and goes on."""
+    notes = []
+    with edge.connect(f"127.0.0.1:{relay.port}", runtime, step_timeout=1, keepalive_s=0, notify=notes.append) as chat:
+        assert chat.ask(FIRST, max_sentences=2).text()
+        held = chat.context_sentences
+        relay.silence()
+        waited, message = _failure_time(chat)
+        assert 1.0 <= waited < 4.0, waited
+        assert "no answer from the cloud server" in message and "within the step deadline of 1 s" in message
+        assert chat.context_sentences == held  # the prompt's step never came back: not in the history
+        relay.resume()
+        assert chat.ask(SECOND, max_sentences=2).text()
+    assert notes and "rebuilt it from the" in notes[-1] and "DEADLINE_EXCEEDED" in notes[-1]
+
+
+def test_keepalive_pings_find_a_vanished_server_without_any_deadline(runtime, relay):
+    """No step deadline, pings every 1 s (30 s by default). Idle between turns: the dead connection
+    is dropped (a ping not answered), so the next turn, the server back, rebuilds the session at
+    once instead of writing into it. Mid-step: the turn fails (UNAVAILABLE), the rebuild that
+    follows cannot reach the server either: one EdgeError, no hang."""
+    notes = []
+    with edge.connect(f"127.0.0.1:{relay.port}", runtime, step_timeout=0, keepalive_s=1, connect_timeout=1,
+                      notify=notes.append) as chat:
+        assert chat.ask(FIRST, max_sentences=2).text()
+        relay.silence()
+        time.sleep(3)
+        relay.resume()
+        assert chat.ask(SECOND, max_sentences=2).text()
+        assert len(notes) == 1 and "the cloud session was lost (UNAVAILABLE" in notes[0] and "ping" in notes[0]
+        relay.silence()
+        waited, message = _failure_time(chat)
+    assert waited < 8.0, waited
+    assert "the cloud session was lost (UNAVAILABLE" in message and "could not be rebuilt" in message
+
+
+def test_default_keepalive_is_within_what_the_server_accepts():
+    """Every 30 s while a conversation is open, idle or not; the server takes one every 10 s at
+    most (faster pings on an idle stream earn a GOAWAY after three). Nothing without a call."""
+    opts = dict(channel_options())
+    assert opts["grpc.keepalive_time_ms"] == DEFAULT_KEEPALIVE_S * 1000 >= SERVER_MIN_PING_INTERVAL_S * 1000
+    assert opts["grpc.keepalive_timeout_ms"] == opts["grpc.http2.ping_timeout_ms"] == 10_000
+    assert opts["grpc.http2.max_pings_without_data"] == 0 and opts["grpc.keepalive_permit_without_calls"] == 0
+    assert "grpc.keepalive_time_ms" not in dict(channel_options(keepalive_s=0))
+
+
+def test_edge_chat_step_timeout(relay):
+    """edge-chat --step-timeout: a silent server ends the chat with one error line, exit 2."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edge", "--threads", "1", "--server", f"127.0.0.1:{relay.port}", "--bundle",
+         MODEL / "edge", "--max-sentences", "2", "--step-timeout", "1", "--keepalive", "0"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        proc.stdin.write(FIRST + "\n")
+        proc.stdin.flush()
+        assert proc.stdout.readline().strip()  # the first answer
+        relay.silence()
+        proc.stdin.write(SECOND + "\n")
+        proc.stdin.close()
+        assert proc.wait(timeout=20) == 2
+        errors = [ln for ln in proc.stderr.read().splitlines() if ln.startswith("error:")]
+        assert len(errors) == 1 and "within the step deadline of 1 s" in errors[0], errors
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_bad_deadline_and_keepalive_values_are_refused(server, runtime):
+    target = f"127.0.0.1:{server.port}"
+    for bad in (dict(step_timeout=-1), dict(keepalive_s=float("nan")), dict(connect_timeout=0),
+                dict(step_timeout="30")):
+        with pytest.raises(edge.EdgeError, match="must be a number of seconds"):
+            edge.connect(target, runtime, **bad)
+    r = CliRunner().invoke(app, ["--server", target, "--bundle", str(MODEL / "edge"), "--step-timeout", "-1",
+                                 "--prompt", FIRST])
+    assert r.exit_code == 2 and "--step-timeout" in r.stderr
+
+
+# ---------------------------------------------------------------- mutual TLS
+
+def test_client_certificates_for_a_server_that_requires_them(runtime, tmp_path):
+    """--tls-cert/--tls-key (tls_cert=, tls_key=): the handshake with a server that requires a
+    client certificate works with one, and fails without one or with one it does not trust."""
+    paths = {}
+    for who in ("server", "client", "stranger"):
+        (tmp_path / who).mkdir()
+        paths[who] = self_signed_cert(tmp_path / who)
+    (server_cert, server_key), (client_cert, client_key) = paths["server"], paths["client"]
+    with running_server(MODEL / "cloud", threads=1, tls_cert=str(server_cert), tls_key=str(server_key),
+                        tls_client_ca=str(client_cert)) as srv:
+        target = f"127.0.0.1:{srv.port}"
+        with edge.connect(target, runtime, tls_ca=server_cert, tls_cert=client_cert, tls_key=client_key) as chat:
+            assert chat.ask(FIRST, max_sentences=1).text()
+        base = ["--server", target, "--bundle", str(MODEL / "edge"), "--threads", "1", "--tls-ca", str(server_cert),
+                "--max-sentences", "1", "--prompt", FIRST]
+        r = CliRunner().invoke(app, [*base, "--tls-cert", str(client_cert), "--tls-key", str(client_key)])
+        assert r.exit_code == 0 and r.stdout.strip(), r.output
+        with pytest.raises(edge.EdgeError, match="cannot reach the cloud server .* --tls-cert/--tls-key"):
+            edge.connect(target, runtime, tls_ca=server_cert, connect_timeout=5)
+        with pytest.raises(edge.EdgeError, match="cannot reach the cloud server"):
+            edge.connect(target, runtime, tls_ca=server_cert, tls_cert=paths["stranger"][0],
+                         tls_key=paths["stranger"][1], connect_timeout=5)
+        r = CliRunner().invoke(app, [*base, "--tls-cert", str(client_cert)])
+        assert r.exit_code == 2 and r.stderr.count("error:") == 1 and "--tls-key" in r.stderr
+        r = CliRunner().invoke(app, [*base, "--tls-cert", str(tmp_path / "missing.pem"), "--tls-key", str(client_key)])
+        assert r.exit_code == 2 and "cannot read the TLS client certificate" in r.stderr

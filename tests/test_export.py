@@ -70,6 +70,9 @@ def test_export_writes_edge_and_cloud_bundles_of_one_model(exported, sllm_run):
     assert set(edge["files"]) == {"encoder.onnx", "decoder.onnx", "tokenizer.json", "tokenizer_meta.json",
                                   "report.json", "report.md"}
     assert edge["quantization"] == {"encoder": "fp32", "decoder": "fp32"}
+    # the cloud half's identity: the hash of the weights it was exported with, beyond the model id
+    weights = hashlib.sha256((exported.cloud / "cloud.safetensors").read_bytes()).hexdigest()
+    assert edge["cloud_weights_sha256"] == cloud["files"]["cloud.safetensors"] == weights
     report = json.loads((exported.edge / "report.json").read_text())
     assert report["passed"] and report["greedy"]["identical"] == report["greedy"]["sentences"] == N_VERIFY
     assert "PASSED" in (exported.edge / "report.md").read_text()
@@ -296,6 +299,7 @@ def test_cli_stage1_int8_exports_edge_only_with_numbers(stage1, tmp_path):
     assert not (out / "cloud").exists()
     edge = read_manifest(out / "edge", kind="edge")
     assert edge["quantization"] == {"encoder": "int8", "decoder": "int8"}
+    assert edge["cloud_weights_sha256"] is None  # no cloud half: it chats with no cloud model
     assert edge["encoder_file"] == "encoder.int8.onnx" and edge["decoder_file"] == "decoder.int8.onnx"
     assert not (out / "edge" / "decoder.onnx").exists()
     q = json.loads((out / "edge" / "report.json").read_text())["quantization"]

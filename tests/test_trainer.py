@@ -1,6 +1,7 @@
 """The trainer: torchrun DDP, exact resume, checkpoints that refuse bad input, the CLI."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -11,6 +12,8 @@ import torch
 from helpers import ROOT, tiny_overrides
 from safetensors.torch import load_file
 
+from runtime.artifacts import resolve_checkpoint
+from runtime.files import sha256_file
 from training.checkpoint import CheckpointError
 from training.cli import build_run_config
 from training.load import load_stage1
@@ -226,3 +229,189 @@ def test_sigterm_saves_at_a_step_boundary_and_the_run_resumes(tiny_corpus, tmp_p
                              text=True, env={**os.environ}, timeout=240)
     assert resumed.returncode == 0 and "resumed from" in resumed.stderr, resumed.stderr[-3000:]
     assert (out / "latest").read_text().strip() == f"checkpoints/step_{saved['step'] + 2:08d}"
+
+
+# ---------------------------------------------------------------- kills at bad moments (issue 14.6)
+
+def _fit(run_dir: Path, overrides: list[str], config: Path | None = None) -> list[str]:
+    """Train (or resume) `run_dir` in this process; the log lines."""
+    from training.tasks.sentence_vae import SentenceVAETask
+    from training.trainer import Trainer
+
+    lines: list[str] = []
+    run = build_run_config(config, overrides, str(run_dir))
+    log = lambda *a: lines.append(" ".join(map(str, a)))  # noqa: E731
+    Trainer(SentenceVAETask(run, log=lambda *a: None), run.train, run, log=log).fit()
+    return lines
+
+
+def _metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "loss" in r], [r for r in rows if "loss" not in r]
+
+
+def _hidden(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("."))
+
+
+KILL_BETWEEN_RENAMES = """
+import os, shutil, sys
+from pathlib import Path
+from training import checkpoint as ckpt
+final, src = Path(sys.argv[1]), Path(sys.argv[2])
+real, calls = os.replace, []
+def replace(a, b):  # replace_dir: the old folder aside, then (killed here) the new one in
+    calls.append((a, b))
+    if len(calls) == 2:
+        os._exit(9)
+    real(a, b)
+os.replace = replace
+ckpt.write_checkpoint_dir(final, lambda d: [shutil.copy2(p, d / p.name) for p in src.iterdir()
+                                            if p.name != "manifest.json"])
+"""
+
+
+def test_a_kill_between_the_two_renames_loses_nothing(tiny_svae_run, tmp_path):
+    """Re-writing a checkpoint that exists renames the old one aside, the new one in, then deletes the
+    old one. A kill between the renames leaves `latest` naming a missing folder; the next start puts
+    the complete new folder in its place, removes the old one and resumes from it."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_svae_run, run)
+    step4 = run / "checkpoints" / "step_00000004"
+    saved = {p.name: p.read_bytes() for p in step4.iterdir()}
+    proc = subprocess.run([sys.executable, "-c", KILL_BETWEEN_RENAMES, str(step4),
+                           str(tiny_svae_run / step4.relative_to(run))], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 9, proc.stderr[-3000:]
+    assert not step4.exists() and (run / "latest").read_text().strip() == "checkpoints/step_00000004"
+    hidden = _hidden(run)
+    assert [h.split(".")[2].split("-")[0] for h in hidden] == ["old", "tmp"], hidden
+    with pytest.raises(CheckpointError, match="holds no complete one"):  # what a loader sees meanwhile
+        load_stage1(run)
+
+    log = _fit(run, ["train.max_steps=6"], run / "config.json")
+    assert any(line.startswith(f"recovered {step4} from .step_00000004.tmp-") for line in log), log
+    assert any(line.startswith("removed ") and ".step_00000004.old-" in line for line in log), log
+    assert f"resumed from {step4} at step 4" in log, log
+    assert _hidden(run) == [] and (run / "latest").read_text().strip() == "checkpoints/step_00000006"
+    train, _ = _metrics(run)
+    assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
+    assert saved.keys() <= {p.name for p in (run / "checkpoints").glob("step_*/*")}
+
+
+def test_resume_falls_back_to_the_newest_complete_checkpoint_and_logs_no_row_twice(tiny_corpus, tmp_path):
+    """`latest` naming a missing checkpoint, then a checkpoint with a corrupt file: resume takes the
+    newest complete one and says so; metrics.jsonl loses the rows after that step (and a torn last
+    line) and gets them again, so the run's log equals that of a run never interrupted, losses
+    included; re-running the finished run adds no row and re-writes no checkpoint."""
+    common = tiny_overrides(tiny_corpus, tmp_path / "cache") + [
+        "train.max_steps=6", "train.save_every=2", "train.keep_checkpoints=3", "train.eval_every=2"]
+    _fit(tmp_path / "straight", common)
+    run = tmp_path / "run"
+    _fit(run, common + ["train.stop_at_step=4"])
+    ckpts = run / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_00000002", "step_00000004"]
+
+    # `latest` names a checkpoint that is not there: loaders and the trainer take step 4, and say so
+    (run / "latest").write_text("checkpoints/step_00000099\n")
+    notes: list[str] = []
+    assert resolve_checkpoint(run, notify=notes.append) == ckpts / "step_00000004"
+    assert "step_00000099, which is not a complete checkpoint: using the newest complete one" in notes[0]
+    log = _fit(run, common + ["train.stop_at_step=4"])
+    assert any("step_00000099" in line and "resuming from the newest complete checkpoint" in line for line in log), log
+    assert (run / "latest").read_text().strip() == "checkpoints/step_00000004"
+
+    # step 4 is corrupt: resume from step 2; rows after step 2 go, a torn last line too
+    weights = ckpts / "step_00000004" / "ema.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with open(run / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "lo')
+    log = _fit(run, common)
+    assert any("corrupt or truncated" in line and "resuming from the newest complete checkpoint" in line
+               and line.endswith("step_00000002") for line in log), log
+    assert f"resumed from {ckpts / 'step_00000002'} at step 2" in log
+    assert any("dropped 4 row(s) after step 2" in line for line in log), log  # train 3, 4, val 4, torn
+    train, evals = _metrics(run)
+    steps = [r["step"] for r in train]
+    assert steps == sorted(set(steps)) == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in evals] == [2, 4, 6]
+    straight_train, straight_evals = _metrics(tmp_path / "straight")
+    assert [r["loss"] for r in train] == [r["loss"] for r in straight_train]  # an exact continuation
+    assert [r["val_loss"] for r in evals] == [r["val_loss"] for r in straight_evals]
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_00000002", "step_00000004", "step_00000006"]
+
+    # the run is finished: running it again evaluates, but logs nothing twice and writes no checkpoint
+    before, mtime = (run / "metrics.jsonl").read_text(), (ckpts / "step_00000006").stat().st_mtime_ns
+    _fit(run, common)
+    assert (run / "metrics.jsonl").read_text() == before
+    assert (ckpts / "step_00000006").stat().st_mtime_ns == mtime
+
+
+def test_stale_hidden_checkpoint_folders_are_removed_only_when_ours_and_unused(tmp_path):
+    """At start, the hidden folders of killed checkpoint writes go: ours by name, whose writing
+    process is gone (or is this one); a name without a pid only once it is an hour old. A complete
+    one whose checkpoint is missing is renamed into place. Anything else stays."""
+    from training.checkpoint import LEGACY_STALE_AFTER_S, MANIFEST, clean_stale_writes
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    ckpts = tmp_path / "checkpoints"
+    gone = [f".step_00000002.tmp-{dead}-abcd_123", f".step_00000004.old-{dead}",
+            f".step_00000006.tmp-{os.getpid()}-zzzzzzzz", ".step_00000008.k2x_9abc"]
+    kept = [".step_00000010.tmp-1-abcdefgh",  # pid 1 is alive: maybe being written right now
+            ".step_00000012.qqqqqqqq",  # no pid and fresh
+            ".step_something", ".cache", "step_00000004"]
+    for name in gone + kept:
+        (ckpts / name).mkdir(parents=True)
+        (ckpts / name / "model.safetensors").write_bytes(b"half")
+    (ckpts / "step_00000004" / MANIFEST).write_text('{"sha256": {}}')
+    old = time.time() - LEGACY_STALE_AFTER_S - 60
+    os.utime(ckpts / ".step_00000008.k2x_9abc", (old, old))
+    (ckpts / f".step_00000014.tmp-{dead}-aaaaaaaa").write_text("a file, not a folder of ours")
+    kept.append(f".step_00000014.tmp-{dead}-aaaaaaaa")
+    # a complete folder whose checkpoint is missing: a kill between replace_dir's renames
+    complete = ckpts / f".step_00000016.tmp-{dead}-bbbbbbbb"
+    complete.mkdir()
+    (complete / "trainer_state.json").write_text('{"step": 16}')
+    hashes = {"trainer_state.json": sha256_file(complete / "trainer_state.json")}
+    (complete / MANIFEST).write_text(json.dumps({"sha256": hashes}))
+
+    log: list[str] = []
+    clean_stale_writes(ckpts, log.append)
+    assert sorted(p.name for p in ckpts.iterdir()) == sorted(kept + ["step_00000016"])
+    assert json.loads((ckpts / "step_00000016" / "trainer_state.json").read_text())["step"] == 16
+    assert sum(line.startswith("removed ") for line in log) == len(gone)
+    assert any("left" in line and ".step_00000010.tmp-1-" in line and "process 1" in line for line in log)
+    assert any(line.startswith(f"recovered {ckpts / 'step_00000016'}") for line in log)
+
+
+def test_every_file_and_the_folder_are_fsynced_before_the_renames(tmp_path, monkeypatch):
+    """Re-writing a checkpoint: fsync of each file and of the new folder, then the old folder renamed
+    aside, the new one in, the old one deleted, and the parent folder fsynced (the renames durable)."""
+    from training.checkpoint import write_checkpoint_dir
+
+    final = tmp_path / "checkpoints" / "step_00000001"
+    write_checkpoint_dir(final, lambda d: (d / "old.bin").write_bytes(b"old"))
+    events: list[tuple[str, ...]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(src), str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    write_checkpoint_dir(final, lambda d: [(d / n).write_bytes(b"new") for n in ("a.bin", "b.json")])
+    renames = [e for e in events if e[0] == "replace"]
+    tmp, old = renames[1][1], renames[0][2]
+    assert renames == [("replace", str(final), old), ("replace", tmp, str(final))]
+    assert Path(tmp).name.startswith(f".step_00000001.tmp-{os.getpid()}-") and Path(old).name.startswith(".step_")
+    synced_before = {e[1] for e in events[: events.index(renames[0])] if e[0] == "fsync"}
+    assert {f"{tmp}/a.bin", f"{tmp}/b.json", f"{tmp}/manifest.json", tmp} <= synced_before
+    assert events[-1] == ("fsync", str(final.parent))
+    assert sorted(p.name for p in final.parent.iterdir()) == ["step_00000001"]
+    assert sorted(p.name for p in final.iterdir()) == ["a.bin", "b.json", "manifest.json"]

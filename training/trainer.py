@@ -162,21 +162,66 @@ class Trainer:
                 self.task.save_files(d)
 
             ckpt.write_checkpoint_dir(self.out / name, write)
-            ckpt.atomic_write_text(self.out / "latest", name + "\n")
-            self._prune()
+            self._point_latest_at(self.out / name)
+            self._prune(self.out / name)
         self.dist.barrier()
         return self.out / name
 
-    def _prune(self) -> None:
-        done = sorted((self.out / "checkpoints").glob("step_*"))
-        for old in done[: max(0, len(done) - self.cfg.keep_checkpoints)]:
-            shutil.rmtree(old, ignore_errors=True)
+    def _point_latest_at(self, checkpoint: Path) -> None:
+        ckpt.atomic_write_text(self.out / "latest", checkpoint.relative_to(self.out).as_posix() + "\n")
+        ckpt.fsync_dir(self.out)
+
+    def _prune(self, current: Path) -> None:
+        """Keep `current` and the newest keep_checkpoints - 1 before it. Any after it are gone too:
+        they belong to the history this run left when it resumed from an older checkpoint."""
+        older = [d for d in (self.out / "checkpoints").glob("step_*") if ckpt.step_of(d) is not None and d != current]
+        older.sort(key=ckpt.step_of, reverse=True)
+        now = ckpt.step_of(current)
+        keep = [d for d in older if ckpt.step_of(d) < now][: max(0, self.cfg.keep_checkpoints - 1)]
+        for old in older:
+            if old not in keep:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def _checkpoint_to_resume(self) -> Path | None:
+        """(Main process.) The checkpoint `latest` names or, when that one is missing or fails its
+        manifest (a kill at a bad moment, a damaged disk), the newest complete one, said in the log
+        and written to `latest`. None: a fresh run."""
+        latest = self.out / "latest"
+        named = self.out / latest.read_text().strip() if latest.is_file() else None
+        candidates = ([named] if named is not None else []) + [
+            d for d in ckpt.complete_checkpoints(self.out) if d != named]
+        problems = []
+        for d in candidates:
+            try:
+                ckpt.verify_checkpoint_dir(d)
+            except ckpt.CheckpointError as e:
+                problems.append(str(e))
+                continue
+            if d != named:
+                why = f"{latest} names {named}, which is not usable ({problems[0]})" if named is not None else \
+                    f"{latest} is missing"
+                self.log(f"{why}: resuming from the newest complete checkpoint, {d}")
+                self._point_latest_at(d)
+            return d
+        if named is not None or problems:
+            raise ckpt.CheckpointError(f"cannot resume {self.out}: no complete checkpoint ({'; '.join(problems)}); "
+                                       "delete the run directory to start over")
+        return None
 
     def resume(self) -> bool:
-        if not (self.out / "latest").is_file():
+        pick: tuple[str, str | None] = ("", None)
+        if self.dist.is_main:
+            try:
+                chosen = self._checkpoint_to_resume()
+                pick = ("", None if chosen is None else str(chosen))
+            except ckpt.CheckpointError as e:
+                pick = (str(e), None)
+        error, chosen = self.dist.gather(pick)[0]  # every rank loads rank 0's pick (or fails with it)
+        if error:
+            raise ckpt.CheckpointError(error)
+        if chosen is None:
             return False
-        d = ckpt.resolve_checkpoint(self.out)
-        ckpt.verify_checkpoint_dir(d)
+        d = Path(chosen)
         state = ckpt.read_trainer_state(d)
         if state["world_size"] != self.dist.world:
             raise ckpt.CheckpointError(
@@ -218,12 +263,42 @@ class Trainer:
             with open(self.out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(row) + "\n")
 
+    def _trim_metrics(self) -> bool:
+        """(Main process, at the start.) Drop the rows of steps after the one this run resumes from
+        (a killed run logged them; they will be logged again) and a torn last line, in one atomic
+        rewrite. True when the log already holds an evaluation of this step."""
+        path = self.out / "metrics.jsonl"
+        if not path.is_file():
+            return False
+        text = path.read_text(errors="replace")
+        kept, dropped, evaluated = [], 0, False
+        for line in text.splitlines():
+            try:
+                row = json.loads(line)
+                keep = isinstance(row, dict) and row["step"] <= self.step
+            except (ValueError, KeyError, TypeError):
+                keep = False
+            if not keep:
+                dropped += 1
+                continue
+            kept.append(line)
+            evaluated |= row["step"] == self.step and any(k.startswith("val_") for k in row)
+        if dropped or (text and not text.endswith("\n")):
+            ckpt.atomic_write_text(path, "".join(line + "\n" for line in kept))
+            self.log(f"{path}: dropped {dropped} row(s) after step {self.step}, which this run logs again")
+        return evaluated
+
     def fit(self) -> dict[str, float]:
         cfg, world = self.cfg, self.dist.world
+        evaluated = False
         if self.dist.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             save_json(self.run_config, self.out / "config.json")
+            ckpt.clean_stale_writes(self.out / "checkpoints", self.log)
         self.resume()
+        if self.dist.is_main:
+            evaluated = self._trim_metrics()
+        start = self.step
         stop = min(cfg.max_steps, cfg.stop_at_step or cfg.max_steps)
         model = self.model
         if world > 1:
@@ -291,8 +366,11 @@ class Trainer:
                     last_eval = self._evaluate()
                 if self.step % cfg.save_every == 0 and self.step != stop:
                     self.save()
-            last_eval = self._evaluate()
-            self.save()
+            if self.step > start:
+                last_eval = self._evaluate()
+                self.save()
+            else:  # a finished run again: its checkpoint is there; evaluate, log it only if not yet logged
+                last_eval = self._evaluate(log_row=not evaluated)
         except KeyboardInterrupt:
             if world == 1:
                 self.log(f"interrupted: saving step {self.step} so the run can resume")
@@ -313,12 +391,13 @@ class Trainer:
             flag.catch(signal.SIGTERM)
         return flag
 
-    def _evaluate(self) -> dict[str, float]:
+    def _evaluate(self, log_row: bool = True) -> dict[str, float]:
         metrics: dict[str, float] = {}
         if self.dist.is_main:
             with torch.no_grad():
                 metrics = self.task.evaluate(self.ema_model())
-            self._log_row({"step": self.step, **{f"val_{k}": v for k, v in metrics.items()}, "time": time.time()})
+            if log_row:
+                self._log_row({"step": self.step, **{f"val_{k}": v for k, v in metrics.items()}, "time": time.time()})
             self.log(f"step {self.step}: " + ", ".join(f"val {k} {v:.4g}" for k, v in metrics.items()))
         self.dist.barrier()
         return metrics

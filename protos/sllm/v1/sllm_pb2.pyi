@@ -29,18 +29,20 @@ class Vectors(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., dtype: _Optional[_Union[DType, str]] = ..., dim: _Optional[int] = ..., count: _Optional[int] = ...) -> None: ...
 
 class Open(_message.Message):
-    __slots__ = ("model_id", "dim", "session_id", "history", "reply_dtype")
+    __slots__ = ("model_id", "dim", "session_id", "history", "reply_dtype", "keep_on_disconnect")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     HISTORY_FIELD_NUMBER: _ClassVar[int]
     REPLY_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    KEEP_ON_DISCONNECT_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     dim: int
     session_id: str
     history: Vectors
     reply_dtype: DType
-    def __init__(self, model_id: _Optional[str] = ..., dim: _Optional[int] = ..., session_id: _Optional[str] = ..., history: _Optional[_Union[Vectors, _Mapping]] = ..., reply_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+    keep_on_disconnect: bool
+    def __init__(self, model_id: _Optional[str] = ..., dim: _Optional[int] = ..., session_id: _Optional[str] = ..., history: _Optional[_Union[Vectors, _Mapping]] = ..., reply_dtype: _Optional[_Union[DType, str]] = ..., keep_on_disconnect: _Optional[bool] = ...) -> None: ...
 
 class Append(_message.Message):
     __slots__ = ("vectors",)
