@@ -29,8 +29,6 @@ from cloud.jsonlog import LogRateLimit
 from cloud.server import CloudServer, full_history_bytes
 from modeling.cloud_bundle import load_cloud_bundle, write_random_cloud_bundle
 from protos.client import CloudClient, CloudError
-from protos.sllm.v1 import sllm_pb2 as pb
-from protos.wire import pack
 
 C = grpc.StatusCode
 TOKEN = "exposure-token"
