@@ -8,7 +8,6 @@
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,13 +36,15 @@ class BenchModels:
 def untrained_baseline(cloud_dir: Path, edge_manifest: dict, seed: int = 0):
     """An OPTForCausalLM with the grafted OPT's sizes (cloud opt_config.json) and the edge's vocabulary."""
     import torch
-    from transformers import OPTConfig, OPTForCausalLM
+    from transformers import OPTForCausalLM
 
-    config = OPTConfig.from_dict(json.loads((cloud_dir / "opt_config.json").read_text()))
+    from modeling.cloud_bundle import OPT_CONFIG
+    from modeling.opt_graft import read_opt_config
+
+    config = read_opt_config(cloud_dir / OPT_CONFIG)  # eager attention, as the cloud runs the grafted blocks
     config.vocab_size = int(edge_manifest["vocab_size"])
     config.pad_token_id, config.bos_token_id, config.eos_token_id = (
         int(edge_manifest["pad_id"]), int(edge_manifest["bos_id"]), int(edge_manifest["eos_id"]))
-    config._attn_implementation = "eager"  # as the cloud runs the grafted blocks
     torch.manual_seed(seed)
     return OPTForCausalLM(config).eval()
 

@@ -160,10 +160,11 @@ def verify_checkpoint_dir(ckpt_dir: Path) -> None:
             raise CheckpointError(f"checkpoint file {path} is corrupt or truncated (sha256 differs from the manifest)")
 
 
-__all__ = ["CheckpointError", "resolve_checkpoint", "atomic_write_bytes", "atomic_write_text", "load_state_into", "load_tensors",
-           "read_metadata", "save_tensors", "sha256_file"]
-
-
 def read_trainer_state(ckpt_dir: Path) -> dict:
     """The trainer's step, data position and token count saved with a checkpoint."""
     return json.loads((Path(ckpt_dir) / "trainer_state.json").read_text())
+
+
+# re-exported: the trainer reads and writes checkpoints through this one module
+__all__ = ["CheckpointError", "resolve_checkpoint", "atomic_write_bytes", "atomic_write_text", "load_state_into", "load_tensors",
+           "read_metadata", "save_tensors", "sha256_file"]
