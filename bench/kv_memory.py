@@ -16,7 +16,6 @@ import numpy as np
 import torch
 
 from bench.texts import ValidationText, flatten
-from modeling.opt_graft import output_cache
 
 
 def cache_nbytes(cache) -> int:
@@ -32,11 +31,16 @@ def cache_nbytes(cache) -> int:
 @torch.inference_mode()
 def baseline_kv_bytes(model, ids: list[int]) -> int:
     out = model(input_ids=torch.tensor([ids], dtype=torch.long), use_cache=True)
-    return cache_nbytes(output_cache(out))
+    cache = getattr(out, "cache", None)  # transformers >= 5.24 names the field `cache`
+    return cache_nbytes(out.past_key_values if cache is None else cache)
 
 
 def sllm_kv_bytes(engine, vectors: np.ndarray) -> int:
-    kv = engine.forward([None], [np.asarray(vectors, dtype=np.float32)])[0].kv
+    """Bytes of the valid cached positions (the slot's spare capacity is not counted)."""
+    slot = engine.new_slot()
+    engine.forward([slot], [np.asarray(vectors, dtype=np.float32)])
+    slot.length += len(vectors)
+    kv = slot.valid()
     return kv.numel() * kv.element_size()
 
 

@@ -102,3 +102,25 @@ def scale_plot(scale: dict | None, out: Path, name: str = "bench-scale.png") -> 
     lines2 = ax2.get_legend_handles_labels()
     ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], fontsize=8, loc="upper left")
     return _save(fig, out, name)
+
+
+def context_plot(before: dict | None, after: dict, out: Path, name: str = "engine-context.png") -> str:
+    """Cloud step time (median ms) against context length, per batch size: before (dashed) and after."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colors = {1: "tab:blue", 16: "tab:green", 64: "tab:red"}
+    for result, style, label in ((before, "--", "before"), (after, "-", "after")):
+        if not result:
+            continue
+        for b in sorted({r["batch"] for r in result["rows"]}):
+            rows = sorted((r for r in result["rows"] if r["batch"] == b), key=lambda r: r["context"])
+            ax.plot([r["context"] for r in rows], [r["ms_median"] for r in rows], style, marker="o",
+                    color=colors.get(b, "tab:gray"), label=f"{label}, {b} session{'s' * (b > 1)}")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.set_xlabel("cached sentences per session (context)")
+    ax.set_ylabel("one step, ms (median)")
+    ax.set_title("Cloud step time vs context (CPU, fp32)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    return _save(fig, out, name)

@@ -58,21 +58,22 @@ class EngineStepper:
 
     def __init__(self, engine):
         self.engine = engine
-        self.kv = None
+        self.slot = None
         self.wire: list[tuple[int, int]] = []
 
     def open(self) -> None:
-        self.kv = None
+        self.slot = self.engine.new_slot()
         self.wire = []
 
     def append(self, vectors: np.ndarray):
-        out = self.engine.forward([self.kv], [np.asarray(vectors, dtype=np.float32).reshape(-1, self.engine.d)])[0]
-        self.kv = out.kv
+        vectors = np.asarray(vectors, dtype=np.float32).reshape(-1, self.engine.d)
+        out = self.engine.forward([self.slot], [vectors])[0]
+        self.slot.length += len(vectors)
         self.wire.append((0, 0))
         return out
 
     def close(self) -> None:
-        self.kv = None
+        self.slot = None
 
 
 @dataclass

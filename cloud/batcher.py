@@ -170,9 +170,18 @@ class Batcher:
                 self.running = []
 
     def _run(self, jobs: list[Job]) -> None:
+        slots = [j.session.kv for j in jobs]
+        if any(slot is None for slot in slots):  # freed since it was queued (shutdown): nobody waits for it
+            for j, slot in zip(jobs, slots):
+                if slot is None:
+                    j.finish(error=unavailable("this session was freed before its step ran"))
+            jobs = [j for j, slot in zip(jobs, slots) if slot is not None]
+            slots = [slot for slot in slots if slot is not None]
+            if not jobs:
+                return
         t0 = time.perf_counter()
         try:
-            outs = self.engine.forward([j.session.kv for j in jobs], [j.vectors for j in jobs])
+            outs = self.engine.forward(slots, [j.vectors for j in jobs])
         except Exception as e:  # noqa: BLE001 - one failing job must not take the others down
             if isinstance(e, torch.AcceleratorError):  # the device context is broken: nothing will run again
                 log("device_failed", logging.CRITICAL, exc_info=True)

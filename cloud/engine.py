@@ -1,17 +1,12 @@
 """The model side: one forward pass over the pending steps of many sessions.
 
-Each session keeps its KV cache as one tensor [layers, 2 (key, value), heads, P, head_dim].
-A batch of sessions with past lengths P_i and new sentence counts T_i is laid out as
-
-    attention mask row i:  [0]*(Pmax-P_i) [1]*P_i | [0]*(Tmax-T_i) [1]*T_i
-    cache row i:           zeros, then session i's P_i cached positions   (left padding)
-    input row i:           zeros, then session i's T_i new vectors        (left padding)
-
-GraftedOPT counts positions over real sentences only (cumsum of the mask) and the causal
-mask hides every padded key, so row i computes exactly what session i alone would (up to
-float rounding of the batched matmuls). Afterwards each session gets back its own new
-keys/values (the last T_i positions of its row) appended to its cache, and the hidden
-state + stop logits of its last sentence.
+Each session owns a KVSlot (modeling.opt_block): its keys/values, preallocated and written in
+place. A batch concatenates every session's new sentence vectors into one [N, d] matrix (no
+padding): the projections and MLPs run once over all of them, and each session's attention reads
+a view of its own slot up to its valid length. So a step costs the work of its new sentences
+plus one read of each session's cache, and nothing is copied or re-allocated per step (a slot
+grows geometrically, rarely). The caller keeps a step by advancing `slot.length`; a step it
+drops (cancelled, not finite) leaves the session as it was.
 """
 from __future__ import annotations
 
@@ -19,8 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from transformers.cache_utils import DynamicCache
 
+from modeling.opt_block import KVSlot
 from modeling.opt_graft import STOP, GraftedOPT
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -30,8 +25,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 class StepOutput:
     hidden: np.ndarray  # [d] float32: h of the last new sentence
     stop_logits: np.ndarray  # [2] float32
-    kv: torch.Tensor | None  # the session's whole cache after this step; None when not finite
-    finite: bool
+    finite: bool  # False: the outputs or the new keys/values overflowed; do not keep this step
 
     @property
     def stop(self) -> bool:
@@ -55,11 +49,10 @@ class Engine:
         self.device = torch.device(device)
         self.dtype = DTYPES[dtype]
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
-        cfg = model.config
-        self.config = cfg
-        self.d = cfg.hidden_size
+        self.config = model.config
+        self.d = model.hidden_size
         self.num_layers = len(model.layers)
-        self.heads = cfg.num_attention_heads
+        self.heads = model.heads
         self.head_dim = self.d // self.heads
         self.max_positions = model.max_sentences
         elem = torch.tensor([], dtype=self.dtype).element_size()
@@ -68,41 +61,22 @@ class Engine:
     def kv_bytes(self, length: int) -> int:
         return length * self.kv_bytes_per_sentence
 
+    def new_slot(self) -> KVSlot:
+        return self.model.new_slot()
+
     @torch.inference_mode()
-    def forward(self, pasts: list[torch.Tensor | None], news: list[np.ndarray]) -> list[StepOutput]:
-        """pasts[i]: session i's cache [L, 2, H, P_i, hd] or None; news[i]: [T_i, d] float32."""
-        B = len(news)
-        P = [0 if p is None else p.shape[-2] for p in pasts]
-        T = [n.shape[0] for n in news]
-        Pm, Tm = max(P), max(T)
+    def forward(self, slots: list[KVSlot], news: list[np.ndarray]) -> list[StepOutput]:
+        """news[i] [T_i, d] float32 after slots[i]'s cached sentences -> the outputs of each last new sentence.
+        Writes the new keys/values into the slots; the caller advances `slot.length` by T_i to keep them."""
         dev, dt = self.device, self.dtype
-        x = torch.zeros(B, Tm, self.d, dtype=dt, device=dev)
-        mask = torch.zeros(B, Pm + Tm, dtype=torch.long, device=dev)
-        for i in range(B):
-            x[i, Tm - T[i]:] = torch.from_numpy(news[i]).to(device=dev, dtype=dt)
-            mask[i, Pm - P[i]:Pm] = 1
-            mask[i, Pm + Tm - T[i]:] = 1
-        if Pm:
-            kv = torch.zeros(self.num_layers, 2, B, self.heads, Pm, self.head_dim, dtype=dt, device=dev)
-            for i, p in enumerate(pasts):
-                if p is not None and P[i]:
-                    kv[:, :, i, :, Pm - P[i]:] = p
-            cache = DynamicCache(ddp_cache_data=[(kv[l, 0], kv[l, 1]) for l in range(self.num_layers)],
-                                 config=self.config)
-            del kv
-        else:
-            cache = self.model.new_cache()
-        hidden, stop_logits = self.model(x, attention_mask=mask, past=cache)  # [B, Tm, d], [B, Tm, 2]
-        h_last = hidden[:, -1].float().cpu().numpy()
-        s_last = stop_logits[:, -1].float().cpu().numpy()
+        vectors = [torch.from_numpy(np.ascontiguousarray(n, dtype=np.float32)).to(device=dev, dtype=dt) for n in news]
+        hidden, stop_logits = self.model.step(vectors, slots)  # per session: [T_i, d], [T_i, 2]
+        h_last = torch.stack([h[-1] for h in hidden]).float().cpu().numpy()  # [B, d]
+        s_last = torch.stack([s[-1] for s in stop_logits]).float().cpu().numpy()  # [B, 2]
         outs = []
-        for i in range(B):
-            new = torch.stack([torch.stack([layer.keys[i, :, Pm + Tm - T[i]:], layer.values[i, :, Pm + Tm - T[i]:]])
-                               for layer in cache.layers])  # [L, 2, H, T_i, hd]
+        for i, (slot, n) in enumerate(zip(slots, news)):
+            written = slot.buf[:, :, :, slot.length:slot.length + len(n)]
             finite = bool(np.isfinite(h_last[i]).all() and np.isfinite(s_last[i]).all()
-                          and torch.isfinite(new).all())
-            kv_i = None
-            if finite:
-                kv_i = new if pasts[i] is None else torch.cat([pasts[i], new], dim=-2)
-            outs.append(StepOutput(h_last[i].copy(), s_last[i].copy(), kv_i, finite))
+                          and torch.isfinite(written).all())
+            outs.append(StepOutput(h_last[i].copy(), s_last[i].copy(), finite))
         return outs

@@ -128,7 +128,8 @@ class CloudServer:
         self.metrics = Metrics()
         self.store = SessionStore(max_sessions=config.max_sessions, max_sentences=max_sentences,
                                   idle_timeout_s=config.idle_timeout_s, kv_budget_bytes=config.kv_budget_bytes,
-                                  kv_bytes_per_sentence=self.engine.kv_bytes_per_sentence, metrics=self.metrics)
+                                  kv_bytes_per_sentence=self.engine.kv_bytes_per_sentence, metrics=self.metrics,
+                                  new_slot=self.engine.new_slot)
         self.batcher = Batcher(self.engine, self.metrics, batching=config.batching, max_batch=config.max_batch,
                                batch_wait_ms=config.batch_wait_ms, log_steps=config.log_steps,
                                on_death=self._model_died)

@@ -211,12 +211,12 @@ class _Stream:
             svc.store.release(s, n)
             raise job.error
         out: StepOutput = job.output
-        if not svc.store.commit(s, n, out.kv, out.hidden, out.stop_logits):
+        if not svc.store.commit(s, n, out.hidden, out.stop_logits):
             raise unavailable("this session was freed while its step ran (the server is shutting down)")
         return self._step_msg(out.hidden, out.stop_logits, s.length)
 
     def _step_msg(self, hidden: np.ndarray, stop_logits: np.ndarray, length: int) -> pb.Step:
-        out = StepOutput(hidden, stop_logits, None, True)
+        out = StepOutput(hidden, stop_logits, True)
         return pb.Step(hidden=pack(hidden, self.reply_dtype), stop=out.stop,
                        stop_probability=out.stop_probability, past_length=length)
 

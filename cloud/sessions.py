@@ -28,11 +28,11 @@ from typing import Callable
 
 import grpc
 import numpy as np
-import torch
 
 from cloud.errors import exhausted, invalid, not_found, precondition
 from cloud.jsonlog import log
 from cloud.metrics import Metrics
+from modeling.opt_block import KVSlot
 
 SESSION_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 REMEMBER_GONE = 10000  # ids of freed sessions remembered (per owner), to say "expired" rather than "unknown"
@@ -59,7 +59,7 @@ class Session:
     id: str
     owner: str = ""  # cloud.auth.owner_of of the caller that opened it
     length: int = 0  # sentences in the KV cache
-    kv: torch.Tensor | None = None  # [layers, 2, heads, length, head_dim]
+    kv: KVSlot | None = None  # its keys/values (the engine writes them; `length` positions are kept)
     last_hidden: np.ndarray | None = None  # the last step's answer, returned on resume
     last_stop_logits: np.ndarray | None = None
     attached: bool = False
@@ -78,18 +78,19 @@ class Session:
     @property
     def kv_bytes(self) -> int:
         kv = self.kv
-        return 0 if kv is None else kv.numel() * kv.element_size()
+        return 0 if kv is None else kv.used_bytes  # allocated: up to 1.5x (slots grow by half)
 
 
 class SessionStore:
     def __init__(self, *, max_sessions: int, max_sentences: int, idle_timeout_s: float, kv_budget_bytes: int,
-                 kv_bytes_per_sentence: int, metrics: Metrics):
+                 kv_bytes_per_sentence: int, metrics: Metrics, new_slot: Callable[[], KVSlot]):
         self.max_sessions = max_sessions
         self.max_sentences = max_sentences
         self.idle_timeout_s = idle_timeout_s
         self.kv_budget_bytes = kv_budget_bytes
         self.per_sentence = kv_bytes_per_sentence
         self.metrics = metrics
+        self.new_slot = new_slot
         self.lock = threading.RLock()
         # (owner, id) -> session, least recently active first
         self.sessions: OrderedDict[tuple[str, str], Session] = OrderedDict()
@@ -127,7 +128,7 @@ class SessionStore:
             if len(self.sessions) >= self.max_sessions and not self._evict_one("to make room for a new session"):
                 raise exhausted(f"the server holds its maximum of {self.max_sessions} sessions, all in use; "
                                 "retry later")
-            s = Session(session_id or new_session_id(), owner)
+            s = Session(session_id or new_session_id(), owner, kv=self.new_slot())
             self.sessions[s.key] = s
             self.gone.pop(s.key, None)
             self._attach(s, end_stream)
@@ -188,13 +189,15 @@ class SessionStore:
                 s.reserved -= n
                 self.sentences_in_use -= n
 
-    def commit(self, s: Session, n: int, kv: torch.Tensor, hidden: np.ndarray, stop_logits: np.ndarray) -> bool:
+    def commit(self, s: Session, n: int, hidden: np.ndarray, stop_logits: np.ndarray) -> bool:
+        """Keep a step whose keys/values the engine wrote after the session's `length` sentences."""
         with self.lock:
             if s.freed:
                 return False
             s.reserved -= n
             s.length += n
-            s.kv, s.last_hidden, s.last_stop_logits = kv, hidden, stop_logits
+            s.kv.length = s.length
+            s.last_hidden, s.last_stop_logits = hidden, stop_logits
             s.steps += 1
             self._touch(s)
             return True

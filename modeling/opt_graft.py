@@ -6,30 +6,24 @@ size, so `project_in` / `project_out` (OPT-350M's word_embed_proj_dim != hidden_
 are dropped with it: they only map token embeddings to and from the hidden width.
 What is kept: learned positions, every decoder block, the final LayerNorm (None for the
 post-LN OPT-350M), and a new 2-way linear head (0 = decode another sentence, 1 = stop).
+The blocks are our own plain code (modeling.opt_block) under Hugging Face's parameter names:
+an OPT checkpoint's weights load into them as they are, and tests/test_graft.py checks the
+outputs against Hugging Face's own decoder.
 """
 from __future__ import annotations
 
-import inspect
 import json
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import OPTConfig, OPTForCausalLM
-from transformers.cache_utils import DynamicCache
-from transformers.masking_utils import create_causal_mask
 
 from modeling.config import ConfigError, OPTSpec
+from modeling.opt_block import KVSlot, OPTBlock
 
 STOP = 1  # termination head class that ends generation (Eq. 9: argmax 1); 0 = decode another sentence
-# transformers 5.24 renamed the KV-cache argument and output field `past_key_values` -> `cache`;
-# pass and read whichever this install uses (the old name warns, then goes away in 5.40)
-CACHE_KWARG = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
-
-
-def output_cache(out):
-    """The KV cache of a transformers model output, under either field name."""
-    return getattr(out, CACHE_KWARG)
+POSITION_OFFSET = 2  # OPT's learned positions start at row 2 of the table (a quirk of its pretraining)
 
 
 def opt_config_from_spec(spec: OPTSpec, vocab_size: int, pad_id: int = 1, bos_id: int = 2,
@@ -77,22 +71,29 @@ def load_opt(spec: OPTSpec, vocab_size: int, pad_id: int = 1, bos_id: int = 2, e
 class GraftedOPT(nn.Module):
     """Sentence vectors [B, T, d] -> hidden states [B, T, d] and stop logits [B, T, 2].
 
-    With a cache: `past` holds the keys/values of the P sentences seen so far;
-    `attention_mask` [B, P+T] marks real sentences (1) and padding (0) over past and new.
+    `forward` takes a padded batch (training); `step` runs new sentences of many sequences on top
+    of their KVSlots (inference: the cloud engine and the torch reference generator).
     """
 
     def __init__(self, config: OPTConfig, decoder: nn.Module | None = None):
         super().__init__()
-        if decoder is None:
-            decoder = OPTForCausalLM(config).model.decoder
         self.config = config
-        self.hidden_size = config.hidden_size
-        self.embed_positions = decoder.embed_positions  # learned, offset 2 (as in OPT)
-        self.layers = decoder.layers
-        self.final_layer_norm = decoder.final_layer_norm  # None for post-LN OPT (350M)
-        self.stop_head = nn.Linear(config.hidden_size, 2)  # Eq. 8
+        self.hidden_size = d = config.hidden_size
+        self.heads = config.num_attention_heads
+        self.embed_positions = nn.Embedding(config.max_position_embeddings + POSITION_OFFSET, d)
+        self.layers = nn.ModuleList(OPTBlock.from_config(config) for _ in range(config.num_hidden_layers))
+        # OPT-350M is post-LN and has no final LayerNorm
+        final_norm = config.do_layer_norm_before and not getattr(config, "_remove_final_layer_norm", False)
+        self.final_layer_norm = nn.LayerNorm(d, elementwise_affine=config.layer_norm_elementwise_affine) \
+            if final_norm else None
+        self.stop_head = nn.Linear(d, 2)  # Eq. 8
+        self.apply(lambda m: _init(m, config.init_std))
         nn.init.normal_(self.stop_head.weight, std=0.02)
-        nn.init.zeros_(self.stop_head.bias)
+        if decoder is not None:  # a Hugging Face OPTDecoder: same parameter names, so its weights load as they are
+            own = {k: v for k, v in decoder.state_dict().items() if not k.startswith(("embed_tokens.", "project_"))}
+            missing, unexpected = self.load_state_dict(own, strict=False)
+            if unexpected or any(not k.startswith("stop_head.") for k in missing):
+                raise ConfigError(f"this OPT decoder does not fit the graft (missing {missing}, unexpected {unexpected})")
 
     @classmethod
     def from_causal_lm(cls, model: OPTForCausalLM) -> "GraftedOPT":
@@ -102,26 +103,53 @@ class GraftedOPT(nn.Module):
     def max_sentences(self) -> int:
         return self.config.max_position_embeddings
 
-    def new_cache(self) -> DynamicCache:
-        return DynamicCache(config=self.config)
+    def new_slot(self) -> KVSlot:
+        p = self.stop_head.weight
+        return KVSlot(len(self.layers), self.heads, self.hidden_size // self.heads, self.max_sentences,
+                      p.dtype, p.device)
 
-    def forward(self, vectors: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                past: DynamicCache | None = None, position_ids: torch.Tensor | None = None):
-        B, T, d = vectors.shape
-        P = past.get_seq_length() if past is not None else 0
-        if attention_mask is None:
-            attention_mask = torch.ones(B, P + T, dtype=torch.long, device=vectors.device)
-        attention_mask = attention_mask.long()  # [B, P+T]
-        if position_ids is None:
-            # count real sentences only, so left or right padding does not move positions
-            position_ids = (attention_mask.cumsum(dim=1) - 1).clamp(min=0)[:, P:]  # [B, T]
-        # Always build the mask: with attention_mask=None, eager attention would drop causality.
-        mask = create_causal_mask(config=self.config, inputs_embeds=vectors, attention_mask=attention_mask,
-                                  position_ids=position_ids, allow_is_causal_skip=False, **{CACHE_KWARG: past})
-        x = vectors + self.embed_positions(attention_mask, P, position_ids=position_ids).to(vectors.dtype)
-        for layer in self.layers:
-            x = layer(x, attention_mask=mask, use_cache=past is not None, position_ids=position_ids,
-                      **{CACHE_KWARG: past})  # [B, T, d]
+    def _out(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.final_layer_norm is not None:
             x = self.final_layer_norm(x)
-        return x, self.stop_head(x)  # [B, T, d], [B, T, 2]
+        return x, self.stop_head(x)
+
+    def forward(self, vectors: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        """vectors [B, T, d], attention_mask [B, T] (1 = real sentence, left or right padding)."""
+        B, T, d = vectors.shape
+        if attention_mask is None:
+            attention_mask = torch.ones(B, T, dtype=torch.long, device=vectors.device)
+        real = attention_mask.bool()  # [B, T]
+        positions = (real.long().cumsum(dim=1) - 1).clamp(min=0)  # count real sentences only: padding moves nothing
+        causal = torch.ones(T, T, dtype=torch.bool, device=vectors.device).tril()
+        # a padded query may see itself, so its row stays finite (its output is never used)
+        mask = (causal & real[:, None, None, :]) | torch.eye(T, dtype=torch.bool, device=vectors.device)  # [B,1,T,T]
+        x = vectors + self.embed_positions(positions + POSITION_OFFSET).to(vectors.dtype)
+        for layer in self.layers:
+            x = layer(x, mask)  # [B, T, d]
+        return self._out(x)  # [B, T, d], [B, T, 2]
+
+    def step(self, news: list[torch.Tensor], slots: list[KVSlot]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """news[i] [T_i, d]: the next sentences of sequence i, at positions slots[i].length onwards ->
+        (hidden [T_i, d], stop logits [T_i, 2]) per sequence. Writes their keys/values into the
+        slots; the caller advances `slot.length` by T_i when it keeps the step."""
+        spans, start = [], 0
+        for v, slot in zip(news, slots):
+            slot.reserve(len(v))
+            spans.append((start, len(v)))
+            start += len(v)
+        x = torch.cat(news)  # [N, d]
+        positions = torch.cat([torch.arange(s.length, s.length + len(v)) for v, s in zip(news, slots)])
+        x = x + self.embed_positions(positions.to(x.device) + POSITION_OFFSET).to(x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer.step(x, spans, slots, i)
+        hidden, stop = self._out(x)
+        sizes = [T for _, T in spans]
+        return list(hidden.split(sizes)), list(stop.split(sizes))
+
+
+def _init(module: nn.Module, std: float) -> None:
+    """OPT's initialisation (a model trained from scratch starts where Hugging Face's would)."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)

@@ -13,6 +13,7 @@ from typing import Iterator
 import torch
 
 from modeling.generate import SamplingConfig, decode_sentences
+from modeling.opt_block import KVSlot
 from modeling.opt_graft import STOP
 from modeling.sentence_vae import pad_token_lists
 from modeling.sllm import SLLM
@@ -46,6 +47,12 @@ class SLLMGenerator:
         ids, mask = pad_token_lists(sentences, self.sllm.svae.cfg.pad_id)
         return self.sllm.svae.encode(ids.to(device), mask.to(device))
 
+    def step(self, slot: KVSlot, vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """vectors [S, d] after the slot's cached sentences -> hidden [1, S, d], stop logits [1, S, 2] (kept)."""
+        (hidden,), (stop,) = self.sllm.opt.step([vectors], [slot])
+        slot.length += len(vectors)
+        return hidden[None], stop[None]
+
     @torch.inference_mode()
     def generate(self, prompt: str, max_sentences: int = 16,
                  sampling: SamplingConfig | None = None) -> Iterator[GeneratedSentence]:
@@ -59,8 +66,8 @@ class SLLMGenerator:
                              "(prompt + answer)")
         max_sentences = min(max_sentences, room - len(prompt_ids))
         sampling = sampling or SamplingConfig()
-        cache = self.sllm.opt.new_cache()
-        hidden, stop = self.sllm.opt(self.encode(prompt_ids)[None], past=cache)  # [1, S, d], [1, S, 2]
+        slot = self.sllm.opt.new_slot()
+        hidden, stop = self.step(slot, self.encode(prompt_ids))  # [1, S, d], [1, S, 2]
         for i in range(max_sentences):
             p_stop = float(stop[0, -1].float().softmax(-1)[STOP])
             if int(stop[0, -1].argmax()) == STOP:
@@ -70,4 +77,4 @@ class SLLMGenerator:
             if not ids:  # eos straight away: nothing left to say
                 return
             yield GeneratedSentence(self.tok.decode(ids), ids, p_stop)
-            hidden, stop = self.sllm.opt(self.encode([ids])[None], past=cache)
+            hidden, stop = self.step(slot, self.encode([ids]))

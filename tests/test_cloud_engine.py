@@ -1,6 +1,7 @@
-"""The batched forward over per-session KV caches equals each session alone and the full forward."""
+"""The batched forward over per-session KV slots equals each session alone and the full forward."""
 import numpy as np
 import pytest
+import torch
 from cloud_helpers import reference_outputs
 
 from cloud.engine import Engine
@@ -12,30 +13,68 @@ def model():
     return random_grafted_opt(d=32, layers=3, heads=4, max_sentences=64)
 
 
+def _keep(slots, news) -> None:
+    for slot, new in zip(slots, news):
+        slot.length += len(new)
+
+
 def test_batched_sessions_equal_unbatched_and_full_forward(model):
     engine = Engine(model)
     rng = np.random.default_rng(0)
     # four sessions, each fed in its own chunks: prefills of several sentences and single steps,
-    # so one batch mixes different past lengths (left-padded cache) and new lengths (left-padded input)
+    # so one batch mixes different past lengths and different numbers of new sentences
     chunks = [[2, 1, 1, 3, 1], [1, 1], [4, 1, 1], [1, 5, 1, 1, 2]]
     seqs = [rng.standard_normal((sum(c), 32)).astype(np.float32) for c in chunks]
     refs = [reference_outputs(model, s) for s in seqs]
-    batched_kv, alone_kv, pos = [None] * 4, [None] * 4, [0] * 4
+    batched, alone = [engine.new_slot() for _ in range(4)], [engine.new_slot() for _ in range(4)]
     for r in range(max(map(len, chunks))):
         active = [i for i in range(4) if r < len(chunks[i])]
-        news = [seqs[i][pos[i]:pos[i] + chunks[i][r]] for i in active]
-        batched = engine.forward([batched_kv[i] for i in active], news)
-        for i, new, out in zip(active, news, batched):
-            alone = engine.forward([alone_kv[i]], [new])[0]
-            pos[i] += len(new)
-            h_ref, p_ref, stop_ref = refs[i][0][pos[i] - 1], refs[i][1][pos[i] - 1], refs[i][2][pos[i] - 1]
-            np.testing.assert_allclose(out.hidden, alone.hidden, atol=1e-5, rtol=0)
+        news = [seqs[i][batched[i].length:batched[i].length + chunks[i][r]] for i in active]
+        outs = engine.forward([batched[i] for i in active], news)
+        _keep([batched[i] for i in active], news)
+        for i, new, out in zip(active, news, outs):
+            one = engine.forward([alone[i]], [new])[0]
+            alone[i].length += len(new)
+            n = batched[i].length
+            h_ref, p_ref, stop_ref = refs[i][0][n - 1], refs[i][1][n - 1], refs[i][2][n - 1]
+            np.testing.assert_allclose(out.hidden, one.hidden, atol=1e-5, rtol=0)
             np.testing.assert_allclose(out.hidden, h_ref, atol=1e-5, rtol=0)
-            assert abs(out.stop_probability - p_ref) < 1e-5 and out.stop == bool(stop_ref) == alone.stop
-            assert out.kv.shape == (3, 2, 4, pos[i], 8)
-            np.testing.assert_allclose(out.kv.numpy(), alone.kv.numpy(), atol=1e-5, rtol=0)
-            batched_kv[i], alone_kv[i] = out.kv, alone.kv
+            assert abs(out.stop_probability - p_ref) < 1e-5 and out.stop == bool(stop_ref) == one.stop
+            kv = batched[i].valid()
+            assert kv.shape == (3, 2, 4, n, 8)
+            np.testing.assert_allclose(kv.numpy(), alone[i].valid().numpy(), atol=1e-5, rtol=0)
     assert engine.kv_bytes(10) == 10 * 2 * 3 * 32 * 4
+
+
+def test_slots_grow_rarely_and_keep_their_contents(model):
+    engine = Engine(model)
+    rng = np.random.default_rng(2)
+    seq = rng.standard_normal((40, 32)).astype(np.float32)
+    slot, buffers = engine.new_slot(), set()
+    for t in range(40):
+        engine.forward([slot], [seq[t:t + 1]])
+        slot.length += 1
+        buffers.add(slot.buf.data_ptr())
+    assert slot.capacity >= 40 and len(buffers) <= 4  # 16, 24, 36, 54: geometric growth, not one per step
+    np.testing.assert_allclose(engine.forward([slot], [seq[:1]])[0].hidden,
+                               reference_outputs(model, np.concatenate([seq, seq[:1]]))[0][-1], atol=1e-5, rtol=0)
+
+
+def test_an_unkept_step_and_a_truncation_leave_the_session_as_before(model):
+    engine = Engine(model)
+    rng = np.random.default_rng(3)
+    seq = rng.standard_normal((6, 32)).astype(np.float32)
+    other = rng.standard_normal((3, 32)).astype(np.float32)
+    slot = engine.new_slot()
+    engine.forward([slot], [seq[:4]])
+    slot.length = 4
+    engine.forward([slot], [other])  # computed, not kept (a cancelled step)
+    slot.length += 3  # ... or kept, then rolled back (speculation)
+    slot.truncate(4)
+    out = engine.forward([slot], [seq[4:]])[0]
+    np.testing.assert_allclose(out.hidden, reference_outputs(model, seq)[0][-1], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError):
+        slot.truncate(5)
 
 
 def test_a_row_that_overflows_does_not_touch_its_neighbours(model):
@@ -44,6 +83,14 @@ def test_a_row_that_overflows_does_not_touch_its_neighbours(model):
     good = rng.standard_normal((3, 32)).astype(np.float32)
     huge = np.full((1, 32), 3e38, np.float32)
     h_ref = reference_outputs(model, good)[0][-1]
-    outs = engine.forward([None, None], [good, huge])
-    assert outs[0].finite and not outs[1].finite and outs[1].kv is None
+    outs = engine.forward([engine.new_slot(), engine.new_slot()], [good, huge])
+    assert outs[0].finite and not outs[1].finite
     np.testing.assert_allclose(outs[0].hidden, h_ref, atol=1e-5, rtol=0)
+
+
+def test_a_step_past_the_model_positions_is_refused(model):
+    engine = Engine(model)
+    slot = engine.new_slot()
+    with pytest.raises(ValueError, match="positions"):
+        engine.forward([slot], [np.zeros((65, 32), np.float32)])
+    assert slot.length == 0 and torch.is_tensor(slot.valid())

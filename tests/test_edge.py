@@ -81,12 +81,12 @@ def reference_conversation(trained, turns: list[str], cap) -> list[list[str]]:
     caps = cap if isinstance(cap, list) else [cap] * len(turns)
     sllm, tok = trained.model.eval(), trained.tokenizer
     gen = SLLMGenerator(sllm, tok, trained.run.data.split_on_comma)
-    cache, used, answers = sllm.opt.new_cache(), 0, []
+    slot, used, answers = sllm.opt.new_slot(), 0, []
     with torch.inference_mode():
         for text, cap in zip(turns, caps):
             prompt = gen.prompt_sentences(text)
             limit = min(cap, sllm.opt.max_sentences - used - len(prompt))
-            hidden, stop = sllm.opt(gen.encode(prompt)[None], past=cache)
+            hidden, stop = gen.step(slot, gen.encode(prompt))
             used += len(prompt)
             out = []
             for _ in range(limit):
@@ -96,7 +96,7 @@ def reference_conversation(trained, turns: list[str], cap) -> list[list[str]]:
                 if not ids:
                     break
                 out.append(tok.decode(ids))
-                hidden, stop = sllm.opt(gen.encode([ids])[None], past=cache)
+                hidden, stop = gen.step(slot, gen.encode([ids]))
                 used += 1
             answers.append(out)
     return answers

@@ -40,12 +40,14 @@ def test_chunked_with_kv_cache_matches_full():
     x = torch.randn(2, 9, 32)
     with torch.no_grad():
         ref = _hf_hidden(model, x)
-        cache, parts = graft.new_cache(), []
+        slots, parts = [graft.new_slot() for _ in range(2)], []
         for a, b in [(0, 4), (4, 5), (5, 9)]:  # a prefill, one step, a chunk
-            h, _ = graft(x[:, a:b], past=cache)
-            parts.append(h)
+            h, _ = graft.step([x[0, a:b], x[1, a:b]], slots)
+            for s in slots:
+                s.length += b - a
+            parts.append(torch.stack(h))
     torch.testing.assert_close(torch.cat(parts, dim=1), ref, atol=1e-5, rtol=0)
-    assert cache.get_seq_length() == 9
+    assert [s.length for s in slots] == [9, 9] and slots[0].capacity >= 9
 
 
 def test_causal_future_sentences_do_not_change_the_past():
