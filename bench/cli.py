@@ -48,6 +48,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt-tokens", type=_ints, help="prompt lengths in tokens (whole sentences, at least this)")
     g.add_argument("--output-tokens", type=_ints, help="output lengths in tokens (the SLLM stops past it)")
     g.add_argument("--repeats", type=int, help="prompts per (prompt, output) length")
+    g.add_argument("--rounds", type=int, help="repetitions of the whole throughput plan (min/median/max over them)")
+    g.add_argument("--baseline-threads", type=_ints, help="thread counts of every baseline flavour")
     g.add_argument("--wire-dtype", choices=("float16", "float32"), help="sentence vectors on the wire")
     g = ap.add_argument_group("memory and time split")
     g.add_argument("--context-tokens", type=_ints, help="context lengths for the KV-cache fit")
@@ -69,9 +71,9 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
-FLAG_FIELDS = ("prompt_tokens", "output_tokens", "repeats", "wire_dtype", "context_tokens", "decoder_runs", "clients",
-               "scale_seconds", "sllm_run", "baseline_run", "ppl_passages", "svae_layers", "svae_steps", "svae_batch",
-               "svae_eval_sentences", "svae_exact_sentences")
+FLAG_FIELDS = ("prompt_tokens", "output_tokens", "repeats", "rounds", "baseline_threads", "wire_dtype", "context_tokens",
+               "decoder_runs", "clients", "scale_seconds", "sllm_run", "baseline_run", "ppl_passages", "svae_layers",
+               "svae_steps", "svae_batch", "svae_eval_sentences", "svae_exact_sentences")
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
@@ -108,10 +110,11 @@ def run(cfg: BenchConfig, command: str, progress) -> dict:
         server = LocalServer(models.cloud_dir, threads=cfg.threads, device="cpu").start()
     try:
         with CloudClient(server.address, server.token) as client:
-            n = len(cfg.prompt_tokens) * len(cfg.output_tokens) * cfg.repeats
-            with progress.section("throughput: e2e, in-process, baseline", n) as advance:
+            n = len(cfg.prompt_tokens) * len(cfg.output_tokens) * cfg.repeats * cfg.rounds
+            with progress.section("throughput: SLLM and baselines", n) as advance:
                 tput = throughput.run_throughput(models, text, cfg.prompt_tokens, cfg.output_tokens, cfg.repeats,
-                                                 client, cfg.wire_dtype, advance)
+                                                 client, cfg.wire_dtype, advance, cfg.rounds,
+                                                 tuple(cfg.baseline_threads), cfg.work / "baseline-onnx")
         with progress.section("scale: concurrent clients", len(cfg.clients)) as advance:
             scaled = scale.run_scale(server.address, server.token, rt.model_id, rt.d_model, cfg.clients,
                                      cfg.scale_seconds, cfg.scale_warmup, L, advance)
@@ -171,7 +174,7 @@ def write_outputs(results: dict, out: Path) -> dict[str, Path]:
     results["plots"] = [p for p in made if p]
     paths = {"markdown": out / "bench.md", "json": out / "bench.json"}
     paths["json"].write_text(json.dumps(results, indent=2, default=str) + "\n")
-    paths["markdown"].write_text(report.render(results))
+    paths["markdown"].write_text(report.render(results) + report.companions(out))
     return paths
 
 

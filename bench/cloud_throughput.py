@@ -12,13 +12,16 @@ the model and the wire do not care what the weights are.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -26,30 +29,80 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from protos.client import CloudClient  # noqa: E402
+from protos.client import CloudClient
+from runtime.procs import stop_process, with_parent_death_signal
 
 RANDOM_MODEL_ID = "sllm-bench"
 
 
-def start_server(bundle: Path, batching: bool, threads: int, max_batch: int, batch_wait_ms: float):
+def server_command(bundle: Path, batching: bool, threads: int, max_batch: int, batch_wait_ms: float,
+                   extra_args: list[str] = (), device: str = "auto") -> tuple[list[str], dict]:
+    """(command, environment) of `sllm-cloud serve --bundle BUNDLE ... EXTRA_ARGS` on 127.0.0.1,
+    port 0, no token."""
     cmd = [sys.executable, "-m", "cloud.cli", "serve", "--bundle", str(bundle), "--port", "0",
            "--batching" if batching else "--no-batching", "--max-batch", str(max_batch),
-           "--batch-wait-ms", str(batch_wait_ms), "--max-sessions", "256", "--grace", "1"]
+           "--batch-wait-ms", str(batch_wait_ms), "--max-sessions", "256", "--grace", "1", "--device", device,
+           *extra_args]
     if threads:
         cmd += ["--threads", str(threads)]
-    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
-    proc = subprocess.Popen(cmd, cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env)
+    return cmd, {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+
+
+def start_server(bundle: Path, batching: bool, threads: int, max_batch: int, batch_wait_ms: float,
+                 extra_args: list[str] = (), device: str = "auto"):
+    """`server_command` as its own process: (process, address). Stop it with `stop_server`."""
+    proc, started = start_logged(*server_command(bundle, batching, threads, max_batch, batch_wait_ms, extra_args,
+                                                 device))
+    return proc, started["address"]
+
+
+def start_logged(cmd: list[str], env: dict | None = None) -> tuple[subprocess.Popen, dict]:
+    """`spawn_logged` then `wait_started`: (process, its server_start line)."""
+    return (proc := spawn_logged(cmd, env)), wait_started(proc)
+
+
+def spawn_logged(cmd: list[str], env: dict | None = None) -> subprocess.Popen:
+    """Start a server process that logs JSON lines on stderr, one of them {"event": "server_start",
+    "address": ...}. It gets SIGTERM when the THREAD that starts it ends (PR_SET_PDEATHSIG): start
+    servers from the main thread; several may start at once and be waited for one by one."""
+    proc = subprocess.Popen(with_parent_death_signal(cmd), cwd=ROOT, stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, text=True, env=env)
+    proc.command = cmd
+    return proc
+
+
+def wait_started(proc: subprocess.Popen) -> dict:
+    """The server_start line of a `spawn_logged` process; its stderr drained from then on, the last
+    lines kept in proc.log_tail (for a report when it dies later)."""
+    tail = proc.log_tail = collections.deque(maxlen=10)
     for line in proc.stderr:
-        entry = json.loads(line)
-        if entry["event"] == "server_start":
-            threading.Thread(target=lambda: [None for _ in proc.stderr], daemon=True).start()  # keep draining
-            return proc, entry["address"]
-    raise RuntimeError(f"the server did not start (exit code {proc.wait()})")
+        tail.append(line.rstrip())
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, dict) and entry.get("event") == "server_start":
+            threading.Thread(target=lambda: [tail.append(x.rstrip()) for x in proc.stderr], daemon=True).start()
+            return entry
+    raise RuntimeError(f"{shlex.join(proc.command)} did not start (exit code {proc.wait()}); its last lines:\n"
+                       + "\n".join(tail))
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    stop_process(proc, 30)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process `pid` so far, all its threads (/proc/PID/stat; Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (fields 14, 15)
 
 
 def client_loop(target: str, model_id: str, d: int, stop_at: float, measure_from: float, steps_per_conv: int,
-                seed: int, out: dict, token: str | None = None, session_keys: bool = False) -> None:
-    """One client's conversations until `stop_at` (out: steps, latencies). session_keys: each
+                seed: int, out: dict, token: str | None = None, session_keys: bool = False,
+                prompt_vectors: int = 4) -> None:
+    """One client's conversations until `stop_at` (out: steps, latencies): a prompt of
+    `prompt_vectors` vectors, then `steps_per_conv` single-vector steps. session_keys: each
     conversation sends a key of its own (protos.client.SESSION_KEY_HEADER), as the edge does."""
     rng = np.random.default_rng(seed)
     steps, latencies = 0, []
@@ -58,7 +111,7 @@ def client_loop(target: str, model_id: str, d: int, stop_at: float, measure_from
             if session_keys:
                 c.session_key = f"bench-{seed}-{rng.integers(1 << 62)}"
             with c.conversation(model_id, d, dtype="float16") as conv:
-                conv.append(rng.standard_normal((4, d)).astype(np.float32))
+                conv.append(rng.standard_normal((prompt_vectors, d)).astype(np.float32))
                 for _ in range(steps_per_conv):
                     v = rng.standard_normal(d).astype(np.float32)
                     t0 = time.perf_counter()
@@ -94,31 +147,44 @@ def _stats_sum(targets: list[str], token: str | None) -> tuple[int, int]:
 
 def run_point(target: str, model_id: str, d: int, clients: int, duration: float, warmup: float,
               steps_per_conv: int, token: str | None = None, stats_targets: list[str] | None = None,
-              session_keys: bool = False) -> dict:
+              session_keys: bool = False, prompt_vectors: int = 4, probe: Callable[[], float] | None = None) -> dict:
     """Aggregate steps/s of `clients` concurrent client threads (see the module doc), with the
-    servers' mean batch (from the stats of `stats_targets`, each server straight: default `target`),
-    the per-step latency percentiles and the clients that failed (`errors`)."""
+    servers' counters over the measured window only (from the stats of `stats_targets`, each server
+    straight: default `target`): steps answered, forward passes, mean batch; the per-step latency
+    percentiles; the clients that failed (`errors`); and `probe_delta`, what `probe()` (e.g. a
+    server's CPU seconds) grew by over the same window."""
     stats_targets = stats_targets or [target]
+    probe = probe or (lambda: 0.0)
     start = time.perf_counter()
     measure_from, stop_at = start + warmup, start + warmup + duration
     outs = [{} for _ in range(clients)]
-    before = _stats_sum(stats_targets, token)
     threads = [threading.Thread(target=_counted, args=(outs[i], client_loop, target, model_id, d, stop_at,
-                                                       measure_from, steps_per_conv, i, outs[i], token, session_keys))
+                                                       measure_from, steps_per_conv, i, outs[i], token, session_keys,
+                                                       prompt_vectors))
                for i in range(clients)]
     for t in threads:
         t.start()
+    _sleep_until(measure_from)
+    before, probe_before = _stats_sum(stats_targets, token), probe()
+    _sleep_until(stop_at)
+    after, probe_after = _stats_sum(stats_targets, token), probe()
     for t in threads:
         t.join()
-    after = _stats_sum(stats_targets, token)
     steps = sum(o["steps"] for o in outs)
     lat = np.array([x for o in outs for x in o["latencies"]]) * 1000
-    passes = after[1] - before[1]
+    server_steps, passes = after[0] - before[0], after[1] - before[1]
     return {"clients": clients, "steps_per_s": steps / duration,
             "errors": [o["error"] for o in outs if "error" in o],
-            "mean_batch": (after[0] - before[0]) / passes if passes else 0.0,
+            "server_steps": server_steps, "forward_passes": passes, "probe_delta": probe_after - probe_before,
+            "mean_batch": server_steps / passes if passes else 0.0,
             "p50_ms": float(np.percentile(lat, 50)) if len(lat) else float("nan"),
             "p95_ms": float(np.percentile(lat, 95)) if len(lat) else float("nan")}
+
+
+def _sleep_until(t: float) -> None:
+    left = t - time.perf_counter()
+    if left > 0:
+        time.sleep(left)
 
 
 def main() -> None:
@@ -162,8 +228,7 @@ def main() -> None:
                           "steps/s", file=sys.stderr, flush=True)
         finally:
             for proc, _ in servers.values():
-                proc.terminate()
-                proc.wait(timeout=30)
+                stop_server(proc)
 
     print(f"\ncloud throughput: d={d}, {manifest['num_layers']} layers, float16 on the wire, "
           f"{os.cpu_count()} CPUs, server torch threads="

@@ -22,7 +22,9 @@ class BenchConfig:
     # throughput (paper Table 3, output throughput)
     prompt_tokens: list[int] = field(default_factory=lambda: [16, 64, 256])
     output_tokens: list[int] = field(default_factory=lambda: [32, 128, 512])
-    repeats: int = 3  # prompts per (prompt length, output length); each one runs on all three paths
+    repeats: int = 3  # prompts per (prompt length, output length); each one runs on every path
+    rounds: int = 3  # the whole throughput plan, repeated: min / median / max over rounds
+    baseline_threads: list[int] = field(default_factory=lambda: [1, 2])  # each baseline flavour at each count
     wire_dtype: str = "float16"  # sentence vectors on the wire (as the edge would send them)
     # memory (paper Table 3, KB per token)
     context_tokens: list[int] = field(default_factory=lambda: [64, 128, 256, 512, 1000])
@@ -46,9 +48,9 @@ class BenchConfig:
 
     @classmethod
     def quick_preset(cls, **overrides) -> "BenchConfig":
-        """A few minutes on the bundled model: fewer lengths and repetitions, clients 1, 4, 16,
-        no variant training (recorded results instead)."""
-        base = dict(quick=True, prompt_tokens=[16, 128], output_tokens=[32, 128], repeats=3,
+        """A few minutes on the bundled model: fewer lengths, one prompt per point (in each of the 3
+        rounds), clients 1, 4, 16, no variant training (recorded results instead)."""
+        base = dict(quick=True, prompt_tokens=[16, 128], output_tokens=[32, 128], repeats=1, rounds=3,
                     context_tokens=[64, 256, 1000], decoder_runs=100, clients=[1, 4, 16], scale_seconds=2.0,
                     scale_warmup=0.5, train_svae=False)
         return cls(**{**base, **overrides})
@@ -56,12 +58,13 @@ class BenchConfig:
     def validate(self) -> None:
         if self.threads < 1:
             raise ValueError("--threads must be >= 1")
-        for name in ("prompt_tokens", "output_tokens", "context_tokens", "clients", "decoder_pasts", "svae_layers"):
+        for name in ("prompt_tokens", "output_tokens", "context_tokens", "clients", "decoder_pasts", "svae_layers",
+                     "baseline_threads"):
             values = getattr(self, name)
             if not values or min(values) < 1:
                 raise ValueError(f"{name.replace('_', '-')} needs positive integers, got {values}")
-        if self.repeats < 1 or self.decoder_runs < 1 or self.svae_steps < 1 or self.svae_batch < 1:
-            raise ValueError("repeats, decoder runs, svae steps and svae batch must be >= 1")
+        if self.repeats < 1 or self.rounds < 1 or self.decoder_runs < 1 or self.svae_steps < 1 or self.svae_batch < 1:
+            raise ValueError("repeats, rounds, decoder runs, svae steps and svae batch must be >= 1")
         if self.scale_seconds <= 0 or self.scale_warmup < 0:
             raise ValueError("scale seconds must be > 0 and the warm-up >= 0")
         if self.wire_dtype not in ("float16", "float32"):

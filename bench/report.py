@@ -2,6 +2,8 @@
 with how it was counted (docs/bench.md explains each in full)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 from bench import paper
 
 PATH_NAMES = {"sllm_e2e": "SLLM end to end", "sllm_inproc": "SLLM in-process", "baseline": "baseline OPT"}
@@ -37,14 +39,15 @@ def header(r: dict) -> list[str]:
         f"`{r['command']}`: {r['mode']} mode, wall time {r['wall_s'] / 60:.1f} min, {m['date_utc']} UTC.",
         "",
         f"- Machine: {m['cpu']}, {m['cores']} cores{', GPU ' + m['gpu'] if m['gpu'] else ', no GPU used'}; "
-        f"{m['threads']} thread(s) per process (edge, cloud server, baseline); load average at start "
-        f"{m['load_average_at_start']}. Python {m['python']}, torch {v.get('torch')}, onnxruntime {ort}, "
-        f"transformers {v.get('transformers')}, grpcio {v.get('grpcio')}; commit {m['git_commit']}.",
+        f"{m['threads']} thread(s) per process (edge, cloud server; the baselines at each count of the throughput "
+        f"table); load average at start {m['load_average_at_start']}. Python {m['python']}, torch {v.get('torch')}, "
+        f"onnxruntime {ort}, transformers {v.get('transformers')}, grpcio {v.get('grpcio')}; commit {m['git_commit']}.",
         f"- SLLM: `{mod['model_dir']}` ({mod['model_id']}): edge SentenceVAE d={mod['d_model']}, "
         f"{mod['edge_decoder_layers']} decoder block(s), vocab {mod['vocab']} (ONNX Runtime, CPU); cloud grafted OPT, "
         f"{mod['cloud_layers']} layers, {mod['cloud_params'] / 1e6:.2f} M parameters (torch, fp32).",
-        f"- Baseline: {mod['baseline_source']}; {mod['baseline_params'] / 1e6:.2f} M parameters, fp32, eager attention "
-        "(the kernels the cloud runs the grafted blocks with).",
+        f"- Baseline: {mod['baseline_source']}; {mod['baseline_params'] / 1e6:.2f} M parameters, fp32, run three ways "
+        "(HF generate with eager attention, a torch loop with a preallocated KV cache, ONNX Runtime with its KV "
+        "cache; see the throughput section).",
         f"- Text: {text['source']}; L = {text['mean_tokens_per_sentence']:.2f} tokens per sentence.",
     ]
     if r["mode"] == "quick":
@@ -57,15 +60,22 @@ def summary(r: dict) -> list[str]:
     t, kv, q = r["throughput"], r["kv"], r["quality"]
     mean = t["mean_tokens_per_s"]
     L = r["text"]["mean_tokens_per_sentence"]
+    fastest = t["fastest_baseline"]
+    hf = [k for k in t["baselines"] if t["baselines"][k]["flavour"] == "hf-generate"]
+    vs_hf = (f"; against HF generate ({t['labels'][hf[0]]}, as the paper): "
+             f"{t['ratios_vs'][hf[0]]['e2e']['median']:.2f}x" if hf and hf[0] != fastest else "")
     rows = [
         "## Ours beside the paper",
         "",
         "| figure | ours (this machine) | paper (GPU, PyTorch) |",
         "|---|---|---|",
-        f"| output throughput SLLM / OPT, end to end (edge ORT + cloud over gRPC) | **{t['ratio_e2e']:.2f}x** "
-        f"({_n(mean['sllm_e2e'])} vs {_n(mean['baseline'])} tok/s) | {_paper_throughput()} |",
-        f"| output throughput SLLM / OPT, in one process (edge ORT + cloud engine) | **{t['ratio_inproc']:.2f}x** "
-        f"({_n(mean['sllm_inproc'])} vs {_n(mean['baseline'])} tok/s) | (the paper runs one process) |",
+        f"| output throughput SLLM / OPT, end to end (edge ORT + cloud over gRPC), against the fastest baseline "
+        f"({t['labels'][fastest]}) | **{t['ratio_e2e']:.2f}x** ({_range(t['ratio_e2e_range'])} over "
+        f"{t['rounds']} rounds; {_n(mean['sllm_e2e'])} vs {_n(mean['baseline'])} tok/s{vs_hf}) | "
+        f"{_paper_throughput()} |",
+        f"| output throughput SLLM / OPT, in one process (edge ORT + cloud engine), against the same | "
+        f"**{t['ratio_inproc']:.2f}x** ({_range(t['ratio_inproc_range'])}; {_n(mean['sllm_inproc'])} vs "
+        f"{_n(mean['baseline'])} tok/s) | (the paper runs one process) |",
         f"| KV cache per context token, SLLM vs OPT | **{_delta(-kv['reduction'])}** "
         f"({kv['sllm_fit']['bytes_per_token'] / 1024:.2f} vs {kv['baseline_fit']['bytes_per_token'] / 1024:.2f} "
         f"KiB/token, {kv['dtype']}); limit 1 - 1/L = {_delta(-(1 - 1 / L))} | "
@@ -100,26 +110,55 @@ def _source_tag(source: str) -> str:
     return "recorded, not re-measured" if source.startswith("recorded") else source.split(":")[0]
 
 
+def _range(r: list[float]) -> str:
+    return f"{r[0]:.2f}-{r[1]:.2f}x"
+
+
 def throughput_section(t: dict) -> list[str]:
+    paths, labels, spread = t["paths"], t["labels"], t["tokens_per_s"]
+    fastest = t["fastest_baseline"]
     lines = ["## Output throughput after prefill", "",
-             "Tokens per second after the prompt was processed, greedy, the same prompts on all three paths "
-             "(sums of tokens over sums of seconds per row). The SLLM decodes sentences until its output holds "
-             "at least the target length and ignores its stop flag; output tokens are the tokens of the sentences "
-             "it produced. The baseline then generates exactly that many tokens (min_new_tokens = max_new_tokens); "
-             "its first token comes with the prefill, so it is timed over the others. Prefill: the prompt's "
-             "encode + first cloud step (SLLM), the prompt's forward pass (baseline).", "",
-             "| prompt tok (sent.) | output tok (sent.) | SLLM e2e tok/s | SLLM in-proc tok/s | baseline tok/s | "
-             "e2e / baseline | in-proc / baseline | prefill ms e2e / in-proc / baseline |",
-             "|---|---|---|---|---|---|---|---|"]
-    for p in t["points"]:
-        s, pf = p["tokens_per_s"], p["prefill_ms"]
-        lines.append(f"| {p['prompt_tokens']:.0f} ({p['prompt_sentences']:.1f}) | {p['output_tokens']:.0f} "
-                     f"({p['output_sentences']:.1f}) | {_n(s['sllm_e2e'])} | {_n(s['sllm_inproc'])} | "
-                     f"{_n(s['baseline'])} | {p['ratio_e2e']:.2f}x | {p['ratio_inproc']:.2f}x | "
-                     f"{pf['sllm_e2e']:.1f} / {pf['sllm_inproc']:.1f} / {pf['baseline']:.1f} |")
-    m = t["mean_tokens_per_s"]
-    lines.append(f"| **mean of rows** | | **{_n(m['sllm_e2e'])}** | **{_n(m['sllm_inproc'])}** | "
-                 f"**{_n(m['baseline'])}** | **{t['ratio_e2e']:.2f}x** | **{t['ratio_inproc']:.2f}x** | |")
+             "Tokens per second after the prompt was processed, greedy, the same prompts on every path. The SLLM "
+             "decodes sentences until its output holds at least the target length and ignores its stop flag; output "
+             "tokens are the tokens of the sentences it produced. Each baseline flavour then generates exactly that "
+             "many tokens (eos cannot end it); its first token comes with the prefill, so it is timed over the others. "
+             "Baseline flavours (the same trained OPT): HF generate = Hugging Face `generate` with its KV cache; "
+             "torch, preallocated KV = the same modules stepped by a tight torch loop over a cache allocated once "
+             "and written in place; ONNX Runtime + KV = the baseline exported to ONNX with its cache as input/output, "
+             "a greedy numpy loop (the edge decoder's runtime and loop). "
+             f"{t['rounds']} rounds of the whole plan; a round's figure for a path is the mean over (prompt, output) "
+             "points of its tokens/s (sum of tokens / sum of seconds per point); min / median / max over rounds. "
+             "Ratios are paired round by round (the two ran under the same load); the headline compares against the "
+             f"fastest baseline by median, **{labels[fastest]}**. Prefill: the prompt's encode + first cloud step "
+             "(SLLM), the prompt's forward pass and first token (baselines); median per point, mean over points.", "",
+             "| path | tok/s min / median / max | SLLM e2e / this | SLLM in-proc / this | prefill ms |",
+             "|---|---|---|---|---|"]
+    for p in paths:
+        s = spread[p]
+        prefill = sum(pt["prefill_ms"][p] for pt in t["points"]) / max(len(t["points"]), 1)
+        if p in t["ratios_vs"]:
+            v = t["ratios_vs"][p]
+            ratio = (f"{v['e2e']['median']:.2f}x ({_range([v['e2e']['min'], v['e2e']['max']])}) | "
+                     f"{v['inproc']['median']:.2f}x ({_range([v['inproc']['min'], v['inproc']['max']])})")
+        else:
+            ratio = " | "
+        name = f"**{labels[p]}** (fastest baseline)" if p == fastest else labels[p]
+        lines.append(f"| {name} | {_n(s['min'], 0)} / **{_n(s['median'], 0)}** / {_n(s['max'], 0)} | {ratio} | "
+                     f"{prefill:.1f} |")
+    lines += ["", "Per (prompt, output) point, median tok/s over rounds:", "",
+              "| prompt tok (sent.) | output tok (sent.) | " + " | ".join(labels[p] for p in paths) +
+              " | e2e / fastest | in-proc / fastest |",
+              "|---|---|" + "---|" * (len(paths) + 2)]
+    for pt in t["points"]:
+        s = pt["tokens_per_s"]
+        lines.append(f"| {pt['prompt_tokens']:.0f} ({pt['prompt_sentences']:.1f}) | {pt['output_tokens']:.0f} "
+                     f"({pt['output_sentences']:.1f}) | " + " | ".join(_n(s[p], 0) for p in paths) +
+                     f" | {pt['ratio_e2e']:.2f}x | {pt['ratio_inproc']:.2f}x |")
+    same = [f"{labels[k]} {v:.0%}" for k, v in t["same_tokens_as_hf"].items() if v is not None]
+    if same:
+        lines += ["", f"Generations whose greedy tokens are identical to {labels[t['hf_reference']]}'s: "
+                      + ", ".join(same) + " (two flavours may part at a near-tie of two logits, where float "
+                      "rounding order decides)."]
     ended = sorted({e for p in t["points"] for e in p["ended"]} - {"length"})
     if ended:
         lines += ["", f"Some SLLM generations ended before the target length ({', '.join(ended)}: "
@@ -156,7 +195,8 @@ def kv_section(kv: dict, L: float) -> list[str]:
 def breakdown_section(t: dict, dec: dict | None) -> list[str]:
     b = t["breakdown"]
     lines = ["## Where the time goes", "",
-             "| | SLLM end to end | SLLM in-process | baseline |", "|---|---|---|---|",
+             f"| | SLLM end to end | SLLM in-process | baseline ({t['labels'][b['baseline']['flavour']]}) |",
+             "|---|---|---|---|",
              f"| output tokens per sentence | {b['e2e']['tokens_per_sentence']:.2f} | "
              f"{b['inproc']['tokens_per_sentence']:.2f} | |",
              f"| cloud forward steps per output token | {b['e2e']['cloud_steps_per_token']:.3f} (server's count: "
@@ -254,3 +294,20 @@ def render(r: dict) -> str:
         parts.append(["## Plots", ""] + [f"![{p}]({p})" for p in plots])
     parts.append(["---", "", "All figures: `bench.json` beside this file. How each is counted: `docs/bench.md`."])
     return "\n\n".join("\n".join(p) for p in parts if p) + "\n"
+
+
+# the benches that run as commands of their own (python -m bench.<name>), each writing <name>.md into the
+# same folder: bench.md carries their latest results after its own, so one page holds every figure
+COMPANIONS = (("engine-context", "bench.engine_context"), ("cloud-cost", "bench.cloud_cost"),
+              ("rtt", "bench.rtt"), ("edge-decoder", "bench.edge_decoder"))
+
+
+def companions(out: Path) -> str:
+    """The companion benches' markdown found in `out`, headings moved one level down."""
+    parts = []
+    for name, module in COMPANIONS:
+        md = Path(out) / f"{name}.md"
+        if md.is_file():
+            text = "\n".join("#" + line if line.startswith("#") else line for line in md.read_text().splitlines())
+            parts.append(f"\n\n---\n\n_From `python -m {module}` ({name}.md, run on its own):_\n\n{text}\n")
+    return "".join(parts)

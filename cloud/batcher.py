@@ -9,6 +9,14 @@ each forward pass runs one job: the same path with batch size 1.
 A forward pass that raises is retried job by job, so one bad job fails alone; a job whose
 output is not finite fails with INVALID_ARGUMENT and leaves its session unchanged.
 
+Speculation (issue 17): `speculate(session)` queues a SpecJob for a session that may run ahead
+(its stream asked, fewer than N unconfirmed sentences, stop flag off, room left). The batcher decodes
+the h_t of all pending SpecJobs in one greedy batch with its torch SentenceVAE, re-encodes the
+sentences in one encoder call, and runs them in the same forward pass as the ordinary single-sentence
+steps; a kept result goes to the session's stream (`Session.on_speculative`) and queues the next.
+So N speculating sessions cost batched passes, not N serial ones. A session that may not speculate
+now gets a "declined" notice once per position, so its edge never waits for a guess that will not come.
+
 If the thread dies (an exception outside the per-job handling) or the device reports an error
 that poisons it for good (torch.AcceleratorError: a CUDA error), the batcher is *dead*: every
 queued and running job fails with UNAVAILABLE at once, later submits too, and `on_death` tells
@@ -31,7 +39,9 @@ from cloud.engine import Engine, StepOutput
 from cloud.errors import ServiceError, invalid, unavailable
 from cloud.jsonlog import log
 from cloud.metrics import Metrics
-from cloud.sessions import Session
+from cloud.sessions import Session, SessionStore
+from modeling.opt_graft import STOP
+from modeling.svae_bundle import SpeculationCodec
 
 
 @dataclass(eq=False)
@@ -44,6 +54,7 @@ class Job:
     cancelled: bool = False  # its stream ended: skip it
     enqueued: float = field(default_factory=time.monotonic)
     on_done: Callable[[], None] | None = None  # called once, in the thread that finishes the job
+    start: int = -1  # the session's length when it was queued: where its keys/values go (-1: the slot's)
 
     def finish(self, output: StepOutput | None = None, error: ServiceError | None = None) -> None:
         if self.done.is_set():
@@ -54,6 +65,33 @@ class Job:
             self.on_done()
 
 
+@dataclass(eq=False)
+class SpecJob(Job):
+    """A speculative step: decode `hidden` (the session's last h_t), re-encode it, step it at `start`."""
+
+    hidden: np.ndarray | None = None  # [d]
+    epoch: int = 0
+    tokens: int = 0  # decoded tokens (the extra cloud compute speculation costs)
+    decoding: object = None  # the turn's pb.Decoding (None: plain greedy)
+    history: list | None = None  # the answer's earlier sentences (token lists), for the repetition controls
+    guess: list[int] | None = None  # the decoded sentence
+
+
+def answer_history(s: Session) -> list[list[int]] | None:
+    """The earlier sentences of the answer the next guess continues, as the edge's repetition controls
+    see them (store lock held); None: do not guess (a sampled turn, or one of those sentences is the
+    edge's own, whose tokens the cloud never saw)."""
+    d = s.decoding
+    if d is None:
+        return []  # an old client: plain greedy guesses
+    if not d.guess:
+        return None
+    if not (d.repetition_penalty not in (0, 1) or d.no_repeat_ngram_size or d.no_repeat_sentence):
+        return []
+    history = [s.answer_tokens.get(p) for p in range(s.answer_start, s.length)]
+    return None if any(t is None for t in history) else history
+
+
 def dead_error() -> ServiceError:
     return unavailable("the model thread of this server has stopped; it reports NOT_SERVING: reconnect (to "
                        "another replica) and rebuild the session from its history")
@@ -61,8 +99,11 @@ def dead_error() -> ServiceError:
 
 class Batcher:
     def __init__(self, engine: Engine, metrics: Metrics, *, batching: bool = True, max_batch: int = 64,
-                 batch_wait_ms: float = 0.0, log_steps: bool = False, on_death: Callable[[], None] | None = None):
+                 batch_wait_ms: float = 0.0, log_steps: bool = False, on_death: Callable[[], None] | None = None,
+                 store: SessionStore | None = None, codec: SpeculationCodec | None = None):
         self.engine = engine
+        self.store = store  # speculation: where speculative steps are committed
+        self.codec = codec  # speculation: the SentenceVAE (None: no speculation)
         self.metrics = metrics
         self.batching = batching
         self.max_batch = max_batch if batching else 1
@@ -159,8 +200,9 @@ class Batcher:
                     j.finish(error=ServiceError(grpc.StatusCode.CANCELLED, "the stream ended"))
                 else:
                     live.append(j)
-            steps = [j for j in live if len(j.vectors) == 1]
-            prefills = [j for j in live if len(j.vectors) > 1]
+            specs = self._prepare_speculation([j for j in live if isinstance(j, SpecJob)])
+            steps = [j for j in live if not isinstance(j, SpecJob) and len(j.vectors) == 1] + specs
+            prefills = [j for j in live if not isinstance(j, SpecJob) and len(j.vectors) > 1]
             for group in (steps, prefills):
                 if group and not self.dead:
                     self._run(group)
@@ -169,7 +211,98 @@ class Batcher:
             with self.cond:
                 self.running = []
 
+    # -- speculation ---------------------------------------------------------------------------
+    def speculate(self, s: Session) -> None:
+        """Queue `s`'s next speculative step if it may take one (any thread); when it may not (stop flag,
+        limits, an empty guess) tell its stream once for this position; at N ahead, wait for an Accept."""
+        store = self.store
+        if self.codec is None or store is None:
+            return
+        with store.lock:
+            if (s.freed or not s.speculate or s.speculating or s.reserved or s.on_speculative is None
+                    or s.tail is None):  # reserved: a step of the edge's is on its way; its reply goes first
+                return
+            if s.length - s.confirmed >= s.speculate:
+                return  # N ahead: the next Accept (or Append) moves on
+            hidden, stop_logits = s.tail
+            history = answer_history(s)
+            if (hidden is not None and int(np.argmax(stop_logits)) != STOP and history is not None
+                    and store.reserve_speculative(s)):
+                s.speculating = True
+                job = SpecJob(s, np.zeros((0, 0), np.float32), hidden=hidden, epoch=s.epoch, start=s.length,
+                              decoding=s.decoding, history=history)
+            else:
+                job = None
+                if s.declined_at == (s.epoch, s.length):
+                    return
+                s.declined_at = (s.epoch, s.length)
+            sink, epoch, length = s.on_speculative, s.epoch, s.length
+        if job is None:
+            sink(epoch, length + 1, None, None)
+        else:
+            self.submit(job)
+            if job.error is not None:  # refused (stopping, dead): give the room back
+                store.commit_speculative(s, job.epoch, None, None)
+
+    def _prepare_speculation(self, jobs: list[SpecJob]) -> list[SpecJob]:
+        """Decode the pending guesses in one batch and re-encode them; the jobs left to step."""
+        jobs = [j for j in jobs if self._current(j)]
+        if not jobs:
+            return []
+        codec = self.codec
+        hidden = torch.from_numpy(np.stack([j.hidden for j in jobs]))
+        try:
+            tokens = codec.decode(hidden, [j.decoding for j in jobs], [j.history for j in jobs])
+            ready = [(j, t) for j, t in zip(jobs, tokens) if t]
+            vectors = codec.encode([t for _, t in ready]).float().cpu().numpy() if ready else None
+        except Exception:  # noqa: BLE001 - speculation is optional: its failure declines, nothing else
+            log("speculation_failed", logging.ERROR, exc_info=True)
+            for j in jobs:
+                self._spec_done(j, None)
+            return []
+        for j, t in zip(jobs, tokens):
+            j.tokens, j.guess = len(t) + 1, t  # + eos
+            if not t:  # eos straight away: the edge's answer ends here too
+                self._spec_done(j, None)
+        out = []
+        for i, (j, _) in enumerate(ready):
+            # rounded as the edge's own vector is on the wire, so an accepted guess feeds the model what the
+            # edge's Append would have
+            j.vectors = vectors[i:i + 1].astype(j.session.spec_dtype).astype(np.float32)
+            out.append(j)
+        return out
+
+    def _current(self, j: SpecJob) -> bool:
+        """Still wanted (nothing truncated the session since it was queued); finishes it if not."""
+        s = j.session
+        if s.freed or s.kv is None or j.epoch != s.epoch or not s.speculate:
+            self._spec_done(j, None)
+            return False
+        return True
+
+    def _spec_done(self, j: SpecJob, out: StepOutput | None) -> None:
+        """Commit a speculative step (or give its room back), send it to the stream, queue the next."""
+        s = j.session
+        kept = self.store.commit_speculative(s, j.epoch, None if out is None else out.hidden,
+                                             None if out is None else out.stop_logits, j.tokens, j.guess)
+        j.finish(out)
+        if kept:
+            sink = s.on_speculative
+            if sink is not None:
+                sink(j.epoch, j.start + 1, out, j.vectors[0])
+        elif out is None and not s.freed and j.epoch == s.epoch and s.speculate:
+            with self.store.lock:  # the guess came back empty or failed: decline this position
+                s.declined_at = (s.epoch, s.length)
+                sink, length = s.on_speculative, s.length
+            if sink is not None:
+                sink(j.epoch, length + 1, None, None)
+            return
+        self.speculate(s)
+
     def _run(self, jobs: list[Job]) -> None:
+        for j in jobs:  # where each job's keys/values go (a rollback since it was queued moved the end)
+            if j.start >= 0 and j.session.kv is not None:
+                j.session.kv.length = j.start
         slots = [j.session.kv for j in jobs]
         if any(slot is None for slot in slots):  # freed since it was queued (shutdown): nobody waits for it
             for j, slot in zip(jobs, slots):
@@ -192,6 +325,9 @@ class Batcher:
                     self._run([j])
                 return
             log("forward_failed", logging.ERROR, exc_info=True, session=jobs[0].session.tag)
+            if isinstance(jobs[0], SpecJob):
+                self._spec_done(jobs[0], None)
+                return
             code = grpc.StatusCode.RESOURCE_EXHAUSTED if "out of memory" in str(e).lower() else grpc.StatusCode.INTERNAL
             jobs[0].finish(error=ServiceError(code, f"the model failed on this step ({type(e).__name__}); "
                                                     "the session is unchanged"))
@@ -201,7 +337,9 @@ class Batcher:
             log("forward", logging.DEBUG, batch=len(jobs), sentences=sum(len(j.vectors) for j in jobs),
                 ms=round(1000 * (time.perf_counter() - t0), 3))
         for j, out in zip(jobs, outs):
-            if out.finite:
+            if isinstance(j, SpecJob):
+                self._spec_done(j, out if out.finite else None)
+            elif out.finite:
                 j.finish(out)
             else:
                 j.finish(error=invalid("the model's output is not finite for these vectors (values too large?); "

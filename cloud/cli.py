@@ -92,6 +92,11 @@ def serve(
     metrics_host: str = typer.Option("127.0.0.1", help="address of /metrics (no auth, no TLS: loopback unless "
                                                        "the network is trusted)"),
     log_level: str = typer.Option("info", help="debug logs every forward pass"),
+    speculate_max: int = typer.Option(16, help="sentence-level speculation: sentences a conversation may run "
+                                               "ahead of its edge (what an edge asks for is capped at this); "
+                                               "0 = off. Needs the SentenceVAE (--svae, or the svae/ beside the bundle)"),
+    svae: Optional[Path] = typer.Option(None, "--svae", help="an export's svae/ folder (the SentenceVAE's torch "
+                                                           "weights; default: the svae/ beside --bundle)"),
 ) -> None:
     """Serve a cloud bundle until SIGINT/SIGTERM (then drain for --grace seconds; a second signal stops at once)."""
     from cloud.config import MIB, ServerConfig
@@ -107,7 +112,8 @@ def serve(
         threads=threads, grace_s=grace, hand_back_idle_s=hand_back_idle, tokens=read_tokens(token_file),
         tls_cert=str(tls_cert or ""), tls_key=str(tls_key or ""), tls_client_ca=str(tls_client_ca or ""),
         insecure=insecure,
-        metrics_port=metrics_port, metrics_host=metrics_host, log_steps=log_level.lower() == "debug")
+        metrics_port=metrics_port, metrics_host=metrics_host, log_steps=log_level.lower() == "debug",
+        speculate_max=speculate_max, svae_dir=str(svae or ""))
     try:
         config.validate()
         from cloud.server import CloudServer

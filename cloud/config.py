@@ -56,6 +56,10 @@ class ServerConfig:
     metrics_port: int = -1  # Prometheus text on http://metrics_host:port/metrics; -1 = off, 0 = any free port
     metrics_host: str = "127.0.0.1"  # the metrics endpoint has no auth and no TLS: loopback unless chosen
     log_steps: bool = False  # a JSON log line per forward pass
+    # sentence-level speculation (issue 17): sentences a stream may run ahead (what Open.speculate gets at
+    # most); 0 = off. Needs the SentenceVAE: svae_dir, else the svae/ beside the cloud bundle
+    speculate_max: int = 16
+    svae_dir: str = ""  # an export's svae/ folder (modeling.svae_bundle)
 
     @property
     def tls(self) -> bool:
@@ -84,6 +88,7 @@ class ServerConfig:
                 (self.open_timeout_s > 0, "open_timeout_s must be > 0"),
                 (self.hand_back_idle_s >= 0, "hand_back_idle_s must be >= 0 (0 = never)"),
                 (self.max_pending_streams >= 1, "max_pending_streams must be >= 1"),
+                (self.speculate_max >= 0, "speculate_max must be >= 0 (0 = no speculation)"),
                 (self.dtype in ("float32", "float16", "bfloat16"),
                  f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")):
             if not ok:

@@ -73,10 +73,7 @@ class Engine:
         hidden, stop_logits = self.model.step(vectors, slots)  # per session: [T_i, d], [T_i, 2]
         h_last = torch.stack([h[-1] for h in hidden]).float().cpu().numpy()  # [B, d]
         s_last = torch.stack([s[-1] for s in stop_logits]).float().cpu().numpy()  # [B, 2]
-        outs = []
-        for i, (slot, n) in enumerate(zip(slots, news)):
-            written = slot.buf[:, :, :, slot.length:slot.length + len(n)]
-            finite = bool(np.isfinite(h_last[i]).all() and np.isfinite(s_last[i]).all()
-                          and torch.isfinite(written).all())
-            outs.append(StepOutput(h_last[i].copy(), s_last[i].copy(), finite))
-        return outs
+        # a non-finite key or value of a new sentence reaches its own output through attention (it attends to
+        # itself), so finite outputs mean a step that is safe to keep
+        finite = np.isfinite(h_last).all(axis=1) & np.isfinite(s_last).all(axis=1)
+        return [StepOutput(h_last[i].copy(), s_last[i].copy(), bool(finite[i])) for i in range(len(news))]

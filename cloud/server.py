@@ -27,6 +27,7 @@ from cloud.metrics import Metrics, MetricsHTTPServer
 from cloud.service import SentenceLMService, add_service
 from cloud.sessions import SessionStore
 from modeling.cloud_bundle import load_cloud_bundle
+from modeling.svae_bundle import SpeculationCodec, load_svae_folder, svae_folder_of
 from modeling.opt_graft import GraftedOPT
 from protos.sllm.v1 import sllm_pb2 as pb
 from runtime.manifest import cloud_weights_sha256
@@ -112,7 +113,9 @@ class CloudServer:
     cloud.safetensors (verified as the bundle loads); a server built from an in-memory model
     reports "" unless given one."""
 
-    def __init__(self, model: GraftedOPT, model_id: str, config: ServerConfig, weights_sha256: str = ""):
+    def __init__(self, model: GraftedOPT, model_id: str, config: ServerConfig, weights_sha256: str = "",
+                 svae=None):
+        """svae: the model's SentenceVAE (torch), for sentence-level speculation (None: none offered)."""
         config.validate()
         self.config = config
         if config.threads:
@@ -130,9 +133,12 @@ class CloudServer:
                                   idle_timeout_s=config.idle_timeout_s, kv_budget_bytes=config.kv_budget_bytes,
                                   kv_bytes_per_sentence=self.engine.kv_bytes_per_sentence, metrics=self.metrics,
                                   new_slot=self.engine.new_slot)
+        if svae is not None and svae.cfg.d_model != self.engine.d:
+            raise ValueError(f"the SentenceVAE's d={svae.cfg.d_model} differs from the cloud model's d={self.engine.d}")
+        codec = SpeculationCodec(svae, device) if svae is not None and config.speculate_max else None
         self.batcher = Batcher(self.engine, self.metrics, batching=config.batching, max_batch=config.max_batch,
                                batch_wait_ms=config.batch_wait_ms, log_steps=config.log_steps,
-                               on_death=self._model_died)
+                               on_death=self._model_died, store=self.store, codec=codec)
         self.service = SentenceLMService(self.engine, self.store, self.batcher, self.metrics, config, model_id,
                                          max_message_bytes=self.max_message_bytes, weights_sha256=weights_sha256)
         self.model_id = model_id
@@ -152,7 +158,11 @@ class CloudServer:
     @classmethod
     def from_bundle(cls, bundle_dir: str | Path, config: ServerConfig) -> "CloudServer":
         model, manifest = load_cloud_bundle(Path(bundle_dir), "cpu")
-        return cls(model, manifest["model_id"], config, weights_sha256=cloud_weights_sha256(manifest))
+        svae = None
+        if config.speculate_max:  # the SentenceVAE: --svae DIR, else the svae/ of the bundle's export folder
+            folder = Path(config.svae_dir) if config.svae_dir else svae_folder_of(Path(bundle_dir))
+            svae = load_svae_folder(folder, manifest["model_id"]) if folder is not None else None
+        return cls(model, manifest["model_id"], config, weights_sha256=cloud_weights_sha256(manifest), svae=svae)
 
     # -- start -------------------------------------------------------------------------------
     async def _start_grpc(self) -> None:
@@ -218,7 +228,11 @@ class CloudServer:
             kv_budget_bytes=c.kv_budget_bytes, idle_timeout_s=c.idle_timeout_s,
             max_message_bytes=self.max_message_bytes, open_timeout_s=c.open_timeout_s,
             max_pending_streams=c.max_pending_streams, metrics_address=metrics_address,
-            metrics_port=self.metrics_http.port if self.metrics_http else None)
+            metrics_port=self.metrics_http.port if self.metrics_http else None,
+            speculate_max=self.service.speculate_max)
+        if c.speculate_max and not self.service.speculate_max:
+            log("speculation_off", logging.WARNING, message="--speculate-max is set but this server has no SentenceVAE "
+                "(the cloud bundle ships none; give one with --svae DIR): edges asking to speculate get 0")
         if c.exposed_insecurely:  # only with --insecure: config.validate refuses it otherwise
             log("INSECURE", logging.CRITICAL, address=address, tls=c.tls, auth=c.authenticated,
                 message=f"--insecure: listening on {address} without "

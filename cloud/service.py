@@ -6,6 +6,12 @@ calls never compete for a thread pool. The model runs in the batcher thread; a s
 its step. A stream is ended only by its own handler (`context.abort` with a status), which
 waits for the next message and for an end request at once: the open deadline, the eviction of
 the oldest stream still waiting to open, and the idle reaper (from its thread) use that.
+
+Speculation (issue 17): a stream whose Open asked for it (and got it: the server holds a SentenceVAE)
+also gets speculative steps the batcher computes while the handler waits for the next message; a
+writer task sends them (one lock orders every write on the stream: an answer is never interleaved).
+A speculative step whose epoch is no longer the session's (an Append came in between) is dropped here;
+the edge drops any that cross on the wire.
 """
 from __future__ import annotations
 
@@ -57,6 +63,50 @@ class _Stream:
         self.keep_on_disconnect = False  # Open.keep_on_disconnect
         self.cut = False  # the RPC was cancelled (the client went away), not ended by a status or a Close
         self.job: Job | None = None
+        self.write_lock = asyncio.Lock()  # the handler's replies and the speculative steps share the stream
+        self.speculative: asyncio.Queue | None = None  # speculative steps to send (Open.speculate granted)
+        self.writer: asyncio.Task | None = None
+
+    async def write(self, msg: pb.ServerMessage) -> None:
+        async with self.write_lock:
+            await self.context.write(msg)
+
+    # -- speculation -------------------------------------------------------------------------
+    def start_speculating(self, n: int) -> None:
+        s = self.session
+        self.speculative = asyncio.Queue()
+        self.writer = self.loop.create_task(self._write_speculative())
+        with self.svc.store.lock:
+            s.speculate, s.on_speculative = n, self._speculative_sink
+
+    def _speculative_sink(self, epoch: int, past_length: int, out: StepOutput | None, assumed) -> None:
+        """From the batcher's thread (or this loop's): one speculative step for this stream (out None: declined)."""
+        try:
+            self.loop.call_soon_threadsafe(self.speculative.put_nowait, (epoch, past_length, out, assumed))
+        except RuntimeError:  # the loop is closed: the stream is gone
+            pass
+
+    async def _write_speculative(self) -> None:
+        while True:
+            epoch, past_length, out, assumed = await self.speculative.get()
+            s = self.session
+            if s is None or s.freed or epoch != s.epoch or not s.speculate:
+                continue  # an Append came in between: stale
+            step = pb.Step(speculative=True, epoch=epoch, past_length=past_length)
+            if out is None:
+                step.declined = True
+            else:
+                step.MergeFrom(self._step_msg(out.hidden, out.stop_logits, past_length))
+                step.assumed.CopyFrom(pack(assumed, self.reply_dtype))
+            try:
+                await self.write(pb.ServerMessage(step=step))
+            except Exception:  # noqa: BLE001 - the RPC ended: the handler sees it and cleans up
+                return
+
+    def after_reply(self) -> None:
+        """A reply went out: the session may run ahead again."""
+        if self.session is not None and self.speculative is not None:
+            self.svc.batcher.speculate(self.session)
 
     # -- ending ------------------------------------------------------------------------------
     def end(self, code: grpc.StatusCode, details: str) -> None:
@@ -76,6 +126,10 @@ class _Stream:
         (Close{keep: true}, or a cut stream that opened with keep_on_disconnect)."""
         if self.job is not None:
             self.job.cancelled = True
+        if self.writer is not None:
+            self.writer.cancel()
+        if self.session is not None:
+            self.svc.store.stop_speculating(self.session)
         if self.session is None or self.kept:
             return
         if self.cut and self._keeps_when_cut():
@@ -100,10 +154,10 @@ class _Stream:
                            f"no Open within {timeout:g} s of the stream's start; send Open first")
 
     # -- messages ----------------------------------------------------------------------------
-    async def handle(self, msg: pb.ClientMessage) -> tuple[pb.ServerMessage, bool]:
+    async def handle(self, msg: pb.ClientMessage) -> tuple[pb.ServerMessage | None, bool]:
         kind = msg.WhichOneof("kind")
         if kind is None:
-            raise invalid("empty ClientMessage: set one of open, append, close")
+            raise invalid("empty ClientMessage: set one of open, append, accept, close")
         if kind == "open":
             if self.session is not None:
                 raise precondition("this stream already opened a session; one Open per stream")
@@ -114,7 +168,16 @@ class _Stream:
             if not msg.append.HasField("vectors"):
                 raise invalid("append.vectors is missing")
             vectors = self._vectors(msg.append.vectors, "append.vectors")
-            return pb.ServerMessage(step=await self.step(vectors)), False
+            self.session.spec_dtype = np.float16 if msg.append.vectors.dtype == pb.DTYPE_FLOAT16 else np.float32
+            position = msg.append.position if msg.append.HasField("position") else None
+            decoding = msg.append.decoding if msg.append.HasField("decoding") else None
+            return pb.ServerMessage(step=await self.step(vectors, position, decoding)), False
+        if kind == "accept":
+            if self.speculative is None:
+                raise precondition("accept without speculation: this stream's Open did not get speculate > 0")
+            self.svc.store.accept(self.session, msg.accept.position)
+            self.svc.batcher.speculate(self.session)
+            return None, False
         keep = msg.close.keep
         if keep:
             self.kept = True
@@ -178,12 +241,25 @@ class _Stream:
             opened.last.CopyFrom(await self.step(history))
         opened.past_length = s.length
         opened.remaining_sentences = max(0, svc.store.max_sentences - s.length)
+        if o.speculate:
+            granted, note = svc.grant_speculation(o.speculate)
+            opened.speculate, opened.speculate_note = granted, note
+            if granted:
+                self.start_speculating(granted)
         return opened
 
-    async def step(self, vectors: np.ndarray) -> pb.Step:
-        """Run `vectors` [T, d] through the model on top of the session's cache."""
+    async def step(self, vectors: np.ndarray, position: int | None = None, decoding: pb.Decoding | None = None) -> pb.Step:
+        """Run `vectors` [T, d] through the model on top of the session's cache, at `position` (None: after
+        its confirmed sentences); what the session held from there on (speculation) is dropped first.
+        `decoding`: a new turn's (its answer starts after these vectors; guesses decode like the edge)."""
         svc, s, n = self.svc, self.session, len(vectors)
-        svc.store.reserve(s, n)
+        with svc.store.lock:  # one step: the batcher never speculates in between (it sees the reservation)
+            if position is not None or s.length > s.confirmed or s.speculate:
+                svc.store.truncate(s, s.confirmed if position is None else position)
+            svc.store.reserve(s, n)
+            start = s.length
+            if decoding is not None:
+                s.decoding, s.answer_start, s.answer_tokens = decoding, start + n, {}
         done = self.loop.create_future()
         loop = self.loop
 
@@ -193,7 +269,7 @@ class _Stream:
             except RuntimeError:  # the loop is closed: nobody waits any more
                 pass
 
-        job = self.job = Job(s, vectors, on_done=resolve)
+        job = self.job = Job(s, vectors, on_done=resolve, start=start)
         try:
             svc.batcher.submit(job)
             while not done.done():
@@ -213,12 +289,12 @@ class _Stream:
         out: StepOutput = job.output
         if not svc.store.commit(s, n, out.hidden, out.stop_logits):
             raise unavailable("this session was freed while its step ran (the server is shutting down)")
-        return self._step_msg(out.hidden, out.stop_logits, s.length)
+        return self._step_msg(out.hidden, out.stop_logits, s.length, s.epoch)
 
-    def _step_msg(self, hidden: np.ndarray, stop_logits: np.ndarray, length: int) -> pb.Step:
+    def _step_msg(self, hidden: np.ndarray, stop_logits: np.ndarray, length: int, epoch: int = 0) -> pb.Step:
         out = StepOutput(hidden, stop_logits, True)
         return pb.Step(hidden=pack(hidden, self.reply_dtype), stop=out.stop,
-                       stop_probability=out.stop_probability, past_length=length)
+                       stop_probability=out.stop_probability, past_length=length, epoch=epoch)
 
 
 class PendingStreams:
@@ -262,6 +338,8 @@ class SentenceLMService(pb_grpc.SentenceLMServicer):
         self.weights_sha256 = weights_sha256
         self.draining = False
         self.pending = PendingStreams(config.max_pending_streams)
+        # speculation: the most sentences a stream may run ahead; 0 without a SentenceVAE
+        self.speculate_max = config.speculate_max if batcher.codec is not None else 0
         self._error_logs: dict[str, LogRateLimit] = {}
 
     async def Converse(self, request_iterator, context):  # noqa: N802
@@ -275,11 +353,13 @@ class SentenceLMService(pb_grpc.SentenceLMServicer):
                 stream.end_request = stream.loop.create_future()  # did send it, so it goes on
             while raw is not grpc.aio.EOF:
                 reply, finished = await stream.handle(parse_client_message(raw))
-                await context.write(reply)
+                if reply is not None:
+                    await stream.write(reply)
+                    stream.after_reply()
                 if finished:
                     return
                 raw = await stream.next_message()
-            await context.write(stream.end_of_input())
+            await stream.write(stream.end_of_input())
         except ServiceError as e:
             await self._fail(stream, e.code, e.message)
         except asyncio.CancelledError:
@@ -306,6 +386,17 @@ class SentenceLMService(pb_grpc.SentenceLMServicer):
             self.store.free(stream.session, f"its stream ended with {code.name}")
         await stream.context.abort(code, message)
 
+    def grant_speculation(self, asked: int) -> tuple[int, str]:
+        """(sentences granted, why not what was asked) for Open.speculate = `asked`."""
+        if self.batcher.codec is None:
+            return 0, ("this server has no SentenceVAE to speculate with (its cloud bundle ships none; "
+                       "sllm-cloud serve --svae DIR): speculation is off")
+        if not self.speculate_max:
+            return 0, "speculation is off on this server (--speculate-max 0)"
+        if asked > self.speculate_max:
+            return self.speculate_max, f"capped at this server's --speculate-max {self.speculate_max}"
+        return asked, ""
+
     def model_info(self) -> pb.ModelInfo:
         e, c = self.engine, self.config
         return pb.ModelInfo(
@@ -324,6 +415,7 @@ class SentenceLMService(pb_grpc.SentenceLMServicer):
 
     def stats(self) -> dict:
         return {**self.store.stats(), "queue_depth": self.batcher.queue_depth(), **self.metrics.snapshot(),
+                **self.store.speculation_stats(), "speculate_max": self.speculate_max,
                 "pending_streams": len(self.pending.streams),
                 "pending_streams_evicted_total": self.pending.evicted_total}
 

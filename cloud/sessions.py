@@ -12,6 +12,12 @@ end of input), when idle longer than the idle timeout, or evicted (least recentl
 detached sessions first) to make room for a new session or for KV cache growth.
 Attached sessions are never evicted for room: past the limits, requests get
 RESOURCE_EXHAUSTED instead.
+
+Speculation (issue 17): a session whose stream asked for it may hold speculative sentences after
+its `confirmed` ones: the cloud's own guesses, appended by the batcher. They count against the
+session's sentence limit and the KV budget like any other (`length` includes them) and are freed
+by `truncate` (a new turn or a correction from the edge, a detach); `accept` confirms the first.
+Every truncation increments `epoch`: a speculative step computed for an older epoch is dropped.
 """
 from __future__ import annotations
 
@@ -70,6 +76,19 @@ class Session:
     steps: int = 0
     freed: bool = False
     free_reason: str = ""
+    # speculation (issue 17); all of it under the store's lock
+    confirmed: int = 0  # sentences the edge sent or accepted; length - confirmed are speculative
+    speculate: int = 0  # how far ahead its stream lets the cloud run (0 = off)
+    epoch: int = 0  # incremented by every truncation
+    spec: list = field(default_factory=list)  # (hidden, stop_logits) of each speculative sentence, in order
+    tail: tuple | None = None  # (hidden, stop_logits) of the last sentence, confirmed or not: what to decode next
+    speculating: bool = False  # a speculative step is queued or running
+    on_speculative: Callable | None = None  # the attached stream's sink for speculative steps (any thread)
+    declined_at: tuple | None = None  # (epoch, length) of the last "declined" notice sent
+    spec_dtype: type = np.float32  # the dtype of the edge's vectors on the wire (guesses are rounded alike)
+    decoding: object = None  # the turn's pb.Decoding (None: an old client; guesses decode plain greedy)
+    answer_start: int = 0  # where the current turn's answer starts (after its prompt)
+    answer_tokens: dict = field(default_factory=dict)  # position -> the tokens the cloud guessed there
 
     def __post_init__(self) -> None:
         self.key = (self.owner, self.id)  # where the store files it
@@ -77,8 +96,10 @@ class Session:
 
     @property
     def kv_bytes(self) -> int:
+        """Bytes of the held sentences (allocated: up to 1.5x, slots grow by half). From `length`, not the
+        slot's: a rollback frees its sentences at once, while a step still running may hold the slot."""
         kv = self.kv
-        return 0 if kv is None else kv.used_bytes  # allocated: up to 1.5x (slots grow by half)
+        return 0 if kv is None or not kv.capacity else kv.nbytes // kv.capacity * self.length
 
 
 class SessionStore:
@@ -96,6 +117,11 @@ class SessionStore:
         self.sessions: OrderedDict[tuple[str, str], Session] = OrderedDict()
         self.gone: OrderedDict[tuple[str, str], str] = OrderedDict()  # freed (owner, id) -> why
         self.sentences_in_use = 0  # held + reserved, for the KV budget
+        # speculation counters (Stats)
+        self.speculative_steps_total = 0
+        self.speculation_accepted_total = 0
+        self.speculation_dropped_total = 0
+        self.speculation_decode_tokens_total = 0
 
     # -- opening ---------------------------------------------------------------------------
     def acquire(self, owner: str, session_id: str | None, history_len: int | None,
@@ -148,6 +174,7 @@ class SessionStore:
     def detach(self, s: Session, reason: str = "Close{keep: true}") -> None:
         with self.lock:
             s.attached, s.end_stream = False, None
+            self.stop_speculating(s)
             self._touch(s)
         log("session_detach", session=s.tag, length=s.length, reason=reason)
 
@@ -198,7 +225,90 @@ class SessionStore:
             s.length += n
             s.kv.length = s.length
             s.last_hidden, s.last_stop_logits = hidden, stop_logits
+            s.confirmed, s.spec, s.tail = s.length, [], (hidden, stop_logits)
             s.steps += 1
+            self._touch(s)
+            return True
+
+    # -- speculation -------------------------------------------------------------------------
+    def truncate(self, s: Session, position: int) -> int:
+        """Drop the sentences from `position` on (speculative ones, or confirmed ones the edge rewrites)
+        and everything in flight for them (epoch + 1). Returns how many were dropped."""
+        with self.lock:
+            if s.freed:
+                raise not_found(f"this session is no longer held ({s.free_reason})")
+            if position > s.confirmed:
+                raise invalid(f"append.position {position} is past the {s.confirmed} sentences this session "
+                              "holds (confirmed); send the sentences in between first")
+            dropped = s.length - position
+            self.speculation_dropped_total += s.length - max(position, s.confirmed)
+            if position < s.confirmed:  # a rewrite of confirmed sentences: their last step is gone
+                s.last_hidden = s.last_stop_logits = s.tail = None
+                s.spec = []
+            else:
+                s.spec = s.spec[:position - s.confirmed]
+                s.tail = s.spec[-1] if s.spec else (s.last_hidden, s.last_stop_logits)
+            s.length, s.confirmed = position, min(s.confirmed, position)
+            s.answer_tokens = {p: t for p, t in s.answer_tokens.items() if p < position}
+            self.sentences_in_use -= dropped
+            s.epoch += 1
+            if not s.speculating:  # else the batcher sets the slot's length before its next pass
+                s.kv.length = min(s.kv.length, position)
+            self._touch(s)
+            return dropped
+
+    def accept(self, s: Session, position: int) -> None:
+        """The edge confirms the speculative sentence at `position` (the first unconfirmed one)."""
+        with self.lock:
+            if s.freed:
+                raise not_found(f"this session is no longer held ({s.free_reason})")
+            if position != s.confirmed or position >= s.length:
+                raise precondition(f"accept.position {position} is not the first speculative sentence of this session "
+                                   f"(it holds {s.confirmed} confirmed and {s.length - s.confirmed} speculative ones)")
+            s.last_hidden, s.last_stop_logits = s.spec.pop(0)
+            s.confirmed += 1
+            self.speculation_accepted_total += 1
+            self._touch(s)
+
+    def stop_speculating(self, s: Session) -> None:
+        """No more speculation for `s` (its stream ends or detaches): drop its speculative sentences."""
+        with self.lock:
+            s.speculate, s.on_speculative = 0, None
+            if not s.freed and s.length > s.confirmed:
+                self.truncate(s, s.confirmed)
+
+    def reserve_speculative(self, s: Session) -> bool:
+        """Room for one speculative sentence (lock held): the session limit and the KV budget, never
+        by evicting another session: speculation only uses room that is free."""
+        if s.freed or s.length + s.reserved + 1 > self.max_sentences:
+            return False
+        if (self.sentences_in_use + 1) * self.per_sentence > self.kv_budget_bytes:
+            return False
+        s.reserved += 1
+        self.sentences_in_use += 1
+        return True
+
+    def commit_speculative(self, s: Session, epoch: int, hidden: np.ndarray | None,
+                           stop_logits: np.ndarray | None, decode_tokens: int = 0,
+                           guess: list[int] | None = None) -> bool:
+        """The batcher's speculative step for `s` is done (hidden None: it failed or was dropped). Kept
+        only if nothing truncated the session since it was queued; its reservation is given back else."""
+        with self.lock:
+            s.speculating = False
+            self.speculation_decode_tokens_total += decode_tokens
+            if s.freed:
+                return False
+            s.reserved -= 1
+            if hidden is None or epoch != s.epoch or not s.speculate:
+                self.sentences_in_use -= 1
+                s.kv.length = min(s.kv.length, s.length)
+                return False
+            s.answer_tokens[s.length] = guess  # the repetition controls of later guesses read it
+            s.length += 1
+            s.kv.length = s.length
+            s.spec.append((hidden, stop_logits))
+            s.tail = (hidden, stop_logits)
+            self.speculative_steps_total += 1
             self._touch(s)
             return True
 
@@ -211,7 +321,7 @@ class SessionStore:
             if self.sessions.get(s.key) is s:
                 del self.sessions[s.key]
             self.sentences_in_use -= s.length + s.reserved
-            s.kv = None
+            s.kv, s.on_speculative, s.speculate = None, None, 0
             self.gone[s.key] = reason
             while len(self.gone) > REMEMBER_GONE:
                 self.gone.popitem(last=False)
@@ -254,3 +364,10 @@ class SessionStore:
             held = list(self.sessions.values())
             return {"sessions": len(held), "attached_sessions": sum(s.attached for s in held),
                     "kv_bytes": sum(s.kv_bytes for s in held), "kv_budget_bytes": self.kv_budget_bytes}
+
+    def speculation_stats(self) -> dict:
+        with self.lock:
+            return {"speculative_steps_total": self.speculative_steps_total,
+                    "speculation_accepted_total": self.speculation_accepted_total,
+                    "speculation_dropped_total": self.speculation_dropped_total,
+                    "speculation_decode_tokens_total": self.speculation_decode_tokens_total}

@@ -26,8 +26,15 @@ from edge.loop import SentenceEvent, TurnEnd
 from edge.runtime import EdgeRuntime
 from edge.sampling import Sampling
 from protos.client import DEFAULT_KEEPALIVE_S, CloudClient, make_channel
+from sentences.sampling import (  # noqa: F401 (the defaults are re-exported for edge.cli)
+    DEFAULT_NO_REPEAT_NGRAM,
+    DEFAULT_NO_REPEAT_SENTENCE,
+    DEFAULT_REPETITION_PENALTY,
+    check_stop_threshold,
+)
 
 WIRE_DTYPES = ("float32", "float16")
+DEFAULT_SPECULATE = 0  # off: on a CPU cloud its torch SentenceVAE decodes slower than the round trip it hides (bench/rtt.py)
 _log = logging.getLogger("edge")
 
 
@@ -41,18 +48,28 @@ class AnswerOptions:
     seed: int | None = None  # sentence i of an answer samples with seed + i
     max_sentences: int = 8  # per answer (the context may allow fewer)
     max_tokens: int = 0  # per sentence; 0 = the bundle's limit
+    # repetition controls (sentences.sampling); defaults measured by bench/answer_quality.py
+    repetition_penalty: float = DEFAULT_REPETITION_PENALTY  # 1 = off
+    no_repeat_ngram_size: int = DEFAULT_NO_REPEAT_NGRAM  # 0 = off
+    no_repeat_sentence: bool = DEFAULT_NO_REPEAT_SENTENCE
+    stop_threshold: float | None = None  # end the answer when P(stop) >= this; None = the bundle's
 
     def __post_init__(self) -> None:
         if isinstance(self.max_sentences, bool) or not isinstance(self.max_sentences, int) or self.max_sentences < 0:
             raise TurnError(f"max_sentences must be an integer >= 0, got {self.max_sentences!r}")
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 0:
             raise TurnError(f"max_tokens must be an integer >= 0 (0 = the bundle's limit), got {self.max_tokens!r}")
+        try:
+            check_stop_threshold(self.stop_threshold)
+        except ValueError as e:
+            raise TurnError(str(e)) from None
         self.sampling  # noqa: B018 - checks temperature, top_k, top_p, seed now
 
     @property
     def sampling(self) -> Sampling:
         try:
-            return Sampling(self.temperature, self.top_k, self.top_p, self.seed)
+            return Sampling(self.temperature, self.top_k, self.top_p, self.seed, self.repetition_penalty,
+                            self.no_repeat_ngram_size, self.no_repeat_sentence)
         except ValueError as e:
             raise TurnError(str(e)) from None
 
@@ -70,7 +87,7 @@ class Answer:
         self.end: TurnEnd | None = None
         self._stop = False
         self._events = session.turn(text, options.sampling, options.max_sentences, options.max_tokens or None,
-                                    interrupted=lambda: self._stop)
+                                    interrupted=lambda: self._stop, stop_threshold=options.stop_threshold)
 
     def __iter__(self) -> Iterator[SentenceEvent]:
         return self
@@ -152,7 +169,8 @@ def connect(server: str, bundle: str | Path | EdgeRuntime, *, token: str | None 
             server_name: str | None = None, wire_dtype: str = "float32",
             connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S, step_timeout: float | None = DEFAULT_STEP_TIMEOUT_S,
             keepalive_s: float | None = DEFAULT_KEEPALIVE_S, device: str = "auto", threads: int = 0,
-            options: AnswerOptions = AnswerOptions(), notify: Callable[[str], None] = _log.warning) -> EdgeChat:
+            options: AnswerOptions = AnswerOptions(), notify: Callable[[str], None] = _log.warning,
+            speculate: int = DEFAULT_SPECULATE) -> EdgeChat:
     """Open a conversation: load the edge bundle (or take a loaded EdgeRuntime), check that the
     server at `server` (host:port) serves the other half of the same model (model id, d and the
     sha256 of its weights), open a session.
@@ -164,7 +182,8 @@ def connect(server: str, bundle: str | Path | EdgeRuntime, *, token: str | None 
     every rebuild); step_timeout: seconds each cloud step may take (0 or None: no limit);
     keepalive_s: seconds between keepalive pings while the conversation is open (0 or None: none).
     notify: what to say about warnings and sessions rebuilt or resumed after a lost stream (default: the
-    "edge" logger)."""
+    "edge" logger). speculate: sentences the cloud may run ahead of this edge (sentence-level speculation,
+    edge.speculate: hides the round trip per sentence; 0 = off; a server without it grants 0)."""
     check_wire_dtype(wire_dtype)
     target = server.strip()
     if ":" not in target:
@@ -186,8 +205,10 @@ def connect(server: str, bundle: str | Path | EdgeRuntime, *, token: str | None 
                                keepalive_s=keepalive_s or 0, options=(("grpc.use_local_subchannel_pool", 1),))
         return CloudClient(target, token or None, channel=channel)
 
+    if isinstance(speculate, bool) or not isinstance(speculate, int) or speculate < 0:
+        raise EdgeError(f"speculate must be an integer >= 0 (0 = off), got {speculate!r}")
     session = ChatSession(runtime, client_factory, target, wire_dtype=wire_dtype, connect_timeout=connect_timeout,
-                          step_timeout=step_timeout or None, notify=notify,
+                          step_timeout=step_timeout or None, notify=notify, speculate=speculate,
                           tls=bool(tls or root_certificates or certificate_chain))
     try:
         session.connect()

@@ -41,6 +41,7 @@ import numpy as np
 from edge.loop import SentenceEvent, TurnEnd, sentence_loop
 from edge.runtime import EdgeRuntime, PromptError
 from edge.sampling import Sampling
+from edge.speculate import TOLERANCE, SpeculativeStepper, turn_decoding
 from protos.client import BALANCER_UNAVAILABLE, CloudClient, CloudError, Conversation, StepResult
 
 DEFAULT_CONNECT_TIMEOUT_S = 10.0
@@ -155,6 +156,8 @@ class ChatSession:
     turns: int = 0
     rebuilds: int = 0  # sessions rebuilt from the history (each said through `notify`, once)
     resumes: int = 0  # reconnects that found the session still held (nothing recomputed; said too)
+    speculate: int = 0  # sentence-level speculation: sentences the cloud may run ahead (edge.speculate); 0 = off
+    tolerance: float = TOLERANCE  # how far the cloud's guess of a sentence vector may be from the edge's
 
     def __post_init__(self) -> None:
         self.client: CloudClient | None = None
@@ -166,6 +169,7 @@ class ChatSession:
         self.session_id = ""  # the server's id of the session, once opened
         self._resumable = False  # the server may still hold session_id with exactly our history
         self._waited_for_detach = False  # this reconnect has waited once for the server to see a cut stream
+        self.stepper = SpeculativeStepper(tolerance=self.tolerance)  # checks the cloud's guesses (speculate > 0)
 
     # ------------------------------------------------------------ connection
 
@@ -213,7 +217,8 @@ class ChatSession:
         try:
             self.conv = self.client.conversation(self.runtime.model_id, self.runtime.d_model, session_id=resume,
                                                  history=hist, dtype=self.wire_dtype, reply_dtype=self.wire_dtype,
-                                                 step_timeout=self.step_timeout, keep_on_disconnect=True)
+                                                 step_timeout=self.step_timeout, keep_on_disconnect=True,
+                                                 speculate=self.speculate)
         except CloudError as e:
             self.conv = None
             if e.code == grpc.StatusCode.FAILED_PRECONDITION and resume and not _mismatch(e):
@@ -295,8 +300,11 @@ class ChatSession:
         for _ in range(STEP_TRIES):
             if self.conv is None or self.conv.finished:
                 self._rebuild(why or self._lost)
+                # a fresh session: nothing guessed to check, and its cloud never decoded this answer's start
+                self.stepper.begin_turn(turn_decoding(None))
             try:
-                step = self.conv.append(vectors)
+                self.stepper.conv = self.conv
+                step = self.stepper.append(vectors)
             except CloudError as e:
                 why = _why(e)
                 if not rebuildable(e):
@@ -312,9 +320,12 @@ class ChatSession:
     # ------------------------------------------------------------ turns
 
     def turn(self, text: str, sampling: Sampling, max_sentences: int = 8, max_tokens: int | None = None,
-             interrupted: Callable[[], bool] = lambda: False) -> Iterator[SentenceEvent | TurnEnd]:
+             interrupted: Callable[[], bool] = lambda: False,
+             stop_threshold: float | None = None) -> Iterator[SentenceEvent | TurnEnd]:
         """One user turn: TurnError now if it cannot run (bad prompt, no room), else an iterator
         that yields each sentence as soon as it is decoded, then a TurnEnd.
+
+        The answer ends when the cloud's P(stop) >= `stop_threshold` (None: the edge bundle's).
 
         `interrupted()` is checked before each sentence: the sentence yielded last is always
         appended first, so the context holds exactly what the user saw. A KeyboardInterrupt
@@ -332,9 +343,13 @@ class ChatSession:
                             f"for; a prompt of {len(prompt)} sentence(s) leaves no room for an answer: start a new "
                             "conversation (/reset in edge-chat, reset() in the API)")
         self.turns += 1
+        # the prompt's Append drops whatever the cloud guessed past the conversation, and says how to guess
+        self.stepper.begin_turn(turn_decoding(sampling, max_tokens))
         events = sentence_loop(self.runtime, self, prompt, sampling, room=room - used - len(prompt),
                                max_sentences=max_sentences, max_tokens=max_tokens, turn=self.turns,
-                               context_used=used, interrupted=interrupted)
+                               context_used=used, interrupted=interrupted,
+                               stop_threshold=self.runtime.bundle.stop_threshold if stop_threshold is None
+                               else stop_threshold)
         return self._dropping_on_abort(events)
 
     def _dropping_on_abort(self, events: Iterator) -> Iterator:

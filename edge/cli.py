@@ -27,7 +27,17 @@ from typing import Callable, Iterator, Optional
 
 import typer
 
-from edge.api import AnswerOptions, EdgeChat, check_wire_dtype, connect, load_runtime
+from edge.api import (
+    DEFAULT_NO_REPEAT_NGRAM,
+    DEFAULT_NO_REPEAT_SENTENCE,
+    DEFAULT_REPETITION_PENALTY,
+    DEFAULT_SPECULATE,
+    AnswerOptions,
+    EdgeChat,
+    check_wire_dtype,
+    connect,
+    load_runtime,
+)
 from edge.chat import DEFAULT_STEP_TIMEOUT_S, EdgeError, TurnError
 from edge.loop import SentenceEvent, TurnEnd
 from protos.client import DEFAULT_KEEPALIVE_S
@@ -260,11 +270,22 @@ def chat(
     seed: Optional[int] = typer.Option(None, help="sentence i of a turn samples with seed + i"),
     max_sentences: int = typer.Option(8, help="sentences per answer at most (the context may allow fewer)"),
     max_sentence_tokens: int = typer.Option(0, help="tokens per sentence at most; 0 = the bundle's limit"),
+    repetition_penalty: float = typer.Option(DEFAULT_REPETITION_PENALTY, help="divide the positive logits (multiply "
+                                             "the negative ones) of tokens already in the answer; 1 = off"),
+    no_repeat_ngram_size: int = typer.Option(DEFAULT_NO_REPEAT_NGRAM, help="never repeat an n-gram of the "
+                                                                           "answer's tokens; 0 = off"),
+    no_repeat_sentence: bool = typer.Option(DEFAULT_NO_REPEAT_SENTENCE, "--no-repeat-sentence/--allow-repeat-sentence",
+                                            help="a sentence may not end where it equals an earlier one of the answer"),
+    stop_threshold: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="end the answer when the cloud's "
+                                                   "P(stop) >= this; default: the bundle's (chosen on validation)"),
     as_json: bool = typer.Option(False, "--json", help="JSON lines with per-sentence timings"),
     device: str = typer.Option("auto", help="edge ONNX Runtime device: auto (CUDA when it really loads), "
                                              "cpu, cuda; --local: also the server's"),
     threads: int = typer.Option(0, help="CPU threads for ONNX Runtime (and the --local server); 0 = default"),
     wire_dtype: str = typer.Option("float32", help="sentence vectors on the wire: float32 or float16"),
+    speculate: int = typer.Option(DEFAULT_SPECULATE, min=0, help="sentence-level speculation: sentences the cloud "
+                                                                 "may guess ahead, hiding the round trip per "
+                                                                 "sentence (the edge checks every guess); 0 = off"),
 ) -> None:
     """Chat with an SLLM: sentences are encoded and decoded here, the cloud predicts the next one."""
     try:
@@ -286,8 +307,12 @@ def chat(
 
 def _run(prompt, server, token, tls_ca, tls, tls_cert, tls_key, server_name, step_timeout, keepalive, bundle, local,
          model, local_timeout, temperature, top_k, top_p, seed, max_sentences, max_sentence_tokens, as_json, device,
-         threads, wire_dtype) -> int:
-    options = AnswerOptions(temperature, top_k, top_p, seed, max_sentences, max_sentence_tokens)
+         threads, wire_dtype, speculate=0, repetition_penalty=DEFAULT_REPETITION_PENALTY,
+         no_repeat_ngram_size=DEFAULT_NO_REPEAT_NGRAM, no_repeat_sentence=DEFAULT_NO_REPEAT_SENTENCE,
+         stop_threshold=None) -> int:
+    options = AnswerOptions(temperature, top_k, top_p, seed, max_sentences, max_sentence_tokens,
+                            repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
+                            no_repeat_sentence=no_repeat_sentence, stop_threshold=stop_threshold)
     check_wire_dtype(wire_dtype)
     if prompt is not None and not prompt.strip():
         raise EdgeError("--prompt is empty")
@@ -318,7 +343,7 @@ def _run(prompt, server, token, tls_ca, tls, tls_cert, tls_key, server_name, ste
             _note(f"started a local cloud server (pid {local_server.pid}) at {server}")
         chat = connect(server, runtime, token=token, tls=tls, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key,
                        server_name=server_name, wire_dtype=wire_dtype, step_timeout=step_timeout,
-                       keepalive_s=keepalive, options=options, notify=_note)
+                       keepalive_s=keepalive, options=options, notify=_note, speculate=speculate)
         session, out = chat.session, _Output(as_json)
         info = session.info
         if as_json:

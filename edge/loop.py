@@ -1,8 +1,15 @@
 """The edge sentence loop: one answer, sentence by sentence, over any cloud "stepper".
 
-    prompt ids -> encoder.onnx -> stepper.append(prompt vectors) -> step (h_t, stop flag)
+    prompt ids -> encoder.onnx -> stepper.append(prompt vectors) -> step (h_t, P(stop))
     repeat: stop? -> done; decoder.onnx(h_t) -> sentence (empty -> done); yield it;
             encoder.onnx(sentence) -> stepper.append(its vector) -> next step
+
+"stop?" is P(stop) >= the stop threshold (the bundle's, chosen on validation, or the user's), or
+the termination head's argmax flag for a bundle without one; it is not asked before `min_sentences`
+sentences (1: a prompt is often a paragraph by itself, and an answer is a new one, not nothing).
+The decoder sees the answer's earlier sentences, for the sampling's repetition controls
+(sentences.sampling); with no_repeat_sentence, a sentence that still equals an earlier one (it
+reached the token limit) ends the answer ("repeat").
 
 This is the torch reference loop (`modeling.sllm_generate.SLLMGenerator.generate`) with the same
 stop rules; `edge.chat.ChatSession` (gRPC, history, rebuild) and the bench (gRPC with wire-byte
@@ -20,6 +27,7 @@ from typing import Callable, Iterator, Protocol
 import numpy as np
 
 from edge.sampling import Sampling
+from sentences.sampling import stop_decision
 
 
 class Step(Protocol):
@@ -60,7 +68,7 @@ class SentenceEvent:
 @dataclass
 class TurnEnd:
     turn: int
-    reason: str  # "stop" | "empty" | "max_sentences" | "context_full" | "interrupted"
+    reason: str  # "stop" | "empty" | "repeat" | "max_sentences" | "context_full" | "interrupted"
     sentences: int
     prompt_sentences: int
     context_sentences: int  # sentences the context holds now (all turns)
@@ -68,7 +76,7 @@ class TurnEnd:
     # sentence was not appended (append_last=False)
     edge_encode_ms: float
     cloud_step_ms: float
-    edge_decode_ms: float  # the decode that came back empty ("empty"), else 0
+    edge_decode_ms: float  # the decode that came back empty ("empty") or repeated ("repeat"), else 0
     total_ms: float
     stop_probability: float  # of the last step
 
@@ -80,7 +88,8 @@ def _never() -> bool:
 def sentence_loop(runtime, stepper: Stepper, prompt: list[list[int]], sampling: Sampling, *, room: int,
                   max_sentences: int | None = None, max_tokens: int | None = None, turn: int = 1,
                   context_used: int = 0, use_stop_flag: bool = True, append_last: bool = True,
-                  interrupted: Callable[[], bool] = _never) -> Iterator[SentenceEvent | TurnEnd]:
+                  interrupted: Callable[[], bool] = _never, stop_threshold: float | None = None,
+                  min_sentences: int = 1) -> Iterator[SentenceEvent | TurnEnd]:
     """One answer to `prompt` (token ids of its sentences): yields each sentence as soon as it is
     decoded, then one TurnEnd.
 
@@ -88,6 +97,8 @@ def sentence_loop(runtime, stepper: Stepper, prompt: list[list[int]], sampling: 
     room: sentences the context can take after the prompt; max_sentences: per answer (None = room).
     context_used: sentences the context held before the prompt (for TurnEnd.context_sentences).
     use_stop_flag=False: generate past the termination head (the bench's fixed-length runs).
+    stop_threshold: stop when P(stop) >= it; None: the step's own stop flag (argmax). The stop rule
+    applies from sentence `min_sentences` on.
     append_last=False: the sentence that reaches the cap is not appended (nothing reads its step).
     interrupted(): checked before each sentence; True ends the answer ("interrupted") after the
     sentence decoded last has been appended, so the context holds what the consumer saw.
@@ -97,17 +108,23 @@ def sentence_loop(runtime, stepper: Stepper, prompt: list[list[int]], sampling: 
     t_turn = time.perf_counter()
     step, encode_ms, step_ms = _encode_and_append(runtime, stepper, prompt)
     reason, n, appended, empty_ms = at_cap, 0, 0, 0.0
+    said: list[list[int]] = []  # this answer's sentences (the repetition controls read them)
     for i in range(max(cap, 0)):
         if interrupted():
             reason = "interrupted"
             break
-        if use_stop_flag and step.stop:
+        if use_stop_flag and i >= min_sentences and stop_decision(step.stop, step.stop_probability, stop_threshold):
             reason = "stop"
             break
-        decoded = runtime.decode(step.hidden, sampling.for_sentence(i), max_tokens)
+        answer = {"answer": said} if sampling.controls_repetition else {}  # runtimes without controls: as before
+        decoded = runtime.decode(step.hidden, sampling.for_sentence(i), max_tokens, **answer)
         if not decoded.ids:  # eos straight away: nothing left to say
             reason, empty_ms = "empty", decoded.ms
             break
+        if sampling.no_repeat_sentence and decoded.ids in said:  # the guard could not avoid it (token limit)
+            reason, empty_ms = "repeat", decoded.ms
+            break
+        said.append(decoded.ids)
         yield SentenceEvent(turn, i, decoded.text, decoded.ids, float(step.stop_probability), encode_ms, step_ms,
                             decoded.ms)
         n += 1

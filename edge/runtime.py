@@ -16,10 +16,11 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
-from edge.sampling import Sampling, numpy_generator, pick_next
+from edge.sampling import Picker, Sampling
 from runtime.edge_bundle import EdgeBundle, load_edge_bundle
 from runtime.manifest import BundleError
 from runtime.providers import open_sessions
@@ -111,22 +112,24 @@ class EdgeRuntime:
 
     # ------------------------------------------------------------ vectors -> text
 
-    def decode(self, hidden: np.ndarray, sampling: Sampling, max_tokens: int | None = None) -> Decoded:
-        """One sentence from one vector h_t [d]: tokens until eos or min(max_tokens, the bundle's limit)."""
+    def decode(self, hidden: np.ndarray, sampling: Sampling, max_tokens: int | None = None,
+               answer: Sequence[Sequence[int]] = ()) -> Decoded:
+        """One sentence from one vector h_t [d]: tokens until eos or min(max_tokens, the bundle's limit).
+        answer: the earlier sentences of the same answer (for the sampling's repetition controls)."""
         t0 = time.perf_counter()
         memory = np.asarray(hidden, dtype=np.float32).reshape(1, -1)
         if memory.shape[1] != self.d_model:
             raise ValueError(f"h_t has {memory.shape[1]} values, this bundle's vectors have d={self.d_model}")
-        ids = decode_vectors(self.decoder, memory, self.spec, sampling, max_tokens)[0]
+        ids = decode_vectors(self.decoder, memory, self.spec, sampling, max_tokens, answer)[0]
         return Decoded(ids, self.tokenizer.decode(ids), (time.perf_counter() - t0) * 1e3)
 
     def detokenize(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids)
 
 
-def decode_vectors(session, memory: np.ndarray, spec, sampling: Sampling,
-                   max_tokens: int | None = None) -> list[list[int]]:
+def decode_vectors(session, memory: np.ndarray, spec, sampling: Sampling, max_tokens: int | None = None,
+                   answer: Sequence[Sequence[int]] = ()) -> list[list[int]]:
     """Decode vectors memory [B, d] with decoder.onnx and its KV cache; one token list per row
-    (no bos/eos): the shared loop of `runtime.svae_onnx`, with this edge's sampling."""
-    rng = numpy_generator(sampling)
-    return decode_loop(session, memory, spec, lambda logits: pick_next(logits, sampling, rng), max_tokens)
+    (no bos/eos): the shared loop of `runtime.svae_onnx`, with this edge's sampling (every row
+    continues the same `answer`)."""
+    return decode_loop(session, memory, spec, Picker(sampling, spec.eos_id, answer, len(memory)), max_tokens)

@@ -1,18 +1,22 @@
-"""Next-token choice for the edge decoder, in numpy: greedy, temperature, top-k, top-p, seed.
+"""Next-token choice for the edge decoder, in numpy: greedy, temperature, top-k, top-p, seed, and
+the repetition controls (sentences.sampling: repetition penalty, no-repeat n-grams, no repeated
+sentence).
 
 The same rules as the torch reference `modeling.generate.pick_next` (greedy = argmax;
 top-k keeps the logits >= the k-th largest, ties included; top-p keeps the most likely tokens
-until the mass of the strictly more likely ones reaches p, the top token always stays), and
-the same seeding scheme as `SLLMGenerator.generate` (sentence i of a turn draws from
-`seed + i`). Greedy decoding is token-for-token the torch result; sampled decoding draws
-from the same distribution, but numpy's random stream is not torch's, so a seed reproduces
-edge runs, not torch runs.
+until the mass of the strictly more likely ones reaches p, the top token always stays), the
+repetition controls applied before them in float32 as there, and the same seeding scheme as
+`SLLMGenerator.generate` (sentence i of a turn draws from `seed + i`). Greedy decoding is
+token-for-token the torch result; sampled decoding draws from the same distribution, but numpy's
+random stream is not torch's, so a seed reproduces edge runs, not torch runs.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 
-from sentences.sampling import SamplingConfig
+from sentences.sampling import RepetitionGuard, SamplingConfig, advance, guards_for
 
 Sampling = SamplingConfig  # the one sampling config, shared with the torch reference
 
@@ -28,6 +32,18 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     x = x - x.max(axis=-1, keepdims=True)
     e = np.exp(x)
     return e / e.sum(axis=-1, keepdims=True)
+
+
+def control_repetition(logits: np.ndarray, guards: list[RepetitionGuard]) -> np.ndarray:
+    """logits [B, V] with each row's repetition penalty applied and its banned tokens at -inf."""
+    x = np.array(logits, dtype=np.float32)
+    for row, guard in zip(x, guards):
+        idx = guard.penalized()
+        if idx:
+            v, p = row[idx], np.float32(guard.penalty)
+            row[idx] = np.where(v > 0, v / p, v * p)
+        row[guard.banned()] = -np.inf
+    return x
 
 
 def filter_logits(logits: np.ndarray, sampling: Sampling) -> np.ndarray:
@@ -61,3 +77,22 @@ def pick_next(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator |
     u = rng.random(len(probs)) * cdf[:, -1]  # one draw per row
     picks = np.array([np.searchsorted(row, x, side="right") for row, x in zip(cdf, u)], dtype=np.int64)
     return np.minimum(picks, probs.shape[-1] - 1)
+
+
+class Picker:
+    """`pick(logits [A, V]) -> ids [A]` for one call of the decode loop (runtime.svae_onnx.decode_loop):
+    its sampling, its random stream, and one repetition guard per row, which leave with their rows
+    (a row that picks eos leaves the loop's batch)."""
+
+    def __init__(self, sampling: Sampling, eos_id: int, answer: Sequence[Sequence[int]] = (), rows: int = 1):
+        self.sampling = sampling
+        self.rng = numpy_generator(sampling)
+        self.eos_id = eos_id
+        self.guards = guards_for(sampling, answer, eos_id, rows)
+
+    def __call__(self, logits: np.ndarray) -> np.ndarray:
+        if self.guards is None:
+            return pick_next(logits, self.sampling, self.rng)
+        nxt = pick_next(control_repetition(logits, self.guards), self.sampling, self.rng)
+        self.guards = advance(self.guards, nxt.tolist(), self.eos_id)
+        return nxt

@@ -26,9 +26,13 @@ from export.onnx_export import OPSET, export_decoder, export_encoder
 from export.quantize import QUANT_MODES, quantize_int8
 from export.verify import render_markdown
 from modeling.cloud_bundle import load_cloud_bundle, model_id_for, write_cloud_bundle
+from modeling.sllm import SLLM
+from modeling.svae_bundle import FOLDER as SVAE_FOLDER
+from modeling.svae_bundle import load_svae_folder
 from runtime.artifacts import CheckpointError, expect
 from runtime.edge_bundle import (
     CLOUD_WEIGHTS_FIELD,
+    STOP_THRESHOLD_FIELD,
     DECODER,
     DECODER_INT8,
     ENCODER,
@@ -51,6 +55,9 @@ from sentences.segment import SEGMENTATION_VERSION
 from training.data.corpus import CorpusError, load_documents, split_documents
 from training.data.sentence_data import segment_documents
 from training.load import load_sllm, load_stage1
+from training.config import RunConfig
+from training.stop_head import validation_stop_threshold
+from training.svae_folder import write_svae_folder
 
 STEPS = ("load", "export encoder", "export decoder", "verify", "quantize", "write")
 # what --quantize int8 converts, per graph: the op types whose weights become int8 (see export.quantize)
@@ -80,6 +87,7 @@ class LoadedCheckpoint:
     opt: object | None  # GraftedOPT, None for a stage-1 checkpoint
     tokenizer: object  # SentenceTokenizer
     data: object  # DataConfig the model was trained with
+    train: object  # TrainConfig (recorded with the torch SentenceVAE the export ships in svae/)
 
 
 @dataclass
@@ -162,7 +170,7 @@ def load_checkpoint(path: Path, weights: str = "ema") -> LoadedCheckpoint:
                           "training; export it with the code version that trained it")
     svae = svae.float().cpu().eval()
     return LoadedCheckpoint(kind, d, weights, model_id_for(d, weights), svae,
-                            opt.float().cpu().eval() if opt is not None else None, t.tokenizer, cfg_data)
+                            opt.float().cpu().eval() if opt is not None else None, t.tokenizer, cfg_data, t.run.train)
 
 
 # ---------------------------------------------------------------- verification sentences
@@ -254,6 +262,7 @@ def export_checkpoint(checkpoint: Path, out: Path, *, quantize: str | None = Non
     out.mkdir(parents=True, exist_ok=True)
     tmp_edge = Path(tempfile.mkdtemp(dir=out, prefix=".edge."))
     tmp_cloud = Path(tempfile.mkdtemp(dir=out, prefix=".cloud.")) if loaded.opt is not None else None
+    tmp_svae = tmp_edge.with_name(tmp_edge.name + ".svae")
     try:
         step("export encoder")
         export_encoder(svae.encoder, tmp_edge / ENCODER)
@@ -319,7 +328,8 @@ def export_checkpoint(checkpoint: Path, out: Path, *, quantize: str | None = Non
         step("write")
         cloud_weights = None  # the edge bundle records the cloud half's weights hash: its identity
         if loaded.opt is not None:
-            cloud_weights = cloud_weights_sha256(write_cloud_bundle(loaded.opt, tmp_cloud, loaded.model_id))
+            cloud_manifest = write_cloud_bundle(loaded.opt, tmp_cloud, loaded.model_id)
+            cloud_weights = cloud_weights_sha256(cloud_manifest)
             cloud_opt, _ = load_cloud_bundle(tmp_cloud)
             ref = loaded.opt.state_dict()
             same = all(torch.equal(v, ref[k]) for k, v in cloud_opt.state_dict().items())
@@ -330,6 +340,17 @@ def export_checkpoint(checkpoint: Path, out: Path, *, quantize: str | None = Non
             report["cloud"] = None
             if (out / "cloud").exists():
                 notes.append(f"removed {out / 'cloud'}: it belonged to another model (a stage-1 export has no cloud half)")
+        # the torch SentenceVAE beside the bundles (float32, exactly the exported weights): what evaluation,
+        # further training and the cloud's sentence-level speculation load
+        write_svae_folder(tmp_svae, svae, loaded.tokenizer,
+                                     RunConfig(data=loaded.data, train=loaded.train),
+                                     {"model_id": loaded.model_id, "how": f"exported from {loaded.path} "
+                                      f"({loaded.weights} weights)"}, dtype="float32")
+        svae_ref = svae.state_dict()
+        if not all(torch.equal(v, svae_ref[k]) for k, v in load_svae_folder(tmp_svae, loaded.model_id).state_dict().items()):
+            raise VerificationFailed("the svae/ folder does not reload to the same weights", report)
+        report["svae"] = {"folder": SVAE_FOLDER, "bytes": sum(f.stat().st_size for f in tmp_svae.iterdir())}
+        stop = report["stop_threshold"] = export_stop_threshold(loaded, notes)  # None: the head's argmax decides
         loaded.tokenizer.save(tmp_edge)
         _write_report(tmp_edge, REPORT_JSON, REPORT_MD, report)
         files = [encoder_file, decoder_file, TOKENIZER, TOKENIZER_META, REPORT_JSON, REPORT_MD]
@@ -345,6 +366,10 @@ def export_checkpoint(checkpoint: Path, out: Path, *, quantize: str | None = Non
             "split_on_comma": bool(loaded.data.split_on_comma),
             "verification": {"passed": True, "tolerance": verify.TOLERANCE_RULE, "parity_max": report["parity_max"],
                              "greedy_identical": f"{greedy['identical']}/{greedy['sentences']}"},
+            STOP_THRESHOLD_FIELD: stop["threshold"] if stop else None,
+            "stop_head": None if stop is None else {
+                "threshold_rule": "max F1 of 'ends its paragraph' on the validation split",
+                "precision": round(stop["precision"], 4), "recall": round(stop["recall"], 4)},
         }, files)
         # last check: the bundle loads the way the edge loads it and decodes the same tokens
         bundle = load_edge_bundle(tmp_edge)
@@ -356,6 +381,7 @@ def export_checkpoint(checkpoint: Path, out: Path, *, quantize: str | None = Non
         del bundle, enc, dec, speed_sessions
 
         replace_dir(tmp_edge, out / "edge")
+        replace_dir(tmp_svae, out / SVAE_FOLDER)
         if tmp_cloud is not None:
             replace_dir(tmp_cloud, out / "cloud")
         elif (out / "cloud").exists():  # a stale cloud half of another model (only reachable with --force)
@@ -364,9 +390,22 @@ def export_checkpoint(checkpoint: Path, out: Path, *, quantize: str | None = Non
             (out / (FAILED_REPORT + suffix)).unlink(missing_ok=True)
         return ExportResult(out, out / "edge", out / "cloud" if tmp_cloud is not None else None, report, notes)
     finally:
-        for tmp in (tmp_edge, tmp_cloud):
+        for tmp in (tmp_edge, tmp_cloud, tmp_svae):
             if tmp is not None and tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
+
+
+def export_stop_threshold(loaded: LoadedCheckpoint, notes: list[str]) -> dict | None:
+    """The termination head's decision threshold on P(stop), chosen on the checkpoint's validation
+    split (max F1 of "ends its paragraph", training.stop_head), for the edge manifest; None (the
+    head's argmax decides) for a stage-1 export or when there is nothing to choose it on."""
+    if loaded.opt is None:
+        return None
+    try:
+        return validation_stop_threshold(SLLM(loaded.svae, loaded.opt), loaded.data, loaded.path)
+    except (CorpusError, OSError, ValueError) as e:
+        notes.append(f"no stop threshold in the edge bundle (the head's argmax decides): {e}")
+        return None
 
 
 def _parity_max(parity: list[dict]) -> dict:

@@ -3,12 +3,16 @@
 `decode_sentences` decodes incrementally with the decoder's KV cache;
 `decode_full_recompute` re-runs the whole prefix each step (reference for tests and
 benchmarks). Both share one loop, so for the same seed they draw the same random numbers.
+The repetition controls (sentences.sampling) see `answer`, the earlier sentences of the answer
+being decoded; the edge (edge.sampling) applies them the same way, in float32.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
-from sentences.sampling import SamplingConfig  # noqa: F401 (re-exported: the one sampling config)
+from sentences.sampling import RepetitionGuard, SamplingConfig, advance, guards_for
 
 
 def make_generator(sampling: SamplingConfig, device: torch.device | str) -> torch.Generator | None:
@@ -16,6 +20,18 @@ def make_generator(sampling: SamplingConfig, device: torch.device | str) -> torc
     if sampling.greedy or sampling.seed is None:
         return None
     return torch.Generator(device=device).manual_seed(sampling.seed)
+
+
+def control_repetition(logits: torch.Tensor, guards: list[RepetitionGuard]) -> torch.Tensor:
+    """logits [B, V] with each row's repetition penalty applied and its banned tokens at -inf."""
+    x = logits.float().clone()
+    for row, guard in zip(x, guards):
+        idx = guard.penalized()
+        if idx:
+            v, p = row[idx], torch.tensor(guard.penalty, dtype=torch.float32, device=row.device)
+            row[idx] = torch.where(v > 0, v / p, v * p)
+        row[guard.banned()] = float("-inf")
+    return x
 
 
 def pick_next(logits: torch.Tensor, sampling: SamplingConfig,
@@ -39,23 +55,25 @@ def pick_next(logits: torch.Tensor, sampling: SamplingConfig,
 
 
 def decode_sentences(decoder, memory: torch.Tensor, max_tokens: int | None = None,
-                     sampling: SamplingConfig | None = None) -> list[list[int]]:
+                     sampling: SamplingConfig | None = None, answer: Sequence[Sequence[int]] = ()) -> list[list[int]]:
     """Decode sentence vectors memory [B, d] with the KV cache.
 
     Returns one token list per row, without bos and eos. A row stops at eos or after
     min(max_tokens, cfg.max_sentence_tokens) tokens; bos/eos ids come from decoder.cfg.
+    answer: the earlier sentences of the answer every row continues (repetition controls).
     """
-    return _decode(decoder, memory, max_tokens, sampling, use_cache=True)
+    return _decode(decoder, memory, max_tokens, sampling, True, answer)
 
 
 def decode_full_recompute(decoder, memory: torch.Tensor, max_tokens: int | None = None,
-                          sampling: SamplingConfig | None = None) -> list[list[int]]:
+                          sampling: SamplingConfig | None = None,
+                          answer: Sequence[Sequence[int]] = ()) -> list[list[int]]:
     """Same as `decode_sentences`, recomputing the whole prefix each step (no cache)."""
-    return _decode(decoder, memory, max_tokens, sampling, use_cache=False)
+    return _decode(decoder, memory, max_tokens, sampling, False, answer)
 
 
 @torch.inference_mode()
-def _decode(decoder, memory, max_tokens, sampling, use_cache: bool) -> list[list[int]]:
+def _decode(decoder, memory, max_tokens, sampling, use_cache: bool, answer=()) -> list[list[int]]:
     cfg = decoder.cfg
     sampling = sampling if sampling is not None else SamplingConfig()
     if memory.dim() != 2 or memory.shape[1] != cfg.d_model:
@@ -71,6 +89,7 @@ def _decode(decoder, memory, max_tokens, sampling, use_cache: bool) -> list[list
         return out
     device = memory.device
     generator = make_generator(sampling, device)
+    guards = guards_for(sampling, answer, cfg.eos_id, B)  # None: no repetition control
     rows = list(range(B))  # original row of each live row
     step_in = torch.full((B, 1), cfg.bos_id, dtype=torch.long, device=device)  # [A, 1] next input
     seq = step_in  # [A, n+1] live prefixes (full recompute only)
@@ -83,7 +102,10 @@ def _decode(decoder, memory, max_tokens, sampling, use_cache: bool) -> list[list
                 logits, kv = decoder(step_in, memory, kv)  # [A, 1, V], [n_layers, 2, A, H, n+1, hd]
             else:
                 logits, _ = decoder(seq, memory)  # [A, n+1, V]
-            nxt = pick_next(logits[:, -1], sampling, generator)  # [A]
+            last = logits[:, -1] if guards is None else control_repetition(logits[:, -1], guards)  # [A, V]
+            nxt = pick_next(last, sampling, generator)  # [A]
+            if guards is not None:
+                guards = advance(guards, nxt.tolist(), cfg.eos_id)
             keep = []
             for j, tok in enumerate(nxt.tolist()):
                 if tok != cfg.eos_id:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 from transformers.activations import ACT2FN
 
 
@@ -103,19 +104,37 @@ class OPTAttention(nn.Module):
         N, d = x.shape
         H, hd = self.heads, self.head_dim
         q = self.q_proj(x).view(N, H, hd).transpose(0, 1)  # [H, N, hd]
-        k = self.k_proj(x).view(N, H, hd).transpose(0, 1)
-        v = self.v_proj(x).view(N, H, hd).transpose(0, 1)
-        y = torch.empty_like(q)
-        for (start, T), slot in zip(spans, slots):
-            P = slot.length
-            kv = slot.buf[layer]  # [2, H, capacity, hd]
-            kv[0, :, P:P + T] = k[:, start:start + T]
-            kv[1, :, P:P + T] = v[:, start:start + T]
-            # new position t sees the P cached ones and new ones up to itself (bottom-right causal)
-            mask = None if T == 1 else torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(P)
-            y[:, start:start + T] = F.scaled_dot_product_attention(
-                q[:, start:start + T], kv[0, :, :P + T], kv[1, :, :P + T], attn_mask=mask)  # [H, T, hd]
+        kv_new = torch.stack((self.k_proj(x), self.v_proj(x))).view(2, N, H, hd).transpose(1, 2)  # [2, H, N, hd]
+        torch._foreach_copy_([s.buf[layer, :, :, s.length:s.length + T] for (_, T), s in zip(spans, slots)],
+                             [kv_new[:, :, start:start + T] for start, T in spans])  # written in place, one call
+        if N == len(slots) and max(s.length for s in slots) < SHORT_CONTEXT:
+            y = _padded_attention(q, slots, layer)
+        else:
+            y = torch.empty_like(q)
+            for (start, T), slot in zip(spans, slots):
+                P = slot.length
+                k, v = slot.buf[layer, 0, :, :P + T], slot.buf[layer, 1, :, :P + T]  # [H, P+T, hd]: views, no copy
+                # new position t sees the P cached ones and new ones up to itself (bottom-right causal)
+                mask = None if T == 1 else torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(P)
+                y[:, start:start + T] = F.scaled_dot_product_attention(q[:, start:start + T], k, v, attn_mask=mask)
         return self.out_proj(y.transpose(0, 1).reshape(N, d))
+
+
+# One new position per sequence and short contexts: gathering every cache into one padded batch (a copy
+# of B x P positions) and one attention call beats a call per sequence; past this length the copy costs
+# more than the calls (measured on a CPU: 3x faster at P = 1, 3x slower at P = 256, for 64 sequences).
+SHORT_CONTEXT = 64
+
+
+def _padded_attention(q: torch.Tensor, slots: list[KVSlot], layer: int) -> torch.Tensor:
+    """q [H, B, hd] (one new position per slot, already written) -> [H, B, hd]."""
+    lengths = torch.tensor([s.length + 1 for s in slots], device=q.device)
+    k = pad_sequence([s.buf[layer, 0, :, :s.length + 1].transpose(0, 1) for s in slots], batch_first=True)
+    v = pad_sequence([s.buf[layer, 1, :, :s.length + 1].transpose(0, 1) for s in slots], batch_first=True)
+    valid = torch.arange(k.shape[1], device=q.device) < lengths[:, None]  # [B, Pmax]
+    y = F.scaled_dot_product_attention(q.transpose(0, 1)[:, :, None], k.transpose(1, 2), v.transpose(1, 2),
+                                       attn_mask=valid[:, None, None, :])  # [B, H, 1, hd]
+    return y[:, :, 0].transpose(0, 1)
 
 
 class OPTBlock(nn.Module):

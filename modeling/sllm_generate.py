@@ -18,6 +18,7 @@ from modeling.opt_graft import STOP
 from modeling.sentence_vae import pad_token_lists
 from modeling.sllm import SLLM
 from sentences.limit import sentence_token_ids
+from sentences.sampling import stop_decision
 from sentences.tokenizer import SentenceTokenizer
 
 
@@ -54,9 +55,11 @@ class SLLMGenerator:
         return hidden[None], stop[None]
 
     @torch.inference_mode()
-    def generate(self, prompt: str, max_sentences: int = 16,
-                 sampling: SamplingConfig | None = None) -> Iterator[GeneratedSentence]:
-        """Yield sentences as they are made, until the stop flag, an empty sentence or `max_sentences`."""
+    def generate(self, prompt: str, max_sentences: int = 16, sampling: SamplingConfig | None = None,
+                 stop_threshold: float | None = None, min_sentences: int = 1) -> Iterator[GeneratedSentence]:
+        """Yield sentences as they are made, until the stop decision (P(stop) >= stop_threshold; None:
+        the head's argmax flag; not before `min_sentences` sentences), an empty sentence, a sentence that repeats an earlier one although
+        sampling.no_repeat_sentence (only at the token limit), or `max_sentences` (edge.loop's rules)."""
         if max_sentences < 0:
             raise ValueError(f"max_sentences must be >= 0, got {max_sentences}")
         prompt_ids = self.prompt_sentences(prompt)
@@ -68,13 +71,15 @@ class SLLMGenerator:
         sampling = sampling or SamplingConfig()
         slot = self.sllm.opt.new_slot()
         hidden, stop = self.step(slot, self.encode(prompt_ids))  # [1, S, d], [1, S, 2]
+        said: list[list[int]] = []  # this answer's sentences (the repetition controls read them)
         for i in range(max_sentences):
             p_stop = float(stop[0, -1].float().softmax(-1)[STOP])
-            if int(stop[0, -1].argmax()) == STOP:
+            if i >= min_sentences and stop_decision(int(stop[0, -1].argmax()) == STOP, p_stop, stop_threshold):
                 return
             ids = decode_sentences(self.sllm.svae.decoder, hidden[:, -1], self.max_tokens,
-                                   sampling.for_sentence(i))[0]
-            if not ids:  # eos straight away: nothing left to say
+                                   sampling.for_sentence(i), said)[0]
+            if not ids or (sampling.no_repeat_sentence and ids in said):  # nothing (new) left to say
                 return
+            said.append(ids)
             yield GeneratedSentence(self.tok.decode(ids), ids, p_stop)
             hidden, stop = self.step(slot, self.encode([ids]))

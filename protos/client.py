@@ -59,14 +59,21 @@ class CloudError(RuntimeError):
 
 @dataclass
 class StepResult:
-    hidden: np.ndarray  # [d] float32: h_t, to be decoded into the next sentence
+    hidden: np.ndarray | None  # [d] float32: h_t, to be decoded into the next sentence (None: declined)
     stop: bool  # the termination head says the answer is finished
     stop_probability: float
     past_length: int  # sentences in the session after this step
+    speculative: bool = False  # the cloud took this step on its own guess of the input (`assumed`)
+    assumed: np.ndarray | None = None  # [d] float32: that guess
+    epoch: int = 0
+    declined: bool = False  # a speculative notice: the cloud will not guess the input at past_length - 1
 
 
 def step_result(msg: pb.Step) -> StepResult:
-    return StepResult(unpack(msg.hidden, what="hidden")[0], msg.stop, msg.stop_probability, msg.past_length)
+    hidden = unpack(msg.hidden, what="hidden")[0] if not msg.declined else None
+    assumed = unpack(msg.assumed, what="assumed")[0] if msg.HasField("assumed") else None
+    return StepResult(hidden, msg.stop, msg.stop_probability, msg.past_length, msg.speculative, assumed, msg.epoch,
+                      msg.declined)
 
 
 def channel_options(max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, keepalive_s: float = DEFAULT_KEEPALIVE_S,
@@ -132,14 +139,16 @@ class CloudClient:
 
     def conversation(self, model_id: str, dim: int, *, session_id: str = "", history=None,
                      dtype: str = "float32", reply_dtype: str = "float32", timeout: float | None = None,
-                     step_timeout: float | None = None, keep_on_disconnect: bool = False) -> "Conversation":
+                     step_timeout: float | None = None, keep_on_disconnect: bool = False,
+                     speculate: int = 0) -> "Conversation":
         """Open a stream and its session (new, resumed, or rebuilt from `history` [n, d]). timeout:
         the whole stream's deadline; step_timeout: each round trip's (Open, Append, Close);
         keep_on_disconnect: the server keeps the session (detached) if the stream is cut, so a
-        reconnect with its id and history resumes it."""
+        reconnect with its id and history resumes it; speculate: sentences the cloud may run ahead
+        (sentence-level speculation, see Conversation)."""
         return Conversation(self, model_id, dim, session_id=session_id, history=history, dtype=dtype,
                             reply_dtype=reply_dtype, timeout=timeout, step_timeout=step_timeout,
-                            keep_on_disconnect=keep_on_disconnect)
+                            keep_on_disconnect=keep_on_disconnect, speculate=speculate)
 
     def close(self) -> None:
         self.channel.close()
@@ -155,11 +164,16 @@ class Conversation:
     """One Converse stream: `append` vectors, get the step back; `close(keep=...)` or `cancel()`.
 
     A reader thread takes the server's messages off the stream as they come, so that each round
-    trip can wait for its reply at most `step_timeout` seconds (None: no limit)."""
+    trip can wait for its reply at most `step_timeout` seconds (None: no limit).
+
+    Speculation (speculate > 0, granted in `self.speculate`): the server also streams speculative
+    steps; they wait here until `speculative_step(n)` takes the one for context length n. `append`
+    (with `position`: a new turn or a correction) drops those of older epochs; `accept(position)`
+    confirms a guess without a round trip. `confirmed` counts the sentences this edge stands behind."""
 
     def __init__(self, client: CloudClient, model_id: str, dim: int, *, session_id: str = "", history=None,
                  dtype: str = "float32", reply_dtype: str = "float32", timeout: float | None = None,
-                 step_timeout: float | None = None, keep_on_disconnect: bool = False):
+                 step_timeout: float | None = None, keep_on_disconnect: bool = False, speculate: int = 0):
         self.dim, self.dtype = dim, dtype
         self.step_timeout = min(step_timeout, threading.TIMEOUT_MAX) if step_timeout and step_timeout > 0 else None
         self._requests: queue.Queue = queue.Queue()
@@ -172,12 +186,17 @@ class Conversation:
         hist = pack(history, dtype) if history is not None and len(history) else None
         opened = self._send(pb.ClientMessage(open=pb.Open(
             model_id=model_id, dim=dim, session_id=session_id, history=hist,
-            reply_dtype=wire_dtype(reply_dtype), keep_on_disconnect=keep_on_disconnect)), "opened").opened
+            reply_dtype=wire_dtype(reply_dtype), keep_on_disconnect=keep_on_disconnect,
+            speculate=speculate)), "opened").opened
         self.session_id = opened.session_id
         self.past_length = opened.past_length
         self.resumed = opened.resumed
         self.remaining_sentences = opened.remaining_sentences
         self.last: StepResult | None = step_result(opened.last) if opened.HasField("last") else None
+        self.speculate, self.speculate_note = opened.speculate, opened.speculate_note
+        self.confirmed = opened.past_length  # sentences sent or accepted
+        self.epoch = self.last.epoch if self.last is not None else 0
+        self._ahead: list[StepResult] = []  # speculative steps received, not taken yet
 
     def _read(self) -> None:
         """The reader thread: every reply, then how the stream ended (_END, or the RpcError)."""
@@ -192,30 +211,68 @@ class Conversation:
         if self.finished:
             raise RuntimeError("this conversation's stream has ended")
         self._requests.put(msg)
+        while True:
+            reply = self._receive(f"no reply to {msg.WhichOneof('kind')}")
+            if reply.WhichOneof("kind") == "step" and reply.step.speculative:
+                self._ahead.append(step_result(reply.step))  # sorted out by the answer's epoch
+                continue
+            if reply.WhichOneof("kind") != expect:
+                self.cancel()
+                raise CloudError(grpc.StatusCode.INTERNAL, f"expected {expect!r}, got {reply.WhichOneof('kind')!r}")
+            return reply
+
+    def _receive(self, what: str) -> pb.ServerMessage:
+        """The next message from the server within the step deadline; CloudError for the end of the stream."""
         try:
             reply = self._replies.get(timeout=self.step_timeout)
         except queue.Empty:
             self.cancel()
             raise CloudError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                             f"no reply to {msg.WhichOneof('kind')} within the step deadline of "
-                             f"{self.step_timeout:g} s") from None
+                             f"{what} within the step deadline of {self.step_timeout:g} s") from None
         if isinstance(reply, grpc.RpcError):
             self._end()
             raise CloudError.from_rpc(reply)
         if reply is _END:
             self._end()
             raise CloudError(grpc.StatusCode.UNKNOWN, "the server ended the stream without an answer")
-        if reply.WhichOneof("kind") != expect:
-            self.cancel()
-            raise CloudError(grpc.StatusCode.INTERNAL, f"expected {expect!r}, got {reply.WhichOneof('kind')!r}")
         return reply
 
-    def append(self, vectors) -> StepResult:
-        """Send sentence vectors ([d] or [n, d]); returns the step for the last one."""
-        step = step_result(self._send(pb.ClientMessage(append=pb.Append(vectors=pack(vectors, self.dtype))),
-                                      "step").step)
-        self.past_length = step.past_length
+    def speculative_step(self, past_length: int) -> StepResult:
+        """The speculative step (or the cloud's "declined" notice) for context length `past_length` in the
+        current epoch, waiting for it if it has not come yet."""
+        while True:
+            for i, step in enumerate(self._ahead):
+                if step.epoch == self.epoch and step.past_length == past_length:
+                    del self._ahead[:i + 1]  # what came before it is stale or taken
+                    return step
+            reply = self._receive(f"no speculative step for sentence {past_length}")
+            if reply.WhichOneof("kind") != "step" or not reply.step.speculative:
+                self.cancel()
+                raise CloudError(grpc.StatusCode.INTERNAL,
+                                 f"expected a speculative step, got {reply.WhichOneof('kind')!r}")
+            self._ahead.append(step_result(reply.step))
+
+    def accept(self, position: int) -> None:
+        """Confirm the cloud's guess of the sentence at `position` (no reply: no round trip)."""
+        if self.finished:
+            raise RuntimeError("this conversation's stream has ended")
+        self._requests.put(pb.ClientMessage(accept=pb.Accept(position=position)))
+        self.confirmed = position + 1
+
+    def append(self, vectors, position: int | None = None, decoding: pb.Decoding | None = None) -> StepResult:
+        """Send sentence vectors ([d] or [n, d]) at `position` (None: after the confirmed ones; what the
+        cloud holds from `position` on is dropped first); returns the step for the last one. `decoding`:
+        how this turn's answer is decoded (on a turn's first Append, for the cloud's guesses)."""
+        append = pb.Append(vectors=pack(vectors, self.dtype))
+        if position is not None:
+            append.position = position
+        if decoding is not None:
+            append.decoding.CopyFrom(decoding)
+        step = step_result(self._send(pb.ClientMessage(append=append), "step").step)
+        self.past_length = self.confirmed = step.past_length
         self.last = step
+        self.epoch = step.epoch  # speculative steps of this epoch after this one stay; the rest are stale
+        self._ahead = [s for s in self._ahead if s.epoch == step.epoch and s.past_length > step.past_length]
         return step
 
     def close(self, keep: bool = False) -> bool:

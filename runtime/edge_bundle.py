@@ -8,7 +8,9 @@
       tokenizer_meta.json   pad/bos/eos ids (read by sentences.tokenizer.SentenceTokenizer.load)
       report.json/.md       the torch-vs-ORT verification the exporter ran
       manifest.json         kind "edge", model id, sizes, special ids, file names, sha256 of each file,
-                            cloud_weights_sha256: the sha256 of the cloud half's cloud.safetensors
+                            cloud_weights_sha256: the sha256 of the cloud half's cloud.safetensors,
+                            stop_threshold (optional): the edge ends an answer when the cloud's
+                            P(stop) >= it (chosen on validation; absent: the cloud's argmax flag)
 
 The edge chats only with a cloud model whose weights have that sha256 (`EdgeBundle.cloud_mismatch`):
 the model id is a label anyone can write, the hash is what was exported.
@@ -44,12 +46,26 @@ REQUIRED_FIELDS = ("model_id", "d_model", "vocab_size", "pad_id", "bos_id", "eos
 # the sha256 of the cloud half's weights (None: a stage-1 export, no cloud half); absent in bundles
 # exported before it existed, which the edge loads but refuses to chat with (`cloud_mismatch`)
 CLOUD_WEIGHTS_FIELD = "cloud_weights_sha256"
+# the decision threshold on P(stop) (a number in [0, 1]); optional: bundles exported before it stop
+# on the termination head's argmax, which a head trained on rare paragraph ends almost never says
+STOP_THRESHOLD_FIELD = "stop_threshold"
+
+
+def check_stop_threshold(bundle_dir: Path, manifest: dict) -> float | None:
+    value = manifest.get(STOP_THRESHOLD_FIELD)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise BundleError(f"{bundle_dir}: {STOP_THRESHOLD_FIELD} {value!r} is not a number in [0, 1]; re-export "
+                          "the bundle")
+    return float(value)
 
 
 def write_edge_manifest(bundle_dir: Path, fields: dict, files: list[str]) -> dict:
     missing = [k for k in (*REQUIRED_FIELDS, CLOUD_WEIGHTS_FIELD) if k not in fields]
     if missing:
         raise ValueError(f"edge manifest fields missing: {missing}")
+    check_stop_threshold(bundle_dir, fields)
     return write_manifest(bundle_dir, {"kind": KIND, **fields}, files)
 
 
@@ -78,6 +94,11 @@ class EdgeBundle:
     @property
     def d_model(self) -> int:
         return int(self.manifest["d_model"])
+
+    @property
+    def stop_threshold(self) -> float | None:
+        """End an answer when P(stop) >= this (None: the termination head's argmax flag)."""
+        return check_stop_threshold(self.path, self.manifest)
 
     def encode_ids(self, token_lists: list[list[int]]) -> np.ndarray:
         """Token lists (each 1..max_sentence_tokens ids) -> sentence vectors float32 [B, d]."""
@@ -132,6 +153,7 @@ def load_edge_bundle(bundle_dir: Path, threads: int = 0) -> EdgeBundle:
     missing = [k for k in REQUIRED_FIELDS if k not in manifest]
     if missing:
         raise BundleError(f"{bundle_dir}: the manifest lacks {missing}; re-export the bundle")
+    check_stop_threshold(bundle_dir, manifest)
     encoder_file, decoder_file, tokenizer_file = (listed_file(bundle_dir, manifest, key)
                                                   for key in ("encoder_file", "decoder_file", "tokenizer_file"))
     if tokenizer_file.parent != bundle_dir:  # its special ids are read from the tokenizer_meta.json beside it

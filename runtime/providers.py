@@ -24,17 +24,30 @@ class ProviderError(RuntimeError):
     """--device cuda asked for, but CUDA cannot run here (the message says why)."""
 
 
-def session_options(threads: int = 0, severity: int = ERRORS_ONLY) -> ort.SessionOptions:
+LEVELS = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+          "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+
+
+def session_options(threads: int = 0, severity: int = ERRORS_ONLY, level: str = "all",
+                    spinning: bool = True) -> ort.SessionOptions:
+    """threads: intra-op threads (0 = ORT chooses: one per physical core). level: graph
+    optimisation (`LEVELS`; "all" is ORT's default; on our decoder "extended" gives the same
+    graph, bench/edge_decoder.py). spinning=False: pool threads sleep between runs instead of
+    spinning (matters only with more than one thread, on a CPU shared with other processes)."""
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads = max(0, int(threads))  # 0 = ORT chooses
+    opts.intra_op_num_threads = max(0, int(threads))
     opts.inter_op_num_threads = 1
     opts.log_severity_level = severity
+    opts.graph_optimization_level = LEVELS[level]
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return opts
 
 
-def cpu_session(path: str, threads: int = 0) -> ort.InferenceSession:
-    """A session on the CPU provider only (the exporter's checks, the edge's default)."""
-    return ort.InferenceSession(str(path), session_options(threads), providers=[CPU])
+def cpu_session(path: str, threads: int = 0, **options) -> ort.InferenceSession:
+    """A session on the CPU provider only (the exporter's checks, the edge's default);
+    `options`: level / spinning of `session_options`."""
+    return ort.InferenceSession(str(path), session_options(threads, **options), providers=[CPU])
 
 
 def cuda_unavailable_reason() -> str | None:

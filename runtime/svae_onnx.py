@@ -11,6 +11,10 @@ Graph contract (the names the exporter gives, see `export.onnx_export`):
                   -> logits float32 [B, T, V], present_kv float32 [n_layers, 2, B, n_heads, P+T, head_dim]
 Position of ids[:, t] is P + t, position 0 is bos; P + T <= max_sentence_tokens + 1.
 The first step feeds a past of length 0 (one decoder file does every step).
+
+The decode loop steps through `KVSteps` (plain `session.run`, numpy in and out). ONNX Runtime's
+I/O binding with preallocated past/present buffers was measured against it and lost at this
+size (the binding calls cost more than the copies they save: bench/edge_decoder.py).
 """
 from __future__ import annotations
 
@@ -75,6 +79,38 @@ def decoder_step(session: onnxruntime.InferenceSession, ids: np.ndarray, memory:
     return logits, present
 
 
+class KVSteps:
+    """Cached steps of a graph (ids [B, T], *fixed inputs, past_kv) -> (logits, present_kv) with the
+    cache layout [n_layers, 2, B, n_heads, P, head_dim] (decoder.onnx; the baseline OPT's export in
+    bench/), through `session.run`: the present of one step is the past of the next."""
+
+    def __init__(self, session: onnxruntime.InferenceSession, kv_dims: tuple[int, int, int], batch: int,
+                 max_len: int, fixed: dict[str, np.ndarray] | None = None):
+        layers, heads, head_dim = kv_dims
+        self.session, self.batch, self.max_len, self.past = session, batch, max_len, 0
+        self.fixed = {k: np.ascontiguousarray(v) for k, v in (fixed or {}).items()}
+        self._kv = np.zeros((layers, 2, batch, heads, 0, head_dim), dtype=np.float32)
+
+    def kv(self) -> np.ndarray:
+        """The cache so far, [n_layers, 2, B, n_heads, P, head_dim]."""
+        return self._kv
+
+    def run(self, ids: np.ndarray) -> np.ndarray:
+        """One step: ids int64 [B, T] at positions P..P+T-1 -> logits (the graph's: [B, T, V])."""
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        if self.past + ids.shape[1] > self.max_len:
+            raise ValueError(f"{self.past} + {ids.shape[1]} positions exceed {self.max_len}")
+        logits, self._kv = self.session.run(["logits", "present_kv"], {"ids": ids, **self.fixed, "past_kv": self._kv})
+        self.past += ids.shape[1]
+        return logits
+
+    def keep(self, rows: np.ndarray, **fixed: np.ndarray) -> None:
+        """Only `rows` (indices or a bool mask over the batch) go on; `fixed` rebinds inputs cut likewise."""
+        self._kv = np.ascontiguousarray(self._kv[:, :, rows])
+        self.batch = self._kv.shape[2]
+        self.fixed.update({k: np.ascontiguousarray(v) for k, v in fixed.items()})
+
+
 def greedy_decode(session: onnxruntime.InferenceSession, memory: np.ndarray, spec: DecoderSpec,
                   max_tokens: int | None = None) -> list[list[int]]:
     """Decode sentence vectors memory [B, d] greedily with the KV cache (see `decode_loop`)."""
@@ -82,13 +118,14 @@ def greedy_decode(session: onnxruntime.InferenceSession, memory: np.ndarray, spe
 
 
 def decode_loop(session: onnxruntime.InferenceSession, memory: np.ndarray, spec: DecoderSpec, pick,
-                max_tokens: int | None = None) -> list[list[int]]:
+                max_tokens: int | None = None, steps_class=None) -> list[list[int]]:
     """Decode sentence vectors memory [B, d] with decoder.onnx and its KV cache.
 
     The same loop as the torch `decode_sentences`: one token list per row without bos
     and eos; a row stops at eos or after min(max_tokens, max_sentence_tokens) tokens;
     finished rows leave the batch. `pick(logits [A, V]) -> ids [A]` chooses each next token
-    (argmax, or the edge's sampling: one draw per live row per step).
+    (argmax, or the edge's sampling: one draw per live row per step). `steps_class`: how the
+    graph is called (default `KVSteps`; the benchmark passes others with its interface).
     """
     memory = np.asarray(memory, dtype=np.float32)
     if memory.ndim != 2:
@@ -104,9 +141,10 @@ def decode_loop(session: onnxruntime.InferenceSession, memory: np.ndarray, spec:
         return out
     rows = np.arange(B)  # original row of each live row
     step_in = np.full((B, 1), spec.bos_id, dtype=np.int64)  # [A, 1]
-    kv = spec.empty_kv(B)
+    kv_dims = (spec.n_layers, spec.n_heads, spec.head_dim)
+    steps = (steps_class or KVSteps)(session, kv_dims, B, limit, {"memory": memory})
     for _ in range(limit):
-        logits, kv = decoder_step(session, step_in, memory, kv)  # [A, 1, V], [n_layers, 2, A, H, n+1, hd]
+        logits = steps.run(step_in)  # [A, 1, V]; the cache grows by one position
         nxt = np.asarray(pick(logits[:, -1]))  # [A]
         live = nxt != spec.eos_id
         for r, tok in zip(rows[live].tolist(), nxt[live].tolist()):
@@ -114,6 +152,7 @@ def decode_loop(session: onnxruntime.InferenceSession, memory: np.ndarray, spec:
         if not live.any():
             break
         if not live.all():  # drop finished rows from the batch
-            rows, memory, nxt, kv = rows[live], memory[live], nxt[live], kv[:, :, live]
+            rows, memory, nxt = rows[live], memory[live], nxt[live]
+            steps.keep(live, memory=memory)
         step_in = nxt[:, None].astype(np.int64)
     return out

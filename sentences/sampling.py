@@ -1,8 +1,26 @@
-"""Decoding options shared by the torch reference and the edge (no torch, no numpy here)."""
+"""Decoding options shared by the torch reference and the edge (no torch, no numpy here), and the
+repetition controls' bookkeeping, which both apply to their logits the same way:
+
+    repetition_penalty    CTRL (Keskar et al. 2019): the logit of a token already in the answer is
+                          divided by the penalty when positive, multiplied by it when negative
+    no_repeat_ngram_size  a token that would repeat an n-gram of the answer's tokens is banned
+    no_repeat_sentence    a sentence may not end (eos is banned) where it equals an earlier
+                          sentence of the same answer: it has to say something else or go on
+
+The answer's tokens are its sentences' tokens, concatenated (no bos/eos), then the tokens of the
+sentence being decoded. The prompt does not count.
+"""
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import Sequence
+
+# the repetition controls edge-chat, the edge API and `sllm-train generate` use unless told otherwise:
+# chosen from bench/answer_quality.py's measurements (docs/model-card.md)
+DEFAULT_REPETITION_PENALTY = 1.2
+DEFAULT_NO_REPEAT_NGRAM = 3
+DEFAULT_NO_REPEAT_SENTENCE = True
 
 
 @dataclass(frozen=True)
@@ -11,9 +29,12 @@ class SamplingConfig:
     top_k: int = 0  # 0 = no top-k filter
     top_p: float = 1.0  # 1 = no nucleus filter
     seed: int | None = None  # None = fresh randomness each run
+    repetition_penalty: float = 1.0  # 1 = off; > 1 discourages the answer's tokens
+    no_repeat_ngram_size: int = 0  # 0 = off
+    no_repeat_sentence: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("temperature", "top_p"):
+        for name in ("temperature", "top_p", "repetition_penalty"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
                 raise ValueError(f"{name} must be a finite number, got {v!r}")
@@ -21,8 +42,14 @@ class SamplingConfig:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty}")
+        for name in ("top_k", "no_repeat_ngram_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be an integer >= 0 (0 = off), got {v!r}")
+        if not isinstance(self.no_repeat_sentence, bool):
+            raise ValueError(f"no_repeat_sentence must be true or false, got {self.no_repeat_sentence!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
             raise ValueError(f"seed must be None or an integer >= 0, got {self.seed!r}")
 
@@ -30,7 +57,87 @@ class SamplingConfig:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @property
+    def controls_repetition(self) -> bool:
+        return self.repetition_penalty != 1 or self.no_repeat_ngram_size > 0 or self.no_repeat_sentence
+
     def for_sentence(self, i: int) -> "SamplingConfig":
         """The sampling of sentence i of an answer: seed + i, so each sentence draws afresh
         and a seeded answer is still reproducible."""
         return self if self.seed is None else replace(self, seed=self.seed + i)
+
+
+class RepetitionGuard:
+    """The repetition controls for one sentence being decoded, given the earlier sentences of its
+    answer: which tokens the penalty applies to, which may not come next. `push` each token the
+    sentence takes (not eos)."""
+
+    def __init__(self, sampling: SamplingConfig, answer: Sequence[Sequence[int]], eos_id: int):
+        self.n = sampling.no_repeat_ngram_size
+        self.penalty = sampling.repetition_penalty
+        self.eos_id = eos_id
+        self.earlier = {tuple(s) for s in answer} if sampling.no_repeat_sentence else set()
+        self.seq: list[int] = []
+        self.seen: set[int] = set()
+        self.follows: dict[tuple[int, ...], set[int]] = {}  # (n-1)-gram -> the tokens that followed it
+        self.current: list[int] = []
+        for sentence in answer:
+            for t in sentence:
+                self._add(t)
+
+    def _add(self, token: int) -> None:
+        self.seq.append(token)
+        self.seen.add(token)
+        n = self.n
+        if n > 0 and len(self.seq) >= n:
+            self.follows.setdefault(tuple(self.seq[len(self.seq) - n : -1]), set()).add(token)
+
+    def push(self, token: int) -> None:
+        self._add(token)
+        self.current.append(token)
+
+    def penalized(self) -> list[int]:
+        """The answer's tokens so far (sorted), when the penalty is on."""
+        return sorted(self.seen) if self.penalty != 1 else []
+
+    def banned(self) -> list[int]:
+        """The tokens that may not come next (sorted)."""
+        out: set[int] = set()
+        n = self.n
+        if n > 0 and len(self.seq) >= n - 1:
+            out |= self.follows.get(tuple(self.seq[len(self.seq) - (n - 1):]), set())
+        if tuple(self.current) in self.earlier:
+            out.add(self.eos_id)
+        return sorted(out)
+
+
+def guards_for(sampling: SamplingConfig, answer: Sequence[Sequence[int]], eos_id: int,
+               rows: int) -> list[RepetitionGuard] | None:
+    """One guard per row being decoded, or None when no control is on (nothing to do)."""
+    if not sampling.controls_repetition:
+        return None
+    return [RepetitionGuard(sampling, answer, eos_id) for _ in range(rows)]
+
+
+def advance(guards: list[RepetitionGuard], picked: Sequence[int], eos_id: int) -> list[RepetitionGuard]:
+    """After a step: each live row's guard takes its token; rows that picked eos leave (as the
+    decode loops drop them from the batch, in order)."""
+    out = []
+    for guard, token in zip(guards, picked):
+        if token != eos_id:
+            guard.push(int(token))
+            out.append(guard)
+    return out
+
+
+def stop_decision(stop_flag: bool, stop_probability: float, threshold: float | None) -> bool:
+    """End the answer here? With a threshold: P(stop) >= threshold (the bundle's, chosen on
+    validation; a user's override); without one: the termination head's argmax flag."""
+    return stop_flag if threshold is None else stop_probability >= threshold
+
+
+def check_stop_threshold(threshold: float | None) -> None:
+    if threshold is None:
+        return
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
+        raise ValueError(f"stop_threshold must be a number in [0, 1] (or unset: the bundle's), got {threshold!r}")

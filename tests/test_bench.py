@@ -122,7 +122,8 @@ def test_bench_quick_writes_markdown_json_and_plots(model_dir, runs, tiny_corpus
     out = tmp_path / "out"
     code = bench_cli.main([
         "--quick", "--model", str(model_dir), "--out", str(out), "--corpus", str(tiny_corpus),
-        "--prompt-tokens", "8", "--output-tokens", "6,20", "--repeats", "1", "--context-tokens", "16,48,96",
+        "--prompt-tokens", "8", "--output-tokens", "6,20", "--repeats", "1", "--rounds", "2",
+        "--baseline-threads", "1,2", "--work", str(tmp_path / "work"), "--context-tokens", "16,48,96",
         "--clients", "1,2", "--scale-seconds", "0.3", "--decoder-runs", "3",
         "--sllm-run", str(runs["sllm"]), "--baseline-run", str(runs["baseline"]), "--no-progress"])
     assert code == 0
@@ -138,21 +139,40 @@ def test_bench_quick_writes_markdown_json_and_plots(model_dir, runs, tiny_corpus
         assert png in r["plots"] and (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert r["machine"]["cores"] >= 1 and r["machine"]["versions"]["torch"]
 
-    # counting: the baseline makes as many tokens as the SLLM did end to end; every step is seen
-    # by the server; wire bytes are two float16 vectors of d per step plus message overhead
+    # counting: every baseline flavour makes as many tokens as the SLLM did end to end, HF generate's
+    # greedy tokens; every step is seen by the server; wire bytes are two float16 vectors of d per
+    # step plus message overhead; 2 rounds of the plan, min <= median <= max
     t = r["throughput"]
     assert [(p["prompt_tokens_target"], p["output_tokens_target"]) for p in t["points"]] == [(8, 6), (8, 20)]
+    flavours = [f"{f}_t{n}" for f in ("hf_generate", "torch_kv", "onnxruntime") for n in (1, 2)]
+    assert t["paths"] == ["sllm_e2e", "sllm_inproc", *flavours] and t["fastest_baseline"] in flavours
+    assert list((tmp_path / "work" / "baseline-onnx").glob("baseline-*/baseline.onnx"))  # cached outside the model
     d = r["models"]["d_model"]
     for p in t["points"]:
+        assert [run["round"] for run in p["runs"]] == [0, 1]
         for run in p["runs"]:
-            e2e, base = run["e2e"], run["baseline"]
-            assert base["tokens"] + 1 == max(2, e2e["tokens"]) and base["forward_passes"] == base["tokens"]
+            e2e = run["e2e"]
+            assert sorted(run["baselines"]) == sorted(flavours)
+            for base in run["baselines"].values():
+                assert base["tokens"] + 1 == max(2, e2e["tokens"]) and base["forward_passes"] == base["tokens"]
+                assert base["same_tokens_as_hf"] is True
             assert e2e["tokens"] >= p["output_tokens_target"] or e2e["ended"] != "length"
             assert e2e["server_forward_passes"] == e2e["cloud_steps"] + 1  # + the prefill
             if e2e["cloud_steps"]:
                 per_step = (e2e["request_bytes"] + e2e["reply_bytes"]) / e2e["cloud_steps"]
                 assert 2 * 2 * d < per_step < 2 * 2 * d + 64
     assert t["breakdown"]["baseline"]["forward_passes_per_token"] == 1.0
+    for path in t["paths"]:
+        s = t["tokens_per_s"][path]
+        assert len(t["tokens_per_s_by_round"][path]) == 2 and 0 < s["min"] <= s["median"] <= s["max"]
+    fastest = t["tokens_per_s"][t["fastest_baseline"]]["median"]
+    assert fastest == max(t["tokens_per_s"][k]["median"] for k in flavours) == t["mean_tokens_per_s"]["baseline"]
+    lo, hi = t["ratio_e2e_range"]
+    assert lo <= t["ratio_e2e"] <= hi and t["hf_reference"] == "hf_generate_t1"
+    assert t["same_tokens_as_hf"] == dict.fromkeys(flavours[1:], 1.0)
+    for label in ("HF generate, 2 threads", "torch, preallocated KV, 1 thread", "ONNX Runtime + KV, 2 threads",
+                  "(fastest baseline)"):
+        assert label in md
     assert sum(t["breakdown"]["e2e"]["time_split"].values()) == pytest.approx(1.0)
     assert len(r["scale"]["rows"]) == 2 and all(x["steps_per_s"] > 0 for x in r["scale"]["rows"])
     assert r["kv"]["reduction"] > 0
@@ -161,6 +181,57 @@ def test_bench_quick_writes_markdown_json_and_plots(model_dir, runs, tiny_corpus
     assert ppl["source"].startswith("recomputed") and ppl["tokens"] > 0
     assert ppl["sllm_checkpoint_is_bundle"] is True and ppl["baseline_checkpoint_is_bundle"] is True
     assert "wrote" in capsys.readouterr().out
+
+
+def test_fastest_generator_streams_the_baseline_bundles_greedy_tokens(model_dir, tmp_path):
+    from bench.baselines import HFGenerate, fastest_generator
+
+    gen = fastest_generator(model_dir / "baseline", threads=1, cache=tmp_path)
+    assert gen.name == "onnxruntime" and "ONNX" in gen.description
+    model = load_baseline_bundle(model_dir / "baseline").model
+    prompt = [model.config.bos_token_id, 5, 9, 14, 30]
+    assert list(gen.stream(prompt, 11)) == HFGenerate(model, 1).timed(prompt, 11)[1]
+
+
+def test_edge_decoder_bench_times_every_option_on_the_same_tokens(model_dir, tiny_corpus, tmp_path, capsys):
+    from bench import edge_decoder
+    from runtime.edge_bundle import load_edge_bundle
+    from runtime.svae_onnx import KVSteps, greedy_decode
+
+    out = tmp_path / "ed"
+    assert edge_decoder.main(["--edge", str(model_dir / "edge"), "--out", str(out), "--corpus", str(tiny_corpus),
+                              "--sentences", "4", "--rounds", "2", "--exact-sentences", "16"]) == 0
+    r = json.loads((out / "edge-decoder.json").read_text())
+    assert [o["name"] for o in r["options"]] == [o.name for o in edge_decoder.OPTIONS]
+    for o in r["options"]:
+        t = o["tokens_per_s"]
+        assert len(o["rounds"]["tokens_per_s"]) == 2 and 0 < t["min"] <= t["median"] <= t["max"]
+        if o["graph"] == "fp32":  # every fp32 option decodes exactly what the edge's own loop decodes
+            assert o["same_tokens_as_reference"] == 1.0
+    assert r["int8"]["sentences"] == 16 and 0 <= r["int8"]["exact_match_int8"] <= 1
+    assert "| 2 threads, no spinning |" in (out / "edge-decoder.md").read_text() in capsys.readouterr().out
+
+    # the I/O-binding stepper decodes like KVSteps, also a batch whose rows leave at different steps
+    bundle = load_edge_bundle(model_dir / "edge", 1)
+    vectors = bundle.encode_ids([[5, 6, 7], [8], [9, 10, 11, 12, 13], [14, 15]])
+    bound = edge_decoder.decode_loop(bundle.decoder, vectors, bundle.spec, lambda x: x.argmax(-1),
+                                     steps_class=edge_decoder.BoundKVSteps)
+    assert bound == greedy_decode(bundle.decoder, vectors, bundle.spec)
+
+    def first_live_row_ends_at_steps_2_and_4():
+        step = [0]
+
+        def pick(logits):
+            step[0] += 1
+            ids = logits.argmax(-1)
+            if step[0] in (2, 4):
+                ids[0] = bundle.spec.eos_id
+            return ids
+        return pick
+
+    got = [edge_decoder.decode_loop(bundle.decoder, vectors, bundle.spec, first_live_row_ends_at_steps_2_and_4(),
+                                    steps_class=cls) for cls in (edge_decoder.BoundKVSteps, KVSteps)]
+    assert got[0] == got[1] and len(got[0][0]) <= 1 < max(map(len, got[0]))  # row 0 left early, others went on
 
 
 def test_bench_refuses_a_folder_without_bundles(tmp_path, capsys):

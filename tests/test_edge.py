@@ -37,6 +37,12 @@ from modeling.generate import SamplingConfig, decode_sentences
 from modeling.generate import pick_next as torch_pick_next
 from modeling.opt_graft import STOP
 from modeling.sllm_generate import SLLMGenerator
+from sentences.sampling import (
+    DEFAULT_NO_REPEAT_NGRAM,
+    DEFAULT_NO_REPEAT_SENTENCE,
+    DEFAULT_REPETITION_PENALTY,
+    stop_decision,
+)
 from protos.client import StepResult
 from runtime.providers import CPU, ProviderError, open_sessions
 from training.cli import build_run_config
@@ -71,14 +77,25 @@ def model(tiny_corpus, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(model):
-    return load_sllm(model[1])
+    """The trained SLLM in torch, with the stop threshold its export chose (the edge's default)."""
+    t = load_sllm(model[1])
+    t.stop_threshold = json.loads((model[0] / "edge" / "manifest.json").read_text()).get("stop_threshold")
+    return t
 
 
-def reference_conversation(trained, turns: list[str], cap) -> list[list[str]]:
-    """The torch reference loop (SLLMGenerator.generate) over several turns with one KV cache:
-    each turn appends its prompt's vectors, then generates until stop / empty / cap (one cap,
-    or one per turn)."""
+# edge-chat's default decoding (greedy with its repetition controls)
+CHAT = SamplingConfig(repetition_penalty=DEFAULT_REPETITION_PENALTY, no_repeat_ngram_size=DEFAULT_NO_REPEAT_NGRAM,
+                      no_repeat_sentence=DEFAULT_NO_REPEAT_SENTENCE)
+
+
+def reference_conversation(trained, turns: list[str], cap, sampling: SamplingConfig = CHAT,
+                           threshold: float | None | str = "bundle") -> list[list[str]]:
+    """The torch reference loop (SLLMGenerator.generate's rules) over several turns with one KV
+    cache: each turn appends its prompt's vectors, then generates until stop (P(stop) >= the
+    threshold, from the second sentence on; "bundle": the export's) / empty / a repeat the
+    sentence guard could not avoid / cap (one cap, or one per turn)."""
     caps = cap if isinstance(cap, list) else [cap] * len(turns)
+    threshold = trained.stop_threshold if threshold == "bundle" else threshold
     sllm, tok = trained.model.eval(), trained.tokenizer
     gen = SLLMGenerator(sllm, tok, trained.run.data.split_on_comma)
     slot, used, answers = sllm.opt.new_slot(), 0, []
@@ -88,13 +105,16 @@ def reference_conversation(trained, turns: list[str], cap) -> list[list[str]]:
             limit = min(cap, sllm.opt.max_sentences - used - len(prompt))
             hidden, stop = gen.step(slot, gen.encode(prompt))
             used += len(prompt)
-            out = []
-            for _ in range(limit):
-                if int(stop[0, -1].argmax()) == STOP:
+            out, said = [], []
+            for i in range(limit):
+                p_stop = float(stop[0, -1].float().softmax(-1)[STOP])
+                if i >= 1 and stop_decision(int(stop[0, -1].argmax()) == STOP, p_stop, threshold):
                     break
-                ids = decode_sentences(sllm.svae.decoder, hidden[:, -1], gen.max_tokens)[0]
-                if not ids:
+                ids = decode_sentences(sllm.svae.decoder, hidden[:, -1], gen.max_tokens, sampling.for_sentence(i),
+                                       said)[0]
+                if not ids or (sampling.no_repeat_sentence and ids in said):
                     break
+                said.append(ids)
                 out.append(tok.decode(ids))
                 hidden, stop = gen.step(slot, gen.encode([ids]))
                 used += 1
@@ -107,7 +127,7 @@ def prompts(trained):
     """Two prompts whose greedy answers (cap CAP) hold sentences, in turn 1 and in turn 2."""
     gen = SLLMGenerator(trained.model, trained.tokenizer, trained.run.data.split_on_comma)
     for first in CANDIDATES:
-        if len(list(gen.generate(first, CAP))) < 2:
+        if len(list(gen.generate(first, CAP, CHAT, trained.stop_threshold))) < 2:
             continue
         for second in CANDIDATES:
             if second != first and all(reference_conversation(trained, [first, second], CAP)):
@@ -152,7 +172,7 @@ def _gone(pid: int) -> bool:
 def test_reference_conversation_turn_one_is_sllm_generator(trained, prompts):
     gen = SLLMGenerator(trained.model, trained.tokenizer, trained.run.data.split_on_comma)
     ref = reference_conversation(trained, list(prompts), CAP)
-    assert ref[0] == [s.text for s in gen.generate(prompts[0], CAP)]
+    assert ref[0] == [s.text for s in gen.generate(prompts[0], CAP, CHAT, trained.stop_threshold)]
     assert len(ref[0]) >= 2 and ref[1]
 
 
@@ -331,7 +351,7 @@ def test_ctrl_c_stops_the_answer_and_keeps_the_session(model, prompts, server, n
     prompt appears, only clears the line (edge.cli._prompt_input: it once hung here, one run in a
     few, the ^C landing before readline's select() and left pending)."""
     term = _Pty(_cmd("--server", f"127.0.0.1:{server.port}", "--bundle", model[0] / "edge", "--json",
-                     "--max-sentences", 200, "--token", TOKEN), _env(no_torch))
+                     "--max-sentences", 200, "--stop-threshold", 1, "--token", TOKEN), _env(no_torch))
     try:
         term.read_until(b"> ", 120)  # start-up: imports and the bundle, slow on a loaded machine
         ends = []
@@ -469,10 +489,72 @@ def test_aborted_answer_is_rebuilt_from_history(model, trained, prompts, server)
             got.append(ev)
     assert len(got) == 1 and chat.conv is None and len(chat.history) == len(rt.prompt_sentences(prompts[0])) + 1
     texts = [ev.text for ev in chat.turn(prompts[1], Sampling(), CAP) if isinstance(ev, SentenceEvent)]
-    assert texts == reference_conversation(trained, list(prompts), [1, CAP])[1]
+    assert texts == reference_conversation(trained, list(prompts), [1, CAP], SamplingConfig())[1]
     assert notes == [f"the cloud session was lost (an answer was aborted mid-step); rebuilt it from the "
                      f"{len(rt.prompt_sentences(prompts[0])) + 1} history vectors the edge keeps"]
     chat.close()
+
+
+LONG = 8  # a cap long enough for the tiny model to repeat itself
+
+
+@pytest.mark.parametrize("sampling, threshold", [
+    (SamplingConfig(), None),  # no controls, the head's argmax (as before thresholds existed)
+    (SamplingConfig(repetition_penalty=1.5), "bundle"),
+    (SamplingConfig(no_repeat_ngram_size=2), 0.3),
+    (SamplingConfig(no_repeat_sentence=True), "bundle"),
+    (SamplingConfig(repetition_penalty=1.3, no_repeat_ngram_size=3, no_repeat_sentence=True), 0.2),
+    (SamplingConfig(temperature=0.0, repetition_penalty=0.7), 1.0),  # < 1 favours repeats; 1.0: never stops
+])
+def test_repetition_controls_and_stop_threshold_equal_torch(model, trained, prompts, server, sampling, threshold):
+    """The edge (ONNX decoder, numpy controls, a real server's P(stop)) gives the torch reference's
+    greedy text with the repetition controls on and any stop threshold, turn after turn."""
+    from edge.api import AnswerOptions, connect
+
+    options = AnswerOptions(max_sentences=LONG, repetition_penalty=sampling.repetition_penalty,
+                            no_repeat_ngram_size=sampling.no_repeat_ngram_size,
+                            no_repeat_sentence=sampling.no_repeat_sentence,
+                            stop_threshold=None if threshold in ("bundle", None) else threshold)
+    with connect(f"127.0.0.1:{server.port}", EdgeRuntime.load(model[0] / "edge", threads=1), token=TOKEN,
+                 options=options) as chat:
+        if threshold is None:  # the head's own flag: a threshold of 0.5 but for exact ties
+            chat.session.runtime.bundle.manifest.pop("stop_threshold", None)
+        answers = [[s.ids for s in chat.ask(text)] for text in prompts]
+    ref = reference_conversation(trained, list(prompts), LONG, sampling, threshold)
+    assert [[trained.tokenizer.decode(ids) for ids in a] for a in answers] == ref
+    assert any(answers)
+    for a in answers:
+        tokens = [t for ids in a for t in ids]
+        n = sampling.no_repeat_ngram_size
+        if n:
+            grams = [tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1)]
+            assert len(grams) == len(set(grams)), "an n-gram repeats"
+        if sampling.no_repeat_sentence:
+            assert len({tuple(ids) for ids in a}) == len(a), "a sentence repeats"
+
+
+def test_the_controls_change_what_the_tiny_model_says(trained, prompts):
+    """They are not no-ops here: the tiny model repeats itself without them, and each one changes
+    its greedy answer or stops a repeat."""
+    plain = reference_conversation(trained, [prompts[0]], LONG, SamplingConfig(), 1.0)[0]
+    assert len(plain) == LONG and len(set(plain)) < len(plain)  # loops, as the shipped model did
+    for sampling in (SamplingConfig(repetition_penalty=1.5), SamplingConfig(no_repeat_ngram_size=2),
+                     SamplingConfig(no_repeat_sentence=True)):
+        assert reference_conversation(trained, [prompts[0]], LONG, sampling, 1.0)[0] != plain, sampling
+
+
+def test_edge_chat_repetition_and_threshold_options_equal_torch(model, trained, prompts, server):
+    sampling = SamplingConfig(repetition_penalty=1.3, no_repeat_ngram_size=3, no_repeat_sentence=True)
+    proc = subprocess.run(_cmd("--server", f"127.0.0.1:{server.port}", "--bundle", model[0] / "edge", "--token",
+                               TOKEN, "--max-sentences", LONG, "--repetition-penalty", 1.3, "--no-repeat-ngram-size",
+                               3, "--no-repeat-sentence", "--stop-threshold", 0.2, "--prompt", prompts[0]),
+                          capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout == "".join(reference_conversation(trained, [prompts[0]], LONG, sampling, 0.2)[0]) + "\n"
+    bad = subprocess.run(_cmd("--server", f"127.0.0.1:{server.port}", "--bundle", model[0] / "edge", "--token",
+                              TOKEN, "--repetition-penalty", 0, "--prompt", prompts[0]),
+                         capture_output=True, text=True, cwd=ROOT, env=_env(), timeout=180)
+    assert bad.returncode == 2 and "repetition_penalty must be > 0" in bad.stderr
 
 
 # ---------------------------------------------------------------- failures, explained
@@ -598,7 +680,7 @@ def test_every_edge_module_imports_and_runs_without_torch(model, no_torch):
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_env(no_torch), capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.split() == ["ok", "7"]  # api, chat, cli, local, loop, runtime, sampling
+    assert proc.stdout.split() == ["ok", "8"]  # api, chat, cli, local, loop, runtime, sampling, speculate
     assert proc.stderr == ""  # no ORT provider errors on a CPU-only machine
 
 
@@ -674,31 +756,63 @@ def test_sampling_matches_torch_and_seeds_reproduce(monkeypatch):
     assert Sampling(seed=5).for_sentence(2).seed == 7 and Sampling().for_sentence(2).seed is None
 
 
+def test_repetition_controls_are_the_same_in_numpy_and_torch():
+    """The guard's bookkeeping (shared) and its application to logits (numpy on the edge, torch in the
+    reference): bit-identical float32 logits, the n-gram ban across a sentence boundary, the penalty's
+    sign rule, eos banned only where the sentence would equal an earlier one."""
+    from edge.sampling import control_repetition
+    from modeling.generate import control_repetition as torch_control_repetition
+    from sentences.sampling import RepetitionGuard
+
+    sampling = SamplingConfig(repetition_penalty=1.3, no_repeat_ngram_size=3, no_repeat_sentence=True)
+    guard = RepetitionGuard(sampling, [[5, 6, 7], [8, 5]], eos_id=2)  # the answer so far: 5 6 7 8 5
+    guard.push(6)  # this sentence so far: 6, after "... 8 5": the 3-gram "5 6 ->" was followed by 7
+    assert guard.banned() == [7] and guard.penalized() == [5, 6, 7, 8]
+    logits = np.random.default_rng(0).standard_normal((1, 12)).astype(np.float32) * 4
+    ours = control_repetition(logits, [guard])
+    theirs = torch_control_repetition(torch.as_tensor(logits), [guard]).numpy()
+    assert np.array_equal(ours, theirs)
+    for t in (5, 6, 8):
+        expected = logits[0, t] / np.float32(1.3) if logits[0, t] > 0 else logits[0, t] * np.float32(1.3)
+        assert ours[0, t] == expected
+    assert ours[0, 7] == -np.inf and np.array_equal(ours[0, 9:], logits[0, 9:])
+    again = RepetitionGuard(sampling, [[5, 6, 7], [9]], eos_id=2)
+    again.push(9)
+    assert 2 in again.banned()  # "9" + eos would repeat the sentence "9"
+    again.push(4)
+    assert 2 not in again.banned()
+
+
 # ---------------------------------------------------------------- the sentence loop's rules
 
 class _ScriptedRuntime:
-    """An edge runtime whose decoder says the scripted sentences in turn ([] = eos at once)."""
+    """An edge runtime whose decoder says the scripted sentences in turn ([] = eos at once); it
+    records the answer each decode was given (the repetition controls' context)."""
 
     def __init__(self, sentences: list[list[int]]):
         self.sentences = list(sentences)
+        self.answers = []
 
     def encode(self, ids: list[list[int]]) -> np.ndarray:
         return np.zeros((len(ids), 2), np.float32)
 
-    def decode(self, hidden, sampling, max_tokens=None) -> Decoded:
+    def decode(self, hidden, sampling, max_tokens=None, **kw) -> Decoded:
+        self.answers.append([list(s) for s in kw.get("answer", [])])
         ids = self.sentences.pop(0) if self.sentences else [7]
         return Decoded(ids, f"<{len(ids)}>", 1.0)
 
 
 class _ScriptedStepper:
-    """A cloud whose termination head says the scripted stop flags in turn; counts what is appended."""
+    """A cloud whose termination head says the scripted stop flags (or P(stop)s) in turn; counts
+    what is appended."""
 
-    def __init__(self, stops: list[bool]):
-        self.stops, self.appended = list(stops), []
+    def __init__(self, stops: list[bool], p_stop: list[float] | None = None):
+        self.stops, self.p_stop, self.appended = list(stops), list(p_stop or []), []
 
     def append(self, vectors: np.ndarray) -> StepResult:
         self.appended.append(len(vectors))
-        return StepResult(np.zeros(2, np.float32), self.stops.pop(0) if self.stops else False, 0.5, 0)
+        p = self.p_stop.pop(0) if self.p_stop else 0.5
+        return StepResult(np.zeros(2, np.float32), self.stops.pop(0) if self.stops else False, p, 0)
 
 
 @pytest.mark.parametrize("sentences, stops, options, reason, n, appended", [
@@ -737,3 +851,30 @@ def test_sentence_loop_appends_a_sentence_only_when_asked_for_the_next_event():
     stop.append(1)
     end = next(events)
     assert end.reason == "interrupted" and end.sentences == 1 and stepper.appended == [1, 1, 1]
+
+
+@pytest.mark.parametrize("p_stop, threshold, reason, n", [
+    ([0.9, 0.1, 0.35, 0.9], 0.3, "stop", 2),  # never before the first sentence; then P(stop) >= 0.3
+    ([0.9, 0.1, 0.29, 0.9], 0.3, "stop", 3),
+    ([0.9, 0.9, 0.9, 0.9], 1.0, "max_sentences", 4),
+    ([0.0, 0.0, 0.0, 0.0], 0.0, "stop", 1),  # 0: one sentence, then stop
+])
+def test_sentence_loop_stops_on_the_threshold_from_the_second_sentence(p_stop, threshold, reason, n):
+    stepper = _ScriptedStepper([True] * 9, p_stop + [0.0] * 4)  # the argmax flags say stop: ignored
+    events = list(sentence_loop(_ScriptedRuntime([]), stepper, [[3]], Sampling(), room=9, max_sentences=4,
+                                stop_threshold=threshold))
+    assert (events[-1].reason, events[-1].sentences) == (reason, n)
+    assert [e.stop_probability for e in events[:-1]] == p_stop[:n]
+
+
+def test_sentence_loop_hands_the_answer_to_the_decoder_and_ends_on_a_repeat():
+    """With a repetition control on, each decode sees the answer so far; with the sentence guard on,
+    a sentence that still repeats an earlier one (the guard lost at the token limit) ends the answer."""
+    rt = _ScriptedRuntime([[5, 6], [8], [5, 6], [9]])
+    events = list(sentence_loop(rt, _ScriptedStepper([]), [[3]], Sampling(no_repeat_sentence=True), room=9))
+    assert [e.ids for e in events[:-1]] == [[5, 6], [8]] and events[-1].reason == "repeat"
+    assert rt.answers == [[], [[5, 6]], [[5, 6], [8]]]
+    rt = _ScriptedRuntime([[5, 6], [5, 6]])
+    events = list(sentence_loop(rt, _ScriptedStepper([]), [[3]], Sampling(), room=9, max_sentences=2))
+    assert events[-1].reason == "max_sentences" and rt.answers == [[], []]  # no control: nothing handed over
+

@@ -81,15 +81,16 @@ def _free_port() -> int:
 # ---------------------------------------------------------------- the same answers as edge-chat
 
 def test_greedy_answer_equals_edge_chat(chat, server):
-    answer = chat.ask(FIRST, max_sentences=4)
+    answer = chat.ask(FIRST, max_sentences=4, stop_threshold=1.0)  # 1: never stop (the cap ends it)
     texts = [s.text for s in answer]
     assert len(texts) == 4 and answer.end.reason == "max_sentences"
-    lines = _edge_chat(server, "--prompt", FIRST, "--max-sentences", 4)
+    lines = _edge_chat(server, "--prompt", FIRST, "--max-sentences", 4, "--stop-threshold", 1)
     assert _answers(lines) == [texts]
     cli_end = lines[-1]
     assert (cli_end["reason"], cli_end["context_sentences"]) == (answer.end.reason, answer.end.context_sentences)
     plain = CliRunner().invoke(app, ["--server", f"127.0.0.1:{server.port}", "--bundle", str(MODEL / "edge"),
-                                     "--threads", "1", "--prompt", FIRST, "--max-sentences", "4"])
+                                     "--threads", "1", "--prompt", FIRST, "--max-sentences", "4",
+                                     "--stop-threshold", "1"])
     assert plain.exit_code == 0 and plain.stdout == "".join(texts) + "\n"
 
 
@@ -104,7 +105,7 @@ def test_second_turn_sees_the_first(chat, server):
     assert chat.context_sentences == two.end.context_sentences
     chat.reset()  # a fresh conversation answers the second prompt otherwise: turn 2 saw turn 1
     assert chat.context_sentences == 0
-    alone = chat.ask(SECOND, max_sentences=3)
+    alone = chat.ask(SECOND, max_sentences=3, stop_threshold=1.0)
     assert [s.text for s in alone] != second and alone.end.context_sentences == alone.end.prompt_sentences + 3
 
 
@@ -134,7 +135,7 @@ def test_stop_ends_after_the_sentence_being_decoded(chat):
 
 def test_a_full_context_ends_the_answer_then_refuses_turns_until_reset(chat):
     long = "Yes. " * (chat.context_capacity - 4)  # room for 4 answer sentences
-    answer = chat.ask(long, max_sentences=8, temperature=0.5, seed=1)  # sampled: no early stop here
+    answer = chat.ask(long, max_sentences=8, temperature=0.5, seed=1, stop_threshold=1.0)  # no early stop
     said = answer.text()
     assert answer.end.reason == "context_full" and answer.end.sentences == 4 and said
     assert chat.context_sentences == answer.end.context_sentences == chat.context_capacity  # the last one too
@@ -142,6 +143,43 @@ def test_a_full_context_ends_the_answer_then_refuses_turns_until_reset(chat):
         chat.ask(FIRST)
     chat.reset()
     assert chat.ask(FIRST, max_sentences=1).text()
+
+
+def test_the_shipped_defaults_stop_and_do_not_repeat(chat, server):
+    """edge-chat's defaults (the bundle's stop threshold, the repetition controls) are the API's: the
+    same answers; the stop head ends them before the cap; no sentence is said twice."""
+    prompts = [FIRST, SECOND, "The state of the Union is strong.", "In the beginning God created the heavens "
+               "and the earth.", "What's your name?"]
+    answers = []
+    for text in prompts:
+        chat.reset()
+        answer = chat.ask(text, max_sentences=8)
+        answers.append([s.text for s in answer])
+        assert len(set(answers[-1])) == len(answers[-1]) and answers[-1]
+        assert answer.end.reason in ("stop", "max_sentences")
+    assert sum(len(a) < 8 for a in answers) >= 3  # the stop head ends most answers
+    cli = [_answers(_edge_chat(server, "--prompt", text, "--max-sentences", 8))[0] for text in prompts]
+    assert cli == answers
+
+
+def test_stop_threshold_and_repetition_options(chat, server):
+    options = dict(repetition_penalty=1.5, no_repeat_ngram_size=2, no_repeat_sentence=False, stop_threshold=0.3)
+    api = [s.text for s in chat.ask(FIRST, max_sentences=6, **options)]
+    flags = ["--repetition-penalty", 1.5, "--no-repeat-ngram-size", 2, "--allow-repeat-sentence", "--stop-threshold",
+             0.3]
+    assert _answers(_edge_chat(server, "--prompt", FIRST, "--max-sentences", 6, *flags)) == [api]
+    chat.reset()
+    once = chat.ask(FIRST, max_sentences=6, stop_threshold=0.0)  # stop at once, after the one sentence an answer has
+    assert len(list(once)) == 1 and once.end.reason == "stop"
+    chat.reset()
+    plain = [s.text for s in chat.ask(FIRST, max_sentences=6, stop_threshold=1.0, repetition_penalty=1.0,
+                                      no_repeat_ngram_size=0, no_repeat_sentence=False)]
+    assert len(plain) == 6 and len(set(plain)) < 6  # without the controls the shipped model repeats itself
+    for bad, message in [(dict(stop_threshold=1.5), "stop_threshold must be a number in"),
+                         (dict(repetition_penalty=0.0), "repetition_penalty must be > 0"),
+                         (dict(no_repeat_ngram_size=-1), "no_repeat_ngram_size must be an integer >= 0")]:
+        with pytest.raises(edge.TurnError, match=message):
+            chat.ask(FIRST, **bad)
 
 
 # ---------------------------------------------------------------- failures, explained

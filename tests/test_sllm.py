@@ -146,7 +146,8 @@ def test_generation_streams_sentences_and_matches_full_recompute(sllm_run):
         assert decode_sentences(trained.model.svae.decoder, hidden[:, -1])[0] == sentence.ids
         ids_so_far.append(sentence.ids)
     trained.model.opt.stop_head.bias.data = torch.tensor([-10.0, 10.0])  # always stop
-    assert list(gen.generate("The king sees the river.", max_sentences=4)) == []
+    assert list(gen.generate("The king sees the river.", max_sentences=4, min_sentences=0)) == []
+    assert len(list(gen.generate("The king sees the river.", max_sentences=4))) == 1  # an answer says something
 
 
 def test_generate_cli(sllm_run):
@@ -262,3 +263,38 @@ def test_eval_reads_the_sentence_vae_inside_an_sllm_checkpoint(sllm_run, stage1)
     res = CliRunner().invoke(app, ["eval", str(sllm_run), "--n-exact", "20", "--n-loss", "50"])
     assert res.exit_code == 0, res.output
     assert "exact" in res.output.lower() and str(inner.path) in res.output
+
+
+def test_stop_loss_weights_the_rare_paragraph_ends(sllm_run, tmp_path):
+    """sllm.stop_positive_weight: the stop flags' focal loss with the positive class ("the paragraph
+    ends here") weighted, averaged over the weights; a typed field, saved with the run config."""
+    from modeling.losses import token_loss
+    from training.config import load_run_config
+    from training.tasks.sllm import sllm_losses
+
+    trained = load_sllm(sllm_run)
+    assert "stop_positive_weight" in json.loads((trained.path / "config.json").read_text())["sllm"]
+    data = _val_passages(trained)
+    batch = collate_passages(data, np.arange(min(4, len(data))), trained.model.svae.cfg.pad_id)
+    targets = batch.para_end[batch.sentence_mask]
+    assert 0 < int(targets.sum()) < len(targets)  # both classes in the batch
+    run = trained.run
+    with torch.no_grad():
+        _, stop_logits = trained.model(batch.ids, batch.token_mask, batch.sentence_mask)
+        logits = stop_logits[batch.sentence_mask]  # [N, 2]
+        p = logits.float().softmax(-1)[torch.arange(len(targets)), targets.long()]
+        focal = -(1 - p) ** run.sllm.stop_focal_gamma * p.log()  # per sentence
+        losses = {}
+        for w in (1.0, 7.0):
+            run.sllm.stop_positive_weight = w
+            losses[w] = float(sllm_losses(trained.model, batch, run)[1])
+            weights = torch.where(targets, w, 1.0)
+            assert losses[w] == pytest.approx(float((weights * focal).sum() / weights.sum()), rel=1e-5)
+    assert losses[1.0] == pytest.approx(float(token_loss(logits[None], targets.long()[None], "focal",
+                                                         run.sllm.stop_focal_gamma)), rel=1e-5)
+    assert losses[7.0] != pytest.approx(losses[1.0])
+    cfg = json.loads((trained.path / "config.json").read_text())
+    cfg["sllm"]["stop_positive_weight"] = 0
+    (tmp_path / "bad.json").write_text(json.dumps(cfg))
+    with pytest.raises(Exception, match="stop_positive_weight must be > 0"):
+        load_run_config(tmp_path / "bad.json").validate()

@@ -4,9 +4,13 @@
     sllm-train sllm --config configs/sllm-small.json sllm.svae_checkpoint=runs/svae-small
     sllm-train baseline --config configs/baseline-small.json data.tokenizer=runs/sllm-small/checkpoints/...
     torchrun --standalone --nproc_per_node=2 -m training.cli svae ...
-    sllm-train eval runs/svae
+    sllm-train eval runs/svae                          # or models/default (its svae/)
     sllm-train reconstruct runs/svae "Any text, of any length."
+    sllm-train generate models/default "The state of the Union is strong."
+    sllm-train compare models/default                   # the SLLM vs its baseline/, same tokens
     sllm-train plot runs/svae
+    sllm-train recover-svae models/default              # svae/ from the edge's ONNX graphs
+    sllm-train refit-stop models/default                # the stop head and its threshold
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from typing import Optional
 import typer
 
 from modeling.config import ConfigError
+from sentences.sampling import DEFAULT_NO_REPEAT_NGRAM, DEFAULT_NO_REPEAT_SENTENCE, DEFAULT_REPETITION_PENALTY
 from training.config import RunConfig, apply_overrides, load_run_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train and evaluate sllm models.")
@@ -96,14 +101,14 @@ def baseline(overrides: list[str] = _OVERRIDES, config: Optional[Path] = _CONFIG
 
 @app.command("eval")
 def evaluate(
-    checkpoint: Path = typer.Argument(..., help="checkpoint dir or run dir"),
+    checkpoint: Path = typer.Argument(..., help="checkpoint dir, run dir or export folder (models/default)"),
     n_exact: int = typer.Option(1000, help="validation sentences to reconstruct greedily"),
     n_loss: int = typer.Option(20_000, help="validation sentences for loss / PPL"),
     weights: str = typer.Option("ema", help="'ema' or 'model'"),
     report: Optional[Path] = typer.Option(None, help="write the report here (.md; a .json beside it)"),
 ):
     """Validation loss, PPL, exact-match reconstruction and the paper's Table 2 inputs (a SentenceVAE
-    checkpoint, or the SentenceVAE inside an SLLM checkpoint)."""
+    checkpoint, the SentenceVAE inside an SLLM checkpoint, or an export folder's svae/)."""
     from training.evaluate import evaluate_sentence_vae, render_markdown, validation_sentences
     from training.load import load_sentence_vae
 
@@ -126,7 +131,7 @@ EMPTY_TEXT = "nothing to reconstruct: the text is empty or only whitespace"
 
 @app.command()
 def reconstruct(
-    checkpoint: Path = typer.Argument(..., help="checkpoint dir or run dir"),
+    checkpoint: Path = typer.Argument(..., help="checkpoint dir, run dir or export folder (models/default)"),
     text: Optional[str] = typer.Argument(None, help="text to reconstruct; read from stdin when left out"),
     as_json: bool = typer.Option(False, "--json", help="print the pieces as a JSON list"),
     weights: str = typer.Option("ema", help="'ema' or 'model'"),
@@ -163,15 +168,21 @@ def reconstruct(
 
 @app.command()
 def generate(
-    checkpoint: Path = typer.Argument(..., help="SLLM checkpoint dir or run dir"),
+    checkpoint: Path = typer.Argument(..., help="SLLM checkpoint dir, run dir or export folder (models/default)"),
     prompt: Optional[str] = typer.Argument(None, help="prompt text; read from stdin when left out"),
     max_sentences: int = typer.Option(8, help="stop after this many sentences"),
     temperature: float = typer.Option(0.0, help="0 = greedy"),
     top_k: int = typer.Option(0),
     top_p: float = typer.Option(1.0),
     seed: Optional[int] = typer.Option(None),
+    repetition_penalty: float = typer.Option(DEFAULT_REPETITION_PENALTY, help="1 = off (edge-chat's option)"),
+    no_repeat_ngram_size: int = typer.Option(DEFAULT_NO_REPEAT_NGRAM, help="0 = off (edge-chat's option)"),
+    no_repeat_sentence: bool = typer.Option(DEFAULT_NO_REPEAT_SENTENCE, "--no-repeat-sentence/--allow-repeat-sentence"),
+    stop_threshold: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="end when P(stop) >= this; default: "
+                                                   "an export's edge threshold, else the head's argmax"),
 ):
-    """Continue a prompt sentence by sentence with a trained SLLM (torch reference, one process)."""
+    """Continue a prompt sentence by sentence with a trained SLLM (torch reference, one process): the
+    text edge-chat gives with the same options."""
     from modeling.generate import SamplingConfig
     from modeling.sllm_generate import SLLMGenerator
     from training.load import load_sllm
@@ -179,10 +190,12 @@ def generate(
     if prompt is None:
         prompt = sys.stdin.read()
     try:
-        sampling = SamplingConfig(temperature, top_k, top_p, seed)
+        sampling = SamplingConfig(temperature, top_k, top_p, seed, repetition_penalty, no_repeat_ngram_size,
+                                  no_repeat_sentence)
         trained = load_sllm(checkpoint)
         gen = SLLMGenerator(trained.model, trained.tokenizer, trained.run.data.split_on_comma)
-        for sentence in gen.generate(prompt, max_sentences, sampling):
+        threshold = trained.stop_threshold if stop_threshold is None else stop_threshold
+        for sentence in gen.generate(prompt, max_sentences, sampling, threshold):
             typer.echo(sentence.text, nl=False)
             sys.stdout.flush()
     except (*_user_errors(), ValueError) as e:
@@ -192,8 +205,9 @@ def generate(
 
 @app.command()
 def compare(
-    sllm_checkpoint: Path = typer.Argument(..., help="SLLM checkpoint or run dir"),
-    baseline_checkpoint: Path = typer.Argument(..., help="token-level OPT baseline checkpoint or run dir"),
+    sllm_checkpoint: Path = typer.Argument(..., help="SLLM checkpoint or run dir, or an export folder"),
+    baseline_checkpoint: Optional[Path] = typer.Argument(None, help="token-level OPT baseline checkpoint, run dir or "
+                                                         "bundle; default: the export folder's baseline/"),
     n_passages: int = typer.Option(0, help="validation passages to score (0 = all)"),
     report: Optional[Path] = typer.Option(None, help="also write the table here (.md; a .json beside it)"),
 ):
@@ -226,6 +240,63 @@ def plot(run_dir: Path = typer.Argument(...), out: Optional[Path] = typer.Option
     except _user_errors() as e:
         _fail(str(e))
     typer.echo(str(path))
+
+
+@app.command("recover-svae")
+def recover_svae(
+    model: Path = typer.Argument(..., help="export folder holding edge/ (fp32 graphs), e.g. models/default"),
+    config: Path = typer.Option(Path("configs/sllm-small.json"), "--config", "-c",
+                                help="the run config the model was trained with (its data split and training "
+                                     "settings are recorded; the model config comes from the graphs)"),
+    dtype: str = typer.Option("float16", help="float16 (half the bytes) or float32"),
+    n_verify: int = typer.Option(500, help="validation sentences the recovery is checked on"),
+    force: bool = typer.Option(False, help="replace an existing MODEL/svae"),
+):
+    """Write MODEL/svae: the torch SentenceVAE recovered from MODEL/edge's ONNX graphs (checked to
+    reproduce them), with its run config and tokenizer, so `eval`, `compare`, `reconstruct`,
+    `generate` and a stage-2 run (sllm.svae_checkpoint=MODEL) can use the exported model."""
+    from training.svae_folder import DTYPES, FOLDER, recover_svae_folder
+    from training.svae_from_onnx import RecoveryError
+
+    if dtype not in DTYPES:
+        _fail(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if (model / FOLDER).exists() and not force:
+        _fail(f"{model / FOLDER} exists; pass --force to replace it")
+    try:
+        loaded = load_run_config(config)
+        run = RunConfig(data=loaded.data, train=loaded.train)
+        recover_svae_folder(model, run, dtype, n_verify, log=_log_err)
+    except (*_user_errors(), RecoveryError, ValueError) as e:
+        _fail(str(e))
+
+
+@app.command("refit-stop")
+def refit_stop(
+    model: Path = typer.Argument(..., help="export folder with svae/, cloud/ and edge/ (models/default)"),
+    positive_weight: float = typer.Option(5.0, help="loss weight of 'the paragraph ends here' (1 for the rest)"),
+    gamma: float = typer.Option(2.0, help="focal loss gamma (stage 2's stop_focal_gamma)"),
+    train_passages: int = typer.Option(4000, help="training passages the features come from"),
+    sweep: str = typer.Option("", help="comma-separated other positive weights to report (not written)"),
+    cache_dir: Optional[str] = typer.Option(None, help="data cache (default: the run config's)"),
+    report: Optional[Path] = typer.Option(None, help="write the report here (.json; a .md beside it)"),
+):
+    """Refit the termination head of an exported SLLM on frozen features of training passages, with
+    its rare positive class weighted, choose its decision threshold on the validation split (max F1),
+    and rewrite MODEL/cloud and the edge manifest (new weights hash, stop_threshold) in place."""
+    from training.stop_head import refit_model, render_report
+
+    try:
+        weights = tuple(float(w) for w in sweep.split(",") if w.strip())
+        result = refit_model(model, positive_weight, gamma, train_passages, cache_dir=cache_dir, sweep=weights,
+                             log=_log_err)
+    except (*_user_errors(), ValueError) as e:
+        _fail(str(e))
+    text = render_report(result)
+    typer.echo(text)
+    if report:
+        report.parent.mkdir(parents=True, exist_ok=True)
+        report.with_suffix(".json").write_text(json.dumps(result, indent=2))
+        report.with_suffix(".md").write_text(text)
 
 
 def _log_main(*args) -> None:

@@ -70,13 +70,19 @@ class TrainConfig:
 
 @dataclass
 class SLLMOptions:
-    svae_checkpoint: str = ""  # stage-1 checkpoint or run dir; empty: a fresh SentenceVAE (config `svae`)
+    # stage-1 checkpoint or run dir, an SLLM checkpoint (its SentenceVAE) or an export folder holding
+    # svae/ (models/default); empty: a fresh SentenceVAE (config `svae`)
+    svae_checkpoint: str = ""
     freeze_svae: bool = False  # keep the SentenceVAE fixed; train only OPT blocks + termination head
     finetune_layers: int = 0  # > 0: train only this many OPT blocks (see finetune_from); 0: all
     finetune_from: str = "last"  # "first" or "last"
     init_embeddings_from_opt: bool = False  # copy OPT's token embedding into the SentenceVAE (same tokenizer)
     stop_loss_weight: float = 1.0
     stop_focal_gamma: float = 2.0  # paper: focal loss for the stop flags
+    # the weight of the rare positive stop flag (the sentence ends its paragraph: about 3% of the
+    # bundled corpus's sentences) against 1 for "more follows"; 1 = unweighted, which learns a head
+    # that almost never says stop
+    stop_positive_weight: float = 1.0
     # > 0: also train the decoder to reconstruct each sentence from its own encoder vector, so the
     # fine-tuned SentenceVAE stays an autoencoder (stage 2 alone turns it into a next-sentence decoder)
     reconstruction_loss_weight: float = 0.0
@@ -88,6 +94,8 @@ class SLLMOptions:
                self.reconstruction_loss_weight) < 0:
             raise ConfigError("finetune_layers, stop_loss_weight, stop_focal_gamma and "
                               "reconstruction_loss_weight must be >= 0")
+        if not self.stop_positive_weight > 0:
+            raise ConfigError(f"stop_positive_weight must be > 0, got {self.stop_positive_weight}")
 
 
 @dataclass

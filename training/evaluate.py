@@ -11,7 +11,7 @@ from modeling.generate import SamplingConfig, decode_sentences
 from modeling.losses import token_nll_sum
 from modeling.sentence_vae import pad_token_lists
 from sentences.limit import model_sentences
-from training.data.sentence_data import SentenceTokens, collate, prepare_data
+from training.data.sentence_data import SentenceTokens, collate, prepare_validation
 from training.load import TrainedSentenceVAE
 from training.tasks.common import unwrap
 
@@ -93,7 +93,7 @@ def validation_sentences(trained: TrainedSentenceVAE, log=print) -> SentenceToke
     """The validation split of the run a checkpoint came from, tokenized with the checkpoint's own tokenizer."""
     data_cfg = trained.run.data
     data_cfg.tokenizer = str(trained.path)
-    return prepare_data(data_cfg, trained.model.cfg.max_sentence_tokens, log=log).val
+    return prepare_validation(data_cfg, trained.model.cfg.max_sentence_tokens, log=log)
 
 
 def exact_match(trained: TrainedSentenceVAE, data: SentenceTokens, n: int, batch_size: int = 128) -> dict[str, float]:

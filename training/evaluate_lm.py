@@ -72,12 +72,14 @@ def baseline_token_nll(model, data: Passages, index: np.ndarray, batch_size: int
     return _result(total, tokens)
 
 
-def compare_sllm_baseline(sllm_path, baseline_path, n_passages: int = 0, log=print) -> dict:
-    sllm, base = load_sllm(sllm_path), load_baseline(baseline_path)
+def compare_sllm_baseline(sllm_path, baseline_path=None, n_passages: int = 0, log=print) -> dict:
+    """baseline_path None: the baseline/ of the export folder `sllm_path` (models/default)."""
+    sllm = load_sllm(sllm_path)
+    base = load_baseline(sllm_path if baseline_path is None else baseline_path)
     if sllm.tokenizer.to_json_str() != base.tokenizer.to_json_str():
         raise ValueError("the SLLM and the baseline use different tokenizers: their PPLs would not compare")
     data_cfg = sllm.run.data
-    data_cfg.tokenizer = str(sllm.path)
+    data_cfg.tokenizer = str(sllm.tokenizer_dir or sllm.path)
     val = prepare_passages(data_cfg, sllm.model.svae.cfg.max_sentence_tokens, log=log).val
     index = np.arange(len(val) if n_passages <= 0 else min(n_passages, len(val)))
     tok = base.tokenizer

@@ -4,7 +4,10 @@
                   (TrainedSentenceVAE, TrainedSLLM, TrainedBaseline, a cloud bundle's GraftedOPT, a
                   baseline bundle, or an export folder's halves)
     load_sentence_vae(path)   the SentenceVAE of a stage-1 checkpoint, or the fine-tuned one inside an
-                  SLLM checkpoint: what an edge bundle exported from it encodes and decodes with
+                  SLLM checkpoint or an export folder: what an edge bundle exported from it encodes
+                  and decodes with
+    load_sllm(path), load_baseline(path)   also take an export folder that holds svae/ (the SLLM:
+                  svae/ + cloud/, with the edge's stop threshold) and baseline/ (models/default)
 
 Every refusal is a CheckpointError (or BundleError) that says what was found and what was expected;
 the kind of a path is decided once, by `runtime.artifacts.identify`.
@@ -16,7 +19,7 @@ from pathlib import Path
 
 from transformers import OPTForCausalLM
 
-from modeling.config import ConfigError
+from modeling.config import ConfigError, OPTSpec
 from modeling.opt_graft import GraftedOPT, read_opt_config
 from modeling.sentence_vae import SentenceVAE
 from modeling.sllm import SLLM
@@ -44,6 +47,8 @@ class TrainedSLLM:
     tokenizer: SentenceTokenizer
     run: SLLMRunConfig
     path: Path
+    stop_threshold: float | None = None  # an export's (its edge manifest's); None: the head's argmax
+    tokenizer_dir: Path | None = None  # where its tokenizer files are, when not in `path` (an export's svae/)
 
 
 @dataclass
@@ -80,7 +85,21 @@ def _check_tokenizer(d: Path, tok: SentenceTokenizer, vocab_size: int, pad: int,
 def _load_weights(model, d: Path, weights: str) -> None:
     if weights not in WEIGHTS:
         raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
-    load_state_into(model, load_tensors(d / f"{weights}.safetensors"), str(d))
+    load_state_into(model, _with_tied(model, load_tensors(d / f"{weights}.safetensors")), str(d))
+
+
+def _with_tied(model, state: dict) -> dict:
+    """A tied weight (the decoder's output layer is its token embedding) may be stored once
+    (training.svae_folder does): fill the missing name from the one that is there."""
+    names: dict[int, list[str]] = {}
+    for name, tensor in model.state_dict().items():
+        names.setdefault(tensor.data_ptr(), []).append(name)
+    for group in names.values():
+        present = [n for n in group if n in state]
+        for n in group:
+            if n not in state and present:
+                state[n] = state[present[0]]
+    return state
 
 
 def _opt_config(d: Path):
@@ -101,7 +120,10 @@ def load_stage1(path: str | Path, weights: str = "ema", device: str = "cpu") -> 
 
 
 def load_sllm(path: str | Path, weights: str = "ema", device: str = "cpu") -> TrainedSLLM:
-    """A stage-2 checkpoint, self-contained: config.json, opt_config.json, tokenizer, weights."""
+    """A stage-2 checkpoint, self-contained: config.json, opt_config.json, tokenizer, weights; or an
+    export folder with svae/ and cloud/."""
+    if identify(path).kind == EXPORT:
+        return load_exported_sllm(Path(path), device)
     d, run, tok = open_checkpoint(path, "sllm")
     m = run.svae
     _check_tokenizer(d, tok, m.vocab_size, m.pad_id, m.bos_id, m.eos_id)
@@ -114,7 +136,16 @@ def load_sllm(path: str | Path, weights: str = "ema", device: str = "cpu") -> Tr
 
 
 def load_baseline(path: str | Path, weights: str = "ema", device: str = "cpu") -> TrainedBaseline:
-    """A token-level OPT baseline checkpoint."""
+    """A token-level OPT baseline checkpoint, a baseline bundle, or an export folder's baseline/."""
+    found = identify(path)
+    if found.kind in (EXPORT, "baseline"):
+        from modeling.baseline_bundle import FOLDER, load_baseline_bundle
+
+        folder = found.path / FOLDER if found.kind == EXPORT else found.path
+        if not folder.is_dir():
+            raise CheckpointError(f"{found.path} is an export folder without a baseline ({FOLDER}/)")
+        b = load_baseline_bundle(folder)
+        return TrainedBaseline(b.model.to(device).eval(), b.tokenizer, BaselineRunConfig(), folder)
     d, run, tok = open_checkpoint(path, "opt_baseline")
     model = OPTForCausalLM(_opt_config(d))
     _load_weights(model, d, weights)
@@ -122,13 +153,58 @@ def load_baseline(path: str | Path, weights: str = "ema", device: str = "cpu") -
 
 
 def load_sentence_vae(path: str | Path, weights: str = "ema", device: str = "cpu") -> TrainedSentenceVAE:
-    """The SentenceVAE of a stage-1 checkpoint, or the (fine-tuned) one inside an SLLM checkpoint."""
+    """The SentenceVAE of a stage-1 checkpoint, the (fine-tuned) one inside an SLLM checkpoint, or an
+    export folder's (its svae/)."""
+    if identify(path).kind == EXPORT:
+        return load_stage1(export_svae_dir(Path(path)), weights, device)
     found = expect(path, "sentence_vae", "sllm")
     if found.kind == "sentence_vae":
         return load_stage1(found.path, weights, device)
     t = load_sllm(found.path, weights, device)
     return TrainedSentenceVAE(t.model.svae, t.tokenizer, RunConfig(model=t.run.svae, data=t.run.data,
                                                                    train=t.run.train), t.path)
+
+
+def export_svae_dir(folder: Path) -> Path:
+    """An export folder's svae/ (training.svae_folder), checked to belong to the same model as its edge/."""
+    from runtime.manifest import read_manifest
+    from training.svae_folder import FOLDER, read_source
+
+    d = folder / FOLDER
+    if not d.is_dir():
+        raise CheckpointError(f"{folder} holds no torch SentenceVAE ({FOLDER}/): it can be chatted with, not evaluated "
+                              "or trained further; recover one with `sllm-train recover-svae` (docs/model-card.md)")
+    edge_id = read_manifest(folder / "edge", kind="edge", verify=False).get("model_id")
+    ours = read_source(d).get("model_id")
+    if ours != edge_id:
+        raise CheckpointError(f"{d} belongs to model {ours}, but {folder / 'edge'} holds {edge_id}: not the same "
+                              "export")
+    return d
+
+
+def load_exported_sllm(folder: Path, device: str = "cpu") -> TrainedSLLM:
+    """An export folder as one torch SLLM: svae/ (the SentenceVAE) + cloud/ (the grafted OPT), its
+    run config from svae/config.json, the stop threshold of its edge manifest."""
+    from modeling.cloud_bundle import load_cloud_bundle
+    from runtime.edge_bundle import check_stop_threshold
+    from runtime.manifest import read_manifest
+
+    svae = load_stage1(export_svae_dir(folder), device=device)
+    opt, cloud = load_cloud_bundle(folder / "cloud", device)
+    edge = read_manifest(folder / "edge", kind="edge", verify=False)
+    if cloud.get("model_id") != edge.get("model_id"):
+        raise CheckpointError(f"{folder}: cloud/ holds {cloud.get('model_id')}, edge/ {edge.get('model_id')}")
+    c = opt.config
+    spec = OPTSpec(hidden_size=c.hidden_size, num_hidden_layers=c.num_hidden_layers,
+                   num_attention_heads=c.num_attention_heads, ffn_dim=c.ffn_dim,
+                   max_position_embeddings=c.max_position_embeddings)
+    run = SLLMRunConfig(svae=svae.run.model, opt=spec, data=svae.run.data, train=svae.run.train)
+    try:
+        model = SLLM(svae.model, opt)
+    except ConfigError as e:
+        raise CheckpointError(f"{folder}: {e}") from None
+    threshold = check_stop_threshold(folder / "edge", edge)
+    return TrainedSLLM(model.to(device).eval(), svae.tokenizer, run, folder, threshold, svae.path)
 
 
 @dataclass
@@ -139,6 +215,7 @@ class ExportFolder:
     edge: object  # runtime.edge_bundle.EdgeBundle
     cloud: tuple | None  # (GraftedOPT, manifest)
     baseline: object | None  # modeling.baseline_bundle.LoadedBaseline
+    svae: TrainedSentenceVAE | None = None  # its torch SentenceVAE (svae/), when it ships one
 
 
 def load(path: str | Path, weights: str = "ema", device: str = "cpu"):
@@ -166,4 +243,5 @@ def load(path: str | Path, weights: str = "ema", device: str = "cpu"):
     halves = {name: found.path / name for name in ("edge", "cloud", "baseline")}
     return ExportFolder(found.path, load(halves["edge"]),
                         load(halves["cloud"], device=device) if halves["cloud"].is_dir() else None,
-                        load(halves["baseline"]) if halves["baseline"].is_dir() else None)
+                        load(halves["baseline"]) if halves["baseline"].is_dir() else None,
+                        load_sentence_vae(found.path, device=device) if (found.path / "svae").is_dir() else None)

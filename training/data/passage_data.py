@@ -90,24 +90,34 @@ class PreparedPassages:
     val: Passages
 
 
+def _split_passages(corpus, name: str, cfg: DataConfig, max_tokens: int, log=print) -> Passages:
+    """One split's passages ("train" or "val"), cached."""
+    key = _fingerprint(corpus.key, "passages-v1", str(cfg.max_passage_sentences), str(cfg.max_passage_tokens))
+    docs = corpus.train_docs if name == "train" else corpus.val_docs
+    path = corpus.cache / f"passages-{key}-{name}.npz"
+    if path.is_file():
+        p = Passages.load(path)
+    else:
+        p = build_passages(docs, corpus.tokenizer, max_tokens, cfg.split_on_comma, cfg.max_passage_sentences,
+                           cfg.max_passage_tokens)
+        p.save(path)
+    log(f"{name}: {len(docs)} documents, {len(p)} passages, {len(p.sentences)} sentences, "
+        f"{int(p.sentences.offsets[-1])} tokens")
+    return p
+
+
 def prepare_passages(cfg: DataConfig, max_tokens: int, log=print) -> PreparedPassages:
     corpus = load_split_corpus(cfg, max_tokens, log)
-    key = _fingerprint(corpus.key, "passages-v1", str(cfg.max_passage_sentences), str(cfg.max_passage_tokens))
-    out = {}
-    for name, docs in (("train", corpus.train_docs), ("val", corpus.val_docs)):
-        path = corpus.cache / f"passages-{key}-{name}.npz"
-        if path.is_file():
-            out[name] = Passages.load(path)
-        else:
-            out[name] = build_passages(docs, corpus.tokenizer, max_tokens, cfg.split_on_comma,
-                                       cfg.max_passage_sentences, cfg.max_passage_tokens)
-            out[name].save(path)
-        p = out[name]
-        log(f"{name}: {len(docs)} documents, {len(p)} passages, {len(p.sentences)} sentences, "
-            f"{int(p.sentences.offsets[-1])} tokens")
-    if len(out["val"]) == 0:
+    train = _split_passages(corpus, "train", cfg, max_tokens, log)
+    val = _split_passages(corpus, "val", cfg, max_tokens, log)
+    if len(val) == 0:
         log("warning: the validation split has no passages")
-    return PreparedPassages(corpus.tokenizer, out["train"], out["val"])
+    return PreparedPassages(corpus.tokenizer, train, val)
+
+
+def prepare_validation_passages(cfg: DataConfig, max_tokens: int, log=print) -> Passages:
+    """The validation passages only (the same cache files as prepare_passages')."""
+    return _split_passages(load_split_corpus(cfg, max_tokens, log), "val", cfg, max_tokens, log)
 
 
 # ---------------------------------------------------------------- batches

@@ -135,28 +135,36 @@ def load_split_corpus(cfg: DataConfig, max_tokens: int, log=print) -> SplitCorpu
     return SplitCorpus(train_docs, val_docs, tok, cache, key)
 
 
+def _split_tokens(corpus: SplitCorpus, name: str, cfg: DataConfig, max_tokens: int,
+                  log=print) -> tuple[SentenceTokens, list[str]]:
+    """One split ("train" or "val") tokenized (cached): its tokens, and its sentence texts (val only)."""
+    part = corpus.train_docs if name == "train" else corpus.val_docs
+    path = corpus.cache / f"sentences-{corpus.key}-{name}.npz"
+    text_path = corpus.cache / f"sentences-{corpus.key}-{name}.json"
+    if path.is_file() and text_path.is_file():
+        tokens = SentenceTokens.load(path)
+        texts = json.loads(text_path.read_text())
+    else:
+        texts = segment_documents(part, corpus.tokenizer, max_tokens, cfg.split_on_comma)
+        tokens = tokenize_sentences(texts, corpus.tokenizer)
+        tokens.save(path)
+        text_path.write_text(json.dumps(texts if name == "val" else []))
+    log(f"{name}: {len(part)} documents, {len(tokens)} sentences, {int(tokens.offsets[-1])} tokens")
+    return tokens, texts
+
+
 def prepare_data(cfg: DataConfig, max_tokens: int, log=print) -> PreparedData:
     """Load the corpus, split it, get a tokenizer, and tokenize both splits (cached)."""
     corpus = load_split_corpus(cfg, max_tokens, log)
-    tok, cache, key = corpus.tokenizer, corpus.cache, corpus.key
-    train_docs, val_docs = corpus.train_docs, corpus.val_docs
-    splits = {}
-    val_sentences: list[str] = []
-    for name, part in (("train", train_docs), ("val", val_docs)):
-        path = cache / f"sentences-{key}-{name}.npz"
-        text_path = cache / f"sentences-{key}-{name}.json"
-        if path.is_file() and text_path.is_file():
-            splits[name] = SentenceTokens.load(path)
-            texts = json.loads(text_path.read_text())
-        else:
-            texts = segment_documents(part, tok, max_tokens, cfg.split_on_comma)
-            splits[name] = tokenize_sentences(texts, tok)
-            splits[name].save(path)
-            text_path.write_text(json.dumps(texts if name == "val" else []))
-        if name == "val":
-            val_sentences = texts
-        log(f"{name}: {len(part)} documents, {len(splits[name])} sentences, {int(splits[name].offsets[-1])} tokens")
-    return PreparedData(tok, splits["train"], splits["val"], val_sentences)
+    train, _ = _split_tokens(corpus, "train", cfg, max_tokens, log)
+    val, val_sentences = _split_tokens(corpus, "val", cfg, max_tokens, log)
+    return PreparedData(corpus.tokenizer, train, val, val_sentences)
+
+
+def prepare_validation(cfg: DataConfig, max_tokens: int, log=print) -> SentenceTokens:
+    """The validation split only, tokenized (cached; the same files as prepare_data's): what an
+    evaluation reads, without tokenizing the training split."""
+    return _split_tokens(load_split_corpus(cfg, max_tokens, log), "val", cfg, max_tokens, log)[0]
 
 
 # ---------------------------------------------------------------- batching

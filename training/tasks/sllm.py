@@ -1,7 +1,8 @@
 """Stage 2: train an SLLM (SentenceVAE grafted onto OPT blocks, paper Eq. 6-9).
 
 loss = next-sentence decode loss (the vector predicted at sentence t decodes sentence
-t+1; CE or focal, per token) + stop_loss_weight * focal loss of the stop flags.
+t+1; CE or focal, per token) + stop_loss_weight * focal loss of the stop flags (the rare
+"paragraph ends here" flag weighted by stop_positive_weight).
 """
 from __future__ import annotations
 
@@ -14,14 +15,14 @@ from transformers import OPTConfig
 
 from modeling.config import ConfigError
 from modeling.losses import token_loss
-from modeling.opt_graft import GraftedOPT, load_opt
+from modeling.opt_graft import STOP, GraftedOPT, load_opt
 from modeling.sentence_vae import SentenceVAE
 from modeling.sllm import SLLM
 from sentences.segment import SEGMENTATION_VERSION
 from training.config import SLLMRunConfig
 from training.data.passage_data import PassageBatch, PreparedPassages, collate_passages, prepare_passages
 from training.evaluate_lm import sllm_token_nll
-from training.load import OPT_CONFIG_FILE, load_stage1
+from training.load import OPT_CONFIG_FILE, load_sentence_vae
 from training.tasks.common import EpochBatches, unwrap
 
 
@@ -30,7 +31,8 @@ class SLLMTask:
         self.run = run
         self.svae_state: dict[str, torch.Tensor] | None = None
         if run.sllm.svae_checkpoint:
-            stage1 = load_stage1(run.sllm.svae_checkpoint)
+            # a stage-1 checkpoint, an SLLM checkpoint's SentenceVAE, or an export's svae/ (models/default)
+            stage1 = load_sentence_vae(run.sllm.svae_checkpoint)
             # the SentenceVAE's own tokenizer, width and segmentation come with it
             run.svae = stage1.model.cfg
             run.data.tokenizer = str(stage1.path)
@@ -97,6 +99,13 @@ class SLLMTask:
         (directory / OPT_CONFIG_FILE).write_text(self.opt_config.to_json_string())
 
 
+def stop_class_weight(positive_weight: float) -> torch.Tensor:
+    """The stop loss's class weights [2]: 1 for "decode another sentence", positive_weight for "stop"."""
+    w = torch.ones(2)
+    w[STOP] = positive_weight
+    return w
+
+
 def sllm_losses(model: nn.Module, batch: PassageBatch, run: SLLMRunConfig):
     """(decode loss per target token, stop-flag loss per sentence, target tokens).
 
@@ -111,5 +120,5 @@ def sllm_losses(model: nn.Module, batch: PassageBatch, run: SLLMRunConfig):
                                                         kind, gamma)
         decode = decode + run.sllm.reconstruction_loss_weight * r_total / max(r_count, 1)
     stop = token_loss(stop_logits, SLLM.stop_targets(batch.sentence_mask, batch.para_end), "focal",
-                      run.sllm.stop_focal_gamma)
+                      run.sllm.stop_focal_gamma, class_weight=stop_class_weight(run.sllm.stop_positive_weight))
     return decode, stop, count

@@ -29,26 +29,52 @@ class Vectors(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., dtype: _Optional[_Union[DType, str]] = ..., dim: _Optional[int] = ..., count: _Optional[int] = ...) -> None: ...
 
 class Open(_message.Message):
-    __slots__ = ("model_id", "dim", "session_id", "history", "reply_dtype", "keep_on_disconnect")
+    __slots__ = ("model_id", "dim", "session_id", "history", "reply_dtype", "keep_on_disconnect", "speculate")
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     DIM_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     HISTORY_FIELD_NUMBER: _ClassVar[int]
     REPLY_DTYPE_FIELD_NUMBER: _ClassVar[int]
     KEEP_ON_DISCONNECT_FIELD_NUMBER: _ClassVar[int]
+    SPECULATE_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     dim: int
     session_id: str
     history: Vectors
     reply_dtype: DType
     keep_on_disconnect: bool
-    def __init__(self, model_id: _Optional[str] = ..., dim: _Optional[int] = ..., session_id: _Optional[str] = ..., history: _Optional[_Union[Vectors, _Mapping]] = ..., reply_dtype: _Optional[_Union[DType, str]] = ..., keep_on_disconnect: _Optional[bool] = ...) -> None: ...
+    speculate: int
+    def __init__(self, model_id: _Optional[str] = ..., dim: _Optional[int] = ..., session_id: _Optional[str] = ..., history: _Optional[_Union[Vectors, _Mapping]] = ..., reply_dtype: _Optional[_Union[DType, str]] = ..., keep_on_disconnect: _Optional[bool] = ..., speculate: _Optional[int] = ...) -> None: ...
 
 class Append(_message.Message):
-    __slots__ = ("vectors",)
+    __slots__ = ("vectors", "position", "decoding")
     VECTORS_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    DECODING_FIELD_NUMBER: _ClassVar[int]
     vectors: Vectors
-    def __init__(self, vectors: _Optional[_Union[Vectors, _Mapping]] = ...) -> None: ...
+    position: int
+    decoding: Decoding
+    def __init__(self, vectors: _Optional[_Union[Vectors, _Mapping]] = ..., position: _Optional[int] = ..., decoding: _Optional[_Union[Decoding, _Mapping]] = ...) -> None: ...
+
+class Decoding(_message.Message):
+    __slots__ = ("guess", "repetition_penalty", "no_repeat_ngram_size", "no_repeat_sentence", "max_tokens")
+    GUESS_FIELD_NUMBER: _ClassVar[int]
+    REPETITION_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    NO_REPEAT_NGRAM_SIZE_FIELD_NUMBER: _ClassVar[int]
+    NO_REPEAT_SENTENCE_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    guess: bool
+    repetition_penalty: float
+    no_repeat_ngram_size: int
+    no_repeat_sentence: bool
+    max_tokens: int
+    def __init__(self, guess: _Optional[bool] = ..., repetition_penalty: _Optional[float] = ..., no_repeat_ngram_size: _Optional[int] = ..., no_repeat_sentence: _Optional[bool] = ..., max_tokens: _Optional[int] = ...) -> None: ...
+
+class Accept(_message.Message):
+    __slots__ = ("position",)
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    position: int
+    def __init__(self, position: _Optional[int] = ...) -> None: ...
 
 class Close(_message.Message):
     __slots__ = ("keep",)
@@ -57,40 +83,54 @@ class Close(_message.Message):
     def __init__(self, keep: _Optional[bool] = ...) -> None: ...
 
 class ClientMessage(_message.Message):
-    __slots__ = ("open", "append", "close")
+    __slots__ = ("open", "append", "close", "accept")
     OPEN_FIELD_NUMBER: _ClassVar[int]
     APPEND_FIELD_NUMBER: _ClassVar[int]
     CLOSE_FIELD_NUMBER: _ClassVar[int]
+    ACCEPT_FIELD_NUMBER: _ClassVar[int]
     open: Open
     append: Append
     close: Close
-    def __init__(self, open: _Optional[_Union[Open, _Mapping]] = ..., append: _Optional[_Union[Append, _Mapping]] = ..., close: _Optional[_Union[Close, _Mapping]] = ...) -> None: ...
+    accept: Accept
+    def __init__(self, open: _Optional[_Union[Open, _Mapping]] = ..., append: _Optional[_Union[Append, _Mapping]] = ..., close: _Optional[_Union[Close, _Mapping]] = ..., accept: _Optional[_Union[Accept, _Mapping]] = ...) -> None: ...
 
 class Step(_message.Message):
-    __slots__ = ("hidden", "stop", "stop_probability", "past_length")
+    __slots__ = ("hidden", "stop", "stop_probability", "past_length", "speculative", "assumed", "epoch", "declined")
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     STOP_FIELD_NUMBER: _ClassVar[int]
     STOP_PROBABILITY_FIELD_NUMBER: _ClassVar[int]
     PAST_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    SPECULATIVE_FIELD_NUMBER: _ClassVar[int]
+    ASSUMED_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    DECLINED_FIELD_NUMBER: _ClassVar[int]
     hidden: Vectors
     stop: bool
     stop_probability: float
     past_length: int
-    def __init__(self, hidden: _Optional[_Union[Vectors, _Mapping]] = ..., stop: _Optional[bool] = ..., stop_probability: _Optional[float] = ..., past_length: _Optional[int] = ...) -> None: ...
+    speculative: bool
+    assumed: Vectors
+    epoch: int
+    declined: bool
+    def __init__(self, hidden: _Optional[_Union[Vectors, _Mapping]] = ..., stop: _Optional[bool] = ..., stop_probability: _Optional[float] = ..., past_length: _Optional[int] = ..., speculative: _Optional[bool] = ..., assumed: _Optional[_Union[Vectors, _Mapping]] = ..., epoch: _Optional[int] = ..., declined: _Optional[bool] = ...) -> None: ...
 
 class Opened(_message.Message):
-    __slots__ = ("session_id", "past_length", "resumed", "last", "remaining_sentences")
+    __slots__ = ("session_id", "past_length", "resumed", "last", "remaining_sentences", "speculate", "speculate_note")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     PAST_LENGTH_FIELD_NUMBER: _ClassVar[int]
     RESUMED_FIELD_NUMBER: _ClassVar[int]
     LAST_FIELD_NUMBER: _ClassVar[int]
     REMAINING_SENTENCES_FIELD_NUMBER: _ClassVar[int]
+    SPECULATE_FIELD_NUMBER: _ClassVar[int]
+    SPECULATE_NOTE_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     past_length: int
     resumed: bool
     last: Step
     remaining_sentences: int
-    def __init__(self, session_id: _Optional[str] = ..., past_length: _Optional[int] = ..., resumed: _Optional[bool] = ..., last: _Optional[_Union[Step, _Mapping]] = ..., remaining_sentences: _Optional[int] = ...) -> None: ...
+    speculate: int
+    speculate_note: str
+    def __init__(self, session_id: _Optional[str] = ..., past_length: _Optional[int] = ..., resumed: _Optional[bool] = ..., last: _Optional[_Union[Step, _Mapping]] = ..., remaining_sentences: _Optional[int] = ..., speculate: _Optional[int] = ..., speculate_note: _Optional[str] = ...) -> None: ...
 
 class Closed(_message.Message):
     __slots__ = ("session_id", "kept")
@@ -153,7 +193,7 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Stats(_message.Message):
-    __slots__ = ("sessions", "attached_sessions", "kv_bytes", "kv_budget_bytes", "queue_depth", "steps_total", "sentences_total", "forward_passes_total", "mean_batch_size", "max_batch_size_seen", "steps_per_second", "sessions_opened_total", "sessions_evicted_total", "errors_by_code", "uptime_s", "batch_size_histogram")
+    __slots__ = ("sessions", "attached_sessions", "kv_bytes", "kv_budget_bytes", "queue_depth", "steps_total", "sentences_total", "forward_passes_total", "mean_batch_size", "max_batch_size_seen", "steps_per_second", "sessions_opened_total", "sessions_evicted_total", "errors_by_code", "uptime_s", "batch_size_histogram", "speculative_steps_total", "speculation_accepted_total", "speculation_dropped_total", "speculation_decode_tokens_total", "speculate_max")
     class ErrorsByCodeEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -184,6 +224,11 @@ class Stats(_message.Message):
     ERRORS_BY_CODE_FIELD_NUMBER: _ClassVar[int]
     UPTIME_S_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_HISTOGRAM_FIELD_NUMBER: _ClassVar[int]
+    SPECULATIVE_STEPS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    SPECULATION_ACCEPTED_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    SPECULATION_DROPPED_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    SPECULATION_DECODE_TOKENS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    SPECULATE_MAX_FIELD_NUMBER: _ClassVar[int]
     sessions: int
     attached_sessions: int
     kv_bytes: int
@@ -200,4 +245,9 @@ class Stats(_message.Message):
     errors_by_code: _containers.ScalarMap[str, int]
     uptime_s: float
     batch_size_histogram: _containers.ScalarMap[int, int]
-    def __init__(self, sessions: _Optional[int] = ..., attached_sessions: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., kv_budget_bytes: _Optional[int] = ..., queue_depth: _Optional[int] = ..., steps_total: _Optional[int] = ..., sentences_total: _Optional[int] = ..., forward_passes_total: _Optional[int] = ..., mean_batch_size: _Optional[float] = ..., max_batch_size_seen: _Optional[int] = ..., steps_per_second: _Optional[float] = ..., sessions_opened_total: _Optional[int] = ..., sessions_evicted_total: _Optional[int] = ..., errors_by_code: _Optional[_Mapping[str, int]] = ..., uptime_s: _Optional[float] = ..., batch_size_histogram: _Optional[_Mapping[int, int]] = ...) -> None: ...
+    speculative_steps_total: int
+    speculation_accepted_total: int
+    speculation_dropped_total: int
+    speculation_decode_tokens_total: int
+    speculate_max: int
+    def __init__(self, sessions: _Optional[int] = ..., attached_sessions: _Optional[int] = ..., kv_bytes: _Optional[int] = ..., kv_budget_bytes: _Optional[int] = ..., queue_depth: _Optional[int] = ..., steps_total: _Optional[int] = ..., sentences_total: _Optional[int] = ..., forward_passes_total: _Optional[int] = ..., mean_batch_size: _Optional[float] = ..., max_batch_size_seen: _Optional[int] = ..., steps_per_second: _Optional[float] = ..., sessions_opened_total: _Optional[int] = ..., sessions_evicted_total: _Optional[int] = ..., errors_by_code: _Optional[_Mapping[str, int]] = ..., uptime_s: _Optional[float] = ..., batch_size_histogram: _Optional[_Mapping[int, int]] = ..., speculative_steps_total: _Optional[int] = ..., speculation_accepted_total: _Optional[int] = ..., speculation_dropped_total: _Optional[int] = ..., speculation_decode_tokens_total: _Optional[int] = ..., speculate_max: _Optional[int] = ...) -> None: ...

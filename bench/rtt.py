@@ -1,0 +1,706 @@
+"""The round trip (issue 17): one conversation at a time over a delayed network, RTT 0/10/50/100 ms.
+
+    python -m bench.rtt                 # models/default, 5 prompts, 128 output tokens; docs/results/rtt.{json,md,png}
+    python -m bench.rtt --quick         # RTT 0 and 50 ms, 2 prompts, 32 tokens (a smoke test, < 2 min)
+
+Every variant runs its real server as its own process on 127.0.0.1, and the client in this
+process reaches it through `bench.relay.RelayProcess` (RTT/2 added each way):
+  sllm         the SLLM as it is: edge runtime (ONNX Runtime) + the edge sentence loop over a
+               Converse stream (edge.speculate.SpeculativeStepper, speculating 0) to `sllm-cloud
+               serve` of MODEL/cloud; one round trip per sentence
+  sllm_specN   the same with sentence-level speculation (--speculate 4,16): the server (--speculate-max
+               N --svae DIR) runs up to N sentences ahead, the edge accepts or corrects each guess;
+               a round trip only for a correction or a declined guess (see below)
+  token_split  the token-level split: the same server code stepping the baseline OPT's own blocks
+               once per token (modeling.token_bundle), the client holding embedding + LM head
+               (bench.token_split); one round trip per token
+  cloud_only   the baseline OPT generating on a server of its own and streaming each token
+               (bench.cloud_only); one round trip per answer
+Same prompts (validation text, bench.texts) for all, interleaved: for each RTT, each prompt runs
+on every variant in turn. Greedy. The SLLM stops at the first sentence that takes it past
+--output-tokens, ignoring the stop head; the token-level variants make exactly --output-tokens tokens.
+
+Per run: time to the first sentence (SLLM: encode the prompt, one round trip, decode it) or the
+first token, from the moment the prompt is sent (sessions are opened before the clock starts, as a
+chat holds its session across turns), and tokens/s after it. Per variant and RTT: min / median /
+max over the prompts. Beside the SLLM, the bound L / (RTT + t_sentence): L = tokens per sentence
+after the first, t_sentence = time per sentence at RTT 0 (through the relay, which then adds only
+its own small cost, measured and reported). Wire bytes are what passed through the relay (gRPC,
+HTTP/2 framing, pings) per output token. Cloud work per output token comes from the servers' own
+counters (GetStats, read straight from each server before and after an RTT's runs): forward passes,
+Append steps, speculative steps and the tokens their SentenceVAE decoded.
+
+Speculation rows add: the acceptance rate (guesses the edge confirmed / guesses it checked), the
+round trips waited per generated sentence, the extra cloud work per output token against the sllm
+row at the same RTT, and whether every output equals the sllm row's (greedy must). In these
+fixed-length runs the cloud still reads its stop head: after a step whose stop flag is on it
+declines to guess, and that sentence waits a round trip as without speculation (in a chat the stop
+flag ends the answer there, so a declined guess costs nothing); the report counts them. Then the
+sampled acceptance (each prompt once more per speculating variant, temperature
+--sampled-temperature, straight to its server: the cloud guesses greedily, so sampled sentences
+mostly go the correction path) and the tolerance facts (bench.speculation).
+
+More SLLM rows: `sllm_variant(name, label, server_args, **client_options)` (server_args: a list,
+or a function of the Ctx; client_options: SLLMRunner's, e.g. speculate=N).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from bench import cloud_throughput
+from bench.relay import RelayProcess, measure_overhead
+from bench.summary import bench_parser, spread, spread_cell, write_results
+from bench.texts import flatten
+
+ROOT = Path(__file__).resolve().parents[1]
+STEP_TIMEOUT_S = 120.0  # a stuck server fails the bench instead of hanging it
+# the servers' GetStats counters read around each RTT's runs (what the cloud did for them)
+COUNTERS = ("steps_total", "forward_passes_total", "speculative_steps_total", "speculation_accepted_total",
+            "speculation_dropped_total", "speculation_decode_tokens_total")
+
+
+@dataclass
+class Run:
+    variant: str
+    rtt_ms: float
+    prompt: int  # index into the prompts
+    tokens: int  # output tokens
+    units: int  # sentences (SLLM) or tokens
+    first_tokens: int  # tokens of the first unit
+    first_s: float  # prompt sent -> first sentence decoded / first token received
+    rest_s: float  # first unit -> last unit
+    output: str = ""  # digest of the output token ids: speculative outputs are compared with the plain ones
+    # the SLLM (edge.speculate.SpeculationStats): guesses the edge accepted / corrected / the cloud declined,
+    # and the round trips waited after the first sentence (an append that needed its reply)
+    accepted: int = 0
+    corrected: int = 0
+    declined: int = 0
+    waited: int = 0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return (self.tokens - self.first_tokens) / self.rest_s if self.rest_s > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "tokens_per_s": self.tokens_per_s}
+
+
+def timed(units: Iterator[list[int]], variant: str, rtt_ms: float, prompt: int, t0: float) -> Run:
+    """A Run from an iterator of output units (the token ids of each), stamped as they come."""
+    stamps, counts, digest = [], [], hashlib.sha1()
+    for ids in units:
+        stamps.append(time.perf_counter())
+        counts.append(len(ids))
+        digest.update(repr(list(ids)).encode())  # per unit: the same tokens cut into other units differ
+    if not stamps:
+        raise RuntimeError(f"{variant}: no output")
+    return Run(variant, rtt_ms, prompt, sum(counts), len(counts), counts[0], stamps[0] - t0, stamps[-1] - stamps[0],
+               digest.hexdigest()[:16])
+
+
+# ---------------------------------------------------------------- the variants
+
+@dataclass
+class Ctx:
+    """What every variant may need: the loaded models, where to write temporary bundles, threads."""
+    model_dir: Path
+    runtime: object  # edge.runtime.EdgeRuntime
+    baseline: object  # modeling.baseline_bundle.LoadedBaseline
+    cloud_manifest: dict
+    tmp: Path
+    threads: int
+    wire_dtype: str
+    generator: str  # the cloud-only server's --generator
+    bos: int
+    svae_dir: Path | None = None  # the SentenceVAE speculating servers load (--svae), when a variant speculates
+
+
+@dataclass
+class Variant:
+    name: str
+    label: str
+    unit: str  # "sentence" or "token"
+    server: Callable[[Ctx], tuple[list[str], dict | None, dict]]  # its server: (command, env, facts to report)
+    connect: Callable[[Ctx, str], object]  # a runner on `address` (the relay's): .run(prompt, tokens), .close()
+    info: dict = field(default_factory=dict)
+    speculate: int = 0  # sentences its server may run ahead (the SLLM with speculation)
+    stats: bool = False  # its server is `sllm-cloud serve`: GetStats counts its work
+
+
+class SLLMRunner:
+    """The SLLM as edge-chat runs it: the edge sentence loop over one Converse stream per prompt, through
+    edge.speculate.SpeculativeStepper (speculate 0: every sentence appended, its reply waited for)."""
+
+    def __init__(self, ctx: Ctx, address: str, wire_dtype: str | None = None, speculate: int = 0):
+        from edge.sampling import Sampling
+        from protos.client import CloudClient
+
+        self.runtime, self.max_sentences = ctx.runtime, int(ctx.cloud_manifest["max_sentences"])
+        self.dtype, self.speculate = wire_dtype or ctx.wire_dtype, speculate
+        self.sampling = Sampling()  # greedy; the sampled-acceptance runs set their own
+        self.client = CloudClient(address)
+
+    def _open(self):
+        from edge.speculate import SpeculativeStepper
+
+        conv = self.client.conversation(self.runtime.model_id, self.runtime.d_model, dtype=self.dtype,
+                                        reply_dtype=self.dtype, speculate=self.speculate, step_timeout=STEP_TIMEOUT_S)
+        if conv.speculate != self.speculate:  # less would measure another row than the one it is labelled
+            conv.cancel()
+            raise RuntimeError(f"asked to speculate {self.speculate}, granted {conv.speculate}: {conv.speculate_note}")
+        return SpeculativeStepper(conv)
+
+    def sentences(self, stepper, prompt: list[list[int]], min_tokens: int) -> Iterator[list[int]]:
+        from edge.loop import SentenceEvent, sentence_loop
+
+        events = sentence_loop(self.runtime, stepper, prompt, self.sampling, room=self.max_sentences - len(prompt),
+                               use_stop_flag=False, append_last=False)
+        total = 0
+        try:
+            for ev in events:
+                if not isinstance(ev, SentenceEvent):
+                    return
+                yield ev.ids
+                total += len(ev.ids)
+                if total >= min_tokens:
+                    return  # before the loop appends this sentence
+        finally:
+            events.close()
+
+    def run(self, prompt: list[list[int]], tokens: int, variant: str, rtt_ms: float, index: int) -> Run:
+        stepper = self._open()  # the session, before the clock starts
+        with stepper.conv:
+            run = timed(self.sentences(stepper, prompt, tokens), variant, rtt_ms, index, time.perf_counter())
+        s = stepper.stats
+        # appends without a guess to check, but the prompt's, waited for their reply, as did corrections and declines
+        return Run(**{**asdict(run), "accepted": s.accepted, "corrected": s.corrected, "declined": s.declined,
+                      "waited": s.plain - 1 + s.corrected + s.declined})
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def _serve_bundle(bundle: Path, ctx: Ctx, server_args: Sequence[str]) -> tuple[list[str], dict]:
+    return cloud_throughput.server_command(bundle, True, ctx.threads, 64, 0.0, list(server_args), device="cpu")
+
+
+def sllm_variant(name: str = "sllm", label: str = "SLLM (one round trip per sentence)",
+                 server_args: Sequence[str] | Callable[[Ctx], list[str]] = (), **client_options) -> Variant:
+    """An SLLM row: `sllm-cloud serve --bundle MODEL/cloud SERVER_ARGS` (a list, or a function of the
+    Ctx), the client built with `SLLMRunner(ctx, address, **client_options)`."""
+
+    def server(ctx: Ctx):
+        args = list(server_args(ctx) if callable(server_args) else server_args)
+        cmd, env = _serve_bundle(ctx.model_dir / "cloud", ctx, args)
+        return cmd, env, {"server_args": args, "client_options": client_options}
+
+    return Variant(name, label, "sentence", server, lambda ctx, address: SLLMRunner(ctx, address, **client_options),
+                   speculate=int(client_options.get("speculate", 0)), stats=True)
+
+
+def speculation_variant(n: int) -> Variant:
+    """The SLLM with sentence-level speculation, up to `n` sentences ahead."""
+    return sllm_variant(f"sllm_spec{n}", f"SLLM + speculation, N = {n}",
+                        lambda ctx: ["--speculate-max", str(n), "--svae", str(ctx.svae_dir)], speculate=n)
+
+
+class TokenRunner:
+    """A token-level variant: anything with .stream(prompt_ids, max_new) and optional open/close."""
+
+    def __init__(self, generator, closer: Callable[[], None], bos: int):
+        self.generator, self.closer, self.bos = generator, closer, bos
+
+    def run(self, prompt: list[list[int]], tokens: int, variant: str, rtt_ms: float, index: int) -> Run:
+        if hasattr(self.generator, "open"):
+            self.generator.open()  # the session, before the clock starts
+        ids = [self.bos] + flatten(prompt)
+        return timed(([t] for t in self.generator.stream(ids, tokens)), variant, rtt_ms, index, time.perf_counter())
+
+    def close(self) -> None:
+        self.closer()
+
+
+def token_split_variant() -> Variant:
+    def server(ctx: Ctx):
+        from modeling.token_bundle import token_model_id, write_token_bundle
+
+        bundle = ctx.tmp / "token-bundle"
+        model_id = token_model_id(ctx.baseline.path)
+        write_token_bundle(ctx.baseline.model, bundle, model_id)
+        return *_serve_bundle(bundle, ctx, []), {"model_id": model_id}
+
+    def connect(ctx: Ctx, address: str):
+        from bench.token_split import TokenSplit
+        from modeling.token_bundle import token_model_id, token_tables
+        from protos.client import CloudClient
+
+        client = CloudClient(address)
+        split = TokenSplit(client, token_model_id(ctx.baseline.path), *token_tables(ctx.baseline.model),
+                           dtype=ctx.wire_dtype)
+        return TokenRunner(split, client.close, ctx.bos)
+
+    return Variant("token_split", "token-level split (one round trip per token)", "token", server, connect,
+                   stats=True)
+
+
+def cloud_only_variant() -> Variant:
+    def server(ctx: Ctx):
+        cmd = [sys.executable, "-m", "bench.cloud_only", "--baseline", str(ctx.baseline.path), "--port", "0",
+               "--threads", str(ctx.threads), "--generator", ctx.generator,
+               "--cache", str(ROOT / "runs" / "bench" / "cache")]
+        return cmd, None, {}  # its generator, in words, comes in its start line
+
+    def connect(ctx: Ctx, address: str):
+        from bench.cloud_only import CloudOnlyClient
+
+        client = CloudOnlyClient(address)
+        return TokenRunner(client, client.close, ctx.bos)
+
+    return Variant("cloud_only", "cloud-only, streamed (one round trip per answer)", "token", server, connect)
+
+
+def default_variants(speculate: Sequence[int] = (4, 16)) -> list[Variant]:
+    return [sllm_variant(), *(speculation_variant(n) for n in speculate), token_split_variant(), cloud_only_variant()]
+
+
+# ---------------------------------------------------------------- the measurement
+
+def measure(ctx: Ctx, variants: list[Variant], prompts: list, rtts: list[float], tokens: int, warm_prompt,
+            say: Callable[[str], None], sampled_temperature: float = 0.0) -> dict:
+    """Every RTT in turn (runs, relay stats, wire bytes and server counters per variant and RTT), then
+    the sampled acceptance runs of the speculating variants."""
+    out = {"runs": [], "relays": {}, "wire": {}, "counters": {}, "sampled": []}
+    with running_servers(ctx, variants, say) as servers:
+        for rtt in rtts:
+            measure_rtt(ctx, variants, servers, prompts, rtt, tokens, warm_prompt, say, out)
+        speculating = [v for v in variants if v.speculate]
+        if sampled_temperature > 0 and speculating:
+            out["sampled"] = sampled_runs(ctx, speculating, servers, prompts, tokens, sampled_temperature, say)
+    return out
+
+
+@contextlib.contextmanager
+def running_servers(ctx: Ctx, variants: list[Variant], say: Callable[[str], None]) -> Iterator[dict]:
+    """Every variant's server (name -> address); stopped on the way out, with the last lines of any that died."""
+    procs = {}
+    try:
+        for v in variants:  # all spawned (from this thread, see spawn_logged) before waiting: they start side by side
+            cmd, env, info = v.server(ctx)
+            procs[v.name] = cloud_throughput.spawn_logged(cmd, env)
+            v.info.update(info)
+        addresses = {}
+        for v in variants:
+            started = cloud_throughput.wait_started(procs[v.name])
+            addresses[v.name] = started["address"]
+            v.info.update({k: started[k] for k in ("generator",) if k in started})
+            say(f"{v.name}: server at {started['address']} {v.info}")
+        yield addresses
+    finally:
+        for name, proc in procs.items():
+            if proc.poll() is not None:  # it died under the bench: say why
+                say(f"{name}: the server exited with {proc.returncode}; its last lines:\n"
+                    + "\n".join(getattr(proc, "log_tail", [])))
+            cloud_throughput.stop_server(proc)
+
+
+def measure_rtt(ctx: Ctx, variants: list[Variant], servers: dict, prompts: list, rtt: float, tokens: int,
+                warm_prompt, say: Callable[[str], None], out: dict) -> None:
+    """One RTT: a relay and a runner per variant, a warm-up run each, then every prompt on every variant."""
+    relays, runners, runs, before = {}, {}, [], {}
+    try:
+        for v in variants:
+            relays[v.name] = RelayProcess(servers[v.name], rtt / 2e3).start()
+            runners[v.name] = v.connect(ctx, relays[v.name].address)
+            runners[v.name].run(warm_prompt, 8, v.name, rtt, -1)  # connect, warm caches; not reported
+        for v in variants:
+            before[v.name] = (_bytes(relays[v.name]), server_counters(servers[v.name]) if v.stats else None)
+        for i, prompt in enumerate(prompts):
+            for v in variants:
+                r = runners[v.name].run(prompt, tokens, v.name, rtt, i)
+                runs.append(r)
+                say(f"RTT {rtt:5g} ms  prompt {i}  {v.name:12s} {r.tokens_per_s:8.1f} tok/s  first "
+                    f"{r.first_s * 1e3:7.1f} ms  ({r.tokens} tokens, {r.units} {v.unit}s)"
+                    + (f"  accepted {r.accepted} corrected {r.corrected} declined {r.declined}" if v.speculate else ""))
+        for v in variants:
+            out["relays"][(v.name, rtt)] = relays[v.name].stats()
+            produced = sum(r.tokens for r in runs if r.variant == v.name)
+            out["wire"][(v.name, rtt)] = (_bytes(relays[v.name]) - before[v.name][0]) / produced if produced else 0.0
+    finally:
+        for runner in runners.values():
+            runner.close()
+        for relay in relays.values():
+            relay.stop()
+    # after the streams are closed, so that what a server did for them (its last guesses) is in
+    for v in variants:
+        if v.stats:
+            now, then = server_counters(servers[v.name]), before[v.name][1]
+            out["counters"][(v.name, rtt)] = {k: now[k] - then[k] for k in now}
+    out["runs"] += runs
+
+
+def sampled_runs(ctx: Ctx, variants: list[Variant], servers: dict, prompts: list, tokens: int, temperature: float,
+                 say: Callable[[str], None]) -> list[Run]:
+    """Each prompt once more on each speculating variant, sampled (seeded), straight to its server: the
+    acceptance when the edge samples and the cloud guesses greedily (it does not depend on the delay)."""
+    from edge.sampling import Sampling
+
+    runs = []
+    for v in variants:
+        runner = v.connect(ctx, servers[v.name])
+        runner.sampling = Sampling(temperature, seed=0)  # sentence i samples with seed i
+        try:
+            for i, prompt in enumerate(prompts):
+                runs.append(r := runner.run(prompt, tokens, v.name, 0.0, i))
+                say(f"sampled T={temperature:g}  prompt {i}  {v.name:12s} accepted {r.accepted} corrected "
+                    f"{r.corrected} declined {r.declined}")
+        finally:
+            runner.close()
+    return runs
+
+
+def server_counters(address: str) -> dict:
+    """COUNTERS of the server at `address`, asked straight (not through the relay, whose bytes are counted)."""
+    from protos.client import CloudClient
+
+    with CloudClient(address) as client:
+        stats = client.stats()
+    return {k: int(getattr(stats, k)) for k in COUNTERS}
+
+
+def _bytes(relay: RelayProcess) -> int:
+    st = relay.stats()
+    return st["up"]["bytes"] + st["down"]["bytes"]
+
+
+# ---------------------------------------------------------------- summary
+
+def summarize(variants: list[Variant], rtts: list[float], measured: dict) -> dict:
+    runs = measured["runs"]
+    rows = {(v.name, rtt): summary_row(v, rtt, [r for r in runs if r.variant == v.name and r.rtt_ms == rtt],
+                                       measured) for v in variants for rtt in rtts}
+    reference = next((v.name for v in variants if v.unit == "sentence" and not v.speculate), None)
+    for v in variants:
+        for rtt in rtts:
+            if v.speculate and reference is not None:
+                compare_with_reference(rows[(v.name, rtt)], rows[(reference, rtt)], runs)
+    bounds = {v.name: sllm_bound([r for r in runs if r.variant == v.name], rtts)
+              for v in variants if v.unit == "sentence" and not v.speculate}
+    out = {"rows": list(rows.values()), "bounds": bounds, "reference": reference}
+    if measured.get("sampled"):
+        out["sampled"] = {v.name: speculation_counts([r for r in measured["sampled"] if r.variant == v.name])
+                          for v in variants if v.speculate}
+    return out
+
+
+def summary_row(v: Variant, rtt: float, mine: list[Run], measured: dict) -> dict:
+    """One variant at one RTT: speed, first unit, wire bytes, and where measured, the cloud's work."""
+    row = {"variant": v.name, "rtt_ms": rtt, "rtt_applied_ms": measured["relays"][(v.name, rtt)]["rtt_applied_ms"],
+           "runs": len(mine), "tokens": sum(r.tokens for r in mine),
+           "tokens_per_s": spread([r.tokens_per_s for r in mine]), "first_ms": spread([r.first_s * 1e3 for r in mine]),
+           "tokens_per_unit": sum(r.tokens for r in mine) / sum(r.units for r in mine),
+           "wire_bytes_per_token": measured["wire"][(v.name, rtt)]}
+    if v.unit == "sentence":  # 1.0 without speculation: every generated sentence but the last waits for its step
+        row["round_trips_per_sentence"] = sum(r.waited for r in mine) / max(1, sum(r.units - 1 for r in mine))
+    counters = measured.get("counters", {}).get((v.name, rtt))
+    if counters is not None:
+        row["cloud_per_token"] = {k.removesuffix("_total"): n / row["tokens"] for k, n in counters.items()}
+    if v.speculate:
+        row["speculation"] = speculation_counts(mine)
+    return row
+
+
+def speculation_counts(runs: list[Run]) -> dict:
+    accepted, corrected, declined = (sum(getattr(r, k) for r in runs) for k in ("accepted", "corrected", "declined"))
+    return {"runs": len(runs), "accepted": accepted, "corrected": corrected, "declined": declined,
+            "acceptance": accepted / (accepted + corrected) if accepted + corrected else 0.0,
+            "declined_per_run": declined / len(runs) if runs else 0.0}
+
+
+def compare_with_reference(row: dict, ref: dict, runs: list[Run]) -> None:
+    """A speculating row against the plain SLLM's at the same RTT: the cloud work speculation adds per
+    output token, and whether each prompt's output is the same (greedy: it must be)."""
+    spec = row["speculation"]
+    mine, theirs = row["cloud_per_token"], ref["cloud_per_token"]
+    spec["extra_per_token"] = {k: mine[k] - theirs[k] for k in ("forward_passes", "speculation_decode_tokens")}
+    want = {r.prompt: r.output for r in runs if r.variant == ref["variant"] and r.rtt_ms == ref["rtt_ms"]}
+    got = [r for r in runs if r.variant == row["variant"] and r.rtt_ms == row["rtt_ms"]]
+    spec["identical_outputs"] = sum(r.output == want.get(r.prompt) for r in got)
+
+
+def sllm_bound(mine: list[Run], rtts: list[float]) -> dict:
+    """L / (RTT + t_sentence): one round trip per sentence on top of the time a sentence takes at the lowest RTT."""
+    at0 = [r for r in mine if r.rtt_ms == min(rtts)]
+    L = sum(r.tokens - r.first_tokens for r in mine) / max(1, sum(r.units - 1 for r in mine))
+    t_sentence = sum(r.rest_s for r in at0) / max(1, sum(r.units - 1 for r in at0))
+    return {"L": L, "t_sentence_ms": t_sentence * 1e3, "measured_at_rtt_ms": min(rtts),
+            "tokens_per_s": {str(rtt): L / ((rtt - min(rtts)) / 1e3 + t_sentence) for rtt in rtts}}
+
+
+# ---------------------------------------------------------------- report
+
+def render(results: dict) -> str:
+    s, cfg = results["summary"], results["config"]
+    names = [v["name"] for v in results["variants"]]
+    row = {(r["variant"], r["rtt_ms"]): r for r in s["rows"]}
+    ov = results["relay_overhead"]
+    lines = [
+        "# The round trip: one conversation over a delayed network",
+        "",
+        (f"`{results['command']}` on {results['machine']['cpu']} ({results['machine']['cores']} cores, shared), "
+        f"{results['machine']['date_utc']} UTC, commit {results['machine']['git_commit']}. "
+        f"{cfg['prompts']} prompts of >= {cfg['prompt_tokens']} tokens (validation text), {cfg['output_tokens']} "
+        f"output tokens, greedy, {cfg['threads']} thread(s) per process, {cfg['wire_dtype']} vectors on the wire."),
+        "",
+        "Variants: " + "; ".join(f"**{v['name']}**: {v['label']}" + (f" ({v['info']['generator']})"
+                                 if v["info"].get("generator") else "") for v in results["variants"]) + ".",
+        "",
+        (f"The relay (bench/relay.py: a process of its own, delaying each direction by RTT/2) adds "
+         f"{ov['added_median_ms'] * 1e3:.0f} us (median; p90 {ov['added_p90_ms'] * 1e3:.0f} us) to a round trip at "
+         "0 ms. ping = median round trip of a 600-byte ping-pong through it at that RTT; applied = the mean delay it "
+         "applied to the bench's own traffic, both directions added (wake-ups run late on a loaded machine)."),
+        "",
+        "## Tokens/s per conversation after the first sentence / token (median, min-max over prompts)",
+        "",
+        "| RTT ms | ping | applied | " + " | ".join(names) + " | "
+        + " | ".join(f"bound L/(RTT+t) {n}" for n in s["bounds"]) + " |",
+        "|---:|---:|---:|" + "---:|" * (len(names) + len(s["bounds"])),
+    ]
+    for rtt in cfg["rtts"]:
+        applied = statistics.mean(row[(n, rtt)]["rtt_applied_ms"] for n in names)
+        cells = [spread_cell(row[(n, rtt)]["tokens_per_s"], "{:.0f}") for n in names]
+        cells += [f"{b['tokens_per_s'][str(rtt)]:.0f}" for b in s["bounds"].values()]
+        lines.append(f"| {rtt:g} | {results['relay_ping_ms'][str(rtt)]:.2f} | {applied:.2f} | " + " | ".join(cells)
+                     + " |")
+    lines += ["", "## Time to the first sentence (SLLM) / first token, ms (median, min-max)", "",
+              "| RTT ms | " + " | ".join(names) + " |", "|---:|" + "---:|" * len(names)]
+    for rtt in cfg["rtts"]:
+        cells = [spread_cell(row[(n, rtt)]["first_ms"], "{:.1f}") for n in names]
+        lines.append(f"| {rtt:g} | " + " | ".join(cells) + " |")
+    lines += ["", "## Wire bytes per output token (through the relay: gRPC + HTTP/2 framing)", "",
+              "| RTT ms | " + " | ".join(names) + " |", "|---:|" + "---:|" * len(names)]
+    for rtt in cfg["rtts"]:
+        lines.append(f"| {rtt:g} | " + " | ".join(f"{row[(n, rtt)]['wire_bytes_per_token']:.0f}" for n in names) + " |")
+    lines += [""]
+    for n, b in s["bounds"].items():
+        lines.append(f"Bound for {n}: L = {b['L']:.2f} tokens per sentence (after the first, measured on these runs), "
+                     f"t_sentence = {b['t_sentence_ms']:.2f} ms (per sentence at RTT {b['measured_at_rtt_ms']:g}).")
+    lines += render_speculation(results)
+    lines += [
+        "",
+        ("What this shows: how one conversation's speed falls with the round trip when every sentence (SLLM) or "
+        "every token (token-level split) waits for one, how much of it sentence-level speculation wins back, "
+        "against a server that generates alone and streams. "
+        "What it does not show: a real network (loss, jitter, bandwidth: the relay only delays, on loopback), "
+        "many conversations at once (see cloud-cost.md), a GPU cloud (whose SentenceVAE decode for speculation "
+        "would be far faster than this CPU's), or quality. Figures measured on a CPU shared with "
+        "other work are provisional; re-measure on a quiet machine with the command above."),
+        "",
+        f"![tok/s vs RTT]({results['plot']})" if results.get("plot") else "",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def render_speculation(results: dict) -> list[str]:
+    """The speculation section: per row what it accepted, waited and cost the cloud; sampled acceptance;
+    the tolerance facts; the goal figure (issue 17: at 50 ms, as fast as cloud-only)."""
+    s, rtts = results["summary"], results["config"]["rtts"]
+    spec = [v["name"] for v in results["variants"] if v.get("speculate")]
+    ref = s.get("reference")
+    if not spec or ref is None:
+        return []
+    row = {(r["variant"], r["rtt_ms"]): r for r in s["rows"]}
+    lines = ["", f"## Sentence-level speculation against {ref}: acceptance, round trips, extra cloud work", "",
+             ("Per output token, from the server's counters: forward passes (batched steps, speculative ones "
+              "included) and the tokens its SentenceVAE decoded to guess; extra = minus the same on the "
+              f"{ref} row. round trips / sentence: appends that waited for their reply, per generated sentence "
+              "after the first (corrections + declined guesses; 1.00 without speculation). wasted = guesses the "
+              "cloud sent that the edge did not accept (corrected, or past the end of a run; one still in flight "
+              "when a run ends is not in it, its pass and decode tokens are)."), "",
+             "| RTT ms | variant | acceptance | declined / run | round trips / sentence | wire B / token | "
+             "passes / token (extra) | SVAE decode tokens / token | wasted guesses / run | output = " + ref + " |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for rtt in rtts:
+        for n in [ref, *spec]:
+            lines.append(speculation_table_row(row[(n, rtt)], rtt))
+    lines += ["", declined_note(s, spec, rtts)]
+    if s.get("sampled"):
+        t = results["config"]["sampled_temperature"]
+        lines += ["", f"Sampled decoding (temperature {t:g}, seeded; the cloud guesses greedily), each prompt once, "
+                      "straight to the server: " + "; ".join(
+                          f"{n}: acceptance {c['acceptance']:.2f} ({c['accepted']} accepted, {c['corrected']} "
+                          f"corrected, {c['declined']} declined)" for n, c in s["sampled"].items()) + "."]
+    if results.get("tolerance"):
+        from bench.speculation import tolerance_line
+
+        lines += ["", tolerance_line(results["tolerance"])]
+    lines += goal_line(row, spec, rtts)
+    return lines
+
+
+def speculation_table_row(r: dict, rtt: float) -> str:
+    cloud, sp = r["cloud_per_token"], r.get("speculation")
+    extra = f" ({sp['extra_per_token']['forward_passes']:+.3f})" if sp else ""
+    wasted = (cloud["speculative_steps"] - cloud["speculation_accepted"]) * r["tokens"] / r["runs"]
+    cells = [f"{rtt:g}", r["variant"], f"{sp['acceptance']:.2f}" if sp else "-",
+             f"{sp['declined_per_run']:.1f}" if sp else "-", f"{r['round_trips_per_sentence']:.2f}",
+             f"{r['wire_bytes_per_token']:.0f}", f"{cloud['forward_passes']:.3f}{extra}",
+             f"{cloud['speculation_decode_tokens']:.2f}", f"{wasted:.1f}",
+             f"{sp['identical_outputs']}/{r['runs']}" if sp else "-"]
+    return "| " + " | ".join(cells) + " |"
+
+
+def declined_note(s: dict, spec: list[str], rtts: list[float]) -> str:
+    """What the fixed-length runs pay for the cloud's stop head: one round trip per declined guess."""
+    rows = [r for r in s["rows"] if r["variant"] in spec]
+    declined, runs = sum(r["speculation"]["declined"] for r in rows), sum(r["runs"] for r in rows)
+    paid = (f"{declined} in {runs} speculating runs ({declined / max(1, runs):.1f} per run), each a round trip "
+            "speculation did not hide" if declined else
+            f"none in {runs} speculating runs: the cloud's stop flag (argmax) never fired, so these runs paid nothing "
+            "for it")
+    return (f"Declined guesses: these runs ignore the stop head (fixed length), the cloud does not: after a step "
+            f"whose stop flag is on it declines to guess and that sentence waits one round trip, as without "
+            f"speculation ({paid}). In a chat the stop flag ends the answer there, so a declined guess costs nothing.")
+
+
+def goal_line(row: dict, spec: list[str], rtts: list[float]) -> list[str]:
+    if 50.0 not in rtts or ("cloud_only", 50.0) not in row:
+        return []
+    best = max(spec, key=lambda n: row[(n, 50.0)]["tokens_per_s"]["median"])
+    mine, theirs = row[(best, 50.0)]["tokens_per_s"]["median"], row[("cloud_only", 50.0)]["tokens_per_s"]["median"]
+    return ["", (f"Goal (issue 17: with speculation at 50 ms, as fast as cloud-only): {best} {mine:.0f} tok/s "
+                 f"against cloud_only {theirs:.0f} tok/s (median), {mine / theirs:.2f}x.")]
+
+
+def plot(results: dict, out: Path, name: str = "rtt.png") -> str:
+    from bench.plots import _save, plt
+
+    s, rtts = results["summary"], results["config"]["rtts"]
+    colors = {"sllm": "tab:blue", "sllm_spec4": "tab:purple", "sllm_spec16": "tab:orange", "token_split": "tab:red",
+              "cloud_only": "tab:green"}
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for v in results["variants"]:
+        rows = sorted((r for r in s["rows"] if r["variant"] == v["name"]), key=lambda r: r["rtt_ms"])
+        med = [r["tokens_per_s"]["median"] for r in rows]
+        err = [[m - r["tokens_per_s"]["min"] for m, r in zip(med, rows)],
+               [r["tokens_per_s"]["max"] - m for m, r in zip(med, rows)]]
+        ax.errorbar([r["rtt_ms"] for r in rows], med, yerr=err, marker="o", capsize=3, label=v["label"],
+                    color=colors.get(v["name"]), linestyle="--" if v.get("speculate") else "-")
+    for n, b in s["bounds"].items():
+        ax.plot(rtts, [b["tokens_per_s"][str(r)] for r in rtts], ":", color=colors.get(n, "gray"),
+                label=f"bound L/(RTT + t_sentence), {n}")
+    ax.set(yscale="log", xlabel="round-trip time added by the relay, ms", ylabel="output tokens / s, one conversation",
+           title="One conversation over a delayed network (median, min-max over prompts)")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
+    return _save(fig, out, name)
+
+
+# ---------------------------------------------------------------- command
+
+def parser() -> argparse.ArgumentParser:
+    ap = bench_parser(__doc__, "RTT 0,50; 2 prompts; 32 output tokens")
+    ap.add_argument("--rtts", help="comma-separated RTTs in ms (default 0,10,50,100)")
+    ap.add_argument("--prompts", type=int, help="prompts (default 5)")
+    ap.add_argument("--prompt-tokens", type=int, default=64, help="each prompt: whole sentences, at least this")
+    ap.add_argument("--output-tokens", type=int, help="output tokens per run (default 128)")
+    ap.add_argument("--threads", type=int, default=1, help="intra-op threads of every process")
+    ap.add_argument("--wire-dtype", choices=("float16", "float32"), default="float16")
+    ap.add_argument("--generator", choices=("auto", "hf"), default="auto", help="the cloud-only server's")
+    ap.add_argument("--speculate", default="4,16", help="comma-separated N of the speculation rows ('' = none)")
+    ap.add_argument("--svae", type=Path, help="the SentenceVAE the speculating servers load (svae.safetensors + "
+                    "svae_config.json; default: recovered from MODEL/edge's ONNX graphs)")
+    ap.add_argument("--sampled-temperature", type=float, default=0.8,
+                    help="the sampled-acceptance runs' temperature (0 = none)")
+    return ap
+
+
+def speculation_setup(args, variants: list[Variant], say: Callable[[str], None]) -> Path | None:
+    """The SentenceVAE folder for --svae when a variant speculates: the given one, else the model's svae/."""
+    if not any(v.speculate for v in variants):
+        return None
+    svae_dir = args.svae or args.model / "svae"
+    if not (svae_dir / "manifest.json").is_file():
+        raise SystemExit(f"{svae_dir} holds no SentenceVAE: give --svae, or write it with "
+                         f"`sllm-train recover-svae {args.model}`")
+    say(f"speculating servers load the SentenceVAE in {svae_dir}")
+    return svae_dir
+
+
+def main(argv: list[str] | None = None, variants: list[Variant] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser().parse_args(argv)
+    rtts = [float(x) for x in (args.rtts or ("0,50" if args.quick else "0,10,50,100")).split(",")]
+    n_prompts = args.prompts or (2 if args.quick else 5)
+    tokens = args.output_tokens or (32 if args.quick else 128)
+    variants = variants or default_variants([int(n) for n in args.speculate.split(",") if n.strip() not in ("", "0")])
+
+    from transformers.utils import logging as hf_logging
+
+    from bench.machine import machine_info
+    from bench.texts import validation_text
+    from edge.runtime import EdgeRuntime
+    from modeling.baseline_bundle import FOLDER, load_baseline_bundle
+    from runtime.manifest import read_manifest
+
+    hf_logging.set_verbosity_error()
+
+    t0 = time.perf_counter()
+
+    def say(msg: str) -> None:
+        print(f"[{time.perf_counter() - t0:6.1f} s] {msg}", file=sys.stderr, flush=True)
+
+    rt = EdgeRuntime.load(args.model / "edge", device="cpu", threads=args.threads)
+    baseline = load_baseline_bundle(args.model / FOLDER)
+    if baseline.tokenizer.to_json_str() != rt.tokenizer.to_json_str():
+        raise SystemExit(f"error: {args.model / FOLDER} has another tokenizer than the SLLM's edge bundle")
+    text = validation_text(rt.tokenizer, rt.max_sentence_tokens, rt.split_on_comma)
+    prompts = text.prompts(args.prompt_tokens, n_prompts)
+    overhead = measure_overhead()
+    say(f"relay overhead at 0 ms: {overhead['added_median_ms'] * 1e3:.0f} us per round trip (median)")
+    # what a small ping-pong really takes through the relay at each RTT (sleep wake-ups run late)
+    pings = {str(rtt): measure_overhead(20, one_way_s=rtt / 2e3)["relayed_median_ms"] for rtt in rtts}
+    with tempfile.TemporaryDirectory(prefix="sllm-rtt-") as tmp:
+        svae_dir = speculation_setup(args, variants, say)
+        ctx = Ctx(args.model, rt, baseline, read_manifest(args.model / "cloud", kind="cloud"), Path(tmp), args.threads,
+                  args.wire_dtype, args.generator, int(rt.bundle.manifest["bos_id"]), svae_dir)
+        measured = measure(ctx, variants, prompts, rtts, tokens, text.prompts(16, 1)[0], say, args.sampled_temperature)
+        tolerance = None
+        if svae_dir is not None:
+            from bench.speculation import tolerance_facts
+
+            tolerance = tolerance_facts(rt, svae_dir, [s for p in prompts for s in p])
+    results = {
+        "command": shlex.join(["python", "-m", "bench.rtt", *argv]), "wall_s": time.perf_counter() - t0,
+        "machine": machine_info(ROOT, args.threads),
+        "config": {"model": str(args.model), "rtts": rtts, "prompts": n_prompts, "prompt_tokens": args.prompt_tokens,
+                   "output_tokens": tokens, "threads": args.threads, "wire_dtype": args.wire_dtype,
+                   "quick": args.quick, "text": text.source, "sampled_temperature": args.sampled_temperature,
+                   "svae": str(svae_dir) if svae_dir else None},
+        "relay_overhead": overhead, "relay_ping_ms": pings,
+        "variants": [{"name": v.name, "label": v.label, "unit": v.unit, "speculate": v.speculate, "info": v.info}
+                     for v in variants],
+        "summary": summarize(variants, rtts, measured),
+        "tolerance": tolerance,
+        "relays": [{"variant": k[0], "rtt_ms": k[1], **st} for k, st in measured["relays"].items()],
+        "runs": [r.as_dict() for r in measured["runs"]],
+        "sampled_runs": [r.as_dict() for r in measured["sampled"]],
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    results["plot"] = plot(results, args.out)
+    print(write_results(args.out, "rtt", results, render))
+    say(f"wrote {args.out / 'rtt.md'}, rtt.json and {results['plot']} in {results['wall_s']:.0f} s")
+    return results
+
+
+if __name__ == "__main__":
+    main()

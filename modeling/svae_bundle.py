@@ -1,0 +1,178 @@
+"""The SentenceVAE's torch weights on the cloud (sentence-level speculation, issue 17).
+
+An export folder holds them in svae/ (written by `sllm-export`, or recovered from the edge graphs by
+`sllm-train recover-svae`; `training.svae_folder` writes it): a stage-1 checkpoint in form, so
+training reads it as one, and the cloud reads it here without the training code:
+
+    svae/
+      ema.safetensors    SentenceVAE state dict (a tied output layer stored once)
+      config.json        the run config; its "model" section is the SentenceVAEConfig
+      source.json        the model id it belongs to, and how it was made/checked
+      manifest.json      {"sha256": {file: hash}}, written last
+
+The model id ties it to the cloud half: a SentenceVAE of another model would speculate garbage
+(every guess rolled back), so a mismatch is refused. torch only.
+
+`fast_greedy_decode` is the cloud's speculation decoder: `modeling.generate.decode_sentences` with
+greedy picks, but the keys/values of the self-attention preallocated once per batch and written in
+place (the reference concatenates them every token).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from modeling.config import ConfigError, SentenceVAEConfig, from_dict
+from modeling.generate import decode_sentences
+from modeling.sentence_vae import SentenceVAE, pad_token_lists
+from sentences.sampling import SamplingConfig
+from modeling.weights import CheckpointError, load_tensors
+from runtime.files import sha256_file
+from runtime.manifest import BundleError
+
+FOLDER = "svae"  # beside edge/ and cloud/ in an export folder
+WEIGHTS = "ema.safetensors"
+CONFIG = "config.json"
+SOURCE = "source.json"
+MANIFEST = "manifest.json"
+
+
+def svae_folder_of(cloud_bundle_dir: Path) -> Path | None:
+    """The svae/ of the export folder a cloud bundle sits in, when there is one."""
+    folder = Path(cloud_bundle_dir).resolve().parent / FOLDER
+    return folder if (folder / WEIGHTS).is_file() else None
+
+
+def load_svae_folder(directory: Path, model_id: str | None = None) -> SentenceVAE:
+    """The SentenceVAE in `directory` (eval, CPU, float32). BundleError when it is missing, corrupt (every
+    file is checked against its manifest), or belongs to another model than `model_id`."""
+    directory = Path(directory)
+    for name in (WEIGHTS, CONFIG, MANIFEST):
+        if not (directory / name).is_file():
+            raise BundleError(f"{directory} is not a SentenceVAE folder (no {name}); write one with sllm-export, "
+                              "or `sllm-train recover-svae` for an older export")
+    try:
+        hashes = json.loads((directory / MANIFEST).read_text())["sha256"]
+        source = json.loads((directory / SOURCE).read_text()) if (directory / SOURCE).is_file() else {}
+        cfg = from_dict(SentenceVAEConfig, json.loads((directory / CONFIG).read_text())["model"])
+        cfg.validate()
+    except (OSError, ValueError, KeyError, TypeError, ConfigError) as e:
+        raise BundleError(f"{directory}: manifest, source or config is missing or corrupt ({e})") from None
+    for name, digest in hashes.items():
+        if not (directory / name).is_file() or sha256_file(directory / name) != digest:
+            raise BundleError(f"{directory / name} is missing or differs from its manifest")
+    if model_id is not None and source.get("model_id") != model_id:
+        raise BundleError(f"{directory}: the SentenceVAE belongs to model {source.get('model_id')!r}, the cloud serves "
+                          f"{model_id!r}; use the folders of one export")
+    svae = SentenceVAE(cfg)
+    try:
+        state = {k: v.float() for k, v in load_tensors(directory / WEIGHTS).items()}
+    except CheckpointError as e:
+        raise BundleError(str(e)) from None
+    missing, unexpected = svae.load_state_dict(state, strict=False)
+    tied = {n for n, p in svae.named_parameters(remove_duplicate=False)} - {n for n, _ in svae.named_parameters()}
+    if unexpected or set(missing) - tied:  # a tied weight is stored once: loading its twin filled it
+        raise BundleError(f"{directory / WEIGHTS} does not fit the config (missing {sorted(set(missing) - tied)}, "
+                          f"unexpected {sorted(unexpected)})")
+    return svae.float().eval()
+
+
+# ---------------------------------------------------------------- speculation: decode + re-encode
+
+@torch.inference_mode()
+def fast_greedy_decode(decoder, memory: torch.Tensor, max_tokens: int | None = None,
+                       lm_head_t: torch.Tensor | None = None) -> list[list[int]]:
+    """Greedy decode of memory [B, d] (rows stop at eos or the token limit): the tokens
+    `decode_sentences(decoder, memory, max_tokens)` gives (up to float rounding on near-ties), with a
+    preallocated self-attention cache. The cross-attention reads a memory of one vector, so its
+    softmax is 1 and its output is a constant per row, computed once. Finished rows stay in the
+    batch (their picks are ignored): nothing is copied when one ends. lm_head_t: the output layer's
+    weight transposed and contiguous [d, V] (a vector-matrix product that way is ~3x faster on a CPU)."""
+    cfg = decoder.cfg
+    limit = min(cfg.max_sentence_tokens if max_tokens is None else max_tokens, cfg.max_sentence_tokens)
+    B, d = memory.shape
+    if B == 0 or limit <= 0:
+        return [[] for _ in range(B)]
+    dev, dt = memory.device, memory.dtype
+    H, hd = decoder.n_heads, decoder.head_dim
+    cache = torch.empty(decoder.n_layers, 2, B, H, limit + 1, hd, dtype=dt, device=dev)  # bos + tokens
+    cross = []  # [B, 1, d] per block: proj(v(memory)), what attending to one memory vector gives
+    for blk in decoder.blocks:
+        v = blk.cross.kv(memory[:, None]).split(d, dim=-1)[1]  # [B, 1, d]
+        cross.append(blk.cross.proj(v))
+    tok = torch.full((B,), cfg.bos_id, dtype=torch.long, device=dev)
+    live = torch.ones(B, dtype=torch.bool, device=dev)
+    picks = []
+    for t in range(limit):
+        x = (decoder.tok_emb(tok) + decoder.pos_emb.weight[t])[:, None]  # [B, 1, d]
+        for i, blk in enumerate(decoder.blocks):
+            q, k, v = blk.attn.qkv(blk.ln1(x)).split(d, dim=-1)  # [B, 1, d] each
+            cache[i, 0, :, :, t] = k.view(B, H, hd)
+            cache[i, 1, :, :, t] = v.view(B, H, hd)
+            y = F.scaled_dot_product_attention(q.view(B, 1, H, hd).transpose(1, 2), cache[i, 0, :, :, :t + 1],
+                                               cache[i, 1, :, :, :t + 1])  # [B, H, 1, hd]
+            x = x + blk.attn.proj(y.transpose(1, 2).reshape(B, 1, d))
+            x = x + cross[i]
+            x = x + blk.mlp(blk.ln3(x))
+        h = decoder.ln_f(x[:, 0])  # [B, d]
+        nxt = (h @ lm_head_t if lm_head_t is not None else decoder.lm_head(h)).argmax(-1)  # [B]
+        live = live & (nxt != cfg.eos_id)
+        picks.append(torch.where(live, nxt, -1))
+        if not bool(live.any()):
+            break
+        tok = nxt
+    rows = torch.stack(picks, 1).tolist()  # [B, T]; -1 from a row's eos on
+    return [row[:row.index(-1)] if -1 in row else row for row in rows]
+
+
+class SpeculationCodec:
+    """The cloud's SentenceVAE as speculation uses it: h_t [B, d] -> greedy sentences -> their vectors."""
+
+    def __init__(self, svae: SentenceVAE, device: torch.device | str = "cpu"):
+        self.svae = svae.float().to(device).eval()
+        self.device = torch.device(device)
+        self.cfg = svae.cfg
+        self.lm_head_t = self.svae.decoder.lm_head.weight.detach().t().contiguous()  # [d, V]
+
+    @torch.inference_mode()
+    def decode(self, hidden: torch.Tensor, decodings: list | None = None,
+               histories: list[list[list[int]]] | None = None) -> list[list[int]]:
+        """h_t [B, d] -> one greedy token list per row (empty: eos straight away). decodings[i]: row i's
+        repetition controls and token limit (a pb.Decoding, or None: plain greedy), applied over
+        histories[i] (the answer's earlier sentences) exactly as the edge's decoder applies them."""
+        hidden = hidden.to(self.device, torch.float32)
+        controls = [controlled(d) for d in (decodings or [None] * len(hidden))]
+        plain = [i for i, c in enumerate(controls) if c is None]
+        out: list[list[int]] = [[] for _ in range(len(hidden))]
+        if plain:  # batched, the fast loop
+            for i, toks in zip(plain, fast_greedy_decode(self.svae.decoder, hidden[plain], lm_head_t=self.lm_head_t)):
+                out[i] = toks
+        for i, c in enumerate(controls):
+            if c is not None:  # the reference loop: the controls depend on each row's own answer
+                sampling, max_tokens = c
+                out[i] = decode_sentences(self.svae.decoder, hidden[i:i + 1], max_tokens, sampling,
+                                          answer=histories[i])[0]
+        return out
+
+    @torch.inference_mode()
+    def encode(self, token_lists: list[list[int]]) -> torch.Tensor:
+        """Non-empty token lists -> sentence vectors [B, d] float32 (what encoder.onnx computes on the edge)."""
+        ids, mask = pad_token_lists(token_lists, self.cfg.pad_id)
+        return self.svae.encoder(ids.to(self.device), mask.to(self.device))
+
+
+
+def controlled(decoding) -> tuple[SamplingConfig, int | None] | None:
+    """(greedy SamplingConfig with the edge's repetition controls, token limit) of a pb.Decoding; None
+    when it asks for plain greedy decoding at the model's limit."""
+    if decoding is None:
+        return None
+    penalty = decoding.repetition_penalty if decoding.repetition_penalty > 0 else 1.0
+    sampling = SamplingConfig(repetition_penalty=penalty, no_repeat_ngram_size=decoding.no_repeat_ngram_size,
+                              no_repeat_sentence=decoding.no_repeat_sentence)
+    if not sampling.controls_repetition and not decoding.max_tokens:
+        return None
+    return sampling, decoding.max_tokens or None
