@@ -180,8 +180,9 @@ class Relay:
                     time.sleep(due - time.perf_counter() - SPIN_S)
                 while time.perf_counter() < due:  # the last SPIN_S: a sleep's wake-up would be late
                     pass
-                dst.sendall(data)
+                # counted before it leaves: a reader that has the bytes then sees them in stats() too
                 stats.add(len(data), time.perf_counter() - came)
+                dst.sendall(data)
             dst.shutdown(socket.SHUT_WR)
         except OSError:
             pass
