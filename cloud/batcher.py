@@ -41,7 +41,7 @@ from cloud.jsonlog import log
 from cloud.metrics import Metrics
 from cloud.sessions import Session, SessionStore
 from modeling.opt_graft import STOP
-from modeling.svae_bundle import SpeculationCodec
+from modeling.svae_bundle import GuessControls, SpeculationCodec
 
 
 @dataclass(eq=False)
@@ -72,7 +72,7 @@ class SpecJob(Job):
     hidden: np.ndarray | None = None  # [d]
     epoch: int = 0
     tokens: int = 0  # decoded tokens (the extra cloud compute speculation costs)
-    decoding: object = None  # the turn's pb.Decoding (None: plain greedy)
+    controls: GuessControls | None = None  # the turn's (None: plain greedy)
     history: list | None = None  # the answer's earlier sentences (token lists), for the repetition controls
     guess: list[int] | None = None  # the decoded sentence
 
@@ -81,13 +81,10 @@ def answer_history(s: Session) -> list[list[int]] | None:
     """The earlier sentences of the answer the next guess continues, as the edge's repetition controls
     see them (store lock held); None: do not guess (a sampled turn, or one of those sentences is the
     edge's own, whose tokens the cloud never saw)."""
-    d = s.decoding
-    if d is None:
-        return []  # an old client: plain greedy guesses
-    if not d.guess:
+    if not s.guess:
         return None
-    if not (d.repetition_penalty not in (0, 1) or d.no_repeat_ngram_size or d.no_repeat_sentence):
-        return []
+    if s.controls is None or not s.controls.sampling.controls_repetition:
+        return []  # nothing reads the earlier sentences
     history = [s.answer_tokens.get(p) for p in range(s.answer_start, s.length)]
     return None if any(t is None for t in history) else history
 
@@ -230,7 +227,7 @@ class Batcher:
                     and store.reserve_speculative(s)):
                 s.speculating = True
                 job = SpecJob(s, np.zeros((0, 0), np.float32), hidden=hidden, epoch=s.epoch, start=s.length,
-                              decoding=s.decoding, history=history)
+                              controls=s.controls, history=history)
             else:
                 job = None
                 if s.declined_at == (s.epoch, s.length):
@@ -252,7 +249,7 @@ class Batcher:
         codec = self.codec
         hidden = torch.from_numpy(np.stack([j.hidden for j in jobs]))
         try:
-            tokens = codec.decode(hidden, [j.decoding for j in jobs], [j.history for j in jobs])
+            tokens = codec.decode(hidden, [j.controls for j in jobs], [j.history for j in jobs])
             ready = [(j, t) for j, t in zip(jobs, tokens) if t]
             vectors = codec.encode([t for _, t in ready]).float().cpu().numpy() if ready else None
         except Exception:  # noqa: BLE001 - speculation is optional: its failure declines, nothing else

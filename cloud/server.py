@@ -27,8 +27,8 @@ from cloud.metrics import Metrics, MetricsHTTPServer
 from cloud.service import SentenceLMService, add_service
 from cloud.sessions import SessionStore
 from modeling.cloud_bundle import load_cloud_bundle
-from modeling.svae_bundle import SpeculationCodec, load_svae_folder, svae_folder_of
 from modeling.opt_graft import GraftedOPT
+from modeling.svae_bundle import SpeculationCodec, load_svae_folder, svae_folder_of
 from protos.sllm.v1 import sllm_pb2 as pb
 from runtime.manifest import cloud_weights_sha256
 

@@ -31,6 +31,7 @@ from cloud.errors import ServiceError, invalid, precondition, unavailable
 from cloud.jsonlog import LogRateLimit, log
 from cloud.metrics import Metrics
 from cloud.sessions import Session, SessionStore, check_session_id
+from modeling.svae_bundle import GuessControls
 from protos.sllm.v1 import sllm_pb2 as pb
 from protos.sllm.v1 import sllm_pb2_grpc as pb_grpc
 from protos.wire import NUMPY_DTYPES, WireError, pack, unpack
@@ -259,7 +260,10 @@ class _Stream:
             svc.store.reserve(s, n)
             start = s.length
             if decoding is not None:
-                s.decoding, s.answer_start, s.answer_tokens = decoding, start + n, {}
+                s.guess = decoding.guess  # read once per turn, not per guess
+                s.controls = GuessControls.of(decoding.repetition_penalty, decoding.no_repeat_ngram_size,
+                                              decoding.no_repeat_sentence, decoding.max_tokens)
+                s.answer_start, s.answer_tokens = start + n, {}
         done = self.loop.create_future()
         loop = self.loop
 

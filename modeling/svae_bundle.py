@@ -20,6 +20,7 @@ place (the reference concatenates them every token).
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -28,10 +29,10 @@ import torch.nn.functional as F
 from modeling.config import ConfigError, SentenceVAEConfig, from_dict
 from modeling.generate import decode_sentences
 from modeling.sentence_vae import SentenceVAE, pad_token_lists
-from sentences.sampling import SamplingConfig
 from modeling.weights import CheckpointError, load_tensors
 from runtime.files import sha256_file
 from runtime.manifest import BundleError
+from sentences.sampling import SamplingConfig
 
 FOLDER = "svae"  # beside edge/ and cloud/ in an export folder
 WEIGHTS = "ema.safetensors"
@@ -128,6 +129,26 @@ def fast_greedy_decode(decoder, memory: torch.Tensor, max_tokens: int | None = N
     return [row[:row.index(-1)] if -1 in row else row for row in rows]
 
 
+@dataclass(frozen=True)
+class GuessControls:
+    """How the edge decodes a turn's sentences, for the cloud's greedy guesses to decode alike: its
+    repetition controls (over the answer's earlier sentences) and its token limit (None: the model's)."""
+
+    sampling: SamplingConfig
+    max_tokens: int | None = None
+
+    @classmethod
+    def of(cls, repetition_penalty: float, no_repeat_ngram_size: int, no_repeat_sentence: bool,
+           max_tokens: int) -> "GuessControls | None":
+        """From the wire's settings (a penalty of 0 is unset: off, like 1; 0 tokens: the model's limit);
+        None when they ask for plain greedy decoding at the model's limit."""
+        sampling = SamplingConfig(repetition_penalty=repetition_penalty or 1.0,
+                                  no_repeat_ngram_size=no_repeat_ngram_size, no_repeat_sentence=no_repeat_sentence)
+        if not sampling.controls_repetition and not max_tokens:
+            return None
+        return cls(sampling, max_tokens or None)
+
+
 class SpeculationCodec:
     """The cloud's SentenceVAE as speculation uses it: h_t [B, d] -> greedy sentences -> their vectors."""
 
@@ -138,13 +159,13 @@ class SpeculationCodec:
         self.lm_head_t = self.svae.decoder.lm_head.weight.detach().t().contiguous()  # [d, V]
 
     @torch.inference_mode()
-    def decode(self, hidden: torch.Tensor, decodings: list | None = None,
+    def decode(self, hidden: torch.Tensor, controls: list[GuessControls | None] | None = None,
                histories: list[list[list[int]]] | None = None) -> list[list[int]]:
-        """h_t [B, d] -> one greedy token list per row (empty: eos straight away). decodings[i]: row i's
-        repetition controls and token limit (a pb.Decoding, or None: plain greedy), applied over
-        histories[i] (the answer's earlier sentences) exactly as the edge's decoder applies them."""
+        """h_t [B, d] -> one greedy token list per row (empty: eos straight away). controls[i]: row i's
+        (None: plain greedy at the model's limit), applied over histories[i] (the answer's earlier
+        sentences) exactly as the edge's decoder applies them."""
         hidden = hidden.to(self.device, torch.float32)
-        controls = [controlled(d) for d in (decodings or [None] * len(hidden))]
+        controls = controls or [None] * len(hidden)
         plain = [i for i, c in enumerate(controls) if c is None]
         out: list[list[int]] = [[] for _ in range(len(hidden))]
         if plain:  # batched, the fast loop
@@ -152,8 +173,7 @@ class SpeculationCodec:
                 out[i] = toks
         for i, c in enumerate(controls):
             if c is not None:  # the reference loop: the controls depend on each row's own answer
-                sampling, max_tokens = c
-                out[i] = decode_sentences(self.svae.decoder, hidden[i:i + 1], max_tokens, sampling,
+                out[i] = decode_sentences(self.svae.decoder, hidden[i:i + 1], c.max_tokens, c.sampling,
                                           answer=histories[i])[0]
         return out
 
@@ -162,17 +182,3 @@ class SpeculationCodec:
         """Non-empty token lists -> sentence vectors [B, d] float32 (what encoder.onnx computes on the edge)."""
         ids, mask = pad_token_lists(token_lists, self.cfg.pad_id)
         return self.svae.encoder(ids.to(self.device), mask.to(self.device))
-
-
-
-def controlled(decoding) -> tuple[SamplingConfig, int | None] | None:
-    """(greedy SamplingConfig with the edge's repetition controls, token limit) of a pb.Decoding; None
-    when it asks for plain greedy decoding at the model's limit."""
-    if decoding is None:
-        return None
-    penalty = decoding.repetition_penalty if decoding.repetition_penalty > 0 else 1.0
-    sampling = SamplingConfig(repetition_penalty=penalty, no_repeat_ngram_size=decoding.no_repeat_ngram_size,
-                              no_repeat_sentence=decoding.no_repeat_sentence)
-    if not sampling.controls_repetition and not decoding.max_tokens:
-        return None
-    return sampling, decoding.max_tokens or None
