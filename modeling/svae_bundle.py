@@ -29,8 +29,8 @@ import torch.nn.functional as F
 from modeling.config import ConfigError, SentenceVAEConfig, from_dict
 from modeling.generate import decode_sentences
 from modeling.sentence_vae import SentenceVAE, pad_token_lists
-from modeling.weights import CheckpointError, load_tensors
-from runtime.files import sha256_file
+from modeling.weights import load_state_into, load_tensors, with_tied
+from runtime.artifacts import MANIFEST, CheckpointError, verify_checkpoint_dir
 from runtime.manifest import BundleError
 from sentences.sampling import SamplingConfig
 
@@ -38,7 +38,6 @@ FOLDER = "svae"  # beside edge/ and cloud/ in an export folder
 WEIGHTS = "ema.safetensors"
 CONFIG = "config.json"
 SOURCE = "source.json"
-MANIFEST = "manifest.json"
 
 
 def svae_folder_of(cloud_bundle_dir: Path) -> Path | None:
@@ -56,28 +55,22 @@ def load_svae_folder(directory: Path, model_id: str | None = None) -> SentenceVA
             raise BundleError(f"{directory} is not a SentenceVAE folder (no {name}); write one with sllm-export, "
                               "or `sllm-train recover-svae` for an older export")
     try:
-        hashes = json.loads((directory / MANIFEST).read_text())["sha256"]
+        verify_checkpoint_dir(directory)  # a stage-1 checkpoint in form: every file against its manifest
         source = json.loads((directory / SOURCE).read_text()) if (directory / SOURCE).is_file() else {}
         cfg = from_dict(SentenceVAEConfig, json.loads((directory / CONFIG).read_text())["model"])
         cfg.validate()
+    except CheckpointError as e:
+        raise BundleError(str(e)) from None
     except (OSError, ValueError, KeyError, TypeError, ConfigError) as e:
-        raise BundleError(f"{directory}: manifest, source or config is missing or corrupt ({e})") from None
-    for name, digest in hashes.items():
-        if not (directory / name).is_file() or sha256_file(directory / name) != digest:
-            raise BundleError(f"{directory / name} is missing or differs from its manifest")
+        raise BundleError(f"{directory}: source or config is missing or corrupt ({e})") from None
     if model_id is not None and source.get("model_id") != model_id:
         raise BundleError(f"{directory}: the SentenceVAE belongs to model {source.get('model_id')!r}, the cloud serves "
                           f"{model_id!r}; use the folders of one export")
     svae = SentenceVAE(cfg)
     try:
-        state = {k: v.float() for k, v in load_tensors(directory / WEIGHTS).items()}
+        load_state_into(svae, with_tied(svae, load_tensors(directory / WEIGHTS)), str(directory / WEIGHTS))
     except CheckpointError as e:
         raise BundleError(str(e)) from None
-    missing, unexpected = svae.load_state_dict(state, strict=False)
-    tied = {n for n, p in svae.named_parameters(remove_duplicate=False)} - {n for n, _ in svae.named_parameters()}
-    if unexpected or set(missing) - tied:  # a tied weight is stored once: loading its twin filled it
-        raise BundleError(f"{directory / WEIGHTS} does not fit the config (missing {sorted(set(missing) - tied)}, "
-                          f"unexpected {sorted(unexpected)})")
     return svae.float().eval()
 
 

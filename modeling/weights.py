@@ -52,3 +52,17 @@ def load_state_into(model: torch.nn.Module, state: dict[str, torch.Tensor], sour
             parts.append(f"{len(wrong)} shape mismatches (e.g. {k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)})")
         raise CheckpointError(f"the weights in {source} do not match the config: " + "; ".join(parts))
     model.load_state_dict(state, strict=True)
+
+
+def with_tied(model, state: dict) -> dict:
+    """A tied weight (the decoder's output layer is its token embedding) may be stored once
+    (training.svae_folder does): fill the missing name from the one that is there."""
+    names: dict[int, list[str]] = {}
+    for name, tensor in model.state_dict().items():
+        names.setdefault(tensor.data_ptr(), []).append(name)
+    for group in names.values():
+        present = [n for n in group if n in state]
+        for n in group:
+            if n not in state and present:
+                state[n] = state[present[0]]
+    return state

@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from runtime.files import sha256_file
+
 MANIFEST = "manifest.json"
 CHECKPOINT_KINDS = {"sentence_vae": "a SentenceVAE (stage 1) checkpoint", "sllm": "an SLLM (stage 2) checkpoint",
                     "opt_baseline": "a token-level OPT baseline checkpoint"}
@@ -25,6 +27,24 @@ DESCRIPTIONS = {**CHECKPOINT_KINDS, **BUNDLE_KINDS, EXPORT: "an export folder (e
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, corrupt, or does not fit the model."""
+
+
+def verify_checkpoint_dir(ckpt_dir: Path) -> None:
+    """Check every file against the manifest; raise CheckpointError on any difference."""
+    ckpt_dir = Path(ckpt_dir)
+    manifest = ckpt_dir / MANIFEST
+    if not manifest.is_file():
+        raise CheckpointError(f"{ckpt_dir} is not a checkpoint (no {MANIFEST})")
+    try:
+        hashes = json.loads(manifest.read_text())["sha256"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{manifest} is corrupt ({e})") from None
+    for name, expected in hashes.items():
+        path = ckpt_dir / name
+        if not path.is_file():
+            raise CheckpointError(f"checkpoint file missing: {path}")
+        if sha256_file(path) != expected:
+            raise CheckpointError(f"checkpoint file {path} is corrupt or truncated (sha256 differs from the manifest)")
 
 
 @dataclass(frozen=True)

@@ -224,7 +224,7 @@ def test_the_svae_folder_belongs_to_one_model_and_is_checked(export, tmp_path):
         byte = f.read(1)
         f.seek(100)
         f.write(bytes([byte[0] ^ 1]))
-    with pytest.raises(BundleError, match="differs from its manifest"):
+    with pytest.raises(BundleError, match="sha256 differs from the manifest"):
         load_svae_folder(broken)
 
 

@@ -31,7 +31,7 @@ from typing import Callable
 import torch
 
 from modeling.weights import load_state_into, load_tensors, read_metadata, save_tensors
-from runtime.artifacts import MANIFEST, CheckpointError, resolve_checkpoint
+from runtime.artifacts import MANIFEST, CheckpointError, resolve_checkpoint, verify_checkpoint_dir
 from runtime.files import atomic_write_bytes, atomic_write_text, fsync_dir, fsync_tree, replace_dir, sha256_file
 
 
@@ -142,29 +142,11 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
     return [p for n, p in sorted((x for x in found if x[0] is not None), reverse=True) if (p / MANIFEST).is_file()]
 
 
-def verify_checkpoint_dir(ckpt_dir: Path) -> None:
-    """Check every file against the manifest; raise CheckpointError on any difference."""
-    ckpt_dir = Path(ckpt_dir)
-    manifest = ckpt_dir / MANIFEST
-    if not manifest.is_file():
-        raise CheckpointError(f"{ckpt_dir} is not a checkpoint (no {MANIFEST})")
-    try:
-        hashes = json.loads(manifest.read_text())["sha256"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{manifest} is corrupt ({e})") from None
-    for name, expected in hashes.items():
-        path = ckpt_dir / name
-        if not path.is_file():
-            raise CheckpointError(f"checkpoint file missing: {path}")
-        if sha256_file(path) != expected:
-            raise CheckpointError(f"checkpoint file {path} is corrupt or truncated (sha256 differs from the manifest)")
-
-
 def read_trainer_state(ckpt_dir: Path) -> dict:
     """The trainer's step, data position and token count saved with a checkpoint."""
     return json.loads((Path(ckpt_dir) / "trainer_state.json").read_text())
 
 
 # re-exported: the trainer reads and writes checkpoints through this one module
-__all__ = ["CheckpointError", "resolve_checkpoint", "atomic_write_bytes", "atomic_write_text", "load_state_into", "load_tensors",
+__all__ = ["CheckpointError", "resolve_checkpoint", "verify_checkpoint_dir", "atomic_write_bytes", "atomic_write_text", "load_state_into", "load_tensors",
            "read_metadata", "save_tensors", "sha256_file"]

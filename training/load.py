@@ -23,7 +23,7 @@ from modeling.config import ConfigError, OPTSpec
 from modeling.opt_graft import GraftedOPT, read_opt_config
 from modeling.sentence_vae import SentenceVAE
 from modeling.sllm import SLLM
-from modeling.weights import load_state_into, load_tensors
+from modeling.weights import load_state_into, load_tensors, with_tied
 from runtime.artifacts import EXPORT, Artifact, CheckpointError, expect, identify
 from sentences.tokenizer import SentenceTokenizer, TokenizerError
 from training.checkpoint import verify_checkpoint_dir
@@ -85,21 +85,7 @@ def _check_tokenizer(d: Path, tok: SentenceTokenizer, vocab_size: int, pad: int,
 def _load_weights(model, d: Path, weights: str) -> None:
     if weights not in WEIGHTS:
         raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
-    load_state_into(model, _with_tied(model, load_tensors(d / f"{weights}.safetensors")), str(d))
-
-
-def _with_tied(model, state: dict) -> dict:
-    """A tied weight (the decoder's output layer is its token embedding) may be stored once
-    (training.svae_folder does): fill the missing name from the one that is there."""
-    names: dict[int, list[str]] = {}
-    for name, tensor in model.state_dict().items():
-        names.setdefault(tensor.data_ptr(), []).append(name)
-    for group in names.values():
-        present = [n for n in group if n in state]
-        for n in group:
-            if n not in state and present:
-                state[n] = state[present[0]]
-    return state
+    load_state_into(model, with_tied(model, load_tensors(d / f"{weights}.safetensors")), str(d))
 
 
 def _opt_config(d: Path):
