@@ -2,7 +2,7 @@
 each at a chosen thread count (the same trained weights: `models/default/baseline`):
 
     hf-generate   Hugging Face `generate` with its KV cache (what the paper compares against)
-    torch-kv      a tight torch loop: the same modules stepped by `export.baseline_onnx.opt_block`
+    torch-kv      a tight torch loop: the same weights in `modeling.opt_block.OPTBlock` (the cloud's blocks)
                   over a cache preallocated for the whole generation and written in place
                   (inference_mode, no cache growth, logits of the last position only)
     onnxruntime   the baseline exported to ONNX with its cache as input/output
@@ -33,7 +33,8 @@ import numpy as np
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from export.baseline_onnx import causal_mask, check_parity, check_supported, export_baseline, opt_block
+from export.baseline_onnx import causal_mask, check_parity, check_supported, export_baseline
+from modeling.opt_block import OPTBlock
 from runtime.providers import cpu_session
 from runtime.svae_onnx import KVSteps
 
@@ -184,6 +185,7 @@ class TorchKV(_StreamTimer):
     def __init__(self, model, threads: int):
         check_supported(model.config)
         self.decoder, self.lm_head, self.threads = model.model.decoder, model.lm_head, threads
+        self.blocks = [OPTBlock.from_layer(model.config, layer) for layer in self.decoder.layers]
         self.max_positions = model.config.max_position_embeddings
         attn = self.decoder.layers[0].self_attn
         self.kv_dims = (len(self.decoder.layers), attn.num_heads, attn.head_dim)
@@ -200,12 +202,12 @@ class TorchKV(_StreamTimer):
         pos = self.positions[P : P + T]
         x = dec.embed_tokens(ids) + dec.embed_positions(None, P, position_ids=pos[None])  # [1, T, d]
         mask = None if T == 1 else causal_mask(P, pos)  # one new token sees every cached one
-        for i, layer in enumerate(dec.layers):
+        for i, block in enumerate(self.blocks):
             def write(k, v, cache=kv[i]):  # cache [2, 1, H, n, hd]
                 cache[0, :, :, P : P + T] = k
                 cache[1, :, :, P : P + T] = v
                 return cache[0, :, :, : P + T], cache[1, :, :, : P + T]
-            x = opt_block(layer, x, mask, write)
+            x = block(x, mask, write)
         x = x[:, -1]  # [1, d]
         if dec.final_layer_norm is not None:
             x = dec.final_layer_norm(x)

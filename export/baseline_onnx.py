@@ -8,50 +8,31 @@ opset 18, example sizes >= 2), so the baseline gets the runtime the SLLM's edge 
 
 Position of ids[:, t] is P + t (rows hold real tokens only, no padding); P + T <= the model's
 max_position_embeddings. The first call feeds a past of length 0 (the prompt), later calls one
-token each. The graph is `OPTWithKV`: Hugging Face's pre-LN OPT decoder restated over the same
-modules (`opt_block`), checked against the Hugging Face forward in ORT (`check_parity`).
+token each. The graph is `OPTWithKV`: Hugging Face's pre-LN OPT decoder with its blocks as the
+project's own (`modeling.opt_block.OPTBlock`, the cloud engine's, same weights), checked against the
+Hugging Face forward in ORT (`check_parity`).
 """
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from export.onnx_export import _export
 from export.verify import ATOL
+from modeling.opt_block import OPTBlock
 
 INPUTS = ("ids", "past_kv")
 OUTPUTS = ("logits", "present_kv")
 
 # keys, values [B, H, T, hd] of the new positions -> keys, values of every position so far
-KVUpdate = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-
-
 def check_supported(config) -> None:
-    """The OPT variants `opt_block` restates: layer norm before each sub-block (every OPT but
-    350m) and no projection between word embeddings and the hidden size."""
+    """The OPT variants restated here: layer norm before each sub-block (every OPT but 350m) and no
+    projection between word embeddings and the hidden size."""
     if not config.do_layer_norm_before or config.word_embed_proj_dim != config.hidden_size:
         raise ValueError("only pre-LN OPT without project_in/out (every OPT size but 350m) can be restated")
-
-
-def opt_block(layer, x: torch.Tensor, attn_mask: torch.Tensor | None, kv: KVUpdate) -> torch.Tensor:
-    """One Hugging Face OPTDecoderLayer (pre-LN, eval) over x [B, T, d]: the same modules and the
-    same order of operations (the query scaled before the product, as OPTAttention does)."""
-    a = layer.self_attn
-    B, T, d = x.shape
-    H, hd = a.num_heads, a.head_dim
-    h = layer.self_attn_layer_norm(x)
-    q = (a.q_proj(h) * a.scaling).view(B, T, H, hd).transpose(1, 2)  # [B, H, T, hd]
-    k = a.k_proj(h).view(B, T, H, hd).transpose(1, 2)
-    v = a.v_proj(h).view(B, T, H, hd).transpose(1, 2)
-    keys, values = kv(k, v)  # [B, H, P+T, hd]
-    y = F.scaled_dot_product_attention(q, keys, values, attn_mask=attn_mask, scale=1.0)  # [B, H, T, hd]
-    x = x + a.out_proj(y.transpose(1, 2).reshape(B, T, d))
-    return x + layer.fc2(layer.activation_fn(layer.fc1(layer.final_layer_norm(x))))
 
 
 def causal_mask(past: int | torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -69,6 +50,7 @@ class OPTWithKV(nn.Module):
         super().__init__()
         check_supported(model.config)
         self.decoder, self.lm_head = model.model.decoder, model.lm_head
+        self.blocks = nn.ModuleList(OPTBlock.from_layer(model.config, layer) for layer in self.decoder.layers)
 
     def forward(self, ids: torch.Tensor, past_kv: torch.Tensor):
         dec = self.decoder
@@ -77,12 +59,12 @@ class OPTWithKV(nn.Module):
         x = dec.embed_tokens(ids) + dec.embed_positions(None, P, position_ids=pos[None])  # [B, T, d]
         mask = causal_mask(P, pos)
         present = []
-        for i, layer in enumerate(dec.layers):
+        for i, block in enumerate(self.blocks):
             def concat(k, v, i=i):
                 kv = torch.stack((torch.cat((past_kv[i, 0], k), dim=2), torch.cat((past_kv[i, 1], v), dim=2)))
                 present.append(kv)  # [2, B, H, P+T, hd]
                 return kv[0], kv[1]
-            x = opt_block(layer, x, mask, concat)
+            x = block(x, mask, concat)
         x = x[:, -1:]  # [B, 1, d]: only the last position predicts the next token
         if dec.final_layer_norm is not None:
             x = dec.final_layer_norm(x)

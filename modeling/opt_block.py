@@ -5,7 +5,9 @@ self_attn_layer_norm, fc1, fc2, final_layer_norm), so OPT checkpoints and our cl
 load unchanged; tests/test_graft.py checks the outputs against Hugging Face's own layers.
 
 Two ways through a block:
-    forward(x [B, T, d], mask [B, 1, T, T])   a whole padded batch (training, evaluation)
+    forward(x [B, T, d], mask, extend=None)   a whole padded batch (training, evaluation); with
+                                               `extend`, after cached positions the caller keeps
+                                               (the ONNX baseline's past, a hand-stepped cache)
     step(x [N, d], spans, slots, layer)        cached inference over a ragged batch: N = sum of
                                                the new positions of every sequence, each with
                                                its own KVSlot; keys/values are written in place
@@ -14,11 +16,17 @@ Two ways through a block:
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 from transformers.activations import ACT2FN
+
+
+# extend(k, v) with the new positions' keys/values [B, H, T, hd] -> all of them [B, H, P+T, hd]
+KVExtend = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 class KVSlot:
@@ -90,11 +98,14 @@ class OPTAttention(nn.Module):
         self.v_proj = nn.Linear(d, d, bias=bias)
         self.out_proj = nn.Linear(d, d, bias=bias)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """x [B, T, d], mask bool [B, 1, T, T] (True = may attend) -> [B, T, d]."""
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, extend: KVExtend | None = None) -> torch.Tensor:
+        """x [B, T, d], mask bool [B, 1, T, P+T] or [T, P+T] (True = may attend; None: all) -> [B, T, d].
+        extend: prepends the P cached positions to the new keys/values (none: P = 0)."""
         B, T, d = x.shape
         q, k, v = (p(x).view(B, T, self.heads, self.head_dim).transpose(1, 2)
                    for p in (self.q_proj, self.k_proj, self.v_proj))  # [B, H, T, hd]
+        if extend is not None:
+            k, v = extend(k, v)  # [B, H, P+T, hd]
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                            dropout_p=self.dropout if self.training else 0.0)  # [B, H, T, hd]
         return self.out_proj(y.transpose(1, 2).reshape(B, T, d))
@@ -152,6 +163,13 @@ class OPTBlock(nn.Module):
         self.act = ACT2FN[activation]
 
     @classmethod
+    def from_layer(cls, config, layer: nn.Module) -> "OPTBlock":
+        """A copy of a Hugging Face OPTDecoderLayer (same parameter names), in eval mode."""
+        block = cls.from_config(config)
+        block.load_state_dict(layer.state_dict())
+        return block.eval()
+
+    @classmethod
     def from_config(cls, config) -> "OPTBlock":
         """A block shaped like `config` (an OPTConfig)."""
         return cls(config.hidden_size, config.num_attention_heads, config.ffn_dim, config.do_layer_norm_before,
@@ -166,8 +184,8 @@ class OPTBlock(nn.Module):
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x = self._residual(x, lambda h: self.self_attn(h, mask), self.self_attn_layer_norm)
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, extend: KVExtend | None = None) -> torch.Tensor:
+        x = self._residual(x, lambda h: self.self_attn(h, mask, extend), self.self_attn_layer_norm)
         return self._residual(x, self.mlp, self.final_layer_norm)
 
     def step(self, x: torch.Tensor, spans: list[tuple[int, int]], slots: list[KVSlot], layer: int) -> torch.Tensor:
