@@ -40,7 +40,6 @@ from cloud.errors import ServiceError, invalid, unavailable
 from cloud.jsonlog import log
 from cloud.metrics import Metrics
 from cloud.sessions import Session, SessionStore
-from modeling.opt_graft import STOP
 from modeling.svae_bundle import GuessControls, SpeculationCodec
 
 
@@ -87,6 +86,12 @@ def answer_history(s: Session) -> list[list[int]] | None:
         return []  # nothing reads the earlier sentences
     history = [s.answer_tokens.get(p) for p in range(s.answer_start, s.length)]
     return None if any(t is None for t in history) else history
+
+
+def edge_stops(s: Session, stop_logits: np.ndarray) -> bool:
+    """Does the edge end the answer at the session's next sentence (its stop rule on these outputs)?"""
+    out = StepOutput(None, stop_logits, True)
+    return s.stop_rule.ends(s.length - s.answer_start, out.stop, out.stop_probability)
 
 
 def dead_error() -> ServiceError:
@@ -223,7 +228,7 @@ class Batcher:
                 return  # N ahead: the next Accept (or Append) moves on
             hidden, stop_logits = s.tail
             history = answer_history(s)
-            if (hidden is not None and int(np.argmax(stop_logits)) != STOP and history is not None
+            if (hidden is not None and not edge_stops(s, stop_logits) and history is not None
                     and store.reserve_speculative(s)):
                 s.speculating = True
                 job = SpecJob(s, np.zeros((0, 0), np.float32), hidden=hidden, epoch=s.epoch, start=s.length,

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter, OrderedDict
+from typing import NamedTuple
 
 import grpc
 import numpy as np
@@ -31,7 +32,7 @@ from cloud.errors import ServiceError, invalid, precondition, unavailable
 from cloud.jsonlog import LogRateLimit, log
 from cloud.metrics import Metrics
 from cloud.sessions import Session, SessionStore, check_session_id
-from modeling.svae_bundle import GuessControls
+from modeling.svae_bundle import GuessControls, StopRule
 from protos.sllm.v1 import sllm_pb2 as pb
 from protos.sllm.v1 import sllm_pb2_grpc as pb_grpc
 from protos.wire import NUMPY_DTYPES, WireError, pack, unpack
@@ -47,6 +48,25 @@ def parse_client_message(raw: bytes) -> pb.ClientMessage:
         return pb.ClientMessage.FromString(raw)
     except DecodeError as e:
         raise invalid(f"the request is not a sllm.v1.ClientMessage ({e})") from None
+
+
+class TurnDecoding(NamedTuple):
+    """A turn's Decoding as the session keeps it (read once per turn, not per guess)."""
+    guess: bool
+    controls: GuessControls | None
+    stop_rule: StopRule
+
+
+def turn_decoding(msg: pb.Decoding) -> TurnDecoding:
+    """The wire's Decoding, checked before anything of the session changes (INVALID_ARGUMENT otherwise)."""
+    try:
+        return TurnDecoding(msg.guess,
+                            GuessControls.of(msg.repetition_penalty, msg.no_repeat_ngram_size, msg.no_repeat_sentence,
+                                             msg.max_tokens),
+                            StopRule(msg.stop_threshold if msg.HasField("stop_threshold") else None, msg.min_sentences,
+                                     msg.max_sentences))
+    except ValueError as e:
+        raise invalid(f"append.decoding: {e}") from None
 
 
 class _Stream:
@@ -171,7 +191,7 @@ class _Stream:
             vectors = self._vectors(msg.append.vectors, "append.vectors")
             self.session.spec_dtype = np.float16 if msg.append.vectors.dtype == pb.DTYPE_FLOAT16 else np.float32
             position = msg.append.position if msg.append.HasField("position") else None
-            decoding = msg.append.decoding if msg.append.HasField("decoding") else None
+            decoding = turn_decoding(msg.append.decoding) if msg.append.HasField("decoding") else None
             return pb.ServerMessage(step=await self.step(vectors, position, decoding)), False
         if kind == "accept":
             if self.speculative is None:
@@ -249,7 +269,8 @@ class _Stream:
                 self.start_speculating(granted)
         return opened
 
-    async def step(self, vectors: np.ndarray, position: int | None = None, decoding: pb.Decoding | None = None) -> pb.Step:
+    async def step(self, vectors: np.ndarray, position: int | None = None,
+                   decoding: TurnDecoding | None = None) -> pb.Step:
         """Run `vectors` [T, d] through the model on top of the session's cache, at `position` (None: after
         its confirmed sentences); what the session held from there on (speculation) is dropped first.
         `decoding`: a new turn's (its answer starts after these vectors; guesses decode like the edge)."""
@@ -260,9 +281,7 @@ class _Stream:
             svc.store.reserve(s, n)
             start = s.length
             if decoding is not None:
-                s.guess = decoding.guess  # read once per turn, not per guess
-                s.controls = GuessControls.of(decoding.repetition_penalty, decoding.no_repeat_ngram_size,
-                                              decoding.no_repeat_sentence, decoding.max_tokens)
+                s.guess, s.controls, s.stop_rule = decoding
                 s.answer_start, s.answer_tokens = start + n, {}
         done = self.loop.create_future()
         loop = self.loop

@@ -39,7 +39,7 @@ from cloud.errors import exhausted, invalid, not_found, precondition
 from cloud.jsonlog import log
 from cloud.metrics import Metrics
 from modeling.opt_block import KVSlot
-from modeling.svae_bundle import GuessControls
+from modeling.svae_bundle import GuessControls, StopRule
 
 SESSION_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 REMEMBER_GONE = 10000  # ids of freed sessions remembered (per owner), to say "expired" rather than "unknown"
@@ -89,6 +89,7 @@ class Session:
     spec_dtype: type = np.float32  # the dtype of the edge's vectors on the wire (guesses are rounded alike)
     guess: bool = True  # the edge lets the cloud guess this turn (not a sampled one)
     controls: GuessControls | None = None  # how the turn's guesses decode (None: plain greedy, an old client)
+    stop_rule: StopRule = StopRule()  # where the edge ends the turn's answer: no guess past it
     answer_start: int = 0  # where the current turn's answer starts (after its prompt)
     answer_tokens: dict = field(default_factory=dict)  # position -> the tokens the cloud guessed there
 

@@ -38,7 +38,7 @@ from typing import Callable, Iterator
 import grpc
 import numpy as np
 
-from edge.loop import SentenceEvent, TurnEnd, sentence_loop
+from edge.loop import MIN_ANSWER_SENTENCES, SentenceEvent, TurnEnd, sentence_loop
 from edge.runtime import EdgeRuntime, PromptError
 from edge.sampling import Sampling
 from edge.speculate import TOLERANCE, SpeculativeStepper, turn_decoding
@@ -344,12 +344,14 @@ class ChatSession:
                             "conversation (/reset in edge-chat, reset() in the API)")
         self.turns += 1
         # the prompt's Append drops whatever the cloud guessed past the conversation, and says how to guess
-        self.stepper.begin_turn(turn_decoding(sampling, max_tokens))
-        events = sentence_loop(self.runtime, self, prompt, sampling, room=room - used - len(prompt),
+        threshold = self.runtime.bundle.stop_threshold if stop_threshold is None else stop_threshold
+        left = room - used - len(prompt)
+        self.stepper.begin_turn(turn_decoding(sampling, max_tokens, threshold, MIN_ANSWER_SENTENCES,
+                                              min(max_sentences, left)))
+        events = sentence_loop(self.runtime, self, prompt, sampling, room=left,
                                max_sentences=max_sentences, max_tokens=max_tokens, turn=self.turns,
-                               context_used=used, interrupted=interrupted,
-                               stop_threshold=self.runtime.bundle.stop_threshold if stop_threshold is None
-                               else stop_threshold)
+                               context_used=used, interrupted=interrupted, stop_threshold=threshold,
+                               min_sentences=MIN_ANSWER_SENTENCES)
         return self._dropping_on_abort(events)
 
     def _dropping_on_abort(self, events: Iterator) -> Iterator:

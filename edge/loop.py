@@ -29,6 +29,8 @@ import numpy as np
 from edge.sampling import Sampling
 from sentences.sampling import stop_decision
 
+MIN_ANSWER_SENTENCES = 1  # the stop rule is asked from the answer's second sentence on: an answer is never empty
+
 
 class Step(Protocol):
     """What one cloud step answers (protos.client.StepResult, cloud.engine.StepOutput)."""
@@ -89,7 +91,7 @@ def sentence_loop(runtime, stepper: Stepper, prompt: list[list[int]], sampling: 
                   max_sentences: int | None = None, max_tokens: int | None = None, turn: int = 1,
                   context_used: int = 0, use_stop_flag: bool = True, append_last: bool = True,
                   interrupted: Callable[[], bool] = _never, stop_threshold: float | None = None,
-                  min_sentences: int = 1) -> Iterator[SentenceEvent | TurnEnd]:
+                  min_sentences: int = MIN_ANSWER_SENTENCES) -> Iterator[SentenceEvent | TurnEnd]:
     """One answer to `prompt` (token ids of its sentences): yields each sentence as soon as it is
     decoded, then one TurnEnd.
 

@@ -47,14 +47,17 @@ def same_sentence(mine: np.ndarray, assumed: np.ndarray, tolerance: float = TOLE
     return float(np.abs(mine - assumed).max()) <= tolerance * max(1.0, float(np.abs(mine).max()))
 
 
-def turn_decoding(sampling: SamplingConfig | None, max_tokens: int | None = None) -> pb.Decoding:
+def turn_decoding(sampling: SamplingConfig | None, max_tokens: int | None = None,
+                  stop_threshold: float | None = None, min_sentences: int = 0, max_sentences: int = 0) -> pb.Decoding:
     """What the cloud needs to guess this turn's sentences as the edge decodes them (None: do not guess:
-    an answer resumed after a rebuild, whose earlier sentences the new session's cloud never decoded)."""
+    an answer resumed after a rebuild, whose earlier sentences the new session's cloud never decoded),
+    and where the edge ends the answer (`sentence_loop`'s stop rule), so that no guess goes past it."""
     if sampling is None or not sampling.greedy:
         return pb.Decoding(guess=False)
     return pb.Decoding(guess=True, repetition_penalty=sampling.repetition_penalty,
                        no_repeat_ngram_size=sampling.no_repeat_ngram_size,
-                       no_repeat_sentence=sampling.no_repeat_sentence, max_tokens=max_tokens or 0)
+                       no_repeat_sentence=sampling.no_repeat_sentence, max_tokens=max_tokens or 0,
+                       stop_threshold=stop_threshold, min_sentences=min_sentences, max_sentences=max_sentences)
 
 
 @dataclass

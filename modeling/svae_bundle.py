@@ -32,7 +32,7 @@ from modeling.sentence_vae import SentenceVAE, pad_token_lists
 from modeling.weights import load_state_into, load_tensors, with_tied
 from runtime.artifacts import MANIFEST, CheckpointError, verify_checkpoint_dir
 from runtime.manifest import BundleError
-from sentences.sampling import SamplingConfig
+from sentences.sampling import SamplingConfig, check_stop_threshold, stop_decision
 
 FOLDER = "svae"  # beside edge/ and cloud/ in an export folder
 WEIGHTS = "ema.safetensors"
@@ -140,6 +140,26 @@ class GuessControls:
         if not sampling.controls_repetition and not max_tokens:
             return None
         return cls(sampling, max_tokens or None)
+
+
+@dataclass(frozen=True)
+class StopRule:
+    """Where the edge ends a turn's answer (the wire's Decoding.stop_threshold / min_sentences), so
+    that the cloud neither guesses past the end nor declines a sentence the edge will decode. The
+    default is an old client's: the termination head's argmax, from the first sentence on."""
+
+    threshold: float | None = None  # P(stop) >= it ends the answer; None: the argmax flag
+    min_sentences: int = 0  # asked from the answer's sentence `min_sentences` on (0-based)
+    max_sentences: int = 0  # the answer's cap (0: none; the context's room still ends it)
+
+    def __post_init__(self) -> None:
+        check_stop_threshold(self.threshold)
+
+    def ends(self, answered: int, stop_flag: bool, stop_probability: float) -> bool:
+        """Does the edge stop after `answered` sentences of the answer, given this step's stop outputs?"""
+        if self.max_sentences and answered >= self.max_sentences:
+            return True
+        return answered >= self.min_sentences and stop_decision(stop_flag, stop_probability, self.threshold)
 
 
 class SpeculationCodec:

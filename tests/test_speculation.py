@@ -17,7 +17,8 @@ from edge.api import AnswerOptions
 from edge.speculate import TOLERANCE, SpeculativeStepper, same_sentence
 from export.exporter import export_checkpoint
 from modeling.svae_bundle import load_svae_folder
-from protos.client import CloudClient
+from protos.client import CloudClient, CloudError
+from protos.sllm.v1 import sllm_pb2 as pb
 from runtime.manifest import BundleError
 
 PROMPTS = [" ".join(_make_sentence(random.Random(i * 7 + k)) for k in range(1 + i % 2)) for i in range(20)]
@@ -114,6 +115,31 @@ def test_a_forced_mismatch_is_rolled_back_and_recovered(server, export):
     assert stats.corrected >= n_ref  # each perturbed vector was caught and corrected
     assert server.service.stats()["speculation_dropped_total"] > dropped
     assert _store_is_exact(server.store)
+
+
+def test_the_cloud_guesses_exactly_the_sentences_the_edge_decodes(server, export):
+    """The edge sends its stop rule with the turn (cap, threshold, no stop before the answer's second
+    sentence): the cloud declines no sentence the edge then decodes (each decline costs a round trip)
+    and guesses none past the answer's end (wasted work, dropped at the next turn)."""
+    for threshold in (1.0, 0.0, 0.3):  # never stop / after the first sentence / in between
+        reference, _, _ = _answers(server, export, 0, PROMPTS, stop_threshold=threshold)
+        dropped = server.service.stats()["speculation_dropped_total"]
+        answers, stats, _ = _answers(server, export, 4, PROMPTS, stop_threshold=threshold)
+        assert answers == reference, threshold
+        assert stats.accepted > 0 and stats.declined == stats.corrected == 0, (threshold, stats)
+        assert _wait_for(lambda: not any(s.speculating for s in server.store.sessions.values()))
+        assert server.service.stats()["speculation_dropped_total"] == dropped, threshold
+
+
+@pytest.mark.parametrize("field,value", [("stop_threshold", float("nan")), ("stop_threshold", 1.5),
+                                         ("repetition_penalty", float("nan")), ("repetition_penalty", -2.0)])
+def test_a_bad_decoding_is_refused_and_changes_nothing(server, export, field, value):
+    rt, prompt = _encode(export, [PROMPTS[1]])
+    with CloudClient(f"127.0.0.1:{server.port}") as c:
+        conv = c.conversation(rt.model_id, rt.d_model, speculate=2, step_timeout=60)
+        with pytest.raises(CloudError, match="append.decoding"):
+            conv.append(prompt, position=0, decoding=pb.Decoding(guess=True, **{field: value}))
+    assert _wait_for(lambda: _store_is_exact(server.store) and not any(s.reserved for s in server.store.sessions.values()))
 
 
 def _encode(export, texts):
