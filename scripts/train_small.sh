@@ -17,3 +17,6 @@ sllm-train plot runs/sllm-small --out docs/results/sllm-small-curve.png
 sllm-train compare runs/sllm-small runs/baseline-small --report docs/results/sllm-vs-baseline.md
 sllm-export runs/sllm-small --out models/default --force             # edge + cloud bundles
 sllm-export runs/baseline-small --out models/default --force          # models/default/baseline (bench)
+# The baseline at the SLLM's total budget (both stages, 25.5 M tokens; issue 18): ~3 h on 2 cores.
+sllm-train baseline --config configs/baseline-fair.json data.tokenizer=runs/svae-small
+sllm-train compare runs/sllm-small runs/baseline-fair --report docs/results/sllm-vs-baseline-fair.md
