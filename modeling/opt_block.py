@@ -8,11 +8,14 @@ Two ways through a block:
     forward(x [B, T, d], mask, extend=None)   a whole padded batch (training, evaluation); with
                                                `extend`, after cached positions the caller keeps
                                                (the ONNX baseline's past, a hand-stepped cache)
-    step(x [N, d], spans, slots, layer)        cached inference over a ragged batch: N = sum of
+    step(x [N, d], spans, slots, layer, past)  cached inference over a ragged batch: N = sum of
                                                the new positions of every sequence, each with
                                                its own KVSlot; keys/values are written in place
                                                and attention reads a view of each slot's valid
-                                               length (no padding, no copy of anyone's past)
+                                               length (no padding, no copy of anyone's past);
+                                               with `past` (PaddedPast: one new position each,
+                                               short contexts), one padded copy of every slot's
+                                               past per step, shared by all layers
 """
 from __future__ import annotations
 
@@ -110,24 +113,26 @@ class OPTAttention(nn.Module):
                                            dropout_p=self.dropout if self.training else 0.0)  # [B, H, T, hd]
         return self.out_proj(y.transpose(1, 2).reshape(B, T, d))
 
-    def step(self, x: torch.Tensor, spans: list[tuple[int, int]], slots: list[KVSlot], layer: int) -> torch.Tensor:
-        """x [N, d]: rows start..start+T of span i are the new positions of slots[i] -> [N, d]."""
+    def step(self, x: torch.Tensor, spans: list[tuple[int, int]], slots: list[KVSlot], layer: int,
+             past: "PaddedPast | None" = None) -> torch.Tensor:
+        """x [N, d]: rows start..start+T of span i are the new positions of slots[i] -> [N, d].
+        past: the short-context batch (one new position per slot, see PaddedPast), which keeps the new
+        keys/values until it writes them back; None: each slot's are written and read here."""
         N, d = x.shape
         H, hd = self.heads, self.head_dim
         q = self.q_proj(x).view(N, H, hd).transpose(0, 1)  # [H, N, hd]
         kv_new = torch.stack((self.k_proj(x), self.v_proj(x))).view(2, N, H, hd).transpose(1, 2)  # [2, H, N, hd]
+        if past is not None:
+            return self.out_proj(past.attend(q, kv_new, layer).transpose(0, 1).reshape(N, d))
         torch._foreach_copy_([s.buf[layer, :, :, s.length:s.length + T] for (_, T), s in zip(spans, slots)],
                              [kv_new[:, :, start:start + T] for start, T in spans])  # written in place, one call
-        if N == len(slots) and max(s.length for s in slots) < SHORT_CONTEXT:
-            y = _padded_attention(q, slots, layer)
-        else:
-            y = torch.empty_like(q)
-            for (start, T), slot in zip(spans, slots):
-                P = slot.length
-                k, v = slot.buf[layer, 0, :, :P + T], slot.buf[layer, 1, :, :P + T]  # [H, P+T, hd]: views, no copy
-                # new position t sees the P cached ones and new ones up to itself (bottom-right causal)
-                mask = None if T == 1 else torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(P)
-                y[:, start:start + T] = F.scaled_dot_product_attention(q[:, start:start + T], k, v, attn_mask=mask)
+        y = torch.empty_like(q)
+        for (start, T), slot in zip(spans, slots):
+            P = slot.length
+            k, v = slot.buf[layer, 0, :, :P + T], slot.buf[layer, 1, :, :P + T]  # [H, P+T, hd]: views, no copy
+            # new position t sees the P cached ones and new ones up to itself (bottom-right causal)
+            mask = None if T == 1 else torch.ones(T, P + T, dtype=torch.bool, device=x.device).tril(P)
+            y[:, start:start + T] = F.scaled_dot_product_attention(q[:, start:start + T], k, v, attn_mask=mask)
         return self.out_proj(y.transpose(0, 1).reshape(N, d))
 
 
@@ -137,15 +142,35 @@ class OPTAttention(nn.Module):
 SHORT_CONTEXT = 64
 
 
-def _padded_attention(q: torch.Tensor, slots: list[KVSlot], layer: int) -> torch.Tensor:
-    """q [H, B, hd] (one new position per slot, already written) -> [H, B, hd]."""
-    lengths = torch.tensor([s.length + 1 for s in slots], device=q.device)
-    k = pad_sequence([s.buf[layer, 0, :, :s.length + 1].transpose(0, 1) for s in slots], batch_first=True)
-    v = pad_sequence([s.buf[layer, 1, :, :s.length + 1].transpose(0, 1) for s in slots], batch_first=True)
-    valid = torch.arange(k.shape[1], device=q.device) < lengths[:, None]  # [B, Pmax]
-    y = F.scaled_dot_product_attention(q.transpose(0, 1)[:, :, None], k.transpose(1, 2), v.transpose(1, 2),
-                                       attn_mask=valid[:, None, None, :])  # [B, H, 1, hd]
-    return y[:, :, 0].transpose(0, 1)
+class PaddedPast:
+    """A step of one new position per slot over short contexts: every slot's cached keys/values, all
+    layers, gathered into one padded batch once per step (not once per layer) and attended with a
+    padding mask; the new positions' keys/values are kept per layer and written back in one call."""
+
+    def __init__(self, slots: list[KVSlot]):
+        self.slots = slots
+        dev = slots[0].buf.device
+        lengths = torch.tensor([s.length for s in slots], device=dev)
+        past = pad_sequence([s.buf[:, :, :, :s.length].permute(3, 0, 1, 2, 4) for s in slots],
+                            batch_first=True)  # [B, P, L, 2, H, hd]
+        self.past = past.permute(2, 3, 0, 4, 1, 5)  # [L, 2, B, H, P, hd]
+        valid = torch.arange(past.shape[1], device=dev) < lengths[:, None]  # [B, P]
+        own = torch.ones(len(slots), 1, dtype=torch.bool, device=dev)  # each sees its own new position
+        self.mask = torch.cat((valid, own), 1)[:, None, None, :]  # [B, 1, 1, P+1]
+        self.new: list[torch.Tensor] = []  # per layer [2, H, B, hd]
+
+    def attend(self, q: torch.Tensor, kv_new: torch.Tensor, layer: int) -> torch.Tensor:
+        """q [H, B, hd], kv_new [2, H, B, hd] of `layer` (called for the layers in order) -> [H, B, hd]."""
+        self.new.append(kv_new)
+        kv = torch.cat((self.past[layer], kv_new.transpose(1, 2)[:, :, :, None]), dim=3)  # [2, B, H, P+1, hd]
+        y = F.scaled_dot_product_attention(q.transpose(0, 1)[:, :, None], kv[0], kv[1],
+                                           attn_mask=self.mask)  # [B, H, 1, hd]
+        return y[:, :, 0].transpose(0, 1)
+
+    def write_back(self) -> None:
+        """The new positions' keys/values into their slots, every layer, in one call."""
+        new = torch.stack(self.new)  # [L, 2, H, B, hd]
+        torch._foreach_copy_([s.buf[:, :, :, s.length] for s in self.slots], list(new.unbind(3)))
 
 
 class OPTBlock(nn.Module):
@@ -188,6 +213,7 @@ class OPTBlock(nn.Module):
         x = self._residual(x, lambda h: self.self_attn(h, mask, extend), self.self_attn_layer_norm)
         return self._residual(x, self.mlp, self.final_layer_norm)
 
-    def step(self, x: torch.Tensor, spans: list[tuple[int, int]], slots: list[KVSlot], layer: int) -> torch.Tensor:
-        x = self._residual(x, lambda h: self.self_attn.step(h, spans, slots, layer), self.self_attn_layer_norm)
+    def step(self, x: torch.Tensor, spans: list[tuple[int, int]], slots: list[KVSlot], layer: int,
+             past: PaddedPast | None = None) -> torch.Tensor:
+        x = self._residual(x, lambda h: self.self_attn.step(h, spans, slots, layer, past), self.self_attn_layer_norm)
         return self._residual(x, self.mlp, self.final_layer_norm)

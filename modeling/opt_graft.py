@@ -20,7 +20,7 @@ from torch import nn
 from transformers import OPTConfig, OPTForCausalLM
 
 from modeling.config import ConfigError, OPTSpec
-from modeling.opt_block import KVSlot, OPTBlock
+from modeling.opt_block import SHORT_CONTEXT, KVSlot, OPTBlock, PaddedPast
 
 STOP = 1  # termination head class that ends generation (Eq. 9: argmax 1); 0 = decode another sentence
 POSITION_OFFSET = 2  # OPT's learned positions start at row 2 of the table (a quirk of its pretraining)
@@ -140,8 +140,12 @@ class GraftedOPT(nn.Module):
         x = torch.cat(news)  # [N, d]
         positions = torch.cat([torch.arange(s.length, s.length + len(v)) for v, s in zip(news, slots)])
         x = x + self.embed_positions(positions.to(x.device) + POSITION_OFFSET).to(x.dtype)
+        short = len(x) == len(slots) and max(s.length for s in slots) < SHORT_CONTEXT
+        past = PaddedPast(slots) if short else None
         for i, layer in enumerate(self.layers):
-            x = layer.step(x, spans, slots, i)
+            x = layer.step(x, spans, slots, i, past)  # [N, d]
+        if past is not None:
+            past.write_back()
         hidden, stop = self._out(x)
         sizes = [T for _, T in spans]
         return list(hidden.split(sizes)), list(stop.split(sizes))

@@ -18,7 +18,11 @@ def _keep(slots, news) -> None:
         slot.length += len(new)
 
 
-def test_batched_sessions_equal_unbatched_and_full_forward(model):
+@pytest.mark.parametrize("short_context", [0, 64], ids=["per-slot-attention", "padded-past"])
+def test_batched_sessions_equal_unbatched_and_full_forward(model, short_context, monkeypatch):
+    # steps of one new sentence per session below SHORT_CONTEXT gather every past into one padded batch
+    # (modeling.opt_block.PaddedPast); at 0 every step attends over each slot's own views
+    monkeypatch.setattr("modeling.opt_graft.SHORT_CONTEXT", short_context)
     engine = Engine(model)
     rng = np.random.default_rng(0)
     # four sessions, each fed in its own chunks: prefills of several sentences and single steps,
