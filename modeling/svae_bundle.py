@@ -15,7 +15,8 @@ The model id ties it to the cloud half: a SentenceVAE of another model would spe
 
 `fast_greedy_decode` is the cloud's speculation decoder: `modeling.generate.decode_sentences` with
 greedy picks, but the keys/values of the self-attention preallocated once per batch and written in
-place (the reference concatenates them every token).
+place (the reference concatenates them every token), and every row with its own repetition controls
+and token limit, so the guesses of all sessions decode in one batch.
 """
 from __future__ import annotations
 
@@ -27,12 +28,12 @@ import torch
 import torch.nn.functional as F
 
 from modeling.config import ConfigError, SentenceVAEConfig, from_dict
-from modeling.generate import decode_sentences
+from modeling.generate import control_repetition
 from modeling.sentence_vae import SentenceVAE, pad_token_lists
 from modeling.weights import load_state_into, load_tensors, with_tied
 from runtime.artifacts import MANIFEST, CheckpointError, verify_checkpoint_dir
 from runtime.manifest import BundleError
-from sentences.sampling import SamplingConfig, check_stop_threshold, stop_decision
+from sentences.sampling import RepetitionGuard, SamplingConfig, check_stop_threshold, stop_decision
 
 FOLDER = "svae"  # beside edge/ and cloud/ in an export folder
 WEIGHTS = "ema.safetensors"
@@ -78,27 +79,34 @@ def load_svae_folder(directory: Path, model_id: str | None = None) -> SentenceVA
 
 @torch.inference_mode()
 def fast_greedy_decode(decoder, memory: torch.Tensor, max_tokens: int | None = None,
-                       lm_head_t: torch.Tensor | None = None) -> list[list[int]]:
-    """Greedy decode of memory [B, d] (rows stop at eos or the token limit): the tokens
-    `decode_sentences(decoder, memory, max_tokens)` gives (up to float rounding on near-ties), with a
-    preallocated self-attention cache. The cross-attention reads a memory of one vector, so its
+                       lm_head_t: torch.Tensor | None = None, guards: list[RepetitionGuard | None] | None = None,
+                       limits: list[int] | None = None) -> list[list[int]]:
+    """Greedy decode of memory [B, d] (rows stop at eos or their token limit): the tokens
+    `decode_sentences` gives row by row with the same controls (up to float rounding on near-ties),
+    with a preallocated self-attention cache. The cross-attention reads a memory of one vector, so its
     softmax is 1 and its output is a constant per row, computed once. Finished rows stay in the
-    batch (their picks are ignored): nothing is copied when one ends. lm_head_t: the output layer's
-    weight transposed and contiguous [d, V] (a vector-matrix product that way is ~3x faster on a CPU)."""
+    batch (their picks are ignored): nothing is copied when one ends.
+    guards[i]: row i's repetition controls over its answer (None: plain greedy); limits[i]: its token
+    limit (None: max_tokens, or the model's). lm_head_t: the output layer's weight transposed and
+    contiguous [d, V] (a vector-matrix product that way is ~3x faster on a CPU)."""
     cfg = decoder.cfg
-    limit = min(cfg.max_sentence_tokens if max_tokens is None else max_tokens, cfg.max_sentence_tokens)
     B, d = memory.shape
+    model_limit = cfg.max_sentence_tokens
+    limits = [min(model_limit if m is None else m, model_limit) for m in (limits or [max_tokens] * B)]
+    limit = max(limits, default=0)
     if B == 0 or limit <= 0:
         return [[] for _ in range(B)]
     dev, dt = memory.device, memory.dtype
     H, hd = decoder.n_heads, decoder.head_dim
+    guarded = [i for i, g in enumerate(guards or []) if g is not None]
+    room = torch.tensor(limits, device=dev)  # [B] tokens each row may still take
     cache = torch.empty(decoder.n_layers, 2, B, H, limit + 1, hd, dtype=dt, device=dev)  # bos + tokens
     cross = []  # [B, 1, d] per block: proj(v(memory)), what attending to one memory vector gives
     for blk in decoder.blocks:
         v = blk.cross.kv(memory[:, None]).split(d, dim=-1)[1]  # [B, 1, d]
         cross.append(blk.cross.proj(v))
     tok = torch.full((B,), cfg.bos_id, dtype=torch.long, device=dev)
-    live = torch.ones(B, dtype=torch.bool, device=dev)
+    live = room > 0
     picks = []
     for t in range(limit):
         x = (decoder.tok_emb(tok) + decoder.pos_emb.weight[t])[:, None]  # [B, 1, d]
@@ -112,13 +120,20 @@ def fast_greedy_decode(decoder, memory: torch.Tensor, max_tokens: int | None = N
             x = x + cross[i]
             x = x + blk.mlp(blk.ln3(x))
         h = decoder.ln_f(x[:, 0])  # [B, d]
-        nxt = (h @ lm_head_t if lm_head_t is not None else decoder.lm_head(h)).argmax(-1)  # [B]
+        logits = h @ lm_head_t if lm_head_t is not None else decoder.lm_head(h)  # [B, V]
+        if guarded:
+            logits[guarded] = control_repetition(logits[guarded], [guards[i] for i in guarded])
+        nxt = logits.argmax(-1)  # [B]
         live = live & (nxt != cfg.eos_id)
         picks.append(torch.where(live, nxt, -1))
+        for i, token in zip(guarded, nxt[guarded].tolist()):
+            if live[i]:
+                guards[i].push(token)
+        live = live & (room > t + 1)
         if not bool(live.any()):
             break
         tok = nxt
-    rows = torch.stack(picks, 1).tolist()  # [B, T]; -1 from a row's eos on
+    rows = torch.stack(picks, 1).tolist()  # [B, T]; -1 from a row's eos (or limit) on
     return [row[:row.index(-1)] if -1 in row else row for row in rows]
 
 
@@ -179,16 +194,11 @@ class SpeculationCodec:
         sentences) exactly as the edge's decoder applies them."""
         hidden = hidden.to(self.device, torch.float32)
         controls = controls or [None] * len(hidden)
-        plain = [i for i, c in enumerate(controls) if c is None]
-        out: list[list[int]] = [[] for _ in range(len(hidden))]
-        if plain:  # batched, the fast loop
-            for i, toks in zip(plain, fast_greedy_decode(self.svae.decoder, hidden[plain], lm_head_t=self.lm_head_t)):
-                out[i] = toks
-        for i, c in enumerate(controls):
-            if c is not None:  # the reference loop: the controls depend on each row's own answer
-                out[i] = decode_sentences(self.svae.decoder, hidden[i:i + 1], c.max_tokens, c.sampling,
-                                          answer=histories[i])[0]
-        return out
+        eos = self.cfg.eos_id
+        guards = [None if c is None or not c.sampling.controls_repetition else RepetitionGuard(c.sampling, h, eos)
+                  for c, h in zip(controls, histories or [()] * len(hidden))]
+        limits = [None if c is None else c.max_tokens for c in controls]
+        return fast_greedy_decode(self.svae.decoder, hidden, lm_head_t=self.lm_head_t, guards=guards, limits=limits)
 
     @torch.inference_mode()
     def encode(self, token_lists: list[list[int]]) -> torch.Tensor:
