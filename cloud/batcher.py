@@ -35,7 +35,7 @@ import grpc
 import numpy as np
 import torch
 
-from cloud.engine import Engine, StepOutput
+from cloud.engine import Engine, StepOutput, stop_flag, stop_probability
 from cloud.errors import ServiceError, invalid, unavailable
 from cloud.jsonlog import log
 from cloud.metrics import Metrics
@@ -90,8 +90,7 @@ def answer_history(s: Session) -> list[list[int]] | None:
 
 def edge_stops(s: Session, stop_logits: np.ndarray) -> bool:
     """Does the edge end the answer at the session's next sentence (its stop rule on these outputs)?"""
-    out = StepOutput(None, stop_logits, True)
-    return s.stop_rule.ends(s.length - s.answer_start, out.stop, out.stop_probability)
+    return s.stop_rule.ends(s.length - s.answer_start, stop_flag(stop_logits), stop_probability(stop_logits))
 
 
 def dead_error() -> ServiceError:

@@ -29,13 +29,23 @@ class StepOutput:
 
     @property
     def stop(self) -> bool:
-        return int(np.argmax(self.stop_logits)) == STOP
+        return stop_flag(self.stop_logits)
 
     @property
     def stop_probability(self) -> float:
-        z = self.stop_logits - self.stop_logits.max()
-        p = np.exp(z) / np.exp(z).sum()
-        return float(p[STOP])
+        return stop_probability(self.stop_logits)
+
+
+def stop_flag(stop_logits: np.ndarray) -> bool:
+    """The termination head's argmax: [2] logits -> stop?"""
+    return int(np.argmax(stop_logits)) == STOP
+
+
+def stop_probability(stop_logits: np.ndarray) -> float:
+    """[2] logits -> P(stop)."""
+    z = stop_logits - stop_logits.max()
+    p = np.exp(z) / np.exp(z).sum()
+    return float(p[STOP])
 
 
 def pick_device(device: str = "auto") -> torch.device:
