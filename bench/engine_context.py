@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> None:
         for p in contexts:
             rows.append(measure(engine, b, p, 5 if a.quick else (30 if b * p < 20000 else 10)))
             print(json.dumps(rows[-1]), flush=True)
-    result = {"engine": "after (KV slots written in place, ragged batch, plain OPT blocks)", "threads": a.threads,
+    result = {"engine": "after (KV slots written in place, ragged batch, plain OPT blocks, PaddedPast below 64)",
+              "threads": a.threads,
               "machine": machine_info(ROOT, a.threads), "rows": rows}
     a.out.mkdir(parents=True, exist_ok=True)
     suffix = "-quick" if a.quick else ""
@@ -91,7 +92,8 @@ def render(before: dict | None, after: dict, plot_name: str) -> str:
              "Before: the engine of commit 1489627 (each step copied every session's cache into one padded tensor "
              "for Hugging Face's layers and grew each cache with torch.cat), measured by the same procedure on the "
              "same machine, quiet, before the rewrite. After: KV slots written in place, a ragged batch, plain OPT "
-             "blocks.", "",
+             "blocks; below 64 sentences of context, one padded copy of every session's past per step, shared by "
+             "all layers (modeling.opt_block.PaddedPast).", "",
              "| sessions | context (sentences) | before ms | after ms | before / after |", "|---:|---:|---:|---:|---:|"]
     old = {(r["batch"], r["context"]): r for r in (before or {}).get("rows", [])}
     for r in after["rows"]:
