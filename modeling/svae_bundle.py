@@ -80,7 +80,7 @@ def load_svae_folder(directory: Path, model_id: str | None = None) -> SentenceVA
 @torch.inference_mode()
 def fast_greedy_decode(decoder, memory: torch.Tensor, max_tokens: int | None = None,
                        lm_head_t: torch.Tensor | None = None, guards: list[RepetitionGuard | None] | None = None,
-                       limits: list[int] | None = None) -> list[list[int]]:
+                       limits: list[int | None] | None = None) -> list[list[int]]:
     """Greedy decode of memory [B, d] (rows stop at eos or their token limit): the tokens
     `decode_sentences` gives row by row with the same controls (up to float rounding on near-ties),
     with a preallocated self-attention cache. The cross-attention reads a memory of one vector, so its
@@ -159,7 +159,7 @@ class GuessControls:
 
 @dataclass(frozen=True)
 class StopRule:
-    """Where the edge ends a turn's answer (the wire's Decoding.stop_threshold / min_sentences), so
+    """Where the edge ends a turn's answer (the wire's Decoding.stop_threshold / min_sentences / max_sentences), so
     that the cloud neither guesses past the end nor declines a sentence the edge will decode. The
     default is an old client's: the termination head's argmax, from the first sentence on."""
 
