@@ -2,6 +2,7 @@
 
     python -m bench.rtt                 # models/default, 5 prompts, 128 output tokens; docs/results/rtt.{json,md,png}
     python -m bench.rtt --quick         # RTT 0 and 50 ms, 2 prompts, 32 tokens (a smoke test, < 2 min)
+    python -m bench.rtt --chat          # answers as edge-chat gives them; docs/results/rtt-chat.{json,md,png}
 
 Every variant runs its real server as its own process on 127.0.0.1, and the client in this
 process reaches it through `bench.relay.RelayProcess` (RTT/2 added each way):
@@ -19,10 +20,15 @@ process reaches it through `bench.relay.RelayProcess` (RTT/2 added each way):
 Same prompts (validation text, bench.texts) for all, interleaved: for each RTT, each prompt runs
 on every variant in turn. Greedy. The SLLM stops at the first sentence that takes it past
 --output-tokens, ignoring the stop head; the token-level variants make exactly --output-tokens tokens.
+With --chat the SLLM answers as edge-chat does with its defaults (repetition controls, the bundle's
+stop threshold sent to the cloud with the prompt, at most 8 sentences): the product path, whose
+answers end by the stop head; the token-level variants then write as many tokens as the plain SLLM's
+answer to the same prompt (no sampled runs: the cloud does not guess sampled answers).
 
 Per run: time to the first sentence (SLLM: encode the prompt, one round trip, decode it) or the
 first token, from the moment the prompt is sent (sessions are opened before the clock starts, as a
-chat holds its session across turns), and tokens/s after it. Per variant and RTT: min / median /
+chat holds its session across turns), tokens/s after it, and the whole answer's time (prompt sent
+-> complete; a chat answer is complete after the step that says stop). Per variant and RTT: min / median /
 max over the prompts. Beside the SLLM, the bound L / (RTT + t_sentence): L = tokens per sentence
 after the first, t_sentence = time per sentence at RTT 0 (through the relay, which then adds only
 its own small cost, measured and reported). Wire bytes are what passed through the relay (gRPC,
@@ -56,11 +62,15 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bench import cloud_throughput
 from bench.relay import RelayProcess, measure_overhead
 from bench.summary import bench_parser, spread, spread_cell, write_results
 from bench.texts import flatten
+
+if TYPE_CHECKING:
+    from edge.api import AnswerOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 STEP_TIMEOUT_S = 120.0  # a stuck server fails the bench instead of hanging it
@@ -79,6 +89,7 @@ class Run:
     first_tokens: int  # tokens of the first unit
     first_s: float  # prompt sent -> first sentence decoded / first token received
     rest_s: float  # first unit -> last unit
+    answer_s: float = 0.0  # prompt sent -> the answer is complete (--chat: the step that says stop included)
     output: str = ""  # digest of the output token ids: speculative outputs are compared with the plain ones
     # the SLLM (edge.speculate.SpeculationStats): guesses the edge accepted / corrected / the cloud declined,
     # and the round trips waited after the first sentence (an append that needed its reply)
@@ -86,26 +97,33 @@ class Run:
     corrected: int = 0
     declined: int = 0
     waited: int = 0
+    appends: int = 0  # of generated sentences (all of them in a chat; all but the last in fixed-length runs)
 
     @property
     def tokens_per_s(self) -> float:
         return (self.tokens - self.first_tokens) / self.rest_s if self.rest_s > 0 else 0.0
 
+    @property
+    def answer_tokens_per_s(self) -> float:
+        return self.tokens / self.answer_s if self.answer_s > 0 else 0.0
+
     def as_dict(self) -> dict:
-        return {**asdict(self), "tokens_per_s": self.tokens_per_s}
+        return {**asdict(self), "tokens_per_s": self.tokens_per_s, "answer_tokens_per_s": self.answer_tokens_per_s}
 
 
 def timed(units: Iterator[list[int]], variant: str, rtt_ms: float, prompt: int, t0: float) -> Run:
-    """A Run from an iterator of output units (the token ids of each), stamped as they come."""
+    """A Run from an iterator of output units (the token ids of each), stamped as they come; the
+    answer is complete when the iterator ends."""
     stamps, counts, digest = [], [], hashlib.sha1()
     for ids in units:
         stamps.append(time.perf_counter())
         counts.append(len(ids))
         digest.update(repr(list(ids)).encode())  # per unit: the same tokens cut into other units differ
+    end = time.perf_counter()
     if not stamps:
         raise RuntimeError(f"{variant}: no output")
     return Run(variant, rtt_ms, prompt, sum(counts), len(counts), counts[0], stamps[0] - t0, stamps[-1] - stamps[0],
-               digest.hexdigest()[:16])
+               end - t0, digest.hexdigest()[:16])
 
 
 # ---------------------------------------------------------------- the variants
@@ -123,6 +141,7 @@ class Ctx:
     generator: str  # the cloud-only server's --generator
     bos: int
     svae_dir: Path | None = None  # the SentenceVAE speculating servers load (--svae), when a variant speculates
+    chat: AnswerOptions | None = None  # --chat: the SLLM answers as edge-chat does with these options
 
 
 @dataclass
@@ -139,16 +158,30 @@ class Variant:
 
 class SLLMRunner:
     """The SLLM as edge-chat runs it: the edge sentence loop over one Converse stream per prompt, through
-    edge.speculate.SpeculativeStepper (speculate 0: every sentence appended, its reply waited for)."""
+    edge.speculate.SpeculativeStepper (speculate 0: every sentence appended, its reply waited for).
+
+    Fixed-length (ctx.chat None): greedy without controls, past the stop head, until `tokens`.
+    Chat (ctx.chat): edge-chat's turn with those options: its repetition controls, and its stop rule,
+    sent to the cloud with the prompt (edge.speculate.turn_decoding); the answer ends where edge-chat's
+    would, after the step that says so (`tokens` is ignored)."""
 
     def __init__(self, ctx: Ctx, address: str, wire_dtype: str | None = None, speculate: int = 0):
         from edge.sampling import Sampling
         from protos.client import CloudClient
 
         self.runtime, self.max_sentences = ctx.runtime, int(ctx.cloud_manifest["max_sentences"])
-        self.dtype, self.speculate = wire_dtype or ctx.wire_dtype, speculate
-        self.sampling = Sampling()  # greedy; the sampled-acceptance runs set their own
+        self.dtype, self.speculate, self.chat = wire_dtype or ctx.wire_dtype, speculate, ctx.chat
+        self.sampling = ctx.chat.sampling if ctx.chat else Sampling()  # the sampled-acceptance runs set their own
         self.client = CloudClient(address)
+
+    def sampled(self, temperature: float):
+        """This runner's sampling at `temperature`, seeded (sentence i samples with seed i)."""
+        from dataclasses import replace
+
+        from edge.sampling import Sampling
+
+        return replace(self.chat, temperature=temperature, seed=0).sampling if self.chat else Sampling(temperature,
+                                                                                                         seed=0)
 
     def _open(self):
         from edge.speculate import SpeculativeStepper
@@ -163,8 +196,12 @@ class SLLMRunner:
     def sentences(self, stepper, prompt: list[list[int]], min_tokens: int) -> Iterator[list[int]]:
         from edge.loop import SentenceEvent, sentence_loop
 
-        events = sentence_loop(self.runtime, stepper, prompt, self.sampling, room=self.max_sentences - len(prompt),
-                               use_stop_flag=False, append_last=False)
+        room = self.max_sentences - len(prompt)
+        if self.chat:
+            events = self._chat_turn(stepper, prompt, room)
+        else:
+            events = sentence_loop(self.runtime, stepper, prompt, self.sampling, room=room, use_stop_flag=False,
+                                   append_last=False)
         total = 0
         try:
             for ev in events:
@@ -172,10 +209,23 @@ class SLLMRunner:
                     return
                 yield ev.ids
                 total += len(ev.ids)
-                if total >= min_tokens:
+                if total >= min_tokens and not self.chat:
                     return  # before the loop appends this sentence
         finally:
             events.close()
+
+    def _chat_turn(self, stepper, prompt: list[list[int]], room: int):
+        """edge.chat.ChatSession.turn's loop, on a session that holds only this prompt."""
+        from edge.loop import MIN_ANSWER_SENTENCES, sentence_loop
+        from edge.speculate import turn_decoding
+
+        max_tokens = self.chat.max_tokens or None
+        threshold = self.runtime.bundle.stop_threshold if self.chat.stop_threshold is None else self.chat.stop_threshold
+        stepper.begin_turn(turn_decoding(self.sampling, max_tokens, threshold, MIN_ANSWER_SENTENCES,
+                                         min(self.chat.max_sentences, room)))
+        return sentence_loop(self.runtime, stepper, prompt, self.sampling, room=room,
+                             max_sentences=self.chat.max_sentences, max_tokens=max_tokens, stop_threshold=threshold,
+                             min_sentences=MIN_ANSWER_SENTENCES)
 
     def run(self, prompt: list[list[int]], tokens: int, variant: str, rtt_ms: float, index: int) -> Run:
         stepper = self._open()  # the session, before the clock starts
@@ -184,7 +234,8 @@ class SLLMRunner:
         s = stepper.stats
         # appends without a guess to check, but the prompt's, waited for their reply, as did corrections and declines
         return Run(**{**asdict(run), "accepted": s.accepted, "corrected": s.corrected, "declined": s.declined,
-                      "waited": s.plain - 1 + s.corrected + s.declined})
+                      "waited": s.plain - 1 + s.corrected + s.declined,
+                      "appends": s.plain - 1 + s.accepted + s.corrected + s.declined})
 
     def close(self) -> None:
         self.client.close()
@@ -325,8 +376,11 @@ def measure_rtt(ctx: Ctx, variants: list[Variant], servers: dict, prompts: list,
         for v in variants:
             before[v.name] = (_bytes(relays[v.name]), server_counters(servers[v.name]) if v.stats else None)
         for i, prompt in enumerate(prompts):
+            want = None
             for v in variants:
-                r = runners[v.name].run(prompt, tokens, v.name, rtt, i)
+                r = runners[v.name].run(prompt, want or tokens, v.name, rtt, i)
+                if ctx.chat and v.unit == "sentence" and want is None:
+                    want = r.tokens  # the token-level variants write as many tokens as the first chat answer
                 runs.append(r)
                 say(f"RTT {rtt:5g} ms  prompt {i}  {v.name:12s} {r.tokens_per_s:8.1f} tok/s  first "
                     f"{r.first_s * 1e3:7.1f} ms  ({r.tokens} tokens, {r.units} {v.unit}s)"
@@ -352,12 +406,10 @@ def sampled_runs(ctx: Ctx, variants: list[Variant], servers: dict, prompts: list
                  say: Callable[[str], None]) -> list[Run]:
     """Each prompt once more on each speculating variant, sampled (seeded), straight to its server: the
     acceptance when the edge samples and the cloud guesses greedily (it does not depend on the delay)."""
-    from edge.sampling import Sampling
-
     runs = []
     for v in variants:
         runner = v.connect(ctx, servers[v.name])
-        runner.sampling = Sampling(temperature, seed=0)  # sentence i samples with seed i
+        runner.sampling = runner.sampled(temperature)
         try:
             for i, prompt in enumerate(prompts):
                 runs.append(r := runner.run(prompt, tokens, v.name, 0.0, i))
@@ -407,10 +459,12 @@ def summary_row(v: Variant, rtt: float, mine: list[Run], measured: dict) -> dict
     row = {"variant": v.name, "rtt_ms": rtt, "rtt_applied_ms": measured["relays"][(v.name, rtt)]["rtt_applied_ms"],
            "runs": len(mine), "tokens": sum(r.tokens for r in mine),
            "tokens_per_s": spread([r.tokens_per_s for r in mine]), "first_ms": spread([r.first_s * 1e3 for r in mine]),
+           "answer_ms": spread([r.answer_s * 1e3 for r in mine]),
+           "answer_tokens_per_s": spread([r.answer_tokens_per_s for r in mine]),
            "tokens_per_unit": sum(r.tokens for r in mine) / sum(r.units for r in mine),
            "wire_bytes_per_token": measured["wire"][(v.name, rtt)]}
-    if v.unit == "sentence":  # 1.0 without speculation: every generated sentence but the last waits for its step
-        row["round_trips_per_sentence"] = sum(r.waited for r in mine) / max(1, sum(r.units - 1 for r in mine))
+    if v.unit == "sentence":  # 1.0 without speculation: every appended sentence waits for its step
+        row["round_trips_per_sentence"] = sum(r.waited for r in mine) / max(1, sum(r.appends for r in mine))
     counters = measured.get("counters", {}).get((v.name, rtt))
     if counters is not None:
         row["cloud_per_token"] = {k.removesuffix("_total"): n / row["tokens"] for k, n in counters.items()}
@@ -458,8 +512,8 @@ def render(results: dict) -> str:
         "",
         (f"`{results['command']}` on {results['machine']['cpu']} ({results['machine']['cores']} cores, shared), "
         f"{results['machine']['date_utc']} UTC, commit {results['machine']['git_commit']}. "
-        f"{cfg['prompts']} prompts of >= {cfg['prompt_tokens']} tokens (validation text), {cfg['output_tokens']} "
-        f"output tokens, greedy, {cfg['threads']} thread(s) per process, {cfg['wire_dtype']} vectors on the wire."),
+        f"{cfg['prompts']} prompts of >= {cfg['prompt_tokens']} tokens (validation text), {output_words(cfg)}, "
+        f"{cfg['threads']} thread(s) per process, {cfg['wire_dtype']} vectors on the wire."),
         "",
         "Variants: " + "; ".join(f"**{v['name']}**: {v['label']}" + (f" ({v['info']['generator']})"
                                  if v["info"].get("generator") else "") for v in results["variants"]) + ".",
@@ -486,6 +540,14 @@ def render(results: dict) -> str:
     for rtt in cfg["rtts"]:
         cells = [spread_cell(row[(n, rtt)]["first_ms"], "{:.1f}") for n in names]
         lines.append(f"| {rtt:g} | " + " | ".join(cells) + " |")
+    lines += ["", "## Whole answers: prompt sent -> answer complete (median, min-max)", "",
+              "Tokens / answer time, then the answer time in ms. An SLLM answer is complete after the step that "
+              "says stop (chat) or with its last sentence (fixed length); a token-level one with its last token.",
+              "", "| RTT ms | " + " | ".join(names) + " |", "|---:|" + "---:|" * len(names)]
+    for rtt in cfg["rtts"]:
+        cells = [spread_cell(row[(n, rtt)]["answer_tokens_per_s"], "{:.0f}") + " tok/s, "
+                 + spread_cell(row[(n, rtt)]["answer_ms"], "{:.0f}") + " ms" for n in names]
+        lines.append(f"| {rtt:g} | " + " | ".join(cells) + " |")
     lines += ["", "## Wire bytes per output token (through the relay: gRPC + HTTP/2 framing)", "",
               "| RTT ms | " + " | ".join(names) + " |", "|---:|" + "---:|" * len(names)]
     for rtt in cfg["rtts"]:
@@ -510,6 +572,16 @@ def render(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def output_words(cfg: dict) -> str:
+    """What each run generates, in words."""
+    chat = cfg.get("chat")
+    if not chat:
+        return f"{cfg['output_tokens']} output tokens, greedy"
+    return (f"answers as edge-chat gives them ({', '.join(f'{k} {v}' for k, v in chat.items())}; stop threshold "
+            "None = the bundle's), the token-level variants writing as many tokens as the SLLM's answer to the "
+            "same prompt, greedy")
+
+
 def render_speculation(results: dict) -> list[str]:
     """The speculation section: per row what it accepted, waited and cost the cloud; sampled acceptance;
     the tolerance facts; the goal figure (issue 17: at 50 ms, as fast as cloud-only)."""
@@ -523,7 +595,8 @@ def render_speculation(results: dict) -> list[str]:
              ("Per output token, from the server's counters: forward passes (batched steps, speculative ones "
               "included) and the tokens its SentenceVAE decoded to guess; extra = minus the same on the "
               f"{ref} row. round trips / sentence: appends that waited for their reply, per generated sentence "
-              "after the first (corrections + declined guesses; 1.00 without speculation). wasted = guesses the "
+              "appended (all of them in a chat, all but the last in fixed-length runs; corrections + declined "
+              "guesses; 1.00 without speculation). wasted = guesses the "
               "cloud sent that the edge did not accept (corrected, or past the end of a run; one still in flight "
               "when a run ends is not in it, its pass and decode tokens are)."), "",
              "| RTT ms | variant | acceptance | declined / run | round trips / sentence | wire B / token | "
@@ -532,7 +605,7 @@ def render_speculation(results: dict) -> list[str]:
     for rtt in rtts:
         for n in [ref, *spec]:
             lines.append(speculation_table_row(row[(n, rtt)], rtt))
-    lines += ["", declined_note(s, spec, rtts)]
+    lines += ["", declined_note(s, spec, rtts, bool(results["config"].get("chat")))]
     if s.get("sampled"):
         t = results["config"]["sampled_temperature"]
         lines += ["", f"Sampled decoding (temperature {t:g}, seeded; the cloud guesses greedily), each prompt once, "
@@ -559,10 +632,14 @@ def speculation_table_row(r: dict, rtt: float) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
-def declined_note(s: dict, spec: list[str], rtts: list[float]) -> str:
+def declined_note(s: dict, spec: list[str], rtts: list[float], chat: bool = False) -> str:
     """What the fixed-length runs pay for the cloud's stop head: one round trip per declined guess."""
     rows = [r for r in s["rows"] if r["variant"] in spec]
     declined, runs = sum(r["speculation"]["declined"] for r in rows), sum(r["runs"] for r in rows)
+    if chat:
+        return (f"Declined guesses: {declined} in {runs} speculating runs. The edge sends its stop rule with the "
+                "prompt, so the cloud guesses up to where the answer ends; each declined guess is a round trip "
+                "speculation did not hide.")
     paid = (f"{declined} in {runs} speculating runs ({declined / max(1, runs):.1f} per run), each a round trip "
             "speculation did not hide" if declined else
             f"none in {runs} speculating runs: the cloud's stop flag (argmax) never fired, so these runs paid nothing "
@@ -620,7 +697,11 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--svae", type=Path, help="the SentenceVAE the speculating servers load (svae.safetensors + "
                     "svae_config.json; default: recovered from MODEL/edge's ONNX graphs)")
     ap.add_argument("--sampled-temperature", type=float, default=0.8,
-                    help="the sampled-acceptance runs' temperature (0 = none)")
+                    help="the sampled-acceptance runs' temperature (0 = none; none with --chat: the cloud does "
+                    "not guess sampled answers)")
+    ap.add_argument("--chat", action="store_true", help="answers as edge-chat gives them (its default repetition "
+                    "controls and stop rule, at most 8 sentences) instead of fixed-length plain greedy runs; "
+                    "writes rtt-chat.*")
     return ap
 
 
@@ -643,11 +724,16 @@ def main(argv: list[str] | None = None, variants: list[Variant] | None = None) -
     n_prompts = args.prompts or (2 if args.quick else 5)
     tokens = args.output_tokens or (32 if args.quick else 128)
     variants = variants or default_variants([int(n) for n in args.speculate.split(",") if n.strip() not in ("", "0")])
+    if args.chat and variants[0].unit != "sentence":
+        raise SystemExit("--chat: the first variant must be an SLLM one (the others match its answers' lengths)")
+    stem = "rtt-chat" if args.chat else "rtt"
+    sampled_temperature = 0.0 if args.chat else args.sampled_temperature
 
     from transformers.utils import logging as hf_logging
 
     from bench.machine import machine_info
     from bench.texts import validation_text
+    from edge.api import AnswerOptions
     from edge.runtime import EdgeRuntime
     from modeling.baseline_bundle import FOLDER, load_baseline_bundle
     from runtime.manifest import read_manifest
@@ -672,8 +758,9 @@ def main(argv: list[str] | None = None, variants: list[Variant] | None = None) -
     with tempfile.TemporaryDirectory(prefix="sllm-rtt-") as tmp:
         svae_dir = speculation_setup(args, variants, say)
         ctx = Ctx(args.model, rt, baseline, read_manifest(args.model / "cloud", kind="cloud"), Path(tmp), args.threads,
-                  args.wire_dtype, args.generator, int(rt.bundle.manifest["bos_id"]), svae_dir)
-        measured = measure(ctx, variants, prompts, rtts, tokens, text.prompts(16, 1)[0], say, args.sampled_temperature)
+                  args.wire_dtype, args.generator, int(rt.bundle.manifest["bos_id"]), svae_dir,
+                  AnswerOptions() if args.chat else None)
+        measured = measure(ctx, variants, prompts, rtts, tokens, text.prompts(16, 1)[0], say, sampled_temperature)
         tolerance = None
         if svae_dir is not None:
             from bench.speculation import tolerance_facts
@@ -684,8 +771,8 @@ def main(argv: list[str] | None = None, variants: list[Variant] | None = None) -
         "machine": machine_info(ROOT, args.threads),
         "config": {"model": str(args.model), "rtts": rtts, "prompts": n_prompts, "prompt_tokens": args.prompt_tokens,
                    "output_tokens": tokens, "threads": args.threads, "wire_dtype": args.wire_dtype,
-                   "quick": args.quick, "text": text.source, "sampled_temperature": args.sampled_temperature,
-                   "svae": str(svae_dir) if svae_dir else None},
+                   "quick": args.quick, "text": text.source, "sampled_temperature": sampled_temperature,
+                   "svae": str(svae_dir) if svae_dir else None, "chat": asdict(ctx.chat) if ctx.chat else None},
         "relay_overhead": overhead, "relay_ping_ms": pings,
         "variants": [{"name": v.name, "label": v.label, "unit": v.unit, "speculate": v.speculate, "info": v.info}
                      for v in variants],
@@ -696,9 +783,9 @@ def main(argv: list[str] | None = None, variants: list[Variant] | None = None) -
         "sampled_runs": [r.as_dict() for r in measured["sampled"]],
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    results["plot"] = plot(results, args.out)
-    print(write_results(args.out, "rtt", results, render))
-    say(f"wrote {args.out / 'rtt.md'}, rtt.json and {results['plot']} in {results['wall_s']:.0f} s")
+    results["plot"] = plot(results, args.out, f"{stem}.png")
+    print(write_results(args.out, stem, results, render))
+    say(f"wrote {args.out / stem}.md, {stem}.json and {results['plot']} in {results['wall_s']:.0f} s")
     return results
 
 

@@ -26,6 +26,7 @@ from bench.rtt import (
     server_counters,
     summarize,
 )
+from edge.api import AnswerOptions
 from edge.runtime import EdgeRuntime
 from export.exporter import export_checkpoint
 from runtime.manifest import read_manifest
@@ -88,12 +89,14 @@ def _counters(passes: int, spec_steps: int = 0, accepted: int = 0, decode_tokens
 
 def test_a_speculation_row_counts_guesses_round_trips_and_the_extra_cloud_work():
     variants = [_variant("sllm", "sentence", stats=True), _variant("spec4", "sentence", 4, stats=True)]
-    runs = [Run("sllm", 50.0, 0, tokens=40, units=5, first_tokens=8, first_s=0.06, rest_s=0.2, output="a", waited=4),
-            Run("sllm", 50.0, 1, tokens=40, units=5, first_tokens=8, first_s=0.06, rest_s=0.2, output="b", waited=4),
+    runs = [Run("sllm", 50.0, 0, tokens=40, units=5, first_tokens=8, first_s=0.06, rest_s=0.2, output="a", waited=4,
+                appends=4),
+            Run("sllm", 50.0, 1, tokens=40, units=5, first_tokens=8, first_s=0.06, rest_s=0.2, output="b", waited=4,
+                appends=4),
             Run("spec4", 50.0, 0, tokens=40, units=5, first_tokens=8, first_s=0.06, rest_s=0.05, output="a",
-                accepted=3, corrected=1, declined=0, waited=1),
+                accepted=3, corrected=1, declined=0, waited=1, appends=4),
             Run("spec4", 50.0, 1, tokens=40, units=5, first_tokens=8, first_s=0.06, rest_s=0.1, output="x",
-                accepted=2, corrected=0, declined=2, waited=2)]
+                accepted=2, corrected=0, declined=2, waited=2, appends=4)]
     keys = [("sllm", 50.0), ("spec4", 50.0)]
     counters = {("sllm", 50.0): _counters(passes=10),  # a prefill + 4 appends, per run
                 ("spec4", 50.0): _counters(passes=16, spec_steps=12, accepted=5, decode_tokens=120)}
@@ -149,6 +152,47 @@ def test_the_sllm_runner_speculates_with_the_same_output_and_counts_its_guesses(
     assert accepted > 0
     assert after["speculation_accepted_total"] - before["speculation_accepted_total"] == accepted
     assert after["speculation_decode_tokens_total"] > before["speculation_decode_tokens_total"]
+
+
+@pytest.mark.parametrize("stop_threshold", [0.0, 1.0])
+def test_chat_runs_answer_as_edge_chat_does_and_speculation_guesses_exactly_those_sentences(export, stop_threshold):
+    """--chat: edge-chat's controls and stop rule; the answer ends by itself (the token budget is
+    ignored; threshold 0: after its first sentence, 1: at the cap), every sentence is appended (the
+    last one's step says stop), and with the stop rule sent the cloud guesses exactly the answer:
+    the same output, no guess declined, none wasted past the answer's end."""
+    rt = EdgeRuntime.load(export / "edge", device="cpu", threads=1)
+    chat = AnswerOptions(max_sentences=3, stop_threshold=stop_threshold)
+    ctx = Ctx(export, rt, None, read_manifest(export / "cloud", kind="cloud"), None, 1, "float16", "auto", 0,
+              chat=chat)
+    prompts = [rt.prompt_sentences(_make_sentence(random.Random(i))) for i in range(5)]
+    with running_server(export / "cloud", speculate_max=4, batch_wait_ms=0.0) as srv:
+        address = f"127.0.0.1:{srv.port}"
+        plain, spec = SLLMRunner(ctx, address), SLLMRunner(ctx, address, speculate=4)
+        assert plain.sampling.controls_repetition  # edge-chat's defaults, not plain greedy
+        before, pairs = server_counters(address), []
+        try:
+            for i, prompt in enumerate(prompts):
+                try:
+                    p, q = plain.run(prompt, 1, "chat", 0.0, i), spec.run(prompt, 1, "chat_spec4", 0.0, i)
+                except RuntimeError:  # the tiny model answers some prompts with nothing at all
+                    continue
+                assert plain.run(prompt, 10_000, "chat", 0.0, i).output == p.output  # the budget plays no part
+                pairs.append((p, q))
+        finally:
+            plain.close()
+            spec.close()
+        after = server_counters(address)
+    assert len(pairs) >= 3
+    units = [p.units for p, _ in pairs]
+    assert set(units) == {1} if stop_threshold == 0.0 else (max(units) == chat.max_sentences and min(units) >= 1)
+    for p, q in pairs:
+        assert q.output == p.output and q.tokens == p.tokens
+        assert p.appends == p.waited == p.units  # without speculation every sentence waits for its step
+        assert q.declined == 0 and q.appends == q.units and q.accepted + q.corrected == q.units
+        assert p.answer_s >= p.first_s + p.rest_s
+    assert sum(q.accepted for _, q in pairs) > 0
+    guesses = after["speculative_steps_total"] - before["speculative_steps_total"]
+    assert guesses == sum(q.accepted + q.corrected for _, q in pairs)  # none past the answer's end
 
 
 def test_cloud_cost_ratio_is_taken_per_round():
