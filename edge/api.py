@@ -16,6 +16,7 @@ This is the same ChatSession and sentence loop as `edge-chat` (which is built on
 """
 from __future__ import annotations
 
+import ipaddress
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -34,7 +35,9 @@ from sentences.sampling import (  # noqa: F401 (the defaults are re-exported for
 )
 
 WIRE_DTYPES = ("float32", "float16")
-DEFAULT_SPECULATE = 0  # off: on a CPU cloud its torch SentenceVAE decodes slower than the round trip it hides (bench/rtt.py)
+# sentence-level speculation asked of a server on another machine; none of one on this machine, where
+# there is no round trip to hide and the cloud's guessing only takes CPU from the edge (bench/rtt.py --chat)
+REMOTE_SPECULATE = 4
 _log = logging.getLogger("edge")
 
 
@@ -170,7 +173,7 @@ def connect(server: str, bundle: str | Path | EdgeRuntime, *, token: str | None 
             connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_S, step_timeout: float | None = DEFAULT_STEP_TIMEOUT_S,
             keepalive_s: float | None = DEFAULT_KEEPALIVE_S, device: str = "auto", threads: int = 0,
             options: AnswerOptions = AnswerOptions(), notify: Callable[[str], None] = _log.warning,
-            speculate: int = DEFAULT_SPECULATE) -> EdgeChat:
+            speculate: int | None = None) -> EdgeChat:
     """Open a conversation: load the edge bundle (or take a loaded EdgeRuntime), check that the
     server at `server` (host:port) serves the other half of the same model (model id, d and the
     sha256 of its weights), open a session.
@@ -183,7 +186,8 @@ def connect(server: str, bundle: str | Path | EdgeRuntime, *, token: str | None 
     keepalive_s: seconds between keepalive pings while the conversation is open (0 or None: none).
     notify: what to say about warnings and sessions rebuilt or resumed after a lost stream (default: the
     "edge" logger). speculate: sentences the cloud may run ahead of this edge (sentence-level speculation,
-    edge.speculate: hides the round trip per sentence; 0 = off; a server without it grants 0)."""
+    edge.speculate: hides the round trip per sentence; 0 = off; a server without it grants 0); None:
+    default_speculate(server)."""
     check_wire_dtype(wire_dtype)
     target = server.strip()
     if ":" not in target:
@@ -205,6 +209,8 @@ def connect(server: str, bundle: str | Path | EdgeRuntime, *, token: str | None 
                                keepalive_s=keepalive_s or 0, options=(("grpc.use_local_subchannel_pool", 1),))
         return CloudClient(target, token or None, channel=channel)
 
+    if speculate is None:
+        speculate = default_speculate(target)
     if isinstance(speculate, bool) or not isinstance(speculate, int) or speculate < 0:
         raise EdgeError(f"speculate must be an integer >= 0 (0 = off), got {speculate!r}")
     session = ChatSession(runtime, client_factory, target, wire_dtype=wire_dtype, connect_timeout=connect_timeout,
@@ -216,6 +222,31 @@ def connect(server: str, bundle: str | Path | EdgeRuntime, *, token: str | None 
         session.close()
         raise
     return EdgeChat(session, options)
+
+
+def default_speculate(target: str) -> int:
+    """REMOTE_SPECULATE for a server on another machine; 0 for one on this machine (a loopback address,
+    localhost or a unix socket)."""
+    return 0 if on_this_machine(target) else REMOTE_SPECULATE
+
+
+def on_this_machine(target: str) -> bool:
+    """Whether a gRPC target (host:port, [v6]:port, dns:///host:port, ipv4:/ipv6:..., unix:path) is
+    this machine. A name other than localhost counts as another machine (no DNS lookup here)."""
+    target = target.strip()
+    if target.startswith(("unix:", "unix-abstract:")):
+        return True
+    for scheme in ("dns:///", "dns:", "ipv4:", "ipv6:"):
+        if target.startswith(scheme):
+            target = target[len(scheme):].split(",")[0]  # ipv4:/ipv6: may list several: the first decides
+            break
+    host = target.rsplit(":", 1)[0].strip("[]").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _check_seconds(**values: tuple[float, bool]) -> None:

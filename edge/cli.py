@@ -31,7 +31,7 @@ from edge.api import (
     DEFAULT_NO_REPEAT_NGRAM,
     DEFAULT_NO_REPEAT_SENTENCE,
     DEFAULT_REPETITION_PENALTY,
-    DEFAULT_SPECULATE,
+    REMOTE_SPECULATE,
     AnswerOptions,
     EdgeChat,
     check_wire_dtype,
@@ -283,9 +283,10 @@ def chat(
                                              "cpu, cuda; --local: also the server's"),
     threads: int = typer.Option(0, help="CPU threads for ONNX Runtime (and the --local server); 0 = default"),
     wire_dtype: str = typer.Option("float32", help="sentence vectors on the wire: float32 or float16"),
-    speculate: int = typer.Option(DEFAULT_SPECULATE, min=0, help="sentence-level speculation: sentences the cloud "
-                                                                 "may guess ahead, hiding the round trip per "
-                                                                 "sentence (the edge checks every guess); 0 = off"),
+    speculate: Optional[int] = typer.Option(None, min=0, help="sentence-level speculation: sentences the cloud may "
+                                            "guess ahead, hiding the round trip per sentence (the edge checks every "
+                                            f"guess); 0 = off; default: {REMOTE_SPECULATE} for a server on another "
+                                            "machine, 0 on this one (--local, loopback)"),
 ) -> None:
     """Chat with an SLLM: sentences are encoded and decoded here, the cloud predicts the next one."""
     try:
@@ -307,7 +308,7 @@ def chat(
 
 def _run(prompt, server, token, tls_ca, tls, tls_cert, tls_key, server_name, step_timeout, keepalive, bundle, local,
          model, local_timeout, temperature, top_k, top_p, seed, max_sentences, max_sentence_tokens, as_json, device,
-         threads, wire_dtype, speculate=0, repetition_penalty=DEFAULT_REPETITION_PENALTY,
+         threads, wire_dtype, speculate=None, repetition_penalty=DEFAULT_REPETITION_PENALTY,
          no_repeat_ngram_size=DEFAULT_NO_REPEAT_NGRAM, no_repeat_sentence=DEFAULT_NO_REPEAT_SENTENCE,
          stop_threshold=None) -> int:
     options = AnswerOptions(temperature, top_k, top_p, seed, max_sentences, max_sentence_tokens,

@@ -261,3 +261,21 @@ def test_tolerance_rule():
     w = v.copy()
     w[5] += 10 * TOLERANCE
     assert not same_sentence(v, w)
+
+
+@pytest.mark.parametrize("target, here", [
+    ("127.0.0.1:50051", True), ("127.8.9.1:1", True), ("[::1]:50051", True), ("localhost:50051", True),
+    ("LocalHost:1", True), ("dns:///localhost:50051", True), ("ipv4:127.0.0.1:5,10.0.0.2:5", True),
+    ("unix:/tmp/sllm.sock", True),
+    ("10.0.0.7:50051", False), ("[2001:db8::1]:443", False), ("gpu-box:50051", False),
+    ("dns:///cloud.example.com:443", False), ("localhost.example.com:1", False)])
+def test_speculation_is_asked_of_a_server_on_another_machine_only(target, here):
+    assert edge.api.on_this_machine(target) is here
+    assert edge.api.default_speculate(target) == (0 if here else edge.api.REMOTE_SPECULATE)
+
+
+def test_by_default_a_loopback_server_is_not_asked_to_speculate(server, export):
+    """The server would grant 16: the edge asks nothing of a server on this machine unless told to."""
+    for asked, granted in ((None, 0), (4, 4)):
+        with edge.connect(f"127.0.0.1:{server.port}", export / "edge", speculate=asked) as chat:
+            assert chat.session.conv.speculate == granted
