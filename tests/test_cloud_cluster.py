@@ -209,6 +209,26 @@ def test_failover_sigkill_in_the_middle_of_an_answer(cluster, runtime, reference
                         r"keeps", n) for n in notes), notes
 
 
+def test_speculation_through_the_balancer_survives_a_failover(cluster, runtime, reference):
+    """Sentence-level speculation (what an edge asks of a remote server by default) through nginx: the
+    cloud's guesses reach the edge and are accepted; the replica holding the conversation is SIGKILLed
+    after the first sentence of the first answer, and the session is rebuilt on the other one (in
+    that answer, or at the next turn when the cloud had already guessed the rest of it); every
+    answer is the same as without speculation on one healthy server."""
+    _healthy(cluster)
+    notes = []
+    with edge.connect(cluster.address, runtime, token=TOKEN, notify=notes.append, speculate=4) as chat:
+        assert chat.session.conv.speculate == 4
+        answer = chat.ask(PROMPTS[0], max_sentences=CAPS[0])
+        texts = [next(answer).text]
+        cluster.signal_replica(_holder(cluster), signal.SIGKILL)
+        answers = [texts + [s.text for s in answer]]
+        answers += [[s.text for s in chat.ask(p, max_sentences=n)] for p, n in zip(PROMPTS[1:], CAPS[1:])]
+        assert answers == reference
+        assert chat.session.rebuilds == 1 and len(notes) == 1, notes
+        assert chat.session.stepper.stats.accepted > 0
+
+
 def test_drain_by_sigterm(cluster, runtime, reference):
     """SIGTERM to the replica holding a conversation in the middle of an answer: the answer finishes
     there; the replica goes NOT_SERVING and nginx stops sending to it, so new conversations go to
