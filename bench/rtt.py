@@ -174,15 +174,6 @@ class SLLMRunner:
         self.sampling = ctx.chat.sampling if ctx.chat else Sampling()  # the sampled-acceptance runs set their own
         self.client = CloudClient(address)
 
-    def sampled(self, temperature: float):
-        """This runner's sampling at `temperature`, seeded (sentence i samples with seed i)."""
-        from dataclasses import replace
-
-        from edge.sampling import Sampling
-
-        return replace(self.chat, temperature=temperature, seed=0).sampling if self.chat else Sampling(temperature,
-                                                                                                         seed=0)
-
     def _open(self):
         from edge.speculate import SpeculativeStepper
 
@@ -406,10 +397,12 @@ def sampled_runs(ctx: Ctx, variants: list[Variant], servers: dict, prompts: list
                  say: Callable[[str], None]) -> list[Run]:
     """Each prompt once more on each speculating variant, sampled (seeded), straight to its server: the
     acceptance when the edge samples and the cloud guesses greedily (it does not depend on the delay)."""
+    from edge.sampling import Sampling
+
     runs = []
     for v in variants:
         runner = v.connect(ctx, servers[v.name])
-        runner.sampling = runner.sampled(temperature)
+        runner.sampling = Sampling(temperature, seed=0)  # sentence i samples with seed i
         try:
             for i, prompt in enumerate(prompts):
                 runs.append(r := runner.run(prompt, tokens, v.name, 0.0, i))
