@@ -176,8 +176,9 @@ class Relay:
             while (item := queue.get()) is not None:
                 came, data = item
                 due = came + self.one_way_s
-                if due - time.perf_counter() > SPIN_S:
-                    time.sleep(due - time.perf_counter() - SPIN_S)
+                wait = due - time.perf_counter() - SPIN_S  # read the clock once: it moves between two reads
+                if wait > 0:
+                    time.sleep(wait)
                 while time.perf_counter() < due:  # the last SPIN_S: a sleep's wake-up would be late
                     pass
                 # counted before it leaves: a reader that has the bytes then sees them in stats() too
