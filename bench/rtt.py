@@ -655,20 +655,24 @@ def plot(results: dict, out: Path, name: str = "rtt.png") -> str:
     from bench.plots import _save, plt
 
     s, rtts = results["summary"], results["config"]["rtts"]
+    # a chat's answers are short: the whole answer (first sentence and the step that says stop included) is
+    # its speed; the bound, per sentence after the first, is drawn for fixed-length runs only
+    chat = bool(results["config"].get("chat"))
+    metric = "answer_tokens_per_s" if chat else "tokens_per_s"
     colors = {"sllm": "tab:blue", "sllm_spec4": "tab:purple", "sllm_spec16": "tab:orange", "token_split": "tab:red",
               "cloud_only": "tab:green"}
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for v in results["variants"]:
         rows = sorted((r for r in s["rows"] if r["variant"] == v["name"]), key=lambda r: r["rtt_ms"])
-        med = [r["tokens_per_s"]["median"] for r in rows]
-        err = [[m - r["tokens_per_s"]["min"] for m, r in zip(med, rows)],
-               [r["tokens_per_s"]["max"] - m for m, r in zip(med, rows)]]
+        med = [r[metric]["median"] for r in rows]
+        err = [[m - r[metric]["min"] for m, r in zip(med, rows)], [r[metric]["max"] - m for m, r in zip(med, rows)]]
         ax.errorbar([r["rtt_ms"] for r in rows], med, yerr=err, marker="o", capsize=3, label=v["label"],
                     color=colors.get(v["name"]), linestyle="--" if v.get("speculate") else "-")
-    for n, b in s["bounds"].items():
+    for n, b in ({} if chat else s["bounds"]).items():
         ax.plot(rtts, [b["tokens_per_s"][str(r)] for r in rtts], ":", color=colors.get(n, "gray"),
                 label=f"bound L/(RTT + t_sentence), {n}")
-    ax.set(yscale="log", xlabel="round-trip time added by the relay, ms", ylabel="output tokens / s, one conversation",
+    ax.set(yscale="log", xlabel="round-trip time added by the relay, ms",
+           ylabel="output tokens / s, " + ("whole answers (edge-chat's defaults)" if chat else "after the first unit"),
            title="One conversation over a delayed network (median, min-max over prompts)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)

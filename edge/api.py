@@ -36,8 +36,10 @@ from sentences.sampling import (  # noqa: F401 (the defaults are re-exported for
 
 WIRE_DTYPES = ("float32", "float16")
 # sentence-level speculation asked of a server on another machine; none of one on this machine, where
-# there is no round trip to hide and the cloud's guessing only takes CPU from the edge (bench/rtt.py --chat)
-REMOTE_SPECULATE = 4
+# there is no round trip to hide and the cloud's guessing only takes CPU from the edge. 16 rather than 4:
+# the edge sends its stop rule and cap, so the cloud never guesses past the answer, and running further
+# ahead was as fast or faster at every RTT (docs/results/rtt-chat.md)
+REMOTE_SPECULATE = 16
 _log = logging.getLogger("edge")
 
 
