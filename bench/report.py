@@ -299,7 +299,7 @@ def render(r: dict) -> str:
 # the benches that run as commands of their own (python -m bench.<name>), each writing <name>.md into the
 # same folder: bench.md carries their latest results after its own, so one page holds every figure
 COMPANIONS = (("engine-context", "bench.engine_context"), ("cloud-cost", "bench.cloud_cost"),
-              ("rtt", "bench.rtt"), ("edge-decoder", "bench.edge_decoder"))
+              ("rtt", "bench.rtt"), ("rtt-chat", "bench.rtt --chat"), ("edge-decoder", "bench.edge_decoder"))
 
 
 def companions(out: Path) -> str:
