@@ -96,3 +96,38 @@ def test_a_negative_delay_is_refused():
         Relay("127.0.0.1:1", -0.001)
     with pytest.raises(ValueError):
         RelayProcess("127.0.0.1:1", -0.001)
+
+
+def test_a_chunk_whose_deadline_passes_while_it_waits_is_sent_at_once(echo, monkeypatch):
+    """The clock moves on between two reads of it: the send thread must not ask time.sleep for a
+    negative wait (a ValueError that killed the thread, and hung the bench that used the relay)."""
+    import bench.relay as relay_module
+
+    reads = iter([0.0, 0.0])  # the chunk comes in, the sender looks at the clock; every later read is past the deadline
+
+    class Clock:
+        @staticmethod
+        def perf_counter() -> float:
+            return next(reads, 0.02)
+
+        @staticmethod
+        def sleep(seconds: float) -> None:
+            if seconds < 0:
+                raise ValueError("sleep length must be non-negative")  # as time.sleep does
+
+    relay = Relay(echo.address, one_way_s=0.01)
+    sent, received = socket.socketpair()
+    queue = relay_module.SimpleQueue()
+    try:
+        monkeypatch.setattr(relay_module, "time", Clock)
+        queue.put((Clock.perf_counter(), b"payload"))
+        queue.put(None)
+        relay._send(queue, sent, relay.up, lambda: None)  # in this thread: an exception fails the test
+        monkeypatch.undo()
+        received.settimeout(10)
+        assert _recv_exactly(received, 7) == b"payload" and received.recv(1) == b""  # then the EOF
+        assert relay.up.chunks == 1 and relay.up.delay_max_s == pytest.approx(0.02)
+    finally:
+        sent.close()
+        received.close()
+        relay.stop()
