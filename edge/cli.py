@@ -12,7 +12,8 @@ answer after the sentence being decoded (the session stays); a second Ctrl-C abo
 (the session is rebuilt from history on the next turn); at the prompt Ctrl-C clears the line,
 Ctrl-D or /quit leaves. Piped stdin: every non-empty line is one turn of one conversation
 (lines starting with / are the same commands); text mode prints one line per turn.
---json prints JSON lines: a "ready" line, a "sentence" line per sentence (with its edge encode,
+--json prints JSON lines: a "ready" line (model, devices, context, speculation asked and granted), a
+"sentence" line per sentence (with its edge encode,
 cloud step and edge decode milliseconds) and a "turn_end" line per turn.
 Failures print `error: ...` and exit with code 2 (130 after Ctrl-C twice outside the REPL).
 """
@@ -351,14 +352,15 @@ def _run(prompt, server, token, tls_ca, tls, tls_cert, tls_key, server_name, ste
             out.emit({"event": "ready", "model_id": runtime.model_id, "d": runtime.d_model,
                       "edge_provider": runtime.provider, "server": session.target, "cloud_device": info.device,
                       "cloud_dtype": info.compute_dtype, "context_sentences": chat.context_capacity,
-                      "local_server_pid": local_server.pid if local_server else None})
+                      "local_server_pid": local_server.pid if local_server else None,
+                      "speculate_asked": session.speculate, "speculate": _granted(session)[0]})
         if prompt is not None:
             _Chat(chat, out).turn(prompt)
         elif sys.stdin.isatty():
             edge_dev = "CPU" if runtime.provider == "CPUExecutionProvider" else "CUDA"
             typer.echo(f"edge-chat · model {runtime.model_id} (d={runtime.d_model}) · edge: ONNX Runtime {edge_dev} "
                        f"· cloud: {session.target} ({info.device}, {info.compute_dtype}) · up to {max_sentences} "
-                       f"sentences an answer · /help", err=True)
+                       f"sentences an answer · {_speculation_words(session)} · /help", err=True)
             _Chat(chat, out).run(_terminal_lines(), keep_going=True)
         else:
             _Chat(chat, out).run(_piped_lines(sys.stdin), keep_going=False)
@@ -370,6 +372,21 @@ def _run(prompt, server, token, tls_ca, tls, tls_cert, tls_key, server_name, ste
             local_server.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _granted(session) -> tuple[int, str]:
+    """Sentences the cloud may run ahead of this conversation, and the server's note when it grants fewer."""
+    conv = session.conv
+    return (conv.speculate, conv.speculate_note) if conv is not None else (0, "")
+
+
+def _speculation_words(session) -> str:
+    granted, note = _granted(session)
+    if granted:
+        return f"speculation: {granted} sentences ahead"
+    if session.speculate:
+        return f"speculation: off ({note or 'not granted'})"
+    return "speculation: off"
 
 
 def _start_local(model_dir: Path, runtime, timeout: float, threads: int, device: str):

@@ -195,12 +195,14 @@ def test_piped_stdin_with_local_server_equals_torch(model, trained, prompts):
 def test_local_server_is_stopped_when_the_chat_is_terminated_or_killed(model):
     """SIGTERM: edge-chat stops its server on the way out. SIGKILL: the server gets SIGTERM from
     the kernel (PR_SET_PDEATHSIG) and goes too. Either way no server is left running."""
-    procs = [subprocess.Popen(_cmd("--local", "--model", model[0], "--json"), stdin=subprocess.PIPE,
+    procs = [subprocess.Popen(_cmd("--local", "--model", model[0], "--json", *extra), stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=_env())
-             for _ in range(2)]  # both start at once: one server start-up's worth of waiting
+             for extra in ((), ("--speculate", "3"))]  # both start at once: one server start-up's worth of waiting
     try:
         ready = [json.loads(p.stdout.readline() or "{}") for p in procs]
         assert all(r.get("event") == "ready" for r in ready), procs[0].stderr.read()[-3000:]
+        # a local server is not asked to speculate unless told to; the export's svae/ lets it grant what is asked
+        assert [(r["speculate_asked"], r["speculate"]) for r in ready] == [(0, 0), (3, 3)]
         pids = [r["local_server_pid"] for r in ready]
         assert not any(_gone(pid) for pid in pids)
         procs[0].send_signal(signal.SIGTERM)
@@ -326,6 +328,7 @@ def test_repl_under_a_terminal_equals_torch(model, trained, prompts, server, no_
     try:
         banner = term.read_until(b"> ").decode()
         assert "edge-chat" in banner and "/help" in banner
+        assert "speculation: off" in banner  # a server on this machine is not asked to speculate
         assert term.ask(prompts[0]) == "".join(ref[0])
         assert "/reset" in term.ask("/help")
         assert term.ask(prompts[1]) == "".join(ref[1])  # turn 2 sees turn 1
