@@ -12,9 +12,9 @@ answer after the sentence being decoded (the session stays); a second Ctrl-C abo
 (the session is rebuilt from history on the next turn); at the prompt Ctrl-C clears the line,
 Ctrl-D or /quit leaves. Piped stdin: every non-empty line is one turn of one conversation
 (lines starting with / are the same commands); text mode prints one line per turn.
---json prints JSON lines: a "ready" line (model, devices, context, speculation asked and granted), a
-"sentence" line per sentence (with its edge encode,
-cloud step and edge decode milliseconds) and a "turn_end" line per turn.
+--json prints JSON lines: a "ready" line (model, devices, context, speculation asked and granted),
+a "sentence" line per sentence (with its edge encode, cloud step and edge decode milliseconds) and
+a "turn_end" line per turn.
 Failures print `error: ...` and exit with code 2 (130 after Ctrl-C twice outside the REPL).
 """
 from __future__ import annotations
