@@ -206,17 +206,12 @@ class SLLMRunner:
             events.close()
 
     def _chat_turn(self, stepper, prompt: list[list[int]], room: int):
-        """edge.chat.ChatSession.turn's loop, on a session that holds only this prompt."""
-        from edge.loop import MIN_ANSWER_SENTENCES, sentence_loop
-        from edge.speculate import turn_decoding
+        """edge.chat.ChatSession.turn's answer, on a session that holds only this prompt."""
+        from edge.chat import answer
 
-        max_tokens = self.chat.max_tokens or None
-        threshold = self.runtime.bundle.stop_threshold if self.chat.stop_threshold is None else self.chat.stop_threshold
-        stepper.begin_turn(turn_decoding(self.sampling, max_tokens, threshold, MIN_ANSWER_SENTENCES,
-                                         min(self.chat.max_sentences, room)))
-        return sentence_loop(self.runtime, stepper, prompt, self.sampling, room=room,
-                             max_sentences=self.chat.max_sentences, max_tokens=max_tokens, stop_threshold=threshold,
-                             min_sentences=MIN_ANSWER_SENTENCES)
+        return answer(self.runtime, stepper, stepper, prompt, self.sampling, room=room,
+                      max_sentences=self.chat.max_sentences, max_tokens=self.chat.max_tokens or None,
+                      stop_threshold=self.chat.stop_threshold)
 
     def run(self, prompt: list[list[int]], tokens: int, variant: str, rtt_ms: float, index: int) -> Run:
         stepper = self._open()  # the session, before the clock starts

@@ -140,6 +140,22 @@ def rebuildable(e: CloudError) -> bool:
     return e.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "idle" in (e.details or "")
 
 
+def answer(runtime: EdgeRuntime, stepper, speculation: SpeculativeStepper, prompt: list[list[int]],
+           sampling: Sampling, *, room: int, max_sentences: int, max_tokens: int | None = None,
+           stop_threshold: float | None = None, **loop_options) -> Iterator[SentenceEvent | TurnEnd]:
+    """edge-chat's answer to `prompt` (token ids of its sentences) through `stepper`: the stop rule
+    (P(stop) >= `stop_threshold`, None: the bundle's; from the second sentence on; at most
+    `max_sentences`) goes to the cloud now, with the prompt's Append (`speculation.begin_turn`: it also
+    drops whatever the cloud guessed past the conversation), then the sentence loop (`loop_options`:
+    sentence_loop's). Shared by ChatSession.turn and bench.rtt --chat."""
+    threshold = runtime.bundle.stop_threshold if stop_threshold is None else stop_threshold
+    speculation.begin_turn(turn_decoding(sampling, max_tokens, threshold, MIN_ANSWER_SENTENCES,
+                                         min(max_sentences, room)))
+    return sentence_loop(runtime, stepper, prompt, sampling, room=room, max_sentences=max_sentences,
+                         max_tokens=max_tokens, stop_threshold=threshold, min_sentences=MIN_ANSWER_SENTENCES,
+                         **loop_options)
+
+
 @dataclass
 class ChatSession:
     runtime: EdgeRuntime
@@ -343,15 +359,9 @@ class ChatSession:
                             f"for; a prompt of {len(prompt)} sentence(s) leaves no room for an answer: start a new "
                             "conversation (/reset in edge-chat, reset() in the API)")
         self.turns += 1
-        # the prompt's Append drops whatever the cloud guessed past the conversation, and says how to guess
-        threshold = self.runtime.bundle.stop_threshold if stop_threshold is None else stop_threshold
-        left = room - used - len(prompt)
-        self.stepper.begin_turn(turn_decoding(sampling, max_tokens, threshold, MIN_ANSWER_SENTENCES,
-                                              min(max_sentences, left)))
-        events = sentence_loop(self.runtime, self, prompt, sampling, room=left,
-                               max_sentences=max_sentences, max_tokens=max_tokens, turn=self.turns,
-                               context_used=used, interrupted=interrupted, stop_threshold=threshold,
-                               min_sentences=MIN_ANSWER_SENTENCES)
+        events = answer(self.runtime, self, self.stepper, prompt, sampling, room=room - used - len(prompt),
+                        max_sentences=max_sentences, max_tokens=max_tokens, stop_threshold=stop_threshold,
+                        turn=self.turns, context_used=used, interrupted=interrupted)
         return self._dropping_on_abort(events)
 
     def _dropping_on_abort(self, events: Iterator) -> Iterator:
