@@ -37,9 +37,9 @@ import numpy as np
 from bench.config import ROOT
 from bench.models import load_models
 from bench.sllm_loop import EngineStepper
-from edge.loop import SentenceEvent, TurnEnd, sentence_loop
-from edge.sampling import Sampling
-from sentences.sampling import DEFAULT_NO_REPEAT_NGRAM, DEFAULT_NO_REPEAT_SENTENCE, DEFAULT_REPETITION_PENALTY
+from sllm.edge.loop import SentenceEvent, TurnEnd, sentence_loop
+from sllm.edge.sampling import Sampling
+from sllm.sentences.sampling import DEFAULT_NO_REPEAT_NGRAM, DEFAULT_NO_REPEAT_SENTENCE, DEFAULT_REPETITION_PENALTY
 
 GREEDY = Sampling()
 SAMPLED = Sampling(temperature=0.8, top_p=0.9)
@@ -73,9 +73,9 @@ def settings(quick: bool) -> list[Setting]:
 
 def validation_paragraphs(runtime, model_dir: Path) -> list[list[list[int]]]:
     """The validation split's paragraphs, each a list of its pieces' token ids (the edge's segmentation)."""
-    from training.config import DataConfig
-    from training.data.corpus import load_documents, split_documents
-    from training.data.passage_data import build_passages
+    from sllm.training.config import DataConfig
+    from sllm.training.data.corpus import load_documents, split_documents
+    from sllm.training.data.passage_data import build_passages
 
     data = DataConfig()
     svae_config = model_dir / "svae" / "config.json"
@@ -157,7 +157,7 @@ def baseline_ppl(baseline, bos_id: int, prompts: list[list[int]], answers: list[
     """exp(mean NLL) of the answers' tokens under the baseline, each after bos + its prompt."""
     import torch
 
-    from modeling.losses import IGNORE_INDEX, token_nll_sum
+    from sllm.modeling.losses import IGNORE_INDEX, token_nll_sum
 
     total, count = 0.0, 0
     with torch.inference_mode():

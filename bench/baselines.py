@@ -2,12 +2,12 @@
 each at a chosen thread count (the same trained weights: `models/default/baseline`):
 
     hf-generate   Hugging Face `generate` with its KV cache (what the paper compares against)
-    torch-kv      a tight torch loop: the same weights in `modeling.opt_block.OPTBlock` (the cloud's blocks)
+    torch-kv      a tight torch loop: the same weights in `sllm.modeling.opt_block.OPTBlock` (the cloud's blocks)
                   over a cache preallocated for the whole generation and written in place
                   (inference_mode, no cache growth, logits of the last position only)
     onnxruntime   the baseline exported to ONNX with its cache as input/output
-                  (`export.baseline_onnx`, the edge decoder's export path) and a greedy numpy
-                  loop stepping it as the edge steps its decoder (`runtime.svae_onnx.KVSteps`)
+                  (`sllm.export.baseline_onnx`, the edge decoder's export path) and a greedy numpy
+                  loop stepping it as the edge steps its decoder (`sllm.runtime.svae_onnx.KVSteps`)
 
 Every flavour generates exactly n tokens after the prompt (eos does not stop it) and is timed the
 same way: the prefill is the prompt's forward pass and the first token; the throughput is the
@@ -33,10 +33,10 @@ import numpy as np
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from export.baseline_onnx import causal_mask, check_parity, check_supported, export_baseline
-from modeling.opt_block import OPTBlock
-from runtime.providers import cpu_session
-from runtime.svae_onnx import KVSteps
+from sllm.export.baseline_onnx import causal_mask, check_parity, check_supported, export_baseline
+from sllm.modeling.opt_block import OPTBlock
+from sllm.runtime.providers import cpu_session
+from sllm.runtime.svae_onnx import KVSteps
 
 FLAVOURS = ("hf-generate", "torch-kv", "onnxruntime")
 LABELS = {"hf-generate": "HF generate", "torch-kv": "torch, preallocated KV", "onnxruntime": "ONNX Runtime + KV"}
@@ -314,6 +314,6 @@ def fastest_generator(baseline_dir: Path, threads: int = 1, cache: Path | None =
     greedy token ids, one at a time as each is computed (eos does not stop it); one object serves
     concurrent streams (each has its own buffers). `cache`: where the ONNX export is kept
     (None: a temporary folder; exporting takes about half a minute on 2 CPU cores)."""
-    from modeling.baseline_bundle import load_baseline_bundle
+    from sllm.modeling.baseline_bundle import load_baseline_bundle
 
     return make_flavours(load_baseline_bundle(Path(baseline_dir)).model, [threads], cache, ("onnxruntime",))[0]

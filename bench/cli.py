@@ -10,7 +10,7 @@ Exit status: 0 done; 2 a benchmark that cannot run as asked (missing bundle, bad
 """
 from __future__ import annotations
 
-from runtime.roles import require_role
+from sllm.runtime.roles import require_role
 
 require_role("bench", "sllm-bench")  # before anything heavy: one line, not a traceback, in an edge install
 
@@ -93,8 +93,8 @@ def run(cfg: BenchConfig, command: str, progress) -> dict:
     from bench.machine import machine_info
     from bench.models import load_models
     from bench.texts import validation_text
-    from edge.local import LocalServer
-    from protos.client import CloudClient
+    from sllm.edge.local import LocalServer
+    from sllm.protos.client import CloudClient
 
     t0 = time.perf_counter()
     with progress.section("load the models"):
@@ -191,8 +191,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from bench.models import BenchError
     from bench.progress import BenchProgress
-    from edge.chat import EdgeError
-    from runtime.manifest import BundleError
+    from sllm.edge.chat import EdgeError
+    from sllm.runtime.manifest import BundleError
 
     hf_logging.set_verbosity_error()  # generate()'s advice about generation flags is noise here
     t0 = time.perf_counter()

@@ -47,7 +47,7 @@ GOAL = 0.7  # x L: SLLM tokens per CPU-second over the token-level model's, at 6
 def measure_L(runtime, address: str, prompts: list, min_tokens: int, max_sentences: int, wire_dtype: str) -> dict:
     """Mean tokens per generated sentence of greedy SLLM generations through the server at `address`."""
     from bench.sllm_loop import GrpcStepper, generate
-    from protos.client import CloudClient
+    from sllm.protos.client import CloudClient
 
     with CloudClient(address) as client:
         stepper = GrpcStepper(client, runtime.model_id, runtime.d_model, wire_dtype)
@@ -169,10 +169,10 @@ def main(argv: list[str] | None = None) -> dict:
     args.l_prompts = args.l_prompts or (3 if q else 8)
 
     from bench.machine import machine_info
-    from edge.runtime import EdgeRuntime
-    from modeling.baseline_bundle import FOLDER, load_baseline_bundle
-    from modeling.token_bundle import token_model_id, write_token_bundle
-    from runtime.manifest import read_manifest
+    from sllm.edge.runtime import EdgeRuntime
+    from sllm.modeling.baseline_bundle import FOLDER, load_baseline_bundle
+    from sllm.modeling.token_bundle import token_model_id, write_token_bundle
+    from sllm.runtime.manifest import read_manifest
 
     def say(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)

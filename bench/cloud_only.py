@@ -73,7 +73,7 @@ class HFGreedy:
 def make_generator(kind: str, baseline_dir: Path, threads: int, cache: Path | None = None):
     """(generator, what it is in words). kind: hf, or auto (bench.baselines' fastest, else hf);
     cache: where bench.baselines may keep its export between runs."""
-    from modeling.baseline_bundle import load_baseline_bundle
+    from sllm.modeling.baseline_bundle import load_baseline_bundle
 
     if kind == "auto":
         fast = _fastest_from_baselines(baseline_dir, threads, cache)

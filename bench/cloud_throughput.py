@@ -29,8 +29,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from protos.client import CloudClient
-from runtime.procs import stop_process, with_parent_death_signal
+from sllm.protos.client import CloudClient
+from sllm.runtime.procs import stop_process, with_parent_death_signal
 
 RANDOM_MODEL_ID = "sllm-bench"
 
@@ -39,7 +39,7 @@ def server_command(bundle: Path, batching: bool, threads: int, max_batch: int, b
                    extra_args: list[str] = (), device: str = "auto") -> tuple[list[str], dict]:
     """(command, environment) of `sllm-cloud serve --bundle BUNDLE ... EXTRA_ARGS` on 127.0.0.1,
     port 0, no token."""
-    cmd = [sys.executable, "-m", "cloud.cli", "serve", "--bundle", str(bundle), "--port", "0",
+    cmd = [sys.executable, "-m", "sllm.cloud.cli", "serve", "--bundle", str(bundle), "--port", "0",
            "--batching" if batching else "--no-batching", "--max-batch", str(max_batch),
            "--batch-wait-ms", str(batch_wait_ms), "--max-sessions", "256", "--grace", "1", "--device", device,
            *extra_args]
@@ -206,7 +206,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         bundle = args.bundle
         if bundle is None:
-            from modeling.cloud_bundle import write_random_cloud_bundle
+            from sllm.modeling.cloud_bundle import write_random_cloud_bundle
 
             bundle = Path(tmp) / "bundle"
             write_random_cloud_bundle(bundle, model_id=RANDOM_MODEL_ID, d=args.d, layers=args.layers, heads=args.heads,

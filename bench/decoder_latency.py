@@ -11,8 +11,8 @@ from pathlib import Path
 import torch
 
 from bench import decoder_step
-from modeling.config import SentenceVAEConfig
-from modeling.sentence_vae import SentenceDecoder
+from sllm.modeling.config import SentenceVAEConfig
+from sllm.modeling.sentence_vae import SentenceDecoder
 
 
 def ffn_width(decoder_onnx: Path) -> int:

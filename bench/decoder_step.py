@@ -26,12 +26,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from export.onnx_export import export_decoder  # noqa: E402
-from export.quantize import quantize_int8  # noqa: E402
-from modeling.sentence_vae import SentenceVAE  # noqa: E402
-from runtime.providers import cpu_session  # noqa: E402
-from runtime.svae_onnx import decoder_step  # noqa: E402
-from training.config import SentenceVAEConfig  # noqa: E402
+from sllm.export.onnx_export import export_decoder  # noqa: E402
+from sllm.export.quantize import quantize_int8  # noqa: E402
+from sllm.modeling.sentence_vae import SentenceVAE  # noqa: E402
+from sllm.runtime.providers import cpu_session  # noqa: E402
+from sllm.runtime.svae_onnx import decoder_step  # noqa: E402
+from sllm.training.config import SentenceVAEConfig  # noqa: E402
 
 # like configs/svae-small.json (d=256, 4 heads, ffn 1024, one block each side, vocab 4096)
 SMALL = SentenceVAEConfig(vocab_size=4096, d_model=256, n_heads=4, ffn_dim=1024, encoder_layers=1,
@@ -112,7 +112,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     if args.checkpoint:
-        from export.exporter import load_checkpoint
+        from sllm.export.exporter import load_checkpoint
 
         model, source = load_checkpoint(Path(args.checkpoint)).svae, f"trained weights from {args.checkpoint}"
     else:

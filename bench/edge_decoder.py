@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.providers import cpu_session
-from runtime.svae_onnx import KVSteps, decode_loop
+from sllm.runtime.providers import cpu_session
+from sllm.runtime.svae_onnx import KVSteps, decode_loop
 
 
 @dataclass(frozen=True)
@@ -40,7 +40,7 @@ class Option:
 
 
 class BoundKVSteps:
-    """`runtime.svae_onnx.KVSteps` through an ONNX Runtime I/O binding instead of `session.run`: the
+    """`sllm.runtime.svae_onnx.KVSteps` through an ONNX Runtime I/O binding instead of `session.run`: the
     past is read from one of two flat buffers preallocated for `max_len` positions and ORT writes
     the present straight into the other ([.., P, hd] is a contiguous prefix of either), so a step
     allocates nothing and the cache never goes through a numpy array; logits land in a reused
@@ -151,8 +151,8 @@ def _spread(xs: list[float]) -> dict:
 
 def int8_bundle(edge_dir: Path, manifest: dict, tmp: Path) -> tuple[Path, Path]:
     """The graphs `sllm-export --quantize int8` ships (export.exporter.QUANTIZED_GRAPHS)."""
-    from export.exporter import QUANTIZED_GRAPHS
-    from export.quantize import quantize_int8
+    from sllm.export.exporter import QUANTIZED_GRAPHS
+    from sllm.export.quantize import quantize_int8
 
     ops = QUANTIZED_GRAPHS["int8"]
     enc = quantize_int8(edge_dir / manifest["encoder_file"], tmp / "encoder.int8.onnx", ops["encoder"])
@@ -164,8 +164,8 @@ def run(edge_dir: Path, quick: bool, sentences: int, rounds: int, exact_sentence
         corpus: list[str] | None = None, log=print) -> dict:
     from bench.machine import machine_info
     from bench.texts import validation_text
-    from export import verify
-    from runtime.edge_bundle import load_edge_bundle
+    from sllm.export import verify
+    from sllm.runtime.edge_bundle import load_edge_bundle
 
     bundle = load_edge_bundle(edge_dir, 1)
     m, spec = bundle.manifest, bundle.spec
@@ -229,7 +229,7 @@ def render(r: dict) -> str:
         lines.append(f"| {o['name']} | {t['min']:,.0f} / **{t['median']:,.0f}** / {t['max']:,.0f} | "
                      f"{o['ms_per_step_median']:.3f} | {o['cpu_ms_per_step_median']:.3f} | {v['median']:.2f}x "
                      f"({v['min']:.2f}-{v['max']:.2f}) | {o['same_tokens_as_reference']:.1%} |")
-    kept = ("The edge runs the reference: `runtime.svae_onnx.KVSteps` in sessions from `runtime.providers` (graph "
+    kept = ("The edge runs the reference: `sllm.runtime.svae_onnx.KVSteps` in sessions from `sllm.runtime.providers` (graph "
             "optimisation all, ORT's default; intra-op threads as `edge-chat --threads` sets them, 0 = ORT's choice). "
             "The int8 decoder ships when a bundle is exported with `sllm-export --quantize int8`.")
     int8 = (f"int8 bundle (`sllm-export --quantize int8`: encoder MatMul + Gather, decoder MatMul weights, dynamic "

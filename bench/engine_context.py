@@ -23,8 +23,8 @@ import torch
 
 from bench.machine import machine_info
 from bench.plots import context_plot
-from cloud.engine import Engine
-from modeling.cloud_bundle import load_cloud_bundle
+from sllm.cloud.engine import Engine
+from sllm.modeling.cloud_bundle import load_cloud_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCHES = (1, 16, 64)

@@ -12,7 +12,7 @@ scripts/setup_edge.sh when missing. What each figure does and does not show: doc
 """
 from __future__ import annotations
 
-from runtime.roles import require_role
+from sllm.runtime.roles import require_role
 
 require_role("bench", "python -m bench.install_footprint")  # it starts a cloud server in this process
 
@@ -137,8 +137,8 @@ def main(argv: list[str] | None = None) -> int:
         if not (env / "bin" / "edge-chat").exists():
             raise SystemExit(f"error: no edge-chat in the {name} env {env}")
 
-    from cloud.config import ServerConfig
-    from cloud.server import CloudServer
+    from sllm.cloud.config import ServerConfig
+    from sllm.cloud.server import CloudServer
 
     cwd = Path("/")  # outside the checkout: each env runs its installed code
     help_s = {name: [] for name in envs}

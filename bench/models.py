@@ -38,8 +38,8 @@ def untrained_baseline(cloud_dir: Path, edge_manifest: dict, seed: int = 0):
     import torch
     from transformers import OPTForCausalLM
 
-    from modeling.cloud_bundle import OPT_CONFIG
-    from modeling.opt_graft import read_opt_config
+    from sllm.modeling.cloud_bundle import OPT_CONFIG
+    from sllm.modeling.opt_graft import read_opt_config
 
     config = read_opt_config(cloud_dir / OPT_CONFIG)  # eager attention, as the cloud runs the grafted blocks
     config.vocab_size = int(edge_manifest["vocab_size"])
@@ -52,11 +52,11 @@ def untrained_baseline(cloud_dir: Path, edge_manifest: dict, seed: int = 0):
 def load_models(model_dir: Path, threads: int, seed: int = 0) -> BenchModels:
     import torch
 
-    from cloud.engine import Engine
-    from edge.runtime import EdgeRuntime
-    from modeling.baseline_bundle import FOLDER, load_baseline_bundle
-    from modeling.cloud_bundle import load_cloud_bundle
-    from runtime.manifest import BundleError
+    from sllm.cloud.engine import Engine
+    from sllm.edge.runtime import EdgeRuntime
+    from sllm.modeling.baseline_bundle import FOLDER, load_baseline_bundle
+    from sllm.modeling.cloud_bundle import load_cloud_bundle
+    from sllm.runtime.manifest import BundleError
 
     model_dir = Path(model_dir)
     torch.set_num_threads(threads)

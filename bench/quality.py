@@ -27,8 +27,8 @@ def _model_id(checkpoint: str, make) -> str | None:
 
 def _provenance(result: dict, sllm_model_id: str, baseline_model_id: str | None) -> dict:
     """Were the scored checkpoints the ones the benchmarked bundles were exported from? (None: unknown)"""
-    from export import baseline_bundle
-    from modeling.cloud_bundle import model_id_for
+    from sllm.export import baseline_bundle
+    from sllm.modeling.cloud_bundle import model_id_for
 
     s_id = _model_id(result["sllm"]["checkpoint"], model_id_for)
     b_id = _model_id(result["baseline"]["checkpoint"], baseline_bundle.baseline_model_id)
@@ -55,7 +55,7 @@ def recorded_ppl(path: Path, sllm_model_id: str, baseline_model_id: str | None) 
 
 def recomputed_ppl(sllm_run: Path, baseline_run: Path, passages: int, sllm_model_id: str,
                    baseline_model_id: str | None, log) -> dict:
-    from training.evaluate_lm import compare_sllm_baseline
+    from sllm.training.evaluate_lm import compare_sllm_baseline
 
     result = compare_sllm_baseline(sllm_run, baseline_run, passages, log=log)
     return {**_summary(result, f"recomputed now: sllm-train compare {sllm_run} {baseline_run}"),

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from queue import SimpleQueue
 from typing import Self
 
-from runtime.procs import stop_process, with_parent_death_signal
+from sllm.runtime.procs import stop_process, with_parent_death_signal
 
 CHUNK = 1 << 16
 SPIN_S = 0.0003  # time.sleep wakes ~0.1 ms late (more on a loaded machine): spin the last stretch

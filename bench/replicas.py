@@ -7,7 +7,7 @@ Everything runs on 127.0.0.1: `sllm-cloud serve` replicas (one torch thread each
 (cloud.cluster, the code behind `sllm-cloud cluster`), clients as threads of this process.
   - balancer overhead per step: one conversation's single-sentence steps straight to a replica vs
     through nginx to the same replica, interleaved (median and p95 of each, and the difference);
-  - rebuild time vs history length: the edge's way back to a lost session (`edge.chat.ChatSession`:
+  - rebuild time vs history length: the edge's way back to a lost session (`sllm.edge.chat.ChatSession`:
     a fresh channel, GetModelInfo, Open{history} prefilled by the replica) through nginx, for 1, 32,
     256 and 1,024 history sentences (random vectors: the timing does not depend on their values);
   - failover as seen by the user: a conversation through nginx with 2 replicas; the replica that holds
@@ -33,10 +33,10 @@ from pathlib import Path
 import numpy as np
 
 from bench import cloud_throughput
-from cloud.cluster import Cluster, ClusterConfig
-from edge.chat import ChatSession
-from edge.runtime import EdgeRuntime
-from protos.client import CloudClient
+from sllm.cloud.cluster import Cluster, ClusterConfig
+from sllm.edge.chat import ChatSession
+from sllm.edge.runtime import EdgeRuntime
+from sllm.protos.client import CloudClient
 
 TOKEN = "bench-replicas"
 HISTORY_LENGTHS = (1, 32, 256, 1024)

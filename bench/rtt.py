@@ -70,7 +70,7 @@ from bench.summary import bench_parser, spread, spread_cell, write_results
 from bench.texts import flatten
 
 if TYPE_CHECKING:
-    from edge.api import AnswerOptions
+    from sllm.edge.api import AnswerOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 STEP_TIMEOUT_S = 120.0  # a stuck server fails the bench instead of hanging it
@@ -166,8 +166,8 @@ class SLLMRunner:
     would, after the step that says so (`tokens` is ignored)."""
 
     def __init__(self, ctx: Ctx, address: str, wire_dtype: str | None = None, speculate: int = 0):
-        from edge.sampling import Sampling
-        from protos.client import CloudClient
+        from sllm.edge.sampling import Sampling
+        from sllm.protos.client import CloudClient
 
         self.runtime, self.max_sentences = ctx.runtime, int(ctx.cloud_manifest["max_sentences"])
         self.dtype, self.speculate, self.chat = wire_dtype or ctx.wire_dtype, speculate, ctx.chat
@@ -175,7 +175,7 @@ class SLLMRunner:
         self.client = CloudClient(address)
 
     def _open(self):
-        from edge.speculate import SpeculativeStepper
+        from sllm.edge.speculate import SpeculativeStepper
 
         conv = self.client.conversation(self.runtime.model_id, self.runtime.d_model, dtype=self.dtype,
                                         reply_dtype=self.dtype, speculate=self.speculate, step_timeout=STEP_TIMEOUT_S)
@@ -185,7 +185,7 @@ class SLLMRunner:
         return SpeculativeStepper(conv)
 
     def sentences(self, stepper, prompt: list[list[int]], min_tokens: int) -> Iterator[list[int]]:
-        from edge.loop import SentenceEvent, sentence_loop
+        from sllm.edge.loop import SentenceEvent, sentence_loop
 
         room = self.max_sentences - len(prompt)
         if self.chat:
@@ -206,8 +206,8 @@ class SLLMRunner:
             events.close()
 
     def _chat_turn(self, stepper, prompt: list[list[int]], room: int):
-        """edge.chat.ChatSession.turn's answer, on a session that holds only this prompt."""
-        from edge.chat import answer
+        """sllm.edge.chat.ChatSession.turn's answer, on a session that holds only this prompt."""
+        from sllm.edge.chat import answer
 
         return answer(self.runtime, stepper, stepper, prompt, self.sampling, room=room,
                       max_sentences=self.chat.max_sentences, max_tokens=self.chat.max_tokens or None,
@@ -269,7 +269,7 @@ class TokenRunner:
 
 def token_split_variant() -> Variant:
     def server(ctx: Ctx):
-        from modeling.token_bundle import token_model_id, write_token_bundle
+        from sllm.modeling.token_bundle import token_model_id, write_token_bundle
 
         bundle = ctx.tmp / "token-bundle"
         model_id = token_model_id(ctx.baseline.path)
@@ -278,8 +278,8 @@ def token_split_variant() -> Variant:
 
     def connect(ctx: Ctx, address: str):
         from bench.token_split import TokenSplit
-        from modeling.token_bundle import token_model_id, token_tables
-        from protos.client import CloudClient
+        from sllm.modeling.token_bundle import token_model_id, token_tables
+        from sllm.protos.client import CloudClient
 
         client = CloudClient(address)
         split = TokenSplit(client, token_model_id(ctx.baseline.path), *token_tables(ctx.baseline.model),
@@ -392,7 +392,7 @@ def sampled_runs(ctx: Ctx, variants: list[Variant], servers: dict, prompts: list
                  say: Callable[[str], None]) -> list[Run]:
     """Each prompt once more on each speculating variant, sampled (seeded), straight to its server: the
     acceptance when the edge samples and the cloud guesses greedily (it does not depend on the delay)."""
-    from edge.sampling import Sampling
+    from sllm.edge.sampling import Sampling
 
     runs = []
     for v in variants:
@@ -410,7 +410,7 @@ def sampled_runs(ctx: Ctx, variants: list[Variant], servers: dict, prompts: list
 
 def server_counters(address: str) -> dict:
     """COUNTERS of the server at `address`, asked straight (not through the relay, whose bytes are counted)."""
-    from protos.client import CloudClient
+    from sllm.protos.client import CloudClient
 
     with CloudClient(address) as client:
         stats = client.stats()
@@ -725,10 +725,10 @@ def main(argv: list[str] | None = None, variants: list[Variant] | None = None) -
 
     from bench.machine import machine_info
     from bench.texts import validation_text
-    from edge.api import AnswerOptions
-    from edge.runtime import EdgeRuntime
-    from modeling.baseline_bundle import FOLDER, load_baseline_bundle
-    from runtime.manifest import read_manifest
+    from sllm.edge.api import AnswerOptions
+    from sllm.edge.runtime import EdgeRuntime
+    from sllm.modeling.baseline_bundle import FOLDER, load_baseline_bundle
+    from sllm.runtime.manifest import read_manifest
 
     hf_logging.set_verbosity_error()
 

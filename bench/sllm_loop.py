@@ -1,4 +1,4 @@
-"""One timed SLLM generation: the edge sentence loop (`edge.loop.sentence_loop`, as edge-chat runs
+"""One timed SLLM generation: the edge sentence loop (`sllm.edge.loop.sentence_loop`, as edge-chat runs
 it), with the cloud half either behind gRPC (a real server) or called in this process (the engine).
 
     prompt sentences -> encoder.onnx -> cloud step (prefill) -> h_1
@@ -18,10 +18,10 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from edge.loop import TurnEnd, sentence_loop
-from edge.sampling import Sampling
-from protos.sllm.v1 import sllm_pb2 as pb
-from protos.wire import pack
+from sllm.edge.loop import TurnEnd, sentence_loop
+from sllm.edge.sampling import Sampling
+from sllm.protos.v1 import sllm_pb2 as pb
+from sllm.protos.wire import pack
 
 
 class GrpcStepper:

@@ -40,10 +40,10 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-import edge
-from protos.sllm.v1 import sllm_pb2 as pb
-from protos.wire import pack
-from training.data.corpus import load_documents, split_documents
+from sllm import edge
+from sllm.protos.v1 import sllm_pb2 as pb
+from sllm.protos.wire import pack
+from sllm.training.data.corpus import load_documents, split_documents
 
 FOLLOW_UP = "Tell me more."
 RETRY_FOR_S, BACKOFF_S = 30.0, 0.25  # a server restart takes a few seconds (torch import, model load)
@@ -70,7 +70,7 @@ class Server:
     def start(self, timeout: float = 60.0) -> None:
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "cloud.cli", "serve", "--bundle", str(self.bundle), "--port", str(self.port),
+                [sys.executable, "-m", "sllm.cloud.cli", "serve", "--bundle", str(self.bundle), "--port", str(self.port),
                  "--token-file", str(self.token_file), "--grace", "2", "--threads", "1"],
                 stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
         deadline = time.monotonic() + timeout

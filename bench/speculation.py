@@ -18,8 +18,8 @@ def tolerance_facts(rt, svae_dir: Path, sentences: list[list[int]]) -> dict:
     """ORT (edge runtime `rt`) vs the torch SentenceVAE in `svae_dir` on `sentences` (token id lists)."""
     import torch
 
-    from modeling.svae_bundle import SpeculationCodec, load_svae_folder
-    from runtime.svae_onnx import greedy_decode
+    from sllm.modeling.svae_bundle import SpeculationCodec, load_svae_folder
+    from sllm.runtime.svae_onnx import greedy_decode
 
     codec = SpeculationCodec(load_svae_folder(svae_dir, rt.model_id))
     ids = sentences[:MAX_SENTENCES]
@@ -36,7 +36,7 @@ def tolerance_facts(rt, svae_dir: Path, sentences: list[list[int]]) -> dict:
 
 def tolerance_line(f: dict) -> str:
     """The facts in one markdown sentence."""
-    from edge.speculate import TOLERANCE
+    from sllm.edge.speculate import TOLERANCE
 
     closest = "n/a" if f["closest_distinct_pair_scaled"] is None else f"{f['closest_distinct_pair_scaled']:.3f}"
     return (f"Tolerance (edge.speculate, {TOLERANCE:g} x max(1, max|v|)) against {f['sentences']} prompt sentences: "

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from training.config import RunConfig, apply_overrides, load_run_config
+from sllm.training.config import RunConfig, apply_overrides, load_run_config
 
 
 def variant_config(base: Path | None, layers: int, steps: int, batch: int, threads: int, out_dir: Path,
@@ -44,8 +44,8 @@ def _done_steps(run_dir: Path) -> int:
 
 def train_variant(run: RunConfig, log: Callable[[str], None]) -> float:
     """Train (or finish) the run; seconds spent training now (0 when it was already done)."""
-    from training.tasks.sentence_vae import SentenceVAETask
-    from training.trainer import Trainer
+    from sllm.training.tasks.sentence_vae import SentenceVAETask
+    from sllm.training.trainer import Trainer
 
     out = Path(run.train.out_dir)
     if _done_steps(out) >= run.train.max_steps:
@@ -57,9 +57,9 @@ def train_variant(run: RunConfig, log: Callable[[str], None]) -> float:
 
 
 def evaluate_variant(run_dir: Path, n_loss: int, n_exact: int, log: Callable[[str], None]) -> dict:
-    from training.checkpoint import read_trainer_state
-    from training.evaluate import exact_match, validation_loss, validation_sentences
-    from training.load import load_stage1
+    from sllm.training.checkpoint import read_trainer_state
+    from sllm.training.evaluate import exact_match, validation_loss, validation_sentences
+    from sllm.training.load import load_stage1
 
     trained = load_stage1(run_dir)
     val = validation_sentences(trained, log=log)
@@ -97,7 +97,7 @@ def run_variants(layers: list[int], steps: int, batch: int, threads: int, work: 
 
 def recorded_h1(results_json: Path, base_config: Path | None, vocab: int) -> dict | None:
     """The recorded evaluation of the stage-1 model (`sllm-train eval runs/svae-small`), for --quick."""
-    from modeling.sentence_vae import SentenceVAE
+    from sllm.modeling.sentence_vae import SentenceVAE
 
     if not Path(results_json).is_file():
         return None

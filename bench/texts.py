@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sentences.limit import sentence_token_ids
+from sllm.sentences.limit import sentence_token_ids
 
 
 @dataclass
@@ -63,7 +63,7 @@ def validation_text(tokenizer, max_sentence_tokens: int, split_on_comma: bool, c
                     val_fraction: float = 0.02, split_seed: int = 0) -> ValidationText:
     """The held-out documents of `corpus` (default: the bundled one, split as the training configs
     split it), cut into sentences with the shared segmenter and the bundle's settings."""
-    from training.data.corpus import load_documents, split_documents
+    from sllm.training.data.corpus import load_documents, split_documents
 
     docs = load_documents(corpus or None)
     _, val = split_documents(docs, val_fraction, split_seed)

@@ -1,5 +1,5 @@
 """The client half of the token-level split (as Petals splits a model): the same cloud server that
-steps the SLLM once per sentence steps a token-level OPT once per TOKEN (`modeling.token_bundle`),
+steps the SLLM once per sentence steps a token-level OPT once per TOKEN (`sllm.modeling.token_bundle`),
 and this client holds the token embedding and the LM head. numpy + protos.client, no torch.
 
     prompt ids -> embedding rows [P, d] -> Append (prefill) -> hidden h -> argmax(head @ h) = token 1

@@ -9,7 +9,7 @@ import logging
 
 import grpc
 
-from cloud.jsonlog import LogRateLimit, log
+from sllm.cloud.jsonlog import LogRateLimit, log
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 REJECT_LOG_INTERVAL_S = 10.0  # at most one `unauthenticated` log line this often (the rest are counted)

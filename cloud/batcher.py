@@ -35,12 +35,12 @@ import grpc
 import numpy as np
 import torch
 
-from cloud.engine import Engine, StepOutput, stop_flag, stop_probability
-from cloud.errors import ServiceError, invalid, unavailable
-from cloud.jsonlog import log
-from cloud.metrics import Metrics
-from cloud.sessions import Session, SessionStore
-from modeling.svae_bundle import GuessControls, SpeculationCodec
+from sllm.cloud.engine import Engine, StepOutput, stop_flag, stop_probability
+from sllm.cloud.errors import ServiceError, invalid, unavailable
+from sllm.cloud.jsonlog import log
+from sllm.cloud.metrics import Metrics
+from sllm.cloud.sessions import Session, SessionStore
+from sllm.modeling.svae_bundle import GuessControls, SpeculationCodec
 
 
 @dataclass(eq=False)

@@ -10,7 +10,7 @@
 """
 from __future__ import annotations
 
-from runtime.roles import require_role
+from sllm.runtime.roles import require_role
 
 require_role("cloud", "sllm-cloud")  # before anything heavy: one line, not a traceback, in an edge install
 
@@ -99,9 +99,9 @@ def serve(
                                                            "weights; default: the svae/ beside --bundle)"),
 ) -> None:
     """Serve a cloud bundle until SIGINT/SIGTERM (then drain for --grace seconds; a second signal stops at once)."""
-    from cloud.config import MIB, ServerConfig
-    from cloud.jsonlog import log, setup_logging
-    from runtime.manifest import BundleError
+    from sllm.cloud.config import MIB, ServerConfig
+    from sllm.cloud.jsonlog import log, setup_logging
+    from sllm.runtime.manifest import BundleError
 
     setup_logging(log_level)
     config = ServerConfig(
@@ -116,7 +116,7 @@ def serve(
         speculate_max=speculate_max, svae_dir=str(svae or ""))
     try:
         config.validate()
-        from cloud.server import CloudServer
+        from sllm.cloud.server import CloudServer
 
         server = CloudServer.from_bundle(bundle, config)
         server.start()
@@ -161,7 +161,7 @@ def info(
     """Print a server's model info and stats as JSON."""
     from google.protobuf.json_format import MessageToDict
 
-    from protos.client import CloudClient, CloudError
+    from sllm.protos.client import CloudClient, CloudError
 
     tokens = read_tokens(token_file)
     try:
@@ -190,7 +190,7 @@ def cluster(
     """Try replicas out: N `sllm-cloud serve` replicas and nginx in front of them on 127.0.0.1, with
     affinity on each conversation's key, health-driven routing and failover (docs/deploy/README.md).
     Ctrl-C drains and stops everything."""
-    from cloud.cluster import Cluster, ClusterConfig, ClusterError
+    from sllm.cloud.cluster import Cluster, ClusterConfig, ClusterError
 
     def say(message: str) -> None:
         typer.echo(f"cluster: {message}", err=True)
@@ -235,7 +235,7 @@ def health(
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from protos.client import make_channel
+    from sllm.protos.client import make_channel
 
     channel = make_channel(target, root_certificates=tls_ca.read_bytes() if tls_ca else None,
                            server_name=server_name, keepalive_s=0)
@@ -263,7 +263,7 @@ def random_bundle(
     seed: int = typer.Option(0),
 ) -> None:
     """A cloud bundle with random weights (benchmarks, load tests, demos of the wire)."""
-    from modeling.cloud_bundle import write_random_cloud_bundle
+    from sllm.modeling.cloud_bundle import write_random_cloud_bundle
 
     manifest = write_random_cloud_bundle(out, model_id=model_id, d=d, layers=layers, heads=heads,
                                    max_sentences=max_sentences, seed=seed)

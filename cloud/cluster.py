@@ -41,8 +41,8 @@ from typing import Callable
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from protos.client import SESSION_KEY_HEADER
-from runtime.procs import signal_group, stop_process, with_parent_death_signal
+from sllm.protos.client import SESSION_KEY_HEADER
+from sllm.runtime.procs import signal_group, stop_process, with_parent_death_signal
 
 TOKENS_ENV = "SLLM_CLOUD_TOKENS"
 HEALTH_SERVICE = "sllm.v1.SentenceLM"
@@ -410,7 +410,7 @@ class Cluster:
         self.directory = Path(directory or self._tmp.name).resolve()
         self.directory.mkdir(parents=True, exist_ok=True)
         c = config
-        command = [sys.executable, "-m", "cloud.cli", "serve", "--bundle", str(Path(c.bundle).resolve()),
+        command = [sys.executable, "-m", "sllm.cloud.cli", "serve", "--bundle", str(Path(c.bundle).resolve()),
                    "--grace", f"{c.grace_s:g}", *(["--threads", str(c.threads)] if c.threads else []), *c.serve_args]
         env = {**os.environ, TOKENS_ENV: ",".join(c.tokens)}
         env.pop("SLLM_CLOUD_TOKEN", None)  # the tokens are exactly config.tokens

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from modeling.opt_block import KVSlot
-from modeling.opt_graft import STOP, GraftedOPT
+from sllm.modeling.opt_block import KVSlot
+from sllm.modeling.opt_graft import STOP, GraftedOPT
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

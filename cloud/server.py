@@ -18,19 +18,19 @@ from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from cloud.auth import BearerAuthInterceptor
-from cloud.batcher import Batcher
-from cloud.config import DEFAULT_MAX_MESSAGE_BYTES, MIB, ServerConfig, is_loopback
-from cloud.engine import Engine, pick_device
-from cloud.jsonlog import log
-from cloud.metrics import Metrics, MetricsHTTPServer
-from cloud.service import SentenceLMService, add_service
-from cloud.sessions import SessionStore
-from modeling.cloud_bundle import load_cloud_bundle
-from modeling.opt_graft import GraftedOPT
-from modeling.svae_bundle import SpeculationCodec, load_svae_folder, svae_folder_of
-from protos.sllm.v1 import sllm_pb2 as pb
-from runtime.manifest import cloud_weights_sha256
+from sllm.cloud.auth import BearerAuthInterceptor
+from sllm.cloud.batcher import Batcher
+from sllm.cloud.config import DEFAULT_MAX_MESSAGE_BYTES, MIB, ServerConfig, is_loopback
+from sllm.cloud.engine import Engine, pick_device
+from sllm.cloud.jsonlog import log
+from sllm.cloud.metrics import Metrics, MetricsHTTPServer
+from sllm.cloud.service import SentenceLMService, add_service
+from sllm.cloud.sessions import SessionStore
+from sllm.modeling.cloud_bundle import load_cloud_bundle
+from sllm.modeling.opt_graft import GraftedOPT
+from sllm.modeling.svae_bundle import SpeculationCodec, load_svae_folder, svae_folder_of
+from sllm.protos.v1 import sllm_pb2 as pb
+from sllm.runtime.manifest import cloud_weights_sha256
 
 _DRAIN_POLL_S = 0.02  # how often stop() checks whether the open streams have ended
 # draining: a conversation whose stream has had no step for ServerConfig.hand_back_idle_s is between

@@ -24,18 +24,18 @@ import grpc
 import numpy as np
 from google.protobuf.message import DecodeError
 
-from cloud.auth import owner_of
-from cloud.batcher import Batcher, Job, dead_error
-from cloud.config import ServerConfig
-from cloud.engine import Engine, StepOutput
-from cloud.errors import ServiceError, invalid, precondition, unavailable
-from cloud.jsonlog import LogRateLimit, log
-from cloud.metrics import Metrics
-from cloud.sessions import Session, SessionStore, check_session_id
-from modeling.svae_bundle import GuessControls, StopRule
-from protos.sllm.v1 import sllm_pb2 as pb
-from protos.sllm.v1 import sllm_pb2_grpc as pb_grpc
-from protos.wire import NUMPY_DTYPES, WireError, pack, unpack
+from sllm.cloud.auth import owner_of
+from sllm.cloud.batcher import Batcher, Job, dead_error
+from sllm.cloud.config import ServerConfig
+from sllm.cloud.engine import Engine, StepOutput
+from sllm.cloud.errors import ServiceError, invalid, precondition, unavailable
+from sllm.cloud.jsonlog import LogRateLimit, log
+from sllm.cloud.metrics import Metrics
+from sllm.cloud.sessions import Session, SessionStore, check_session_id
+from sllm.modeling.svae_bundle import GuessControls, StopRule
+from sllm.protos.v1 import sllm_pb2 as pb
+from sllm.protos.v1 import sllm_pb2_grpc as pb_grpc
+from sllm.protos.wire import NUMPY_DTYPES, WireError, pack, unpack
 
 POLL_S = 1.0  # how often a waiting stream checks that the model thread is alive
 STREAM_ERROR_LOG_INTERVAL_S = 1.0  # at most one `stream_error` line per status code this often

@@ -35,11 +35,11 @@ from typing import Callable
 import grpc
 import numpy as np
 
-from cloud.errors import exhausted, invalid, not_found, precondition
-from cloud.jsonlog import log
-from cloud.metrics import Metrics
-from modeling.opt_block import KVSlot
-from modeling.svae_bundle import GuessControls, StopRule
+from sllm.cloud.errors import exhausted, invalid, not_found, precondition
+from sllm.cloud.jsonlog import log
+from sllm.cloud.metrics import Metrics
+from sllm.modeling.opt_block import KVSlot
+from sllm.modeling.svae_bundle import GuessControls, StopRule
 
 SESSION_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 REMEMBER_GONE = 10000  # ids of freed sessions remembered (per owner), to say "expired" rather than "unknown"

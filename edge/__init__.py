@@ -1,6 +1,6 @@
 """The edge client: the SentenceVAE in ONNX Runtime, the gRPC client, `edge-chat`, a Python API.
 
-    import edge
+    from sllm import edge
     with edge.connect("127.0.0.1:50051", "models/default/edge") as chat:
         print(chat.ask("Hello.").text())
 
@@ -26,11 +26,11 @@ __all__ = [*_API, *_CHAT, *_LOOP]
 def __getattr__(name: str):
     # lazy: these pull in onnxruntime, grpc and the tokenizer, which `import edge` should not
     if name in _API:
-        from edge import api as module
+        from sllm.edge import api as module
     elif name in _CHAT:
-        from edge import chat as module
+        from sllm.edge import chat as module
     elif name in _LOOP:
-        from edge import loop as module
+        from sllm.edge import loop as module
     else:
         raise AttributeError(f"module 'edge' has no attribute {name!r}")
     return getattr(module, name)

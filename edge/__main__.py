@@ -1,3 +1,3 @@
-from edge.cli import main
+from sllm.edge.cli import main
 
 main()

@@ -1,6 +1,6 @@
 """Edge chat from Python: the conversation `edge-chat` holds, for apps that embed the client.
 
-    import edge
+    from sllm import edge
 
     with edge.connect("127.0.0.1:50051", "models/default/edge", token=TOKEN) as chat:
         for sentence in chat.ask("It is a truth universally acknowledged,"):
@@ -22,12 +22,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
-from edge.chat import DEFAULT_CONNECT_TIMEOUT_S, DEFAULT_STEP_TIMEOUT_S, ChatSession, EdgeError, TurnError
-from edge.loop import SentenceEvent, TurnEnd
-from edge.runtime import EdgeRuntime
-from edge.sampling import Sampling
-from protos.client import DEFAULT_KEEPALIVE_S, CloudClient, make_channel
-from sentences.sampling import (  # noqa: F401 (the defaults are re-exported for edge.cli)
+from sllm.edge.chat import DEFAULT_CONNECT_TIMEOUT_S, DEFAULT_STEP_TIMEOUT_S, ChatSession, EdgeError, TurnError
+from sllm.edge.loop import SentenceEvent, TurnEnd
+from sllm.edge.runtime import EdgeRuntime
+from sllm.edge.sampling import Sampling
+from sllm.protos.client import DEFAULT_KEEPALIVE_S, CloudClient, make_channel
+from sllm.sentences.sampling import (  # noqa: F401 (the defaults are re-exported for edge.cli)
     DEFAULT_NO_REPEAT_NGRAM,
     DEFAULT_NO_REPEAT_SENTENCE,
     DEFAULT_REPETITION_PENALTY,
@@ -273,8 +273,8 @@ def _read_pem(path: str | Path | None, what: str) -> bytes | None:
 def load_runtime(bundle: str | Path, device: str = "auto", threads: int = 0,
                  notify: Callable[[str], None] = _log.warning) -> EdgeRuntime:
     """The edge bundle, verified and loaded; EdgeError when it is missing, corrupt or cannot run."""
-    from runtime.manifest import BundleError
-    from runtime.providers import ProviderError
+    from sllm.runtime.manifest import BundleError
+    from sllm.runtime.providers import ProviderError
 
     try:
         runtime = EdgeRuntime.load(bundle, device=device, threads=threads)

@@ -1,7 +1,7 @@
 """One conversation between the edge runtime and the cloud service.
 
 The edge keeps every sentence vector the cloud has acknowledged (the history). A turn is the
-shared sentence loop (`edge.loop.sentence_loop`) with this session as its stepper: at most
+shared sentence loop (`sllm.edge.loop.sentence_loop`) with this session as its stepper: at most
 `max_sentences` sentences, never more than the context holds (the session's room minus what it
 already holds, prompt included), and the last generated sentence is appended too, so the next
 turn (or a rebuild) sees the whole conversation.
@@ -25,7 +25,7 @@ rebuilds the session under a new id (its state on the server is unknown).
 
 Before any session the server must serve the other half of this edge bundle: the same model id
 and d, and weights whose sha256 is the one the edge bundle recorded at export
-(`runtime.edge_bundle.EdgeBundle.cloud_mismatch`); checked again at every reconnect.
+(`sllm.runtime.edge_bundle.EdgeBundle.cloud_mismatch`); checked again at every reconnect.
 """
 from __future__ import annotations
 
@@ -38,11 +38,11 @@ from typing import Callable, Iterator
 import grpc
 import numpy as np
 
-from edge.loop import MIN_ANSWER_SENTENCES, SentenceEvent, TurnEnd, sentence_loop
-from edge.runtime import EdgeRuntime, PromptError
-from edge.sampling import Sampling
-from edge.speculate import TOLERANCE, SpeculativeStepper, turn_decoding
-from protos.client import BALANCER_UNAVAILABLE, CloudClient, CloudError, Conversation, StepResult
+from sllm.edge.loop import MIN_ANSWER_SENTENCES, SentenceEvent, TurnEnd, sentence_loop
+from sllm.edge.runtime import EdgeRuntime, PromptError
+from sllm.edge.sampling import Sampling
+from sllm.edge.speculate import TOLERANCE, SpeculativeStepper, turn_decoding
+from sllm.protos.client import BALANCER_UNAVAILABLE, CloudClient, CloudError, Conversation, StepResult
 
 DEFAULT_CONNECT_TIMEOUT_S = 10.0
 DEFAULT_STEP_TIMEOUT_S = 30.0  # one round trip on the stream: a step, or a session rebuilt from history

@@ -28,7 +28,7 @@ from typing import Callable, Iterator, Optional
 
 import typer
 
-from edge.api import (
+from sllm.edge.api import (
     DEFAULT_NO_REPEAT_NGRAM,
     DEFAULT_NO_REPEAT_SENTENCE,
     DEFAULT_REPETITION_PENALTY,
@@ -39,9 +39,9 @@ from edge.api import (
     connect,
     load_runtime,
 )
-from edge.chat import DEFAULT_STEP_TIMEOUT_S, EdgeError, TurnError
-from edge.loop import SentenceEvent, TurnEnd
-from protos.client import DEFAULT_KEEPALIVE_S
+from sllm.edge.chat import DEFAULT_STEP_TIMEOUT_S, EdgeError, TurnError
+from sllm.edge.loop import SentenceEvent, TurnEnd
+from sllm.protos.client import DEFAULT_KEEPALIVE_S
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
                   help="Chat with a sentence-level LM: SentenceVAE on this machine (ONNX Runtime), "
@@ -390,8 +390,8 @@ def _speculation_words(session) -> str:
 
 
 def _start_local(model_dir: Path, runtime, timeout: float, threads: int, device: str):
-    from edge.local import LocalServer
-    from runtime.manifest import CLOUD_WEIGHTS, BundleError, cloud_weights_sha256, read_manifest
+    from sllm.edge.local import LocalServer
+    from sllm.runtime.manifest import CLOUD_WEIGHTS, BundleError, cloud_weights_sha256, read_manifest
 
     cloud_dir = model_dir / "cloud"
     try:  # the server checks the hashes itself

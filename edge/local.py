@@ -4,7 +4,7 @@
         chat with server.address, server.token
     # stopped (SIGTERM, then SIGKILL after a bounded wait), also on Ctrl-C and errors
 
-The server is `python -m cloud.cli serve` (the `sllm-cloud serve` command) in its own process
+The server is `python -m sllm.cloud.cli serve` (the `sllm-cloud serve` command) in its own process
 session (a Ctrl-C in the terminal reaches only the chat), on 127.0.0.1 with a port the OS
 picks (read back from its `server_start` log line) and a random bearer token passed through
 its environment (never on a command line). On Linux it also gets PR_SET_PDEATHSIG, so it dies
@@ -25,9 +25,9 @@ from pathlib import Path
 
 import grpc
 
-from edge.chat import EdgeError
-from runtime.procs import stop_process, with_parent_death_signal
-from runtime.roles import role_problem
+from sllm.edge.chat import EdgeError
+from sllm.runtime.procs import stop_process, with_parent_death_signal
+from sllm.runtime.roles import role_problem
 
 TOKENS_ENV = "SLLM_CLOUD_TOKENS"  # what `sllm-cloud serve` reads its tokens from
 HEALTH_SERVICE = "sllm.v1.SentenceLM"
@@ -41,9 +41,9 @@ class LocalServer:
         self.startup_timeout = startup_timeout
         self.stop_timeout = stop_timeout
         self.token = secrets.token_urlsafe(24)
-        self.default_command = command is None  # `python -m cloud.cli serve` in this environment
+        self.default_command = command is None  # `python -m sllm.cloud.cli serve` in this environment
         self.command = command or [
-            sys.executable, "-m", "cloud.cli", "serve", "--bundle", str(self.bundle), "--host", "127.0.0.1",
+            sys.executable, "-m", "sllm.cloud.cli", "serve", "--bundle", str(self.bundle), "--host", "127.0.0.1",
             "--port", "0", "--grace", "1", "--device", device, "--threads", str(max(0, threads))]
         self.proc: subprocess.Popen | None = None
         self.address: str | None = None

@@ -11,8 +11,8 @@ The decoder sees the answer's earlier sentences, for the sampling's repetition c
 (sentences.sampling); with no_repeat_sentence, a sentence that still equals an earlier one (it
 reached the token limit) ends the answer ("repeat").
 
-This is the torch reference loop (`modeling.sllm_generate.SLLMGenerator.generate`) with the same
-stop rules; `edge.chat.ChatSession` (gRPC, history, rebuild) and the bench (gRPC with wire-byte
+This is the torch reference loop (`sllm.modeling.sllm_generate.SLLMGenerator.generate`) with the same
+stop rules; `sllm.edge.chat.ChatSession` (gRPC, history, rebuild) and the bench (gRPC with wire-byte
 counts, or the cloud engine in-process) all run it. Bench-only behaviour comes from options
 (`use_stop_flag=False`, `append_last=False`) or from the consumer breaking out of the iterator:
 a sentence is appended only after the consumer asks for the next event, so breaking right after
@@ -26,8 +26,8 @@ from typing import Callable, Iterator, Protocol
 
 import numpy as np
 
-from edge.sampling import Sampling
-from sentences.sampling import stop_decision
+from sllm.edge.sampling import Sampling
+from sllm.sentences.sampling import stop_decision
 
 MIN_ANSWER_SENTENCES = 1  # the stop rule is asked from the answer's second sentence on: an answer is never empty
 

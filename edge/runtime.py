@@ -6,9 +6,9 @@
     tokens = rt.decode(h_t, Sampling())                # decoder.onnx with its KV cache
     text = rt.detokenize(tokens)
 
-The loops mirror the torch reference (`modeling.sllm_generate.SLLMGenerator` and
-`modeling.generate.decode_sentences`): the prompt is split with the shared segmenter
-(`sentences.limit.text_to_sentences`, the bundle's split_on_comma and max sentence length,
+The loops mirror the torch reference (`sllm.modeling.sllm_generate.SLLMGenerator` and
+`sllm.modeling.generate.decode_sentences`): the prompt is split with the shared segmenter
+(`sllm.sentences.limit.text_to_sentences`, the bundle's split_on_comma and max sentence length,
 blank pieces skipped), a sentence decodes from bos until eos or the token limit.
 """
 from __future__ import annotations
@@ -20,15 +20,15 @@ from typing import Sequence
 
 import numpy as np
 
-from edge.sampling import Picker, Sampling
-from runtime.edge_bundle import EdgeBundle, load_edge_bundle
-from runtime.manifest import BundleError
-from runtime.providers import open_sessions
-from runtime.svae_onnx import decode_loop
-from runtime.svae_onnx import encode as ort_encode
-from sentences.limit import sentence_token_ids
-from sentences.segment import SEGMENTATION_VERSION
-from sentences.tokenizer import TokenizerError
+from sllm.edge.sampling import Picker, Sampling
+from sllm.runtime.edge_bundle import EdgeBundle, load_edge_bundle
+from sllm.runtime.manifest import BundleError
+from sllm.runtime.providers import open_sessions
+from sllm.runtime.svae_onnx import decode_loop
+from sllm.runtime.svae_onnx import encode as ort_encode
+from sllm.sentences.limit import sentence_token_ids
+from sllm.sentences.segment import SEGMENTATION_VERSION
+from sllm.sentences.tokenizer import TokenizerError
 
 
 class PromptError(ValueError):
@@ -130,6 +130,6 @@ class EdgeRuntime:
 def decode_vectors(session, memory: np.ndarray, spec, sampling: Sampling, max_tokens: int | None = None,
                    answer: Sequence[Sequence[int]] = ()) -> list[list[int]]:
     """Decode vectors memory [B, d] with decoder.onnx and its KV cache; one token list per row
-    (no bos/eos): the shared loop of `runtime.svae_onnx`, with this edge's sampling (every row
+    (no bos/eos): the shared loop of `sllm.runtime.svae_onnx`, with this edge's sampling (every row
     continues the same `answer`)."""
     return decode_loop(session, memory, spec, Picker(sampling, spec.eos_id, answer, len(memory)), max_tokens)

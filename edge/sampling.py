@@ -2,7 +2,7 @@
 the repetition controls (sentences.sampling: repetition penalty, no-repeat n-grams, no repeated
 sentence).
 
-The same rules as the torch reference `modeling.generate.pick_next` (greedy = argmax;
+The same rules as the torch reference `sllm.modeling.generate.pick_next` (greedy = argmax;
 top-k keeps the logits >= the k-th largest, ties included; top-p keeps the most likely tokens
 until the mass of the strictly more likely ones reaches p, the top token always stays), the
 repetition controls applied before them in float32 as there, and the same seeding scheme as
@@ -16,7 +16,7 @@ from typing import Sequence
 
 import numpy as np
 
-from sentences.sampling import RepetitionGuard, SamplingConfig, advance, guards_for
+from sllm.sentences.sampling import RepetitionGuard, SamplingConfig, advance, guards_for
 
 Sampling = SamplingConfig  # the one sampling config, shared with the torch reference
 

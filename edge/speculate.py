@@ -12,7 +12,7 @@ The first append of a turn (the prompt) is Append{position, decoding}: it drops 
 guessed past the conversation (an interrupted answer, a new turn), and says how this answer is decoded
 (`turn_decoding`): the cloud's guesses apply the same repetition controls to the same earlier
 sentences of the answer, and a sampled turn is not guessed at all (a greedy guess would be overruled
-nearly every time). `SpeculativeStepper` is an `edge.loop.Stepper`,
+nearly every time). `SpeculativeStepper` is an `sllm.edge.loop.Stepper`,
 so `sentence_loop`, `ChatSession` and the bench run it unchanged.
 
 Tolerance: max|mine - assumed| <= TOLERANCE * max(1, max|mine|). The two encoders are the same
@@ -31,9 +31,9 @@ from typing import Callable
 
 import numpy as np
 
-from protos.client import Conversation, StepResult
-from protos.sllm.v1 import sllm_pb2 as pb
-from sentences.sampling import SamplingConfig
+from sllm.protos.client import Conversation, StepResult
+from sllm.protos.v1 import sllm_pb2 as pb
+from sllm.sentences.sampling import SamplingConfig
 
 TOLERANCE = 1e-3
 

@@ -1,4 +1,4 @@
-"""`python -m export CHECKPOINT --out DIR` (the `export` script name is a shell builtin in bash/zsh)."""
-from export.cli import app
+"""`python -m sllm.export CHECKPOINT --out DIR` (the `export` script name is a shell builtin in bash/zsh)."""
+from sllm.export.cli import app
 
 app(prog_name="export")

@@ -29,11 +29,11 @@ import torch
 from transformers import OPTForCausalLM
 from transformers.utils import logging as hf_logging
 
-from modeling.baseline_bundle import FOLDER, KIND, load_hf_opt
-from runtime.artifacts import CheckpointError
-from runtime.files import replace_dir, sha256_file
-from runtime.manifest import BundleError, read_manifest, write_manifest
-from training.load import load_baseline
+from sllm.modeling.baseline_bundle import FOLDER, KIND, load_hf_opt
+from sllm.runtime.artifacts import CheckpointError
+from sllm.runtime.files import replace_dir, sha256_file
+from sllm.runtime.manifest import BundleError, read_manifest, write_manifest
+from sllm.training.load import load_baseline
 
 STEPS = ("load", "write", "verify", "install")
 # fp16 keeps ~3 significant digits per weight; through 4-12 layers that moves logits by a few

@@ -1,5 +1,5 @@
 """The token-level baseline OPT as one ONNX graph with its KV cache as input and output: the
-export path of the edge decoder (`export.onnx_export`: torch.onnx.export with dynamo=True,
+export path of the edge decoder (`sllm.export.onnx_export`: torch.onnx.export with dynamo=True,
 opset 18, example sizes >= 2), so the baseline gets the runtime the SLLM's edge gets.
 
     baseline.onnx  ids int64 [B, T], past_kv float32 [n_layers, 2, B, n_heads, P, head_dim]
@@ -9,7 +9,7 @@ opset 18, example sizes >= 2), so the baseline gets the runtime the SLLM's edge 
 Position of ids[:, t] is P + t (rows hold real tokens only, no padding); P + T <= the model's
 max_position_embeddings. The first call feeds a past of length 0 (the prompt), later calls one
 token each. The graph is `OPTWithKV`: Hugging Face's pre-LN OPT decoder with its blocks as the
-project's own (`modeling.opt_block.OPTBlock`, the cloud engine's, same weights), checked against the
+project's own (`sllm.modeling.opt_block.OPTBlock`, the cloud engine's, same weights), checked against the
 Hugging Face forward in ORT (`check_parity`).
 """
 from __future__ import annotations
@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from export.onnx_export import _export
-from export.verify import ATOL
-from modeling.opt_block import OPTBlock
+from sllm.export.onnx_export import _export
+from sllm.export.verify import ATOL
+from sllm.modeling.opt_block import OPTBlock
 
 INPUTS = ("ids", "past_kv")
 OUTPUTS = ("logits", "present_kv")

@@ -3,14 +3,14 @@
     export runs/sllm-small --out bundles/sllm-small
     export runs/svae-small --out bundles/svae-small --quantize int8 --n-verify 200
     export runs/baseline-small --out models/default     # token-level baseline -> models/default/baseline
-    python -m export CHECKPOINT --out DIR      (same command; `export` alone is a shell builtin
-                                                in bash/zsh, so call it as sllm-export or python -m export)
+    python -m sllm.export CHECKPOINT --out DIR      (same command; `export` alone is a shell builtin
+                                                in bash/zsh, so call it as sllm-export or python -m sllm.export)
 
 Exit status: 0 exported and verified; 1 verification failed (nothing installed); 2 user error.
 """
 from __future__ import annotations
 
-from runtime.roles import require_role
+from sllm.runtime.roles import require_role
 
 require_role("export", "sllm-export")  # before anything heavy: one line, not a traceback, in an edge install
 
@@ -78,8 +78,8 @@ def export(
     """Export CHECKPOINT to DIR/edge (encoder.onnx, decoder.onnx with KV cache, tokenizer, manifest, report)
     and DIR/cloud (grafted OPT blocks + termination head); prove ORT == torch first. A token-level
     baseline checkpoint (opt_baseline) goes to DIR/baseline instead (fp16 Hugging Face folder, verified)."""
-    from export.exporter import STEPS, ExportError, VerificationFailed, checkpoint_kind, export_checkpoint
-    from runtime.manifest import BundleError
+    from sllm.export.exporter import STEPS, ExportError, VerificationFailed, checkpoint_kind, export_checkpoint
+    from sllm.runtime.manifest import BundleError
 
     try:
         _, kind = checkpoint_kind(checkpoint, ("sllm", "sentence_vae", "opt_baseline"))
@@ -107,7 +107,7 @@ def export(
 
 
 def _export_baseline(checkpoint: Path, out: Path, weights: str, force: bool) -> None:
-    from export.baseline_bundle import STEPS, BaselineExportError, BaselineVerificationFailed, export_baseline
+    from sllm.export.baseline_bundle import STEPS, BaselineExportError, BaselineVerificationFailed, export_baseline
 
     try:
         with _Steps(list(STEPS)) as progress:

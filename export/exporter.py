@@ -21,16 +21,16 @@ import onnxruntime
 import onnxscript
 import torch
 
-from export import verify
-from export.onnx_export import OPSET, export_decoder, export_encoder
-from export.quantize import QUANT_MODES, quantize_int8
-from export.verify import render_markdown
-from modeling.cloud_bundle import load_cloud_bundle, model_id_for, write_cloud_bundle
-from modeling.sllm import SLLM
-from modeling.svae_bundle import FOLDER as SVAE_FOLDER
-from modeling.svae_bundle import load_svae_folder
-from runtime.artifacts import CheckpointError, expect
-from runtime.edge_bundle import (
+from sllm.export import verify
+from sllm.export.onnx_export import OPSET, export_decoder, export_encoder
+from sllm.export.quantize import QUANT_MODES, quantize_int8
+from sllm.export.verify import render_markdown
+from sllm.modeling.cloud_bundle import load_cloud_bundle, model_id_for, write_cloud_bundle
+from sllm.modeling.sllm import SLLM
+from sllm.modeling.svae_bundle import FOLDER as SVAE_FOLDER
+from sllm.modeling.svae_bundle import load_svae_folder
+from sllm.runtime.artifacts import CheckpointError, expect
+from sllm.runtime.edge_bundle import (
     CLOUD_WEIGHTS_FIELD,
     STOP_THRESHOLD_FIELD,
     DECODER,
@@ -46,18 +46,18 @@ from runtime.edge_bundle import (
     load_edge_bundle,
     write_edge_manifest,
 )
-from runtime.files import replace_dir
-from runtime.manifest import BundleError, cloud_weights_sha256, read_manifest
-from runtime.providers import CPU, cpu_session
-from runtime.svae_onnx import DECODER_INPUTS, DECODER_OUTPUTS, ENCODER_INPUTS, ENCODER_OUTPUTS
-from sentences.limit import sentence_token_ids
-from sentences.segment import SEGMENTATION_VERSION
-from training.data.corpus import CorpusError, load_documents, split_documents
-from training.data.sentence_data import segment_documents
-from training.load import load_sllm, load_stage1
-from training.config import RunConfig
-from training.stop_head import validation_stop_threshold
-from training.svae_folder import write_svae_folder
+from sllm.runtime.files import replace_dir
+from sllm.runtime.manifest import BundleError, cloud_weights_sha256, read_manifest
+from sllm.runtime.providers import CPU, cpu_session
+from sllm.runtime.svae_onnx import DECODER_INPUTS, DECODER_OUTPUTS, ENCODER_INPUTS, ENCODER_OUTPUTS
+from sllm.sentences.limit import sentence_token_ids
+from sllm.sentences.segment import SEGMENTATION_VERSION
+from sllm.training.data.corpus import CorpusError, load_documents, split_documents
+from sllm.training.data.sentence_data import segment_documents
+from sllm.training.load import load_sllm, load_stage1
+from sllm.training.config import RunConfig
+from sllm.training.stop_head import validation_stop_threshold
+from sllm.training.svae_folder import write_svae_folder
 
 STEPS = ("load", "export encoder", "export decoder", "verify", "quantize", "write")
 # what --quantize int8 converts, per graph: the op types whose weights become int8 (see export.quantize)

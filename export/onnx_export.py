@@ -3,7 +3,7 @@
 The legacy TorchScript exporter freezes sequence lengths; `dynamo=True` keeps batch,
 length, step and past dynamic. Example inputs use sizes >= 2 (sizes 0 and 1 get
 specialised into the graph). The decoder is ONE graph for every step, the first
-included: it takes a past of length 0 (checked in ORT by `export.verify`).
+included: it takes a past of length 0 (checked in ORT by `sllm.export.verify`).
 """
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from modeling.sentence_vae import SentenceDecoder, SentenceEncoder
-from runtime.svae_onnx import DECODER_INPUTS, DECODER_OUTPUTS, ENCODER_INPUTS, ENCODER_OUTPUTS
+from sllm.modeling.sentence_vae import SentenceDecoder, SentenceEncoder
+from sllm.runtime.svae_onnx import DECODER_INPUTS, DECODER_OUTPUTS, ENCODER_INPUTS, ENCODER_OUTPUTS
 
 OPSET = 18
 

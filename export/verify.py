@@ -18,9 +18,9 @@ import numpy as np
 import onnx
 import torch
 
-from modeling.generate import decode_sentences
-from modeling.sentence_vae import SentenceVAE
-from runtime.svae_onnx import DecoderSpec, decoder_step, encode, greedy_decode
+from sllm.modeling.generate import decode_sentences
+from sllm.modeling.sentence_vae import SentenceVAE
+from sllm.runtime.svae_onnx import DecoderSpec, decoder_step, encode, greedy_decode
 
 ATOL = 1e-4
 TOLERANCE_RULE = f"max|ORT - torch| <= {ATOL:g} * max(1, max|torch|)"

@@ -1,4 +1,4 @@
-"""Reading the token-level baseline bundle (`OUT/baseline`, written by `export.baseline_bundle`):
+"""Reading the token-level baseline bundle (`OUT/baseline`, written by `sllm.export.baseline_bundle`):
 a Hugging Face `save_pretrained` OPTForCausalLM in fp16, its tokenizer and a manifest."""
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import torch
 from transformers import OPTForCausalLM
 from transformers.utils import logging as hf_logging
 
-from runtime.manifest import BundleError, read_manifest
-from sentences.tokenizer import SentenceTokenizer, TokenizerError
+from sllm.runtime.manifest import BundleError, read_manifest
+from sllm.sentences.tokenizer import SentenceTokenizer, TokenizerError
 
 KIND = "baseline"
 FOLDER = "baseline"

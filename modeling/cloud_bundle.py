@@ -5,7 +5,7 @@
       opt_config.json     the OPTConfig that rebuilds it
       manifest.json       kind "cloud", model id, d, max sentences, dtype, sha256 of each file
 
-The sha256 of cloud.safetensors (`runtime.manifest.cloud_weights_sha256(manifest)`) is the model's
+The sha256 of cloud.safetensors (`sllm.runtime.manifest.cloud_weights_sha256(manifest)`) is the model's
 identity: the edge bundle of the same export records it, the server reports it (ModelInfo.weights_sha256)
 and the edge refuses a server whose weights have another one, whatever model id it claims.
 """
@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 from transformers import OPTForCausalLM
 
-from modeling.config import ConfigError, OPTSpec
-from modeling.opt_graft import GraftedOPT, opt_config_from_spec, read_opt_config
-from modeling.weights import CheckpointError, load_state_into, load_tensors, save_tensors
-from runtime.files import sha256_file
-from runtime.manifest import CLOUD_WEIGHTS, BundleError, read_manifest, write_manifest
+from sllm.modeling.config import ConfigError, OPTSpec
+from sllm.modeling.opt_graft import GraftedOPT, opt_config_from_spec, read_opt_config
+from sllm.modeling.weights import CheckpointError, load_state_into, load_tensors, save_tensors
+from sllm.runtime.files import sha256_file
+from sllm.runtime.manifest import CLOUD_WEIGHTS, BundleError, read_manifest, write_manifest
 
 WEIGHTS = CLOUD_WEIGHTS
 OPT_CONFIG = "opt_config.json"

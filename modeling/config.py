@@ -1,7 +1,7 @@
 """Typed model configs (dataclasses) and their JSON (de)serialisation.
 
 The shapes a model is built from: the SentenceVAE's, and where the grafted OPT comes from.
-Run configs (data, training) build on these in `training.config`."""
+Run configs (data, training) build on these in `sllm.training.config`."""
 from __future__ import annotations
 
 import dataclasses

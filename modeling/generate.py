@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from sentences.sampling import RepetitionGuard, SamplingConfig, advance, guards_for
+from sllm.sentences.sampling import RepetitionGuard, SamplingConfig, advance, guards_for
 
 
 def make_generator(sampling: SamplingConfig, device: torch.device | str) -> torch.Generator | None:

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 from transformers import OPTConfig, OPTForCausalLM
 
-from modeling.config import ConfigError, OPTSpec
-from modeling.opt_block import SHORT_CONTEXT, KVSlot, OPTBlock, PaddedPast
+from sllm.modeling.config import ConfigError, OPTSpec
+from sllm.modeling.opt_block import SHORT_CONTEXT, KVSlot, OPTBlock, PaddedPast
 
 STOP = 1  # termination head class that ends generation (Eq. 9: argmax 1); 0 = decode another sentence
 POSITION_OFFSET = 2  # OPT's learned positions start at row 2 of the table (a quirk of its pretraining)

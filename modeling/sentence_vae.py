@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modeling.config import SentenceVAEConfig
-from modeling.generate import decode_sentences
-from modeling.layers import DecoderBlock, EncoderBlock, init_weights
-from runtime.svae_onnx import pad_batch
+from sllm.modeling.config import SentenceVAEConfig
+from sllm.modeling.generate import decode_sentences
+from sllm.modeling.layers import DecoderBlock, EncoderBlock, init_weights
+from sllm.runtime.svae_onnx import pad_batch
 
 IGNORE_INDEX = -100
 

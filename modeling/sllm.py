@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from modeling.config import ConfigError
-from modeling.losses import token_loss_sum
-from modeling.opt_graft import GraftedOPT
-from modeling.sentence_vae import IGNORE_INDEX, SentenceVAE
+from sllm.modeling.config import ConfigError
+from sllm.modeling.losses import token_loss_sum
+from sllm.modeling.opt_graft import GraftedOPT
+from sllm.modeling.sentence_vae import IGNORE_INDEX, SentenceVAE
 
 
 class SLLM(nn.Module):

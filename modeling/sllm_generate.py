@@ -12,14 +12,14 @@ from typing import Iterator
 
 import torch
 
-from modeling.generate import SamplingConfig, decode_sentences
-from modeling.opt_block import KVSlot
-from modeling.opt_graft import STOP
-from modeling.sentence_vae import pad_token_lists
-from modeling.sllm import SLLM
-from sentences.limit import sentence_token_ids
-from sentences.sampling import stop_decision
-from sentences.tokenizer import SentenceTokenizer
+from sllm.modeling.generate import SamplingConfig, decode_sentences
+from sllm.modeling.opt_block import KVSlot
+from sllm.modeling.opt_graft import STOP
+from sllm.modeling.sentence_vae import pad_token_lists
+from sllm.modeling.sllm import SLLM
+from sllm.sentences.limit import sentence_token_ids
+from sllm.sentences.sampling import stop_decision
+from sllm.sentences.tokenizer import SentenceTokenizer
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """The SentenceVAE's torch weights on the cloud (sentence-level speculation, issue 17).
 
 An export folder holds them in svae/ (written by `sllm-export`, or recovered from the edge graphs by
-`sllm-train recover-svae`; `training.svae_folder` writes it): a stage-1 checkpoint in form, so
+`sllm-train recover-svae`; `sllm.training.svae_folder` writes it): a stage-1 checkpoint in form, so
 training reads it as one, and the cloud reads it here without the training code:
 
     svae/
@@ -13,7 +13,7 @@ training reads it as one, and the cloud reads it here without the training code:
 The model id ties it to the cloud half: a SentenceVAE of another model would speculate garbage
 (every guess rolled back), so a mismatch is refused. torch only.
 
-`fast_greedy_decode` is the cloud's speculation decoder: `modeling.generate.decode_sentences` with
+`fast_greedy_decode` is the cloud's speculation decoder: `sllm.modeling.generate.decode_sentences` with
 greedy picks, but the keys/values of the self-attention preallocated once per batch and written in
 place (the reference concatenates them every token), and every row with its own repetition controls
 and token limit, so the guesses of all sessions decode in one batch.
@@ -27,13 +27,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from modeling.config import ConfigError, SentenceVAEConfig, from_dict
-from modeling.generate import control_repetition
-from modeling.sentence_vae import SentenceVAE, pad_token_lists
-from modeling.weights import load_state_into, load_tensors, with_tied
-from runtime.artifacts import MANIFEST, CheckpointError, verify_checkpoint_dir
-from runtime.manifest import BundleError
-from sentences.sampling import RepetitionGuard, SamplingConfig, check_stop_threshold, stop_decision
+from sllm.modeling.config import ConfigError, SentenceVAEConfig, from_dict
+from sllm.modeling.generate import control_repetition
+from sllm.modeling.sentence_vae import SentenceVAE, pad_token_lists
+from sllm.modeling.weights import load_state_into, load_tensors, with_tied
+from sllm.runtime.artifacts import MANIFEST, CheckpointError, verify_checkpoint_dir
+from sllm.runtime.manifest import BundleError
+from sllm.sentences.sampling import RepetitionGuard, SamplingConfig, check_stop_threshold, stop_decision
 
 FOLDER = "svae"  # beside edge/ and cloud/ in an export folder
 WEIGHTS = "ema.safetensors"

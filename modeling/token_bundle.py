@@ -17,10 +17,10 @@ from pathlib import Path
 import numpy as np
 from transformers import OPTForCausalLM
 
-from modeling.cloud_bundle import write_cloud_bundle
-from modeling.opt_graft import GraftedOPT
-from runtime.files import sha256_file
-from runtime.manifest import BundleError
+from sllm.modeling.cloud_bundle import write_cloud_bundle
+from sllm.modeling.opt_graft import GraftedOPT
+from sllm.runtime.files import sha256_file
+from sllm.runtime.manifest import BundleError
 
 
 def check_token_level(model: OPTForCausalLM) -> None:

@@ -7,7 +7,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from runtime.artifacts import CheckpointError
+from sllm.runtime.artifacts import CheckpointError
 
 # ---------------------------------------------------------------- tensors <-> files
 

@@ -26,9 +26,9 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
-from protos.sllm.v1 import sllm_pb2 as pb
-from protos.sllm.v1 import sllm_pb2_grpc as pb_grpc
-from protos.wire import pack, unpack, wire_dtype
+from sllm.protos.v1 import sllm_pb2 as pb
+from sllm.protos.v1 import sllm_pb2_grpc as pb_grpc
+from sllm.protos.wire import pack, unpack, wire_dtype
 
 DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
 # metadata every call of one conversation carries: a random key the edge picks per conversation, for

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from protos.sllm.v1 import sllm_pb2 as pb
+from sllm.protos.v1 import sllm_pb2 as pb
 
 # wire dtype enum -> little-endian numpy dtype
 NUMPY_DTYPES: dict[int, np.dtype] = {pb.DTYPE_FLOAT32: np.dtype("<f4"), pb.DTYPE_FLOAT16: np.dtype("<f2")}

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from runtime.files import sha256_file
+from sllm.runtime.files import sha256_file
 
 MANIFEST = "manifest.json"
 CHECKPOINT_KINDS = {"sentence_vae": "a SentenceVAE (stage 1) checkpoint", "sllm": "an SLLM (stage 2) checkpoint",

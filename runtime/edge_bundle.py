@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.manifest import CLOUD_WEIGHTS, BundleError, listed_file, read_manifest, write_manifest
-from runtime.providers import cpu_session
-from runtime.svae_onnx import DecoderSpec, encode, greedy_decode
+from sllm.runtime.manifest import CLOUD_WEIGHTS, BundleError, listed_file, read_manifest, write_manifest
+from sllm.runtime.providers import cpu_session
+from sllm.runtime.svae_onnx import DecoderSpec, encode, greedy_decode
 
 KIND = "edge"
 ENCODER = "encoder.onnx"
@@ -146,7 +146,7 @@ class EdgeBundle:
 
 def load_edge_bundle(bundle_dir: Path, threads: int = 0) -> EdgeBundle:
     """Check every file against the manifest, then load the tokenizer and the two graphs (CPU)."""
-    from sentences.tokenizer import SentenceTokenizer, TokenizerError
+    from sllm.sentences.tokenizer import SentenceTokenizer, TokenizerError
 
     bundle_dir = Path(bundle_dir)
     manifest = read_manifest(bundle_dir, kind=KIND, required=(TOKENIZER_META,))

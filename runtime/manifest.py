@@ -10,7 +10,7 @@ import json
 import os
 from pathlib import Path, PurePosixPath
 
-from runtime.files import atomic_write_text, sha256_file
+from sllm.runtime.files import atomic_write_text, sha256_file
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"

@@ -1,10 +1,10 @@
 """Run the exported SentenceVAE graphs with onnxruntime: encode token lists, greedy-decode vectors.
 
 numpy only (the sessions come from runtime.providers; no torch, no tokenizers): the edge runs this, and the
-exporter checks it against the torch loop in `modeling.generate.decode_sentences`
+exporter checks it against the torch loop in `sllm.modeling.generate.decode_sentences`
 token for token.
 
-Graph contract (the names the exporter gives, see `export.onnx_export`):
+Graph contract (the names the exporter gives, see `sllm.export.onnx_export`):
     encoder.onnx  ids int64 [B, L], mask bool [B, L] (True = real token) -> vectors float32 [B, d]
     decoder.onnx  ids int64 [B, T], memory float32 [B, d],
                   past_kv float32 [n_layers, 2, B, n_heads, P, head_dim]

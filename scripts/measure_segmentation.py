@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from sentences.limit import is_blank, split_to_token_limit  # noqa: E402
-from sentences.segment import SEGMENTATION_VERSION, split_sentences  # noqa: E402
-from sentences.tokenizer import train_bpe  # noqa: E402
-from training.data.corpus import load_documents, split_documents  # noqa: E402
+from sllm.sentences.limit import is_blank, split_to_token_limit  # noqa: E402
+from sllm.sentences.segment import SEGMENTATION_VERSION, split_sentences  # noqa: E402
+from sllm.sentences.tokenizer import train_bpe  # noqa: E402
+from sllm.training.data.corpus import load_documents, split_documents  # noqa: E402
 
 
 def main() -> None:

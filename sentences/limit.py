@@ -7,8 +7,8 @@ with whitespace) when one is near the limit, else at any character boundary.
 """
 from __future__ import annotations
 
-from sentences.segment import split_sentences
-from sentences.tokenizer import SentenceTokenizer
+from sllm.sentences.segment import split_sentences
+from sllm.sentences.tokenizer import SentenceTokenizer
 
 
 def split_to_token_limit(segment: str, tok: SentenceTokenizer, max_tokens: int) -> list[str]:

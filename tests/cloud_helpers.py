@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from cloud.config import ServerConfig
-from cloud.server import CloudServer
-from modeling.opt_graft import STOP, GraftedOPT
-from protos.sllm.v1 import sllm_pb2 as pb
+from sllm.cloud.config import ServerConfig
+from sllm.cloud.server import CloudServer
+from sllm.modeling.opt_graft import STOP, GraftedOPT
+from sllm.protos.v1 import sllm_pb2 as pb
 
 D = 32  # the random cloud model of the `cloud_bundle` fixture (tests/conftest.py)
 MODEL_ID = "sllm-test-model"
@@ -135,7 +135,7 @@ def captured_logs() -> Iterator[list[dict]]:
     whatever handlers the `sllm.cloud` logger has (other tests may have set it up)."""
     import logging
 
-    from cloud.jsonlog import get_logger
+    from sllm.cloud.jsonlog import get_logger
 
     entries: list[dict] = []
 

@@ -20,9 +20,9 @@ def tiny_corpus(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_svae_run(tiny_corpus, tmp_path_factory) -> Path:
     """A tiny SentenceVAE run dir trained for 4 steps (about a second). Tests must not modify it: copy first."""
-    from training.cli import build_run_config
-    from training.tasks.sentence_vae import SentenceVAETask
-    from training.trainer import Trainer
+    from sllm.training.cli import build_run_config
+    from sllm.training.tasks.sentence_vae import SentenceVAETask
+    from sllm.training.trainer import Trainer
 
     out = tmp_path_factory.mktemp("tiny_svae")
     run = build_run_config(None, tiny_overrides(tiny_corpus, out / "cache") + ["train.max_steps=4"], str(out / "run"))
@@ -36,7 +36,7 @@ def cloud_bundle(tmp_path_factory) -> Path:
     do not care what the weights are. Tests must not modify it."""
     from cloud_helpers import MODEL_ID, D
 
-    from modeling.cloud_bundle import write_random_cloud_bundle
+    from sllm.modeling.cloud_bundle import write_random_cloud_bundle
 
     out = tmp_path_factory.mktemp("cloud-bundle")
     write_random_cloud_bundle(out, model_id=MODEL_ID, d=D, layers=2, heads=4, max_sentences=64)
@@ -46,7 +46,7 @@ def cloud_bundle(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def cloud_model(cloud_bundle):
     """The torch model of `cloud_bundle`, as the server loads it (the reference for its outputs)."""
-    from modeling.cloud_bundle import load_cloud_bundle
+    from sllm.modeling.cloud_bundle import load_cloud_bundle
 
     return load_cloud_bundle(cloud_bundle)[0]
 
@@ -54,8 +54,8 @@ def cloud_model(cloud_bundle):
 @pytest.fixture(scope="session")
 def stage1(tiny_corpus, tmp_path_factory) -> Path:
     """A tiny stage-1 run trained for 30 steps. Tests must not modify it: copy first."""
-    from training.config import RunConfig
-    from training.tasks.sentence_vae import SentenceVAETask
+    from sllm.training.config import RunConfig
+    from sllm.training.tasks.sentence_vae import SentenceVAETask
 
     out = tmp_path_factory.mktemp("stage1")
     overrides = tiny_overrides(tiny_corpus, out / "cache") + ["train.max_steps=30", "model.max_sentence_tokens=16"]
@@ -66,8 +66,8 @@ def stage1(tiny_corpus, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def sllm_run(tiny_corpus, stage1, tmp_path_factory) -> Path:
     """A tiny SLLM run grafted on `stage1`, trained for 6 steps. Tests must not modify it: copy first."""
-    from training.config import SLLMRunConfig
-    from training.tasks.sllm import SLLMTask
+    from sllm.training.config import SLLMRunConfig
+    from sllm.training.tasks.sllm import SLLMTask
 
     out = tmp_path_factory.mktemp("sllm")
     overrides = sllm_overrides(tiny_corpus, out / "cache") + [f"sllm.svae_checkpoint={stage1}", "train.max_steps=6"]

@@ -68,8 +68,8 @@ def sllm_overrides(corpus: Path, cache: Path) -> list[str]:
 
 def train_run(cls, task_cls, overrides, out: Path):
     """Train a run in this process (quietly); returns the task."""
-    from training.cli import build_run_config  # torch: only where a run is trained
-    from training.trainer import Trainer
+    from sllm.training.cli import build_run_config  # torch: only where a run is trained
+    from sllm.training.trainer import Trainer
 
     run = build_run_config(None, overrides, str(out), cls)
     task = task_cls(run, **QUIET)

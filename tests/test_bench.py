@@ -14,15 +14,15 @@ from bench import cli as bench_cli
 from bench import kv_memory, plots, svae_variants
 from bench.models import load_models, untrained_baseline
 from bench.texts import ValidationText
-from export import baseline_bundle
-from export.cli import app as export_app
-from export.exporter import export_checkpoint
-from modeling.baseline_bundle import load_baseline_bundle
-from runtime.manifest import BundleError
-from training.config import BaselineRunConfig, SLLMRunConfig
-from training.load import load_baseline
-from training.tasks.opt_baseline import OPTBaselineTask
-from training.tasks.sllm import SLLMTask
+from sllm.export import baseline_bundle
+from sllm.export.cli import app as export_app
+from sllm.export.exporter import export_checkpoint
+from sllm.modeling.baseline_bundle import load_baseline_bundle
+from sllm.runtime.manifest import BundleError
+from sllm.training.config import BaselineRunConfig, SLLMRunConfig
+from sllm.training.load import load_baseline
+from sllm.training.tasks.opt_baseline import OPTBaselineTask
+from sllm.training.tasks.sllm import SLLMTask
 
 
 @pytest.fixture(scope="module")
@@ -195,8 +195,8 @@ def test_fastest_generator_streams_the_baseline_bundles_greedy_tokens(model_dir,
 
 def test_edge_decoder_bench_times_every_option_on_the_same_tokens(model_dir, tiny_corpus, tmp_path, capsys):
     from bench import edge_decoder
-    from runtime.edge_bundle import load_edge_bundle
-    from runtime.svae_onnx import KVSteps, greedy_decode
+    from sllm.runtime.edge_bundle import load_edge_bundle
+    from sllm.runtime.svae_onnx import KVSteps, greedy_decode
 
     out = tmp_path / "ed"
     assert edge_decoder.main(["--edge", str(model_dir / "edge"), "--out", str(out), "--corpus", str(tiny_corpus),

@@ -10,9 +10,9 @@ from transformers import OPTConfig, OPTForCausalLM
 
 from bench import baselines
 from bench.edge_decoder import BoundKVSteps
-from export.baseline_onnx import check_parity
-from runtime.providers import cpu_session
-from runtime.svae_onnx import KVSteps
+from sllm.export.baseline_onnx import check_parity
+from sllm.runtime.providers import cpu_session
+from sllm.runtime.svae_onnx import KVSteps
 
 VOCAB, MAX_POS = 300, 96
 

@@ -14,12 +14,12 @@ from cloud_helpers import running_server
 from helpers import ROOT
 from typer.testing import CliRunner
 
-import edge
-from edge.cli import app
-from modeling.cloud_bundle import load_cloud_bundle, write_random_cloud_bundle
-from runtime.edge_bundle import CLOUD_WEIGHTS_FIELD, load_edge_bundle
-from runtime.files import sha256_file
-from runtime.manifest import BundleError, read_manifest, write_manifest
+from sllm import edge
+from sllm.edge.cli import app
+from sllm.modeling.cloud_bundle import load_cloud_bundle, write_random_cloud_bundle
+from sllm.runtime.edge_bundle import CLOUD_WEIGHTS_FIELD, load_edge_bundle
+from sllm.runtime.files import sha256_file
+from sllm.runtime.manifest import BundleError, read_manifest, write_manifest
 
 MODEL = ROOT / "models" / "default"
 EDGE = MODEL / "edge"

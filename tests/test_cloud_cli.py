@@ -12,16 +12,16 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from cloud.cli import app
-from modeling.cloud_bundle import write_random_cloud_bundle
-from protos.client import CloudClient, CloudError
+from sllm.cloud.cli import app
+from sllm.modeling.cloud_bundle import write_random_cloud_bundle
+from sllm.protos.client import CloudClient, CloudError
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _command() -> list[str]:
     script = Path(sys.executable).parent / "sllm-cloud"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "cloud.cli"]
+    return [str(script)] if script.exists() else [sys.executable, "-m", "sllm.cloud.cli"]
 
 
 def test_serve_process_logs_json_and_stops_on_sigterm(tmp_path):

@@ -26,13 +26,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from helpers import ROOT
 from typer.testing import CliRunner
 
-import edge
-from cloud.cluster import NGINX_INSTALL_HINT, Balancer, Cluster, ClusterConfig, find_nginx, nginx_config
-from cloud.server import SERVICE_NAME
-from edge.api import EdgeChat
-from edge.chat import ChatSession
-from edge.cli import app
-from protos.client import SESSION_KEY_HEADER, CloudClient
+from sllm import edge
+from sllm.cloud.cluster import NGINX_INSTALL_HINT, Balancer, Cluster, ClusterConfig, find_nginx, nginx_config
+from sllm.cloud.server import SERVICE_NAME
+from sllm.edge.api import EdgeChat
+from sllm.edge.chat import ChatSession
+from sllm.edge.cli import app
+from sllm.protos.client import SESSION_KEY_HEADER, CloudClient
 
 if find_nginx() is None:
     pytest.skip(f"nginx is not installed here and could not be installed by scripts/test.sh (it needs root and "
@@ -289,7 +289,7 @@ def test_all_replicas_down_is_one_clear_error(tmp_path):
 def test_cluster_command_starts_and_stops_everything(cloud_bundle, tmp_path):
     """`sllm-cloud cluster`: prints the address, answers through nginx, and on Ctrl-C (SIGINT) stops
     the replicas and nginx and exits 0 (the tiny random model: what is served does not matter)."""
-    proc = subprocess.Popen([sys.executable, "-m", "cloud.cli", "cluster", "--bundle", str(cloud_bundle),
+    proc = subprocess.Popen([sys.executable, "-m", "sllm.cloud.cli", "cluster", "--bundle", str(cloud_bundle),
                              "--replicas", "2", "--port", "0", "--threads", "1", "--grace", "1",
                              "--dir", str(tmp_path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)

@@ -4,8 +4,8 @@ import pytest
 import torch
 from cloud_helpers import reference_outputs
 
-from cloud.engine import Engine
-from modeling.cloud_bundle import random_grafted_opt
+from sllm.cloud.engine import Engine
+from sllm.modeling.cloud_bundle import random_grafted_opt
 
 
 @pytest.fixture(scope="module")
@@ -22,7 +22,7 @@ def _keep(slots, news) -> None:
 def test_batched_sessions_equal_unbatched_and_full_forward(model, short_context, monkeypatch):
     # steps of one new sentence per session below SHORT_CONTEXT gather every past into one padded batch
     # (modeling.opt_block.PaddedPast); at 0 every step attends over each slot's own views
-    monkeypatch.setattr("modeling.opt_graft.SHORT_CONTEXT", short_context)
+    monkeypatch.setattr("sllm.modeling.opt_graft.SHORT_CONTEXT", short_context)
     engine = Engine(model)
     rng = np.random.default_rng(0)
     # four sessions, each fed in its own chunks: prefills of several sentences and single steps,

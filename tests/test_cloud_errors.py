@@ -11,9 +11,9 @@ from cloud_helpers import MODEL_ID, D, converse_raw, reference_outputs, running_
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from protos.client import CloudClient, CloudError
-from protos.sllm.v1 import sllm_pb2 as pb
-from protos.wire import pack
+from sllm.protos.client import CloudClient, CloudError
+from sllm.protos.v1 import sllm_pb2 as pb
+from sllm.protos.wire import pack
 
 C = grpc.StatusCode
 

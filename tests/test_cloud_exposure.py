@@ -23,12 +23,12 @@ from cloud_helpers import (MODEL_ID, D, captured_logs, converse_raw, issue_cert,
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from typer.testing import CliRunner
 
-from cloud.cli import app, read_tokens
-from cloud.config import ServerConfig, is_loopback
-from cloud.jsonlog import LogRateLimit
-from cloud.server import CloudServer, full_history_bytes
-from modeling.cloud_bundle import load_cloud_bundle, write_random_cloud_bundle
-from protos.client import CloudClient, CloudError
+from sllm.cloud.cli import app, read_tokens
+from sllm.cloud.config import ServerConfig, is_loopback
+from sllm.cloud.jsonlog import LogRateLimit
+from sllm.cloud.server import CloudServer, full_history_bytes
+from sllm.modeling.cloud_bundle import load_cloud_bundle, write_random_cloud_bundle
+from sllm.protos.client import CloudClient, CloudError
 
 C = grpc.StatusCode
 TOKEN = "exposure-token"
@@ -296,7 +296,7 @@ def test_a_second_signal_stops_the_server_at_once(tmp_path):
     write_random_cloud_bundle(tmp_path / "bundle", model_id="sllm-sig", d=16, layers=1, heads=2)
     env = {k: v for k, v in os.environ.items() if k != "SLLM_CLOUD_TOKENS"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "cloud.cli", "serve", "--bundle", str(tmp_path / "bundle"), "--port", "0",
+        [sys.executable, "-m", "sllm.cloud.cli", "serve", "--bundle", str(tmp_path / "bundle"), "--port", "0",
          "--grace", "60", "--threads", "1", "--metrics-port", "0"],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         env={**env, "SLLM_CLOUD_TOKEN": TOKEN, "OMP_NUM_THREADS": "1"})
@@ -341,7 +341,7 @@ def test_a_second_signal_stops_the_server_at_once(tmp_path):
 def test_a_token_flooding_silent_streams_ends_its_own_first():
     """When the streams waiting to open are at the limit, the one ended is the oldest of the token
     with the most of them: one token's flood does not push out another token's stream."""
-    from cloud.service import PendingStreams
+    from sllm.cloud.service import PendingStreams
 
     class FakeStream:
         def __init__(self, owner):

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
-from protos.client import CloudClient, CloudError
+from sllm.protos.client import CloudClient, CloudError
 
 C = grpc.StatusCode
 TOKENS = {"A": "owner-a-token", "B": "owner-b-token"}

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from protos.sllm.v1 import sllm_pb2 as pb
-from protos.wire import WireError, pack, unpack
+from sllm.protos.v1 import sllm_pb2 as pb
+from sllm.protos.wire import WireError, pack, unpack
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -16,16 +16,17 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_committed_stubs_are_fresh(tmp_path):
     subprocess.run([str(ROOT / "scripts/gen_protos.sh"), str(tmp_path)], check=True, cwd=ROOT,
                    env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable})
-    generated = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
-    assert Path("protos/sllm/v1/sllm_pb2.py") in generated and Path("protos/sllm/v1/sllm_pb2_grpc.py") in generated
-    stale = [str(rel) for rel in generated if (ROOT / rel).read_bytes() != (tmp_path / rel).read_bytes()]
+    out = tmp_path / "sllm"  # the stubs are written under their module path, sllm/protos/...
+    generated = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
+    assert Path("protos/v1/sllm_pb2.py") in generated and Path("protos/v1/sllm_pb2_grpc.py") in generated
+    stale = [str(rel) for rel in generated if (ROOT / rel).read_bytes() != (out / rel).read_bytes()]
     assert not stale, f"stale generated stubs {stale}: run scripts/gen_protos.sh and commit the result"
 
 
 def test_stubs_and_client_import_without_torch():
-    code = ("import sys; import protos.sllm.v1.sllm_pb2_grpc, protos.client, protos.wire; "
+    code = ("import sys; import sllm.protos.v1.sllm_pb2_grpc, sllm.protos.client, sllm.protos.wire; "
             "assert 'torch' not in sys.modules, 'the edge client must not pull torch'; "
-            "from protos.sllm.v1 import sllm_pb2 as pb; "
+            "from sllm.protos.v1 import sllm_pb2 as pb; "
             "print(pb.DESCRIPTOR.package, pb.DESCRIPTOR.services_by_name['SentenceLM'].full_name)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["sllm.v1", "sllm.v1.SentenceLM"]

@@ -12,11 +12,11 @@ import pytest
 from cloud_helpers import MODEL_ID, D, converse_raw, running_server
 from typer.testing import CliRunner
 
-from cloud.cli import app as cloud_app
+from sllm.cloud.cli import app as cloud_app
 
-from protos.client import SESSION_KEY_HEADER, CloudClient, CloudError
-from protos.sllm.v1 import sllm_pb2 as pb
-from protos.wire import pack
+from sllm.protos.client import SESSION_KEY_HEADER, CloudClient, CloudError
+from sllm.protos.v1 import sllm_pb2 as pb
+from sllm.protos.wire import pack
 
 
 @pytest.fixture(scope="module")

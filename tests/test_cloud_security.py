@@ -7,8 +7,8 @@ import pytest
 from cloud_helpers import MODEL_ID, D, converse_raw, reference_outputs, running_server, self_signed_cert
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from protos.client import CloudClient, CloudError
-from protos.sllm.v1 import sllm_pb2 as pb
+from sllm.protos.client import CloudClient, CloudError
+from sllm.protos.v1 import sllm_pb2 as pb
 
 TOKENS = ["s3cret-token", "rotated-token"]
 

@@ -13,7 +13,7 @@ from cloud_helpers import MODEL_ID, D, reference_outputs, running_server
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from protos.client import CloudClient, CloudError
+from sllm.protos.client import CloudClient, CloudError
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,7 @@ from dataclasses import asdict
 import pytest
 from helpers import ROOT
 
-from training.config import load_run_config
+from sllm.training.config import load_run_config
 
 CONFIGS = sorted((ROOT / "configs").glob("*.json"))
 

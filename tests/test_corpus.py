@@ -4,7 +4,7 @@ from collections import Counter
 
 import pytest
 
-from training.data.corpus import BUNDLED_CORPUS_DIR, CorpusError, Document, load_documents, split_documents
+from sllm.training.data.corpus import BUNDLED_CORPUS_DIR, CorpusError, Document, load_documents, split_documents
 
 
 def _jsonl(path, rows, gz=False):

@@ -11,10 +11,10 @@ import pytest
 from helpers import ROOT
 from typer.main import get_command
 
-from cloud.cli import app as cloud_app
-from cloud.cluster import find_nginx
-from cloud.server import SERVICE_NAME
-from protos.client import SESSION_KEY_HEADER
+from sllm.cloud.cli import app as cloud_app
+from sllm.cloud.cluster import find_nginx
+from sllm.cloud.server import SERVICE_NAME
+from sllm.protos.client import SESSION_KEY_HEADER
 
 DEPLOY = ROOT / "docs" / "deploy"
 

@@ -25,31 +25,31 @@ from cloud_helpers import running_server
 from helpers import NO_TORCH_BLOCKER, ROOT, sllm_overrides, tiny_overrides, train_run
 from typer.testing import CliRunner
 
-from edge.chat import EdgeError
-from edge.cli import app
-from edge.local import LocalServer
-from edge.loop import sentence_loop
-from edge.runtime import Decoded, EdgeRuntime
-from edge.sampling import Sampling, filter_logits, numpy_generator, pick_next
-from export.exporter import export_checkpoint
-from modeling.cloud_bundle import write_random_cloud_bundle
-from modeling.generate import SamplingConfig, decode_sentences
-from modeling.generate import pick_next as torch_pick_next
-from modeling.opt_graft import STOP
-from modeling.sllm_generate import SLLMGenerator
-from sentences.sampling import (
+from sllm.edge.chat import EdgeError
+from sllm.edge.cli import app
+from sllm.edge.local import LocalServer
+from sllm.edge.loop import sentence_loop
+from sllm.edge.runtime import Decoded, EdgeRuntime
+from sllm.edge.sampling import Sampling, filter_logits, numpy_generator, pick_next
+from sllm.export.exporter import export_checkpoint
+from sllm.modeling.cloud_bundle import write_random_cloud_bundle
+from sllm.modeling.generate import SamplingConfig, decode_sentences
+from sllm.modeling.generate import pick_next as torch_pick_next
+from sllm.modeling.opt_graft import STOP
+from sllm.modeling.sllm_generate import SLLMGenerator
+from sllm.sentences.sampling import (
     DEFAULT_NO_REPEAT_NGRAM,
     DEFAULT_NO_REPEAT_SENTENCE,
     DEFAULT_REPETITION_PENALTY,
     stop_decision,
 )
-from protos.client import StepResult
-from runtime.providers import CPU, ProviderError, open_sessions
-from training.cli import build_run_config
-from training.config import SLLMRunConfig
-from training.load import load_sllm
-from training.tasks.sentence_vae import SentenceVAETask
-from training.tasks.sllm import SLLMTask
+from sllm.protos.client import StepResult
+from sllm.runtime.providers import CPU, ProviderError, open_sessions
+from sllm.training.cli import build_run_config
+from sllm.training.config import SLLMRunConfig
+from sllm.training.load import load_sllm
+from sllm.training.tasks.sentence_vae import SentenceVAETask
+from sllm.training.tasks.sllm import SLLMTask
 
 CAP = 4  # --max-sentences in the comparisons (the torch reference uses the same cap)
 TOKEN = "edge-test-token"
@@ -381,7 +381,7 @@ def test_ctrl_c_stops_the_answer_and_keeps_the_session(model, prompts, server, n
 MISSED_CTRL_C = """
 import readline, signal, sys, threading, time
 from pathlib import Path
-from edge.cli import _prompt_input
+from sllm.edge.cli import _prompt_input
 
 def ctrl_c_the_prompt_does_not_see():
     # once the main thread waits in readline's select(), a SIGINT whose C handler runs in this
@@ -470,9 +470,9 @@ def test_aborted_answer_is_rebuilt_from_history(model, trained, prompts, server)
     """A second Ctrl-C (KeyboardInterrupt mid-answer) drops the stream; the next turn rebuilds the
     session from the history (prompt + the one sentence already appended) and goes on exactly as
     torch does for that conversation."""
-    from edge.chat import ChatSession
-    from edge.loop import SentenceEvent
-    from protos.client import CloudClient
+    from sllm.edge.chat import ChatSession
+    from sllm.edge.loop import SentenceEvent
+    from sllm.protos.client import CloudClient
 
     notes = []
     rt = EdgeRuntime.load(model[0] / "edge", threads=1)
@@ -512,7 +512,7 @@ LONG = 8  # a cap long enough for the tiny model to repeat itself
 def test_repetition_controls_and_stop_threshold_equal_torch(model, trained, prompts, server, sampling, threshold):
     """The edge (ONNX decoder, numpy controls, a real server's P(stop)) gives the torch reference's
     greedy text with the repetition controls on and any stop threshold, turn after turn."""
-    from edge.api import AnswerOptions, connect
+    from sllm.edge.api import AnswerOptions, connect
 
     options = AnswerOptions(max_sentences=LONG, repetition_penalty=sampling.repetition_penalty,
                             no_repeat_ngram_size=sampling.no_repeat_ngram_size,
@@ -655,15 +655,15 @@ def test_local_server_that_never_gets_healthy_is_stopped(tmp_path):
 def test_every_edge_module_imports_and_runs_without_torch(model, no_torch):
     code = textwrap.dedent(f"""\
         import importlib, pkgutil, sys
-        import edge
+        from sllm import edge
         heavy = [m for m in ("onnxruntime", "grpc", "tokenizers", "numpy") if m in sys.modules]
         assert not heavy, f"import edge loaded {{heavy}}"
-        assert edge.EdgeChat.__module__ == "edge.api"  # the API, imported on first use
-        names = [m.name for m in pkgutil.walk_packages(edge.__path__, "edge.") if m.name != "edge.__main__"]
+        assert edge.EdgeChat.__module__ == "sllm.edge.api"  # the API, imported on first use
+        names = [m.name for m in pkgutil.walk_packages(edge.__path__, "edge.") if m.name != "sllm.edge.__main__"]
         for name in names:
             importlib.import_module(name)
-        from edge.runtime import EdgeRuntime
-        from edge.sampling import Sampling
+        from sllm.edge.runtime import EdgeRuntime
+        from sllm.edge.sampling import Sampling
         rt = EdgeRuntime.load({str(model[0] / "edge")!r}, threads=1)
         v = rt.encode(rt.prompt_sentences("The king loves the river. Hello!"))
         d = rt.decode(v[0], Sampling(temperature=0.8, top_k=20, top_p=0.9, seed=3))
@@ -690,7 +690,7 @@ def test_every_edge_module_imports_and_runs_without_torch(model, no_torch):
 def test_cuda_is_used_only_when_it_really_loads(model, monkeypatch, capfd):
     import onnxruntime as ort
 
-    from runtime import providers
+    from sllm.runtime import providers
 
     paths = [str(model[0] / "edge" / "encoder.onnx"), str(model[0] / "edge" / "decoder.onnx")]
     sessions, provider, note = open_sessions(paths, "cpu", threads=1)
@@ -763,9 +763,9 @@ def test_repetition_controls_are_the_same_in_numpy_and_torch():
     """The guard's bookkeeping (shared) and its application to logits (numpy on the edge, torch in the
     reference): bit-identical float32 logits, the n-gram ban across a sentence boundary, the penalty's
     sign rule, eos banned only where the sentence would equal an earlier one."""
-    from edge.sampling import control_repetition
-    from modeling.generate import control_repetition as torch_control_repetition
-    from sentences.sampling import RepetitionGuard
+    from sllm.edge.sampling import control_repetition
+    from sllm.modeling.generate import control_repetition as torch_control_repetition
+    from sllm.sentences.sampling import RepetitionGuard
 
     sampling = SamplingConfig(repetition_penalty=1.3, no_repeat_ngram_size=3, no_repeat_sentence=True)
     guard = RepetitionGuard(sampling, [[5, 6, 7], [8, 5]], eos_id=2)  # the answer so far: 5 6 7 8 5

@@ -18,10 +18,10 @@ from cloud_helpers import running_server, self_signed_cert
 from helpers import NO_TORCH_BLOCKER, ROOT
 from typer.testing import CliRunner
 
-import edge
-from edge.cli import app
-from modeling.cloud_bundle import write_random_cloud_bundle
-from protos.client import DEFAULT_KEEPALIVE_S, channel_options
+from sllm import edge
+from sllm.edge.cli import app
+from sllm.modeling.cloud_bundle import write_random_cloud_bundle
+from sllm.protos.client import DEFAULT_KEEPALIVE_S, channel_options
 
 MODEL = ROOT / "models" / "default"
 FIRST, SECOND = "It is a truth universally acknowledged,", "She laughed. Then she was gone."

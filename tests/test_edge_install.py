@@ -82,7 +82,7 @@ def test_edge_env_imports_edge_modules_and_lacks_the_others(edge_env, tmp_path):
     for top in EDGE_PACKAGES:
         assert top in out["imported"]
         assert Path(out["files"][top]).is_relative_to(edge_env), out["files"][top]  # the wheel, not the checkout
-    assert {"edge.cli", "edge.chat", "edge.local", "runtime.roles", "protos.client"} <= set(out["imported"])
+    assert {"sllm.edge.cli", "sllm.edge.chat", "sllm.edge.local", "sllm.runtime.roles", "sllm.protos.client"} <= set(out["imported"])
     dists = set(out["dists"])
     assert {"sllm", "onnxruntime", "numpy", "tokenizers", "grpcio", "protobuf", "typer"} <= dists
     assert not dists & {"torch", "transformers", "onnx", "onnxscript", "safetensors", "onnxruntime-gpu",

@@ -13,15 +13,15 @@ import torch
 from helpers import ROOT
 from typer.testing import CliRunner
 
-from export.cli import app
-from export.exporter import ExportError, VerificationFailed, check_output_dir, export_checkpoint
-from modeling.cloud_bundle import load_cloud_bundle, model_id_for
-from modeling.generate import decode_sentences
-from runtime.artifacts import CheckpointError
-from runtime.edge_bundle import load_edge_bundle
-from runtime.manifest import BundleError, read_manifest
-from runtime.svae_onnx import decoder_step
-from training.load import load_sllm
+from sllm.export.cli import app
+from sllm.export.exporter import ExportError, VerificationFailed, check_output_dir, export_checkpoint
+from sllm.modeling.cloud_bundle import load_cloud_bundle, model_id_for
+from sllm.modeling.generate import decode_sentences
+from sllm.runtime.artifacts import CheckpointError
+from sllm.runtime.edge_bundle import load_edge_bundle
+from sllm.runtime.manifest import BundleError, read_manifest
+from sllm.runtime.svae_onnx import decoder_step
+from sllm.training.load import load_sllm
 
 N_VERIFY = 40
 runner = CliRunner()
@@ -85,10 +85,10 @@ def test_export_writes_edge_and_cloud_bundles_of_one_model(exported, sllm_run):
 
 
 def test_one_loader_opens_every_kind(exported, stage1, sllm_run, tmp_path):
-    from modeling.opt_graft import GraftedOPT
-    from runtime.artifacts import identify
-    from runtime.edge_bundle import EdgeBundle
-    from training.load import ExportFolder, TrainedSentenceVAE, TrainedSLLM, load, load_sentence_vae
+    from sllm.modeling.opt_graft import GraftedOPT
+    from sllm.runtime.artifacts import identify
+    from sllm.runtime.edge_bundle import EdgeBundle
+    from sllm.training.load import ExportFolder, TrainedSentenceVAE, TrainedSLLM, load, load_sentence_vae
 
     kinds = {p: identify(p).kind for p in (stage1, _ckpt(stage1), sllm_run, exported.edge, exported.cloud,
                                            exported.out)}
@@ -157,7 +157,7 @@ def test_ort_equals_torch_at_many_sizes(exported, sllm_run):
 
 
 def test_ort_greedy_tokens_identical_to_torch(exported, sllm_run):
-    from export.exporter import load_checkpoint, verification_sentences
+    from sllm.export.exporter import load_checkpoint, verification_sentences
 
     loaded = load_checkpoint(sllm_run)
     sentences, source = verification_sentences(loaded, N_VERIFY)
@@ -212,7 +212,7 @@ def test_a_flipped_byte_is_refused_on_load(exported, tmp_path):
         path.write_bytes(original)
         load(path.parent)
     # a manifest whose sizes do not describe the graphs (hashes re-done) is refused as well
-    from runtime.manifest import write_manifest
+    from sllm.runtime.manifest import write_manifest
 
     m = read_manifest(edge)
     write_manifest(edge, {**{k: v for k, v in m.items() if k not in ("files", "format_version")}, "head_dim": 8},
@@ -281,7 +281,7 @@ def test_refusals_are_clear_errors_with_exit_2(exported, stage1, sllm_run, tmp_p
 
 
 def test_failed_verification_installs_nothing(stage1, tmp_path, monkeypatch):
-    import export.verify as verify
+    import sllm.export.verify as verify
 
     monkeypatch.setattr(verify, "ATOL", -1.0)  # nothing can pass
     with pytest.raises(VerificationFailed, match="nothing was installed"):

@@ -3,8 +3,8 @@ import pytest
 import torch
 from transformers import OPTForCausalLM
 
-from modeling.config import ConfigError, OPTSpec
-from modeling.opt_graft import GraftedOPT, load_opt, opt_config_from_spec
+from sllm.modeling.config import ConfigError, OPTSpec
+from sllm.modeling.opt_graft import GraftedOPT, load_opt, opt_config_from_spec
 
 
 def _tiny_opt(**overrides) -> OPTForCausalLM:

@@ -1,5 +1,6 @@
 """The folder layout is the architecture: each package imports only the layers below it, the
 torch-free layers import no torch-side library, and no two modules import each other in a circle.
+Every layer folder installs as `sllm.<folder>`; bench/ (not installed) uses the same names.
 Read from the source with `ast` (imports inside functions count too), so a violation fails here
 before any install or role hits it."""
 from __future__ import annotations
@@ -26,13 +27,23 @@ TORCH_SIDE = {"torch", "transformers", "safetensors", "onnx", "onnxscript", "mat
 
 
 def _modules() -> dict[str, Path]:
-    """Dotted module name -> file, for every module of the project's packages."""
+    """Dotted module name -> file, for every module of the project's packages, under the name it
+    imports as: sllm.<layer>... for the layer folders, bench... for the (uninstalled) bench."""
     out = {}
     for package in ALLOWED:
         for path in sorted((ROOT / package).rglob("*.py")):
             parts = path.relative_to(ROOT).with_suffix("").parts
-            out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+            name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+            out[name if package == "bench" else f"sllm.{name}"] = path
     return out
+
+
+def _layer(module: str) -> str | None:
+    """The layer a dotted module name belongs to (sllm.edge.chat -> edge), or None if not ours."""
+    parts = module.split(".")
+    if parts[0] == "sllm" and len(parts) > 1 and parts[1] in ALLOWED:
+        return parts[1]
+    return "bench" if parts[0] == "bench" else None
 
 
 MODULES = _modules()
@@ -55,17 +66,26 @@ def _imports(path: Path) -> set[str]:
 def test_every_package_imports_only_the_layers_below_it():
     problems = []
     for name, path in MODULES.items():
-        package = name.split(".")[0]
+        package = _layer(name)
         for imported in _imports(path):
-            top = imported.split(".")[0]
-            if top in ALLOWED and top not in ALLOWED[package]:
+            layer = _layer(imported)
+            if layer is not None and layer not in ALLOWED[package]:
                 problems.append(f"{path.relative_to(ROOT)} imports {imported}")
     assert not problems, "layer violations:\n" + "\n".join(problems)
 
 
+def test_no_module_imports_a_layer_by_its_bare_folder_name():
+    """`import edge` would work only from a checkout: the install has sllm.edge and no top-level edge."""
+    bare = set(ALLOWED) - {"bench"}
+    files = list(MODULES.values()) + sorted((ROOT / "tests").glob("*.py"))
+    problems = [f"{path.relative_to(ROOT)} imports {imported}" for path in files
+                for imported in _imports(path) if imported.split(".")[0] in bare]
+    assert not problems, "import these as sllm.<layer>:\n" + "\n".join(problems)
+
+
 def test_torch_free_layers_import_no_torch_side_library():
     problems = [f"{path.relative_to(ROOT)} imports {imported}"
-                for name, path in MODULES.items() if name.split(".")[0] in TORCH_FREE
+                for name, path in MODULES.items() if _layer(name) in TORCH_FREE
                 for imported in _imports(path) if imported.split(".")[0] in TORCH_SIDE]
     assert not problems, "the edge install has none of these:\n" + "\n".join(problems)
 

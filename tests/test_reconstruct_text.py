@@ -10,11 +10,11 @@ import pytest
 from helpers import ROOT
 from typer.testing import CliRunner
 
-from sentences.limit import is_blank, text_to_sentences
-from sentences.tokenizer import TokenizerError
-from training.cli import EMPTY_TEXT, app
-from training.evaluate import reconstruct_text, reconstruct_texts
-from training.load import load_stage1
+from sllm.sentences.limit import is_blank, text_to_sentences
+from sllm.sentences.tokenizer import TokenizerError
+from sllm.training.cli import EMPTY_TEXT, app
+from sllm.training.evaluate import reconstruct_text, reconstruct_texts
+from sllm.training.load import load_stage1
 
 WORDS = " ".join(f"word{i % 97}" for i in range(2000))[:10_000]  # no punctuation at all
 ONE_LETTER = "a" * 10_000
@@ -198,7 +198,7 @@ def test_cli_corrupt_or_missing_checkpoint_exits_2(checkpoint, tmp_path):
         assert result.stdout == ""
     # a real process too: stderr is what a user sees
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "training.cli", "reconstruct", str(ckpt), "Hello there."],
+    proc = subprocess.run([sys.executable, "-m", "sllm.training.cli", "reconstruct", str(ckpt), "Hello there."],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "error:" in proc.stderr and "corrupt or truncated" in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout

@@ -26,10 +26,10 @@ from bench.rtt import (
     server_counters,
     summarize,
 )
-from edge.api import AnswerOptions
-from edge.runtime import EdgeRuntime
-from export.exporter import export_checkpoint
-from runtime.manifest import read_manifest
+from sllm.edge.api import AnswerOptions
+from sllm.edge.runtime import EdgeRuntime
+from sllm.export.exporter import export_checkpoint
+from sllm.runtime.manifest import read_manifest
 
 
 def _tiny_opt() -> OPTForCausalLM:

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sentences.segment import SEGMENTATION_VERSION, split_sentences
+from sllm.sentences.segment import SEGMENTATION_VERSION, split_sentences
 
 # Text made mostly of the characters the rules look at, plus any character at all.
 _TRICKY = list("ab AZ.?!;:,…。！？；：，、．\"')]」』“”’(\n\r\t 0123") + ["...", "Mr.", "U.S.", "e.g.", " . . . ", "\r\n", "😀"]

@@ -7,10 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from modeling.config import ConfigError, SentenceVAEConfig
-from modeling.generate import SamplingConfig, decode_full_recompute, decode_sentences, pick_next
-from modeling.losses import token_loss, token_nll_sum
-from modeling.sentence_vae import SentenceDecoder, SentenceVAE
+from sllm.modeling.config import ConfigError, SentenceVAEConfig
+from sllm.modeling.generate import SamplingConfig, decode_full_recompute, decode_sentences, pick_next
+from sllm.modeling.losses import token_loss, token_nll_sum
+from sllm.modeling.sentence_vae import SentenceDecoder, SentenceVAE
 
 torch.set_num_threads(1)
 
@@ -286,10 +286,10 @@ def test_tiny_model_overfits_four_sentences(fusion):
 
 
 def test_the_batched_speculation_decoder_equals_the_reference_row_by_row():
-    """modeling.svae_bundle.fast_greedy_decode (the cloud's guesses, all sessions in one batch, each row
+    """sllm.modeling.svae_bundle.fast_greedy_decode (the cloud's guesses, all sessions in one batch, each row
     with its own repetition controls, answer so far and token limit) gives decode_sentences' tokens."""
-    from modeling.svae_bundle import fast_greedy_decode
-    from sentences.sampling import RepetitionGuard
+    from sllm.modeling.svae_bundle import fast_greedy_decode
+    from sllm.sentences.sampling import RepetitionGuard
 
     model = random_model(seed=4, jitter=0.3, vocab_size=12)  # a small vocabulary: the controls must act
     memory = torch.randn(6, 32, generator=torch.Generator().manual_seed(1))

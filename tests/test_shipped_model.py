@@ -11,23 +11,23 @@ import torch
 from helpers import QUIET, ROOT, sllm_overrides, train_run
 from typer.testing import CliRunner
 
-from edge.runtime import EdgeRuntime
-from export.exporter import export_checkpoint
-from modeling.cloud_bundle import load_cloud_bundle
-from modeling.sllm_generate import SLLMGenerator
-from runtime.edge_bundle import load_edge_bundle
-from runtime.manifest import cloud_weights_sha256, read_manifest
-from training.cli import app
-from training.config import RunConfig, SLLMRunConfig
-from training.load import load, load_sentence_vae, load_sllm
-from training.stop_head import validation_stop_threshold
-from training.svae_folder import (
+from sllm.edge.runtime import EdgeRuntime
+from sllm.export.exporter import export_checkpoint
+from sllm.modeling.cloud_bundle import load_cloud_bundle
+from sllm.modeling.sllm_generate import SLLMGenerator
+from sllm.runtime.edge_bundle import load_edge_bundle
+from sllm.runtime.manifest import cloud_weights_sha256, read_manifest
+from sllm.training.cli import app
+from sllm.training.config import RunConfig, SLLMRunConfig
+from sllm.training.load import load, load_sentence_vae, load_sllm
+from sllm.training.stop_head import validation_stop_threshold
+from sllm.training.svae_folder import (
     compare_with_graphs,
     recover_svae_folder,
     validation_token_lists,
 )
-from training.svae_from_onnx import recover_sentence_vae
-from training.tasks.sllm import SLLMTask
+from sllm.training.svae_from_onnx import recover_sentence_vae
+from sllm.training.tasks.sllm import SLLMTask
 
 MODEL = ROOT / "models" / "default"
 runner = CliRunner()

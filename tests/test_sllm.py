@@ -12,18 +12,18 @@ from helpers import OPT_TINY, QUIET, ROOT, data_overrides, sllm_overrides, train
 from safetensors.torch import load_file
 from transformers import OPTForCausalLM
 
-from modeling.config import OPTSpec
-from modeling.generate import SamplingConfig, decode_sentences
-from modeling.opt_graft import opt_config_from_spec
-from modeling.sllm_generate import SLLMGenerator
-from training.checkpoint import CheckpointError
-from training.cli import build_run_config
-from training.config import BaselineRunConfig, SLLMRunConfig
-from training.data.passage_data import collate_passages
-from training.evaluate_lm import baseline_token_nll, sllm_token_nll
-from training.load import load_baseline, load_sllm, load_stage1
-from training.tasks.opt_baseline import OPTBaselineTask
-from training.tasks.sllm import SLLMTask
+from sllm.modeling.config import OPTSpec
+from sllm.modeling.generate import SamplingConfig, decode_sentences
+from sllm.modeling.opt_graft import opt_config_from_spec
+from sllm.modeling.sllm_generate import SLLMGenerator
+from sllm.training.checkpoint import CheckpointError
+from sllm.training.cli import build_run_config
+from sllm.training.config import BaselineRunConfig, SLLMRunConfig
+from sllm.training.data.passage_data import collate_passages
+from sllm.training.evaluate_lm import baseline_token_nll, sllm_token_nll
+from sllm.training.load import load_baseline, load_sllm, load_stage1
+from sllm.training.tasks.opt_baseline import OPTBaselineTask
+from sllm.training.tasks.sllm import SLLMTask
 
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 
@@ -37,7 +37,7 @@ def test_torchrun_ddp_sllm_trains_and_loss_falls(tiny_corpus, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     args = sllm_overrides(tiny_corpus, tmp_path / "cache") + ["train.max_steps=16", "train.lr=0.01",
                                                                "train.save_every=100"]
-    cmd = [TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "training.cli", "sllm", "--out",
+    cmd = [TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "sllm.training.cli", "sllm", "--out",
            str(tmp_path / "run"), *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -81,7 +81,7 @@ def test_padding_sentences_and_padding_passages_change_nothing(sllm_run):
 
 
 def _val_passages(trained):
-    from training.data.passage_data import prepare_passages
+    from sllm.training.data.passage_data import prepare_passages
 
     data_cfg = trained.run.data
     data_cfg.tokenizer = str(trained.path)
@@ -108,7 +108,7 @@ def test_baseline_trains_and_ppl_counts_the_same_tokens(tiny_corpus, sllm_run, t
 
     from typer.testing import CliRunner
 
-    from training.cli import app
+    from sllm.training.cli import app
 
     report = tmp_path / "compare.md"
     res = CliRunner().invoke(app, ["compare", str(sllm_run), str(tmp_path / "run"), "--report", str(report)])
@@ -153,7 +153,7 @@ def test_generation_streams_sentences_and_matches_full_recompute(sllm_run):
 def test_generate_cli(sllm_run):
     from typer.testing import CliRunner
 
-    from training.cli import app
+    from sllm.training.cli import app
 
     res = CliRunner().invoke(app, ["generate", str(sllm_run), "The king sees the river.", "--max-sentences", "2"])
     assert res.exit_code == 0, res.output
@@ -222,8 +222,8 @@ def test_width_mismatch_and_wrong_kind_are_refused(tiny_corpus, tmp_path, sllm_r
 def test_reconstruction_loss_is_stage_one_loss_on_the_passage_sentences(sllm_run):
     """sllm.reconstruction_loss_weight adds weight * the SentenceVAE's own (stage-1) loss over the
     real sentences of the batch, padding sentences excluded."""
-    from modeling.losses import token_loss
-    from training.tasks.sllm import sllm_losses
+    from sllm.modeling.losses import token_loss
+    from sllm.training.tasks.sllm import sllm_losses
 
     trained = load_sllm(sllm_run)
     data = _val_passages(trained)
@@ -252,8 +252,8 @@ def test_eval_reads_the_sentence_vae_inside_an_sllm_checkpoint(sllm_run, stage1)
     bundle decodes with), not the stage-1 one it started from."""
     from typer.testing import CliRunner
 
-    from training.cli import app
-    from training.load import load_sentence_vae
+    from sllm.training.cli import app
+    from sllm.training.load import load_sentence_vae
 
     inner = load_sentence_vae(sllm_run)
     sllm_svae = load_sllm(sllm_run).model.svae.state_dict()
@@ -268,9 +268,9 @@ def test_eval_reads_the_sentence_vae_inside_an_sllm_checkpoint(sllm_run, stage1)
 def test_stop_loss_weights_the_rare_paragraph_ends(sllm_run, tmp_path):
     """sllm.stop_positive_weight: the stop flags' focal loss with the positive class ("the paragraph
     ends here") weighted, averaged over the weights; a typed field, saved with the run config."""
-    from modeling.losses import token_loss
-    from training.config import load_run_config
-    from training.tasks.sllm import sllm_losses
+    from sllm.modeling.losses import token_loss
+    from sllm.training.config import load_run_config
+    from sllm.training.tasks.sllm import sllm_losses
 
     trained = load_sllm(sllm_run)
     assert "stop_positive_weight" in json.loads((trained.path / "config.json").read_text())["sllm"]

@@ -12,14 +12,14 @@ import pytest
 from cloud_helpers import MODEL_ID, D, running_server
 from helpers import _make_sentence
 
-import edge
-from edge.api import AnswerOptions
-from edge.speculate import TOLERANCE, SpeculativeStepper, same_sentence
-from export.exporter import export_checkpoint
-from modeling.svae_bundle import load_svae_folder
-from protos.client import CloudClient, CloudError
-from protos.sllm.v1 import sllm_pb2 as pb
-from runtime.manifest import BundleError
+from sllm import edge
+from sllm.edge.api import AnswerOptions
+from sllm.edge.speculate import TOLERANCE, SpeculativeStepper, same_sentence
+from sllm.export.exporter import export_checkpoint
+from sllm.modeling.svae_bundle import load_svae_folder
+from sllm.protos.client import CloudClient, CloudError
+from sllm.protos.v1 import sllm_pb2 as pb
+from sllm.runtime.manifest import BundleError
 
 PROMPTS = [" ".join(_make_sentence(random.Random(i * 7 + k)) for k in range(1 + i % 2)) for i in range(20)]
 CAP = 5  # sentences per answer
@@ -143,7 +143,7 @@ def test_a_bad_decoding_is_refused_and_changes_nothing(server, export, field, va
 
 
 def _encode(export, texts):
-    from edge.runtime import EdgeRuntime
+    from sllm.edge.runtime import EdgeRuntime
 
     rt = EdgeRuntime.load(export / "edge", device="cpu")
     return rt, rt.encode([ids for t in texts for ids in rt.prompt_sentences(t)])

@@ -9,9 +9,9 @@ from cloud_helpers import running_server
 from transformers import OPTConfig, OPTForCausalLM
 
 from bench.token_split import TokenSplit
-from modeling.token_bundle import token_tables, write_token_bundle
-from protos.client import CloudClient
-from runtime.manifest import BundleError
+from sllm.modeling.token_bundle import token_tables, write_token_bundle
+from sllm.protos.client import CloudClient
+from sllm.runtime.manifest import BundleError
 
 NEW = 12
 PROMPTS = [[1, 5, 9, 33], [1, 60, 2, 7, 7, 41, 12, 3, 8], [1, 17]]

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sentences.limit import is_blank, split_to_token_limit, text_to_sentences
-from sentences.tokenizer import SentenceTokenizer, TokenizerError, train_bpe
+from sllm.sentences.limit import is_blank, split_to_token_limit, text_to_sentences
+from sllm.sentences.tokenizer import SentenceTokenizer, TokenizerError, train_bpe
 
 CORPUS = Path(__file__).resolve().parents[1] / "data" / "corpus"
 MULTILINGUAL = "Привет, мир. 你好，世界。こんにちは。مرحبا بالعالم. Γειά σου κόσμε! 😀👍🏽 naïve café\n"

@@ -12,19 +12,19 @@ import torch
 from helpers import ROOT, tiny_overrides
 from safetensors.torch import load_file
 
-from runtime.artifacts import resolve_checkpoint
-from runtime.files import sha256_file
-from training.checkpoint import CheckpointError
-from training.cli import build_run_config
-from training.load import load_stage1
-from training.trainer import lr_at
+from sllm.runtime.artifacts import resolve_checkpoint
+from sllm.runtime.files import sha256_file
+from sllm.training.checkpoint import CheckpointError
+from sllm.training.cli import build_run_config
+from sllm.training.load import load_stage1
+from sllm.training.trainer import lr_at
 
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 
 
 def _torchrun(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "training.cli", "svae", *args]
+    cmd = [TORCHRUN, "--standalone", "--nproc_per_node=2", "-m", "sllm.training.cli", "svae", *args]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
@@ -101,14 +101,14 @@ def test_garbage_weights_are_refused_even_without_manifest(trained_run, tmp_path
     (ckpt / "manifest.json").unlink()
     with pytest.raises(CheckpointError, match="neither a checkpoint"):
         load_stage1(ckpt)
-    from training.checkpoint import load_tensors
+    from sllm.training.checkpoint import load_tensors
 
     with pytest.raises(CheckpointError, match="corrupt or truncated"):
         load_tensors(ckpt / "ema.safetensors")
 
 
 def test_config_that_does_not_match_weights_is_refused(trained_run, tmp_path):
-    from training.checkpoint import MANIFEST, sha256_file
+    from sllm.training.checkpoint import MANIFEST, sha256_file
 
     ckpt = _copy_checkpoint(trained_run, tmp_path / "ckpt")
     cfg = json.loads((ckpt / "config.json").read_text())
@@ -123,8 +123,8 @@ def test_config_that_does_not_match_weights_is_refused(trained_run, tmp_path):
 
 
 def test_tokenizer_that_does_not_match_model_is_refused(trained_run, tmp_path, tiny_corpus):
-    from sentences.tokenizer import train_bpe
-    from training.checkpoint import MANIFEST, sha256_file
+    from sllm.sentences.tokenizer import train_bpe
+    from sllm.training.checkpoint import MANIFEST, sha256_file
 
     ckpt = _copy_checkpoint(trained_run, tmp_path / "ckpt")
     other = train_bpe(["some other text entirely, with other words."] * 50, vocab_size=280)
@@ -148,7 +148,7 @@ def test_not_a_checkpoint_is_refused(tmp_path):
 def test_cli_eval_reports_metrics_and_paper_inputs(trained_run, tmp_path):
     env = dict(os.environ)
     report = tmp_path / "report.md"
-    proc = subprocess.run([sys.executable, "-m", "training.cli", "eval", str(trained_run), "--n-exact", "20",
+    proc = subprocess.run([sys.executable, "-m", "sllm.training.cli", "eval", str(trained_run), "--n-exact", "20",
                            "--n-loss", "50", "--report", str(report)], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -165,7 +165,7 @@ def test_cli_reports_bad_input_without_traceback(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     for args in (["eval", str(tmp_path / "nope")], ["svae", "--config", str(tmp_path / "bad.json")],
                  ["svae", "model.d_model=30", "model.n_heads=4"], ["svae", "train.no_such_key=1"]):
-        proc = subprocess.run([sys.executable, "-m", "training.cli", *args], cwd=ROOT, env=env,
+        proc = subprocess.run([sys.executable, "-m", "sllm.training.cli", *args], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 2, (args, proc.stderr[-2000:])
         assert "Traceback" not in proc.stderr and "error:" in proc.stderr, args
@@ -174,12 +174,12 @@ def test_cli_reports_bad_input_without_traceback(tmp_path):
 def test_cli_plot_adds_exact_match_per_checkpoint_and_caches_it(tiny_corpus, tmp_path):
     from typer.testing import CliRunner
 
-    from training.cli import app, build_run_config
-    from training.data.sentence_data import prepare_data
-    from training.evaluate import exact_match
-    from training.exact_curve import CACHE_FILE
-    from training.tasks.sentence_vae import SentenceVAETask
-    from training.trainer import Trainer
+    from sllm.training.cli import app, build_run_config
+    from sllm.training.data.sentence_data import prepare_data
+    from sllm.training.evaluate import exact_match
+    from sllm.training.exact_curve import CACHE_FILE
+    from sllm.training.tasks.sentence_vae import SentenceVAETask
+    from sllm.training.trainer import Trainer
 
     overrides = tiny_overrides(tiny_corpus, tmp_path / "cache") + [
         "train.max_steps=6", "train.save_every=3", "train.keep_checkpoints=5"]
@@ -205,7 +205,7 @@ def test_sigterm_saves_at_a_step_boundary_and_the_run_resumes(tiny_corpus, tmp_p
     import signal
 
     out = tmp_path / "run"
-    args = [sys.executable, "-m", "training.cli", "svae", "--out", str(out),
+    args = [sys.executable, "-m", "sllm.training.cli", "svae", "--out", str(out),
             *tiny_overrides(tiny_corpus, tmp_path / "cache"), "train.max_steps=100000", "train.save_every=100000"]
     proc = subprocess.Popen(args, cwd=ROOT, env={**os.environ}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
@@ -235,8 +235,8 @@ def test_sigterm_saves_at_a_step_boundary_and_the_run_resumes(tiny_corpus, tmp_p
 
 def _fit(run_dir: Path, overrides: list[str], config: Path | None = None) -> list[str]:
     """Train (or resume) `run_dir` in this process; the log lines."""
-    from training.tasks.sentence_vae import SentenceVAETask
-    from training.trainer import Trainer
+    from sllm.training.tasks.sentence_vae import SentenceVAETask
+    from sllm.training.trainer import Trainer
 
     lines: list[str] = []
     run = build_run_config(config, overrides, str(run_dir))
@@ -257,7 +257,7 @@ def _hidden(run_dir: Path) -> list[str]:
 KILL_BETWEEN_RENAMES = """
 import os, shutil, sys
 from pathlib import Path
-from training import checkpoint as ckpt
+from sllm.training import checkpoint as ckpt
 final, src = Path(sys.argv[1]), Path(sys.argv[2])
 real, calls = os.replace, []
 def replace(a, b):  # replace_dir: the old folder aside, then (killed here) the new one in
@@ -351,7 +351,7 @@ def test_stale_hidden_checkpoint_folders_are_removed_only_when_ours_and_unused(t
     """At start, the hidden folders of killed checkpoint writes go: ours by name, whose writing
     process is gone (or is this one); a name without a pid only once it is an hour old. A complete
     one whose checkpoint is missing is renamed into place. Anything else stays."""
-    from training.checkpoint import LEGACY_STALE_AFTER_S, MANIFEST, clean_stale_writes
+    from sllm.training.checkpoint import LEGACY_STALE_AFTER_S, MANIFEST, clean_stale_writes
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True, check=True).stdout.strip()
@@ -388,7 +388,7 @@ def test_stale_hidden_checkpoint_folders_are_removed_only_when_ours_and_unused(t
 def test_every_file_and_the_folder_are_fsynced_before_the_renames(tmp_path, monkeypatch):
     """Re-writing a checkpoint: fsync of each file and of the new folder, then the old folder renamed
     aside, the new one in, the old one deleted, and the parent folder fsynced (the renames durable)."""
-    from training.checkpoint import write_checkpoint_dir
+    from sllm.training.checkpoint import write_checkpoint_dir
 
     final = tmp_path / "checkpoints" / "step_00000001"
     write_checkpoint_dir(final, lambda d: (d / "old.bin").write_bytes(b"old"))

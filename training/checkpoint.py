@@ -30,9 +30,9 @@ from typing import Callable
 
 import torch
 
-from modeling.weights import load_state_into, load_tensors, read_metadata, save_tensors
-from runtime.artifacts import MANIFEST, CheckpointError, resolve_checkpoint, verify_checkpoint_dir
-from runtime.files import atomic_write_bytes, atomic_write_text, fsync_dir, fsync_tree, replace_dir, sha256_file
+from sllm.modeling.weights import load_state_into, load_tensors, read_metadata, save_tensors
+from sllm.runtime.artifacts import MANIFEST, CheckpointError, resolve_checkpoint, verify_checkpoint_dir
+from sllm.runtime.files import atomic_write_bytes, atomic_write_text, fsync_dir, fsync_tree, replace_dir, sha256_file
 
 
 def optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

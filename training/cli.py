@@ -3,7 +3,7 @@
     sllm-train svae --config configs/svae-small.json train.max_steps=2000
     sllm-train sllm --config configs/sllm-small.json sllm.svae_checkpoint=runs/svae-small
     sllm-train baseline --config configs/baseline-small.json data.tokenizer=runs/sllm-small/checkpoints/...
-    torchrun --standalone --nproc_per_node=2 -m training.cli svae ...
+    torchrun --standalone --nproc_per_node=2 -m sllm.training.cli svae ...
     sllm-train eval runs/svae                          # or models/default (its svae/)
     sllm-train reconstruct runs/svae "Any text, of any length."
     sllm-train generate models/default "The state of the Union is strong."
@@ -14,7 +14,7 @@
 """
 from __future__ import annotations
 
-from runtime.roles import require_role
+from sllm.runtime.roles import require_role
 
 require_role("train", "sllm-train")  # before anything heavy: one line, not a traceback, in an edge install
 
@@ -25,17 +25,17 @@ from typing import Optional
 
 import typer
 
-from modeling.config import ConfigError
-from sentences.sampling import DEFAULT_NO_REPEAT_NGRAM, DEFAULT_NO_REPEAT_SENTENCE, DEFAULT_REPETITION_PENALTY
-from training.config import RunConfig, apply_overrides, load_run_config
+from sllm.modeling.config import ConfigError
+from sllm.sentences.sampling import DEFAULT_NO_REPEAT_NGRAM, DEFAULT_NO_REPEAT_SENTENCE, DEFAULT_REPETITION_PENALTY
+from sllm.training.config import RunConfig, apply_overrides, load_run_config
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train and evaluate sllm models.")
 
 
 def _user_errors():
-    from sentences.tokenizer import TokenizerError
-    from training.checkpoint import CheckpointError
-    from training.data.corpus import CorpusError
+    from sllm.sentences.tokenizer import TokenizerError
+    from sllm.training.checkpoint import CheckpointError
+    from sllm.training.data.corpus import CorpusError
 
     return (ConfigError, CheckpointError, TokenizerError, CorpusError, FloatingPointError)
 
@@ -57,7 +57,7 @@ def build_run_config(config: Optional[Path], overrides: list[str], out: Optional
 
 
 def _train(cls, task_factory, config: Optional[Path], overrides: Optional[list[str]], out: Optional[str]) -> None:
-    from training.trainer import Trainer
+    from sllm.training.trainer import Trainer
 
     try:
         run = build_run_config(config, overrides or [], out, cls)
@@ -76,7 +76,7 @@ _OUT = typer.Option(None, "--out", "-o", help="run directory (train.out_dir)")
 @app.command()
 def svae(overrides: list[str] = _OVERRIDES, config: Optional[Path] = _CONFIG, out: Optional[str] = _OUT):
     """Train a SentenceVAE (stage 1). Re-running with the same --out resumes exactly."""
-    from training.tasks.sentence_vae import SentenceVAETask
+    from sllm.training.tasks.sentence_vae import SentenceVAETask
 
     _train(RunConfig, SentenceVAETask, config, overrides, out)
 
@@ -84,8 +84,8 @@ def svae(overrides: list[str] = _OVERRIDES, config: Optional[Path] = _CONFIG, ou
 @app.command()
 def sllm(overrides: list[str] = _OVERRIDES, config: Optional[Path] = _CONFIG, out: Optional[str] = _OUT):
     """Train an SLLM (stage 2): a SentenceVAE grafted onto OPT blocks (sllm.svae_checkpoint, opt.pretrained)."""
-    from training.config import SLLMRunConfig
-    from training.tasks.sllm import SLLMTask
+    from sllm.training.config import SLLMRunConfig
+    from sllm.training.tasks.sllm import SLLMTask
 
     _train(SLLMRunConfig, SLLMTask, config, overrides, out)
 
@@ -93,8 +93,8 @@ def sllm(overrides: list[str] = _OVERRIDES, config: Optional[Path] = _CONFIG, ou
 @app.command()
 def baseline(overrides: list[str] = _OVERRIDES, config: Optional[Path] = _CONFIG, out: Optional[str] = _OUT):
     """Train the token-level OPT baseline on the same passages (data.tokenizer: the SLLM's tokenizer)."""
-    from training.config import BaselineRunConfig
-    from training.tasks.opt_baseline import OPTBaselineTask
+    from sllm.training.config import BaselineRunConfig
+    from sllm.training.tasks.opt_baseline import OPTBaselineTask
 
     _train(BaselineRunConfig, OPTBaselineTask, config, overrides, out)
 
@@ -109,8 +109,8 @@ def evaluate(
 ):
     """Validation loss, PPL, exact-match reconstruction and the paper's Table 2 inputs (a SentenceVAE
     checkpoint, the SentenceVAE inside an SLLM checkpoint, or an export folder's svae/)."""
-    from training.evaluate import evaluate_sentence_vae, render_markdown, validation_sentences
-    from training.load import load_sentence_vae
+    from sllm.training.evaluate import evaluate_sentence_vae, render_markdown, validation_sentences
+    from sllm.training.load import load_sentence_vae
 
     try:
         trained = load_sentence_vae(checkpoint, weights=weights)
@@ -138,8 +138,8 @@ def reconstruct(
 ):
     """Encode any text sentence by sentence and decode it back (greedy). Sentences over the
     token limit are split, never truncated; empty or blank text reconstructs to nothing."""
-    from training.evaluate import reconstruct_text
-    from training.load import load_sentence_vae
+    from sllm.training.evaluate import reconstruct_text
+    from sllm.training.load import load_sentence_vae
 
     if text is None:
         data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
@@ -183,9 +183,9 @@ def generate(
 ):
     """Continue a prompt sentence by sentence with a trained SLLM (torch reference, one process): the
     text edge-chat gives with the same options."""
-    from modeling.generate import SamplingConfig
-    from modeling.sllm_generate import SLLMGenerator
-    from training.load import load_sllm
+    from sllm.modeling.generate import SamplingConfig
+    from sllm.modeling.sllm_generate import SLLMGenerator
+    from sllm.training.load import load_sllm
 
     if prompt is None:
         prompt = sys.stdin.read()
@@ -212,7 +212,7 @@ def compare(
     report: Optional[Path] = typer.Option(None, help="also write the table here (.md; a .json beside it)"),
 ):
     """Token-level validation PPL of an SLLM and its baseline over exactly the same tokens."""
-    from training.evaluate_lm import compare_sllm_baseline, render_comparison
+    from sllm.training.evaluate_lm import compare_sllm_baseline, render_comparison
 
     try:
         result = compare_sllm_baseline(sllm_checkpoint, baseline_checkpoint, n_passages, log=_log_err)
@@ -231,8 +231,8 @@ def plot(run_dir: Path = typer.Argument(...), out: Optional[Path] = typer.Option
          exact_match: int = typer.Option(0, help="also reconstruct this many validation sentences at every "
                                                  "saved checkpoint (SentenceVAE or SLLM runs) and plot exact match")):
     """Plot the metrics log (training loss, validation loss, tokens/s) to a PNG."""
-    from training.exact_curve import exact_match_curve
-    from training.plot import plot_metrics
+    from sllm.training.exact_curve import exact_match_curve
+    from sllm.training.plot import plot_metrics
 
     try:
         rows = exact_match_curve(run_dir, exact_match, log=_log_err) if exact_match > 0 else None
@@ -255,8 +255,8 @@ def recover_svae(
     """Write MODEL/svae: the torch SentenceVAE recovered from MODEL/edge's ONNX graphs (checked to
     reproduce them), with its run config and tokenizer, so `eval`, `compare`, `reconstruct`,
     `generate` and a stage-2 run (sllm.svae_checkpoint=MODEL) can use the exported model."""
-    from training.svae_folder import DTYPES, FOLDER, recover_svae_folder
-    from training.svae_from_onnx import RecoveryError
+    from sllm.training.svae_folder import DTYPES, FOLDER, recover_svae_folder
+    from sllm.training.svae_from_onnx import RecoveryError
 
     if dtype not in DTYPES:
         _fail(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -283,7 +283,7 @@ def refit_stop(
     """Refit the termination head of an exported SLLM on frozen features of training passages, with
     its rare positive class weighted, choose its decision threshold on the validation split (max F1),
     and rewrite MODEL/cloud and the edge manifest (new weights hash, stop_threshold) in place."""
-    from training.stop_head import refit_model, render_report
+    from sllm.training.stop_head import refit_model, render_report
 
     try:
         weights = tuple(float(w) for w in sweep.split(",") if w.strip())

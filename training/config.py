@@ -10,8 +10,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from modeling.config import ConfigError, OPTSpec, SentenceVAEConfig, from_dict, to_dict
-from runtime.files import atomic_write_text
+from sllm.modeling.config import ConfigError, OPTSpec, SentenceVAEConfig, from_dict, to_dict
+from sllm.runtime.files import atomic_write_text
 
 
 @dataclass

@@ -7,13 +7,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from modeling.generate import SamplingConfig, decode_sentences
-from modeling.losses import token_nll_sum
-from modeling.sentence_vae import pad_token_lists
-from sentences.limit import model_sentences
-from training.data.sentence_data import SentenceTokens, collate, prepare_validation
-from training.load import TrainedSentenceVAE
-from training.tasks.common import unwrap
+from sllm.modeling.generate import SamplingConfig, decode_sentences
+from sllm.modeling.losses import token_nll_sum
+from sllm.modeling.sentence_vae import pad_token_lists
+from sllm.sentences.limit import model_sentences
+from sllm.training.data.sentence_data import SentenceTokens, collate, prepare_validation
+from sllm.training.load import TrainedSentenceVAE
+from sllm.training.tasks.common import unwrap
 
 # The eight inputs of the paper's Table 2, verbatim.
 PAPER_TABLE2_INPUTS = [

@@ -20,10 +20,10 @@ import math
 import numpy as np
 import torch
 
-from modeling.losses import IGNORE_INDEX, _token_nll, next_token_logits
-from modeling.sllm import SLLM
-from training.data.passage_data import Passages, collate_passages, collate_token_sequences, prepare_passages
-from training.load import load_baseline, load_sllm
+from sllm.modeling.losses import IGNORE_INDEX, _token_nll, next_token_logits
+from sllm.modeling.sllm import SLLM
+from sllm.training.data.passage_data import Passages, collate_passages, collate_token_sequences, prepare_passages
+from sllm.training.load import load_baseline, load_sllm
 
 
 def _result(nll: float, tokens: int, **extra: float) -> dict[str, float]:

@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from training import checkpoint as ckpt
-from training.evaluate import exact_match, validation_sentences
-from training.load import load_sentence_vae
+from sllm.training import checkpoint as ckpt
+from sllm.training.evaluate import exact_match, validation_sentences
+from sllm.training.load import load_sentence_vae
 
 CACHE_FILE = "exact_match.jsonl"
 

@@ -10,7 +10,7 @@
                   svae/ + cloud/, with the edge's stop threshold) and baseline/ (models/default)
 
 Every refusal is a CheckpointError (or BundleError) that says what was found and what was expected;
-the kind of a path is decided once, by `runtime.artifacts.identify`.
+the kind of a path is decided once, by `sllm.runtime.artifacts.identify`.
 """
 from __future__ import annotations
 
@@ -19,15 +19,15 @@ from pathlib import Path
 
 from transformers import OPTForCausalLM
 
-from modeling.config import ConfigError, OPTSpec
-from modeling.opt_graft import GraftedOPT, read_opt_config
-from modeling.sentence_vae import SentenceVAE
-from modeling.sllm import SLLM
-from modeling.weights import load_state_into, load_tensors, with_tied
-from runtime.artifacts import EXPORT, Artifact, CheckpointError, expect, identify
-from sentences.tokenizer import SentenceTokenizer, TokenizerError
-from training.checkpoint import verify_checkpoint_dir
-from training.config import BaselineRunConfig, RunConfig, SLLMRunConfig, load_run_config
+from sllm.modeling.config import ConfigError, OPTSpec
+from sllm.modeling.opt_graft import GraftedOPT, read_opt_config
+from sllm.modeling.sentence_vae import SentenceVAE
+from sllm.modeling.sllm import SLLM
+from sllm.modeling.weights import load_state_into, load_tensors, with_tied
+from sllm.runtime.artifacts import EXPORT, Artifact, CheckpointError, expect, identify
+from sllm.sentences.tokenizer import SentenceTokenizer, TokenizerError
+from sllm.training.checkpoint import verify_checkpoint_dir
+from sllm.training.config import BaselineRunConfig, RunConfig, SLLMRunConfig, load_run_config
 
 OPT_CONFIG_FILE = "opt_config.json"
 WEIGHTS = ("ema", "model")
@@ -125,7 +125,7 @@ def load_baseline(path: str | Path, weights: str = "ema", device: str = "cpu") -
     """A token-level OPT baseline checkpoint, a baseline bundle, or an export folder's baseline/."""
     found = identify(path)
     if found.kind in (EXPORT, "baseline"):
-        from modeling.baseline_bundle import FOLDER, load_baseline_bundle
+        from sllm.modeling.baseline_bundle import FOLDER, load_baseline_bundle
 
         folder = found.path / FOLDER if found.kind == EXPORT else found.path
         if not folder.is_dir():
@@ -153,8 +153,8 @@ def load_sentence_vae(path: str | Path, weights: str = "ema", device: str = "cpu
 
 def export_svae_dir(folder: Path) -> Path:
     """An export folder's svae/ (training.svae_folder), checked to belong to the same model as its edge/."""
-    from runtime.manifest import read_manifest
-    from training.svae_folder import FOLDER, read_source
+    from sllm.runtime.manifest import read_manifest
+    from sllm.training.svae_folder import FOLDER, read_source
 
     d = folder / FOLDER
     if not d.is_dir():
@@ -171,9 +171,9 @@ def export_svae_dir(folder: Path) -> Path:
 def load_exported_sllm(folder: Path, device: str = "cpu") -> TrainedSLLM:
     """An export folder as one torch SLLM: svae/ (the SentenceVAE) + cloud/ (the grafted OPT), its
     run config from svae/config.json, the stop threshold of its edge manifest."""
-    from modeling.cloud_bundle import load_cloud_bundle
-    from runtime.edge_bundle import check_stop_threshold
-    from runtime.manifest import read_manifest
+    from sllm.modeling.cloud_bundle import load_cloud_bundle
+    from sllm.runtime.edge_bundle import check_stop_threshold
+    from sllm.runtime.manifest import read_manifest
 
     svae = load_stage1(export_svae_dir(folder), device=device)
     opt, cloud = load_cloud_bundle(folder / "cloud", device)
@@ -214,15 +214,15 @@ def load(path: str | Path, weights: str = "ema", device: str = "cpu"):
     if found.kind == "opt_baseline":
         return load_baseline(found.path, weights, device)
     if found.kind == "cloud":
-        from modeling.cloud_bundle import load_cloud_bundle
+        from sllm.modeling.cloud_bundle import load_cloud_bundle
 
         return load_cloud_bundle(found.path, device)
     if found.kind == "baseline":
-        from modeling.baseline_bundle import load_baseline_bundle
+        from sllm.modeling.baseline_bundle import load_baseline_bundle
 
         return load_baseline_bundle(found.path)
     if found.kind == "edge":
-        from runtime.edge_bundle import load_edge_bundle
+        from sllm.runtime.edge_bundle import load_edge_bundle
 
         return load_edge_bundle(found.path)
     assert found.kind == EXPORT

@@ -19,11 +19,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from modeling.losses import token_loss
-from modeling.opt_graft import STOP
-from modeling.sllm import SLLM
-from training.data.passage_data import Passages, collate_passages
-from training.tasks.sllm import stop_class_weight
+from sllm.modeling.losses import token_loss
+from sllm.modeling.opt_graft import STOP
+from sllm.modeling.sllm import SLLM
+from sllm.training.data.passage_data import Passages, collate_passages
+from sllm.training.tasks.sllm import stop_class_weight
 
 THRESHOLD_DECIMALS = 4  # stored rounded; precision/recall are computed at the stored value
 
@@ -128,17 +128,17 @@ def refit_model(model_dir: Path, positive_weight: float, gamma: float = 2.0, tra
     weights' sha256, stop_threshold) with the bundles' own writers. -> the report."""
     import copy
 
-    from modeling.cloud_bundle import load_cloud_bundle, write_cloud_bundle
-    from runtime.edge_bundle import (
+    from sllm.modeling.cloud_bundle import load_cloud_bundle, write_cloud_bundle
+    from sllm.runtime.edge_bundle import (
         CLOUD_WEIGHTS_FIELD,
         STOP_THRESHOLD_FIELD,
         write_edge_manifest,
     )
-    from runtime.files import replace_dir
-    from runtime.manifest import cloud_weights_sha256, read_manifest
-    from training.data.passage_data import prepare_passages
-    from training.load import load_sllm
-    from training.svae_from_onnx import recover_sentence_vae
+    from sllm.runtime.files import replace_dir
+    from sllm.runtime.manifest import cloud_weights_sha256, read_manifest
+    from sllm.training.data.passage_data import prepare_passages
+    from sllm.training.load import load_sllm
+    from sllm.training.svae_from_onnx import recover_sentence_vae
 
     model_dir = Path(model_dir)
     trained = load_sllm(model_dir)  # the run config (data split) and the cloud blocks
@@ -224,7 +224,7 @@ def validation_stop_threshold(sllm: SLLM, data, tokenizer_dir: Path, log=lambda 
     ends a paragraph."""
     from dataclasses import replace
 
-    from training.data.passage_data import prepare_validation_passages
+    from sllm.training.data.passage_data import prepare_validation_passages
 
     val = prepare_validation_passages(replace(data, tokenizer=str(tokenizer_dir)), sllm.svae.cfg.max_sentence_tokens,
                                       log=log)

@@ -8,7 +8,7 @@
       manifest.json         sha256 of every file (a checkpoint manifest, written last)
 
 It is a stage-1 checkpoint in form (no optimizer state), so everything that takes one takes it:
-`sllm-train eval|reconstruct`, `sllm.svae_checkpoint=` of a stage-2 run. `training.load` reads an
+`sllm-train eval|reconstruct`, `sllm.svae_checkpoint=` of a stage-2 run. `sllm.training.load` reads an
 export folder with it as a whole model (`load_sllm(models/default)`).
 """
 from __future__ import annotations
@@ -19,14 +19,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from modeling.generate import decode_sentences
-from modeling.sentence_vae import SentenceVAE, pad_token_lists
-from modeling.weights import save_tensors
-from runtime.svae_onnx import decoder_step, greedy_decode
-from training.checkpoint import write_checkpoint_dir
-from training.config import DataConfig, RunConfig, save_json
-from training.data.corpus import load_documents, split_documents
-from training.data.sentence_data import segment_documents
+from sllm.modeling.generate import decode_sentences
+from sllm.modeling.sentence_vae import SentenceVAE, pad_token_lists
+from sllm.modeling.weights import save_tensors
+from sllm.runtime.svae_onnx import decoder_step, greedy_decode
+from sllm.training.checkpoint import write_checkpoint_dir
+from sllm.training.config import DataConfig, RunConfig, save_json
+from sllm.training.data.corpus import load_documents, split_documents
+from sllm.training.data.sentence_data import segment_documents
 
 FOLDER = "svae"
 SOURCE = "source.json"
@@ -111,8 +111,8 @@ def recover_svae_folder(model_dir: Path, run: RunConfig, dtype: str = "float16",
     (within the exporter's tolerance, every greedy reconstruction identical, else RecoveryError),
     stored in `dtype` (also measured against the graphs). `run` gives the data and training config
     (the model config comes from the graphs). -> the report written into source.json."""
-    from runtime.edge_bundle import ENCODER, load_edge_bundle
-    from training.svae_from_onnx import RecoveryError, recover_sentence_vae
+    from sllm.runtime.edge_bundle import ENCODER, load_edge_bundle
+    from sllm.training.svae_from_onnx import RecoveryError, recover_sentence_vae
 
     model_dir = Path(model_dir)
     edge_dir = model_dir / "edge"

@@ -12,7 +12,7 @@ why names alone do not say whose a tensor is; a graph without the metadata falls
 manifest.
 
 `recover_sentence_vae(edge_dir)` -> (SentenceVAE in fp32, its config); the caller checks it
-against the graphs (`training.svae_folder.compare_with_graphs`).
+against the graphs (`sllm.training.svae_folder.compare_with_graphs`).
 """
 from __future__ import annotations
 
@@ -24,10 +24,10 @@ import onnx
 import torch
 from onnx import numpy_helper
 
-from modeling.config import SentenceVAEConfig
-from modeling.sentence_vae import SentenceVAE
-from runtime.edge_bundle import load_edge_bundle
-from runtime.manifest import listed_file
+from sllm.modeling.config import SentenceVAEConfig
+from sllm.modeling.sentence_vae import SentenceVAE
+from sllm.runtime.edge_bundle import load_edge_bundle
+from sllm.runtime.manifest import listed_file
 
 SCOPES = "pkg.torch.onnx.name_scopes"
 

@@ -28,8 +28,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from training import checkpoint as ckpt
-from training.config import TrainConfig, save_json
+from sllm.training import checkpoint as ckpt
+from sllm.training.config import TrainConfig, save_json
 
 
 class Task(Protocol):

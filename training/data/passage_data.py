@@ -17,11 +17,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sentences.limit import model_sentences
-from sentences.tokenizer import SentenceTokenizer
-from training.config import DataConfig
-from training.data.corpus import Document
-from training.data.sentence_data import SentenceTokens, _fingerprint, load_split_corpus, tokenize_sentences
+from sllm.sentences.limit import model_sentences
+from sllm.sentences.tokenizer import SentenceTokenizer
+from sllm.training.config import DataConfig
+from sllm.training.data.corpus import Document
+from sllm.training.data.sentence_data import SentenceTokens, _fingerprint, load_split_corpus, tokenize_sentences
 
 
 @dataclass

@@ -15,12 +15,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sentences.limit import model_sentences
-from sentences.segment import SEGMENTATION_VERSION
-from sentences.tokenizer import SentenceTokenizer, train_bpe
-from training.checkpoint import resolve_checkpoint
-from training.config import DataConfig
-from training.data.corpus import Document, load_documents, split_documents
+from sllm.sentences.limit import model_sentences
+from sllm.sentences.segment import SEGMENTATION_VERSION
+from sllm.sentences.tokenizer import SentenceTokenizer, train_bpe
+from sllm.training.checkpoint import resolve_checkpoint
+from sllm.training.config import DataConfig
+from sllm.training.data.corpus import Document, load_documents, split_documents
 
 CACHE_FORMAT = 1
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 from torch import nn
 
-from training.config import TrainConfig
-from training.data.sentence_data import epoch_batches
+from sllm.training.config import TrainConfig
+from sllm.training.data.sentence_data import epoch_batches
 
 
 class EpochBatches:

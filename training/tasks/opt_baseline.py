@@ -9,16 +9,16 @@ import torch
 from torch import nn
 from transformers import OPTConfig, OPTForCausalLM
 
-from modeling.config import ConfigError
-from modeling.losses import IGNORE_INDEX, next_token_logits, token_loss
-from modeling.opt_graft import load_opt
-from runtime.artifacts import CheckpointError, expect
-from sentences.segment import SEGMENTATION_VERSION
-from training.config import BaselineRunConfig, load_run_config
-from training.data.passage_data import PreparedPassages, collate_token_sequences, prepare_passages
-from training.evaluate_lm import baseline_token_nll
-from training.load import OPT_CONFIG_FILE
-from training.tasks.common import EpochBatches, unwrap
+from sllm.modeling.config import ConfigError
+from sllm.modeling.losses import IGNORE_INDEX, next_token_logits, token_loss
+from sllm.modeling.opt_graft import load_opt
+from sllm.runtime.artifacts import CheckpointError, expect
+from sllm.sentences.segment import SEGMENTATION_VERSION
+from sllm.training.config import BaselineRunConfig, load_run_config
+from sllm.training.data.passage_data import PreparedPassages, collate_token_sequences, prepare_passages
+from sllm.training.evaluate_lm import baseline_token_nll
+from sllm.training.load import OPT_CONFIG_FILE
+from sllm.training.tasks.common import EpochBatches, unwrap
 
 
 class OPTBaselineTask:

@@ -6,13 +6,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from modeling.losses import token_loss
-from modeling.sentence_vae import SentenceVAE
-from sentences.segment import SEGMENTATION_VERSION
-from training.config import RunConfig
-from training.data.sentence_data import PreparedData, collate, prepare_data
-from training.evaluate import validation_loss
-from training.tasks.common import EpochBatches, unwrap
+from sllm.modeling.losses import token_loss
+from sllm.modeling.sentence_vae import SentenceVAE
+from sllm.sentences.segment import SEGMENTATION_VERSION
+from sllm.training.config import RunConfig
+from sllm.training.data.sentence_data import PreparedData, collate, prepare_data
+from sllm.training.evaluate import validation_loss
+from sllm.training.tasks.common import EpochBatches, unwrap
 
 
 class SentenceVAETask:

@@ -13,17 +13,17 @@ import torch
 from torch import nn
 from transformers import OPTConfig
 
-from modeling.config import ConfigError
-from modeling.losses import token_loss
-from modeling.opt_graft import STOP, GraftedOPT, load_opt
-from modeling.sentence_vae import SentenceVAE
-from modeling.sllm import SLLM
-from sentences.segment import SEGMENTATION_VERSION
-from training.config import SLLMRunConfig
-from training.data.passage_data import PassageBatch, PreparedPassages, collate_passages, prepare_passages
-from training.evaluate_lm import sllm_token_nll
-from training.load import OPT_CONFIG_FILE, load_sentence_vae
-from training.tasks.common import EpochBatches, unwrap
+from sllm.modeling.config import ConfigError
+from sllm.modeling.losses import token_loss
+from sllm.modeling.opt_graft import STOP, GraftedOPT, load_opt
+from sllm.modeling.sentence_vae import SentenceVAE
+from sllm.modeling.sllm import SLLM
+from sllm.sentences.segment import SEGMENTATION_VERSION
+from sllm.training.config import SLLMRunConfig
+from sllm.training.data.passage_data import PassageBatch, PreparedPassages, collate_passages, prepare_passages
+from sllm.training.evaluate_lm import sllm_token_nll
+from sllm.training.load import OPT_CONFIG_FILE, load_sentence_vae
+from sllm.training.tasks.common import EpochBatches, unwrap
 
 
 class SLLMTask:

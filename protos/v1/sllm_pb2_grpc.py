@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos.sllm.v1 import sllm_pb2 as protos_dot_sllm_dot_v1_dot_sllm__pb2
+from sllm.protos.v1 import sllm_pb2 as sllm_dot_protos_dot_v1_dot_sllm__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/sllm/v1/sllm_pb2_grpc.py depends on'
+        + ' but the generated code in sllm/protos/v1/sllm_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -37,18 +37,18 @@ class SentenceLMStub:
         """
         self.Converse = channel.stream_stream(
                 '/sllm.v1.SentenceLM/Converse',
-                request_serializer=protos_dot_sllm_dot_v1_dot_sllm__pb2.ClientMessage.SerializeToString,
-                response_deserializer=protos_dot_sllm_dot_v1_dot_sllm__pb2.ServerMessage.FromString,
+                request_serializer=sllm_dot_protos_dot_v1_dot_sllm__pb2.ClientMessage.SerializeToString,
+                response_deserializer=sllm_dot_protos_dot_v1_dot_sllm__pb2.ServerMessage.FromString,
                 _registered_method=True)
         self.GetModelInfo = channel.unary_unary(
                 '/sllm.v1.SentenceLM/GetModelInfo',
-                request_serializer=protos_dot_sllm_dot_v1_dot_sllm__pb2.GetModelInfoRequest.SerializeToString,
-                response_deserializer=protos_dot_sllm_dot_v1_dot_sllm__pb2.ModelInfo.FromString,
+                request_serializer=sllm_dot_protos_dot_v1_dot_sllm__pb2.GetModelInfoRequest.SerializeToString,
+                response_deserializer=sllm_dot_protos_dot_v1_dot_sllm__pb2.ModelInfo.FromString,
                 _registered_method=True)
         self.GetStats = channel.unary_unary(
                 '/sllm.v1.SentenceLM/GetStats',
-                request_serializer=protos_dot_sllm_dot_v1_dot_sllm__pb2.GetStatsRequest.SerializeToString,
-                response_deserializer=protos_dot_sllm_dot_v1_dot_sllm__pb2.Stats.FromString,
+                request_serializer=sllm_dot_protos_dot_v1_dot_sllm__pb2.GetStatsRequest.SerializeToString,
+                response_deserializer=sllm_dot_protos_dot_v1_dot_sllm__pb2.Stats.FromString,
                 _registered_method=True)
 
 
@@ -82,18 +82,18 @@ def add_SentenceLMServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Converse': grpc.stream_stream_rpc_method_handler(
                     servicer.Converse,
-                    request_deserializer=protos_dot_sllm_dot_v1_dot_sllm__pb2.ClientMessage.FromString,
-                    response_serializer=protos_dot_sllm_dot_v1_dot_sllm__pb2.ServerMessage.SerializeToString,
+                    request_deserializer=sllm_dot_protos_dot_v1_dot_sllm__pb2.ClientMessage.FromString,
+                    response_serializer=sllm_dot_protos_dot_v1_dot_sllm__pb2.ServerMessage.SerializeToString,
             ),
             'GetModelInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModelInfo,
-                    request_deserializer=protos_dot_sllm_dot_v1_dot_sllm__pb2.GetModelInfoRequest.FromString,
-                    response_serializer=protos_dot_sllm_dot_v1_dot_sllm__pb2.ModelInfo.SerializeToString,
+                    request_deserializer=sllm_dot_protos_dot_v1_dot_sllm__pb2.GetModelInfoRequest.FromString,
+                    response_serializer=sllm_dot_protos_dot_v1_dot_sllm__pb2.ModelInfo.SerializeToString,
             ),
             'GetStats': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStats,
-                    request_deserializer=protos_dot_sllm_dot_v1_dot_sllm__pb2.GetStatsRequest.FromString,
-                    response_serializer=protos_dot_sllm_dot_v1_dot_sllm__pb2.Stats.SerializeToString,
+                    request_deserializer=sllm_dot_protos_dot_v1_dot_sllm__pb2.GetStatsRequest.FromString,
+                    response_serializer=sllm_dot_protos_dot_v1_dot_sllm__pb2.Stats.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -122,8 +122,8 @@ class SentenceLM:
             request_iterator,
             target,
             '/sllm.v1.SentenceLM/Converse',
-            protos_dot_sllm_dot_v1_dot_sllm__pb2.ClientMessage.SerializeToString,
-            protos_dot_sllm_dot_v1_dot_sllm__pb2.ServerMessage.FromString,
+            sllm_dot_protos_dot_v1_dot_sllm__pb2.ClientMessage.SerializeToString,
+            sllm_dot_protos_dot_v1_dot_sllm__pb2.ServerMessage.FromString,
             options,
             channel_credentials,
             insecure,
@@ -149,8 +149,8 @@ class SentenceLM:
             request,
             target,
             '/sllm.v1.SentenceLM/GetModelInfo',
-            protos_dot_sllm_dot_v1_dot_sllm__pb2.GetModelInfoRequest.SerializeToString,
-            protos_dot_sllm_dot_v1_dot_sllm__pb2.ModelInfo.FromString,
+            sllm_dot_protos_dot_v1_dot_sllm__pb2.GetModelInfoRequest.SerializeToString,
+            sllm_dot_protos_dot_v1_dot_sllm__pb2.ModelInfo.FromString,
             options,
             channel_credentials,
             insecure,
@@ -176,8 +176,8 @@ class SentenceLM:
             request,
             target,
             '/sllm.v1.SentenceLM/GetStats',
-            protos_dot_sllm_dot_v1_dot_sllm__pb2.GetStatsRequest.SerializeToString,
-            protos_dot_sllm_dot_v1_dot_sllm__pb2.Stats.FromString,
+            sllm_dot_protos_dot_v1_dot_sllm__pb2.GetStatsRequest.SerializeToString,
+            sllm_dot_protos_dot_v1_dot_sllm__pb2.Stats.FromString,
             options,
             channel_credentials,
             insecure,
