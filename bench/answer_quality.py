@@ -36,7 +36,7 @@ import numpy as np
 
 from bench.config import ROOT
 from bench.models import load_models
-from bench.sllm_loop import EngineStepper
+from bench.sllm_loop import EngineStepper, PastStop
 from sllm.edge.loop import SentenceEvent, TurnEnd, sentence_loop
 from sllm.edge.sampling import Sampling
 from sllm.sentences.sampling import DEFAULT_NO_REPEAT_NGRAM, DEFAULT_NO_REPEAT_SENTENCE, DEFAULT_REPETITION_PENALTY
@@ -104,8 +104,8 @@ def run_setting(runtime, engine, prompts: list[list[int]], sampling: Sampling, m
     for i, prompt in enumerate(prompts):
         s = sampling if sampling.greedy else replace(sampling, seed=i)
         stepper.open()
-        events = list(sentence_loop(runtime, stepper, [prompt], s, room=engine.max_positions - 1,
-                                    max_sentences=max_sentences, use_stop_flag=False))
+        events = list(sentence_loop(runtime, PastStop(stepper), [prompt], s, room=engine.max_positions - 1,
+                                    max_sentences=max_sentences))
         said = [e for e in events if isinstance(e, SentenceEvent)]
         end: TurnEnd = events[-1]
         # P(stop) before each sentence, then at the step after the last one (before an empty or repeated decode)

@@ -1,8 +1,8 @@
-"""`python -m bench` / `sllm-bench`: the paper's Tables 1 and 3, measured on this machine in one run.
+"""`python -m bench` (from a checkout): the paper's Tables 1 and 3, measured on this machine in one run.
 
-    sllm-bench --quick                                   # a few minutes on models/default
-    sllm-bench --model models/default --out docs/results  # the full run (trains SentenceVAE H1/H2/H4)
-    sllm-bench --sllm-run runs/sllm-small --baseline-run runs/baseline-small   # + recomputed PPL
+    python -m bench --quick                                   # a few minutes on models/default
+    python -m bench --model models/default --out docs/results  # the full run (trains SentenceVAE H1/H2/H4)
+    python -m bench --sllm-run runs/sllm-small --baseline-run runs/baseline-small   # + recomputed PPL
 
 Writes OUT/bench.md (our figures beside the paper's), OUT/bench.json (every figure) and
 OUT/bench-*.png; progress goes to stderr. What each figure means: docs/bench.md.
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from sllm.runtime.roles import require_role
 
-require_role("bench", "sllm-bench")  # before anything heavy: one line, not a traceback, in an edge install
+require_role("bench", "python -m bench")  # before anything heavy: one line, not a traceback, in an edge install
 
 import argparse
 import dataclasses
@@ -33,7 +33,7 @@ def _ints(text: str) -> list[int]:
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="sllm-bench", description=__doc__.split("\n\n")[0],
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0],
                                  epilog="Lists are comma-separated. Options left out take the full or --quick preset.")
     ap.add_argument("--model", type=Path, default=Path("models/default"), help="folder with edge/, cloud/ and "
                     "optionally baseline/ (sllm-export of a baseline run)")

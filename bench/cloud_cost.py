@@ -187,15 +187,14 @@ def main(argv: list[str] | None = None) -> dict:
         token_bundle, token_id = Path(tmp) / "token", token_model_id(baseline.path)
         write_token_bundle(baseline.model, token_bundle, token_id)
         try:
-            procs = {}
             for name, bundle in (("sllm", args.model / "cloud"), ("token", token_bundle)):  # spawned from this
-                # thread (see spawn_logged), then waited for: they start side by side
-                procs[name] = cloud_throughput.spawn_logged(
-                    *cloud_throughput.server_command(bundle, True, args.threads, 64, 0.0, device=args.device))
-                servers[name] = {"name": name, "proc": procs[name], "d": int(cloud["d_model"]),
+                # thread (see runtime.procs), then waited for: they start side by side
+                proc = cloud_throughput.bench_server(bundle, args.threads, 64, 0.0, device=args.device)
+                proc.spawn()
+                servers[name] = {"name": name, "proc": proc, "d": int(cloud["d_model"]),
                                  "model_id": cloud["model_id"] if name == "sllm" else token_id}
-            for name, proc in procs.items():
-                servers[name]["address"] = cloud_throughput.wait_started(proc)["address"]
+            for s in servers.values():
+                s["address"] = s["proc"].wait_ready()["address"]
             Lm = measure_L(rt, servers["sllm"]["address"], text.prompts(64, args.l_prompts), args.l_tokens,
                            int(cloud["max_sentences"]), args.wire_dtype)
             L = Lm["L"]
@@ -217,7 +216,7 @@ def main(argv: list[str] | None = None) -> dict:
                             f"cpu busy {p['cpu_busy']:.2f}" + (f"  ERRORS {p['errors'][:1]}" if p["errors"] else ""))
         finally:
             for s in servers.values():
-                cloud_throughput.stop_server(s["proc"])
+                s["proc"].stop()
     results = {
         "command": shlex.join(["python", "-m", "bench.cloud_cost", *argv]), "wall_s": time.perf_counter() - t0,
         "machine": machine_info(ROOT, args.threads),

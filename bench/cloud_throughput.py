@@ -1,7 +1,7 @@
 """Aggregate cloud throughput: steps/s with 1, 4, 16, 64 concurrent clients, batching on vs off.
 
-    python bench/cloud_throughput.py                      # d=256, 4 layers, random weights
-    python bench/cloud_throughput.py --clients 1,16 --duration 5 --threads 2
+    python -m bench.cloud_throughput                      # d=256, 4 layers, random weights
+    python -m bench.cloud_throughput --clients 1,16 --duration 5 --threads 2
 
 The server runs as its own process (`sllm-cloud serve`, so its GIL is its own); the clients are
 threads here. Each client runs conversations of a 4-sentence prompt then single-sentence steps
@@ -12,84 +12,32 @@ the model and the wire do not care what the weights are.
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import os
-import shlex
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 from sllm.protos.client import CloudClient
-from sllm.runtime.procs import stop_process, with_parent_death_signal
+from sllm.runtime.server_process import ServerProcess
 
 RANDOM_MODEL_ID = "sllm-bench"
 
 
-def server_command(bundle: Path, batching: bool, threads: int, max_batch: int, batch_wait_ms: float,
-                   extra_args: list[str] = (), device: str = "auto") -> tuple[list[str], dict]:
-    """(command, environment) of `sllm-cloud serve --bundle BUNDLE ... EXTRA_ARGS` on 127.0.0.1,
-    port 0, no token."""
-    cmd = [sys.executable, "-m", "sllm.cloud.cli", "serve", "--bundle", str(bundle), "--port", "0",
-           "--batching" if batching else "--no-batching", "--max-batch", str(max_batch),
-           "--batch-wait-ms", str(batch_wait_ms), "--max-sessions", "256", "--grace", "1", "--device", device,
-           *extra_args]
-    if threads:
-        cmd += ["--threads", str(threads)]
-    return cmd, {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
-
-
-def start_server(bundle: Path, batching: bool, threads: int, max_batch: int, batch_wait_ms: float,
-                 extra_args: list[str] = (), device: str = "auto"):
-    """`server_command` as its own process: (process, address). Stop it with `stop_server`."""
-    proc, started = start_logged(*server_command(bundle, batching, threads, max_batch, batch_wait_ms, extra_args,
-                                                 device))
-    return proc, started["address"]
-
-
-def start_logged(cmd: list[str], env: dict | None = None) -> tuple[subprocess.Popen, dict]:
-    """`spawn_logged` then `wait_started`: (process, its server_start line)."""
-    return (proc := spawn_logged(cmd, env)), wait_started(proc)
-
-
-def spawn_logged(cmd: list[str], env: dict | None = None) -> subprocess.Popen:
-    """Start a server process that logs JSON lines on stderr, one of them {"event": "server_start",
-    "address": ...}. It gets SIGTERM when the THREAD that starts it ends (PR_SET_PDEATHSIG): start
-    servers from the main thread; several may start at once and be waited for one by one."""
-    proc = subprocess.Popen(with_parent_death_signal(cmd), cwd=ROOT, stderr=subprocess.PIPE,
-                            stdout=subprocess.DEVNULL, text=True, env=env)
-    proc.command = cmd
-    return proc
-
-
-def wait_started(proc: subprocess.Popen) -> dict:
-    """The server_start line of a `spawn_logged` process; its stderr drained from then on, the last
-    lines kept in proc.log_tail (for a report when it dies later)."""
-    tail = proc.log_tail = collections.deque(maxlen=10)
-    for line in proc.stderr:
-        tail.append(line.rstrip())
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(entry, dict) and entry.get("event") == "server_start":
-            threading.Thread(target=lambda: [tail.append(x.rstrip()) for x in proc.stderr], daemon=True).start()
-            return entry
-    raise RuntimeError(f"{shlex.join(proc.command)} did not start (exit code {proc.wait()}); its last lines:\n"
-                       + "\n".join(tail))
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    stop_process(proc, 30)
+def bench_server(bundle: Path, threads: int, max_batch: int, batch_wait_ms: float, extra_args: Sequence[str] = (),
+                 device: str = "auto") -> ServerProcess:
+    """`sllm-cloud serve --bundle BUNDLE ... EXTRA_ARGS` on 127.0.0.1, a port the OS picks, no token;
+    max_batch 1: no batching (one step per forward pass). Not started: `.start()`, or `.spawn()` then
+    `.wait_ready()` to start several side by side (spawn from the thread that stops them:
+    runtime.procs). `.last_lines()` tells why one died."""
+    return ServerProcess.serve(bundle, "--max-batch", str(max_batch), "--batch-wait-ms", str(batch_wait_ms),
+                               "--max-sessions", "256", "--grace", "1", "--device", device, *extra_args,
+                               threads=threads, tokens=[], stop_timeout=30.0, name=f"the server of {bundle}")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -214,21 +162,22 @@ def main() -> None:
         manifest = json.loads((bundle / "manifest.json").read_text())
         model_id, d = manifest["model_id"], manifest["d_model"]
         # both servers up at once and the points interleaved (on, off, on, off ...), so a drifting
-        # background load on the machine hits both modes alike
-        servers = {}
+        # background load on the machine hits both modes alike; off = --max-batch 1
+        servers = {batching: bench_server(bundle, args.threads, args.max_batch if batching else 1, args.batch_wait_ms)
+                   for batching in (True, False)}
         try:
-            for batching in (True, False):
-                servers[batching] = start_server(bundle, batching, args.threads, args.max_batch, args.batch_wait_ms)
+            for server in servers.values():
+                server.start()
             rows = {}
             for n in counts:
                 for batching in (True, False):
-                    r = rows[(batching, n)] = run_point(servers[batching][1], model_id, d, n, args.duration,
+                    r = rows[(batching, n)] = run_point(servers[batching].address, model_id, d, n, args.duration,
                                                         args.warmup, args.steps_per_conversation)
                     print(f"  batching={'on ' if batching else 'off'} clients={n:3d}: {r['steps_per_s']:8.1f} "
                           "steps/s", file=sys.stderr, flush=True)
         finally:
-            for proc, _ in servers.values():
-                stop_server(proc)
+            for server in servers.values():
+                server.stop()
 
     print(f"\ncloud throughput: d={d}, {manifest['num_layers']} layers, float16 on the wire, "
           f"{os.cpu_count()} CPUs, server torch threads="

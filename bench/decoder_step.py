@@ -1,8 +1,8 @@
 """Decoder step latency, batch 1: ORT cached step vs torch eager cached step vs full recompute.
 
-    OMP_NUM_THREADS=1 python bench/decoder_step.py                 # d=256, 1 layer, random weights
-    python bench/decoder_step.py --checkpoint runs/svae-small      # a trained model instead
-    python bench/decoder_step.py --threads 2 --runs 1000
+    OMP_NUM_THREADS=1 python -m bench.decoder_step               # d=256, 1 layer, random weights
+    python -m bench.decoder_step --checkpoint runs/svae-small    # a trained model instead
+    python -m bench.decoder_step --threads 2 --runs 1000
 
 One decoder step = the logits of the next token of one sentence whose past holds P tokens
 (bos + P-1 tokens). "cached" feeds one token and the KV cache of the P before it; "full

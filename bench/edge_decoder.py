@@ -26,77 +26,65 @@ from pathlib import Path
 import numpy as np
 
 from sllm.runtime.providers import cpu_session
-from sllm.runtime.svae_onnx import KVSteps, decode_loop
+from sllm.runtime.svae_onnx import decode_loop
 
 
 @dataclass(frozen=True)
 class Option:
     name: str
     graph: str = "fp32"  # or "int8": the decoder of the int8 bundle (export.quantize, MatMul weights)
-    steps: str = "run"  # "run": session.run (runtime.svae_onnx.KVSteps), "bound": BoundKVSteps (I/O binding)
+    steps: str = "run"  # "run": session.run (runtime.svae_onnx.KVSteps), "bound": through BoundSession (I/O binding)
     level: str = "all"  # graph optimisation (runtime.providers.LEVELS)
     threads: int = 1
     spinning: bool = True
 
 
-class BoundKVSteps:
-    """`sllm.runtime.svae_onnx.KVSteps` through an ONNX Runtime I/O binding instead of `session.run`: the
-    past is read from one of two flat buffers preallocated for `max_len` positions and ORT writes
-    the present straight into the other ([.., P, hd] is a contiguous prefix of either), so a step
-    allocates nothing and the cache never goes through a numpy array; logits land in a reused
-    buffer (`run` returns a view: read it before the next step). Measured here against KVSteps."""
+class BoundSession:
+    """A decoder session whose `run` (what `sllm.runtime.svae_onnx.KVSteps` calls) goes through an ONNX
+    Runtime I/O binding instead of `session.run`: ORT writes the present KV cache straight into one of
+    two flat buffers kept between calls (the one the past is not read from: [.., P, hd] is a
+    contiguous prefix of either), and the logits into a reused buffer. It returns views of them, so
+    a step allocates nothing and the cache never goes through a new numpy array; the next step's
+    past is the view it returned. Measured here against the session itself, in the edge's own loop."""
 
-    def __init__(self, session, kv_dims: tuple[int, int, int], batch: int, max_len: int,
-                 fixed: dict[str, np.ndarray] | None = None):
+    OUTPUTS = ["logits", "present_kv"]
+
+    def __init__(self, session):
         self.session, self.io = session, session.io_binding()
-        self.layers, self.heads, self.head_dim = kv_dims
-        logits = session.get_outputs()[0].shape  # [B, T, V]: V is a fixed size, T may be
+        logits = next(o for o in session.get_outputs() if o.name == "logits").shape  # [B, T, V]
+        # V is a fixed size; T may be too (a graph that gives the last position's logits only)
         self.vocab, self.logits_len = int(logits[-1]), logits[1] if isinstance(logits[1], int) else None
-        self.batch, self.max_len, self.past = batch, max_len, 0
-        size = self.layers * 2 * batch * self.heads * max_len * self.head_dim
-        self._kv = [np.empty(size, dtype=np.float32), np.empty(size, dtype=np.float32)]
+        self._kv = [np.empty(0, dtype=np.float32), np.empty(0, dtype=np.float32)]
         self._logits, self._logits_shape = np.empty(0, dtype=np.float32), None
-        self._held: dict[str, np.ndarray] = {}  # bound inputs stay alive: ORT reads their memory at run
-        self.bind(**(fixed or {}))
+        self._bound: dict[str, np.ndarray] = {}  # bound inputs stay alive: ORT reads their memory at run
 
-    def bind(self, **inputs: np.ndarray) -> None:
-        for name, value in inputs.items():
-            self._held[name] = value = np.ascontiguousarray(value)
-            self.io.bind_cpu_input(name, value)
+    def _buffer(self, which: int, size: int) -> np.ndarray:
+        if self._kv[which].size < size:
+            self._kv[which] = np.empty(size, dtype=np.float32)
+        return self._kv[which]
 
-    def _shape(self, length: int) -> list[int]:
-        return [self.layers, 2, self.batch, self.heads, length, self.head_dim]
-
-    def kv(self) -> np.ndarray:
-        shape = self._shape(self.past)
-        return self._kv[0][: self.layers * 2 * self.batch * self.heads * self.past * self.head_dim].reshape(shape)
-
-    def run(self, ids: np.ndarray) -> np.ndarray:
-        ids = np.ascontiguousarray(ids, dtype=np.int64)
-        B, T = ids.shape
-        if B != self.batch or self.past + T > self.max_len:
-            raise ValueError(f"a step of {B} x {T} does not fit batch {self.batch}, {self.past}/{self.max_len} "
-                             "positions")
-        src, dst = self._kv
-        self.bind(ids=ids)
-        self.io.bind_input("past_kv", "cpu", 0, np.float32, self._shape(self.past), src.ctypes.data)
-        self.io.bind_output("present_kv", "cpu", 0, np.float32, self._shape(self.past + T), dst.ctypes.data)
-        shape = (B, self.logits_len or T, self.vocab)
-        if shape != self._logits_shape:  # bound once while the shape stays (every step after the first)
-            if self._logits.size < B * shape[1] * self.vocab:
-                self._logits = np.empty(B * shape[1] * self.vocab, dtype=np.float32)
-            self.io.bind_output("logits", "cpu", 0, np.float32, list(shape), self._logits.ctypes.data)
-            self._logits_shape = shape
+    def run(self, output_names: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        if list(output_names) != self.OUTPUTS:
+            raise ValueError(f"BoundSession runs {self.OUTPUTS}, not {output_names}")
+        past, B, T = feeds["past_kv"], *feeds["ids"].shape
+        for name, value in feeds.items():
+            if name != "past_kv" and self._bound.get(name) is not value:  # the fixed inputs: bound once
+                self._bound[name] = value = np.ascontiguousarray(value)
+                self.io.bind_cpu_input(name, value)
+        self.io.bind_input("past_kv", "cpu", 0, np.float32, list(past.shape), past.ctypes.data)
+        present_shape = [*past.shape[:4], past.shape[4] + T, past.shape[5]]
+        dst = self._buffer(1 if np.may_share_memory(past, self._kv[0]) else 0, int(np.prod(present_shape)))
+        self.io.bind_output("present_kv", "cpu", 0, np.float32, present_shape, dst.ctypes.data)
+        logits_shape = [B, self.logits_len or T, self.vocab]
+        size = int(np.prod(logits_shape))
+        if self._logits.size < size:
+            self._logits, self._logits_shape = np.empty(size, dtype=np.float32), None
+        if logits_shape != self._logits_shape:  # bound once while the shape stays (every step after the first)
+            self.io.bind_output("logits", "cpu", 0, np.float32, logits_shape, self._logits.ctypes.data)
+            self._logits_shape = logits_shape
         self.session.run_with_iobinding(self.io)
-        self._kv.reverse()  # the present is the next step's past
-        self.past += T
-        return self._logits[: B * shape[1] * self.vocab].reshape(shape)
-
-    def keep(self, rows: np.ndarray, **fixed: np.ndarray) -> None:
-        kept = self.kv()[:, :, rows]  # a copy: rows leave once, when they finish
-        self.batch = kept.shape[2]
-        self._kv[0][: kept.size] = kept.ravel()
-        self.bind(**fixed)
+        return [self._logits[:size].reshape(logits_shape),
+                dst[: int(np.prod(present_shape))].reshape(present_shape)]
 
 
 REFERENCE = "session.run, graph optimisation all, 1 thread"  # the edge's loop (runtime.svae_onnx.KVSteps)
@@ -110,18 +98,17 @@ OPTIONS = (  # each differs from the reference in one setting
     Option("2 threads, no spinning", threads=2, spinning=False),
     Option("int8 bundle's decoder", graph="int8"),
 )
-STEPS = {"bound": BoundKVSteps, "run": KVSteps}
 
 
 def _argmax(logits: np.ndarray) -> np.ndarray:
     return logits.argmax(axis=-1)
 
 
-def decode_all(session, steps_class, vectors: np.ndarray, spec) -> tuple[list[list[int]], int]:
+def decode_all(session, vectors: np.ndarray, spec) -> tuple[list[list[int]], int]:
     """Each vector on its own (batch 1, as the edge decodes): (token lists, decoder steps)."""
     out, steps = [], 0
     for v in vectors:
-        ids = decode_loop(session, v[None], spec, _argmax, steps_class=steps_class)[0]
+        ids = decode_loop(session, v[None], spec, _argmax)[0]
         out.append(ids)
         steps += min(len(ids) + 1, spec.max_sentence_tokens)  # + the eos step, unless cut at the limit
     return out, steps
@@ -133,11 +120,11 @@ def measure(sessions: dict[Option, object], vectors: np.ndarray, spec, rounds: i
     tokens = {}
     options = list(sessions)
     for o in options:  # warm-up: first runs allocate and pick kernels
-        decode_all(sessions[o], STEPS[o.steps], vectors[:2], spec)
+        decode_all(sessions[o], vectors[:2], spec)
     for r in range(rounds):
         for o in options[r % len(options):] + options[: r % len(options)]:
             t0, c0 = time.perf_counter(), time.process_time()
-            out, steps = decode_all(sessions[o], STEPS[o.steps], vectors, spec)
+            out, steps = decode_all(sessions[o], vectors, spec)
             wall, cpu = time.perf_counter() - t0, time.process_time() - c0
             rows[o]["tokens_per_s"].append(steps / wall)
             rows[o]["cpu_ms_per_step"].append(1e3 * cpu / steps)
@@ -179,6 +166,7 @@ def run(edge_dir: Path, quick: bool, sentences: int, rounds: int, exact_sentence
         enc8, dec8 = int8_bundle(edge_dir, m, Path(tmp))
         paths = {"fp32": edge_dir / m["decoder_file"], "int8": dec8}
         sessions = {o: cpu_session(paths[o.graph], o.threads, level=o.level, spinning=o.spinning) for o in OPTIONS}
+        sessions = {o: BoundSession(x) if o.steps == "bound" else x for o, x in sessions.items()}
         measured = measure(sessions, vectors, spec, rounds)
 
         log(f"int8 vs fp32 exact match on {exact_sentences} validation sentences")

@@ -7,7 +7,7 @@ Everything runs on 127.0.0.1: `sllm-cloud serve` replicas (one torch thread each
 (cloud.cluster, the code behind `sllm-cloud cluster`), clients as threads of this process.
   - balancer overhead per step: one conversation's single-sentence steps straight to a replica vs
     through nginx to the same replica, interleaved (median and p95 of each, and the difference);
-  - rebuild time vs history length: the edge's way back to a lost session (`sllm.edge.chat.ChatSession`:
+  - rebuild time vs history length: the edge's way back to a lost session (`sllm.edge.remote.RemoteStepper`:
     a fresh channel, GetModelInfo, Open{history} prefilled by the replica) through nginx, for 1, 32,
     256 and 1,024 history sentences (random vectors: the timing does not depend on their values);
   - failover as seen by the user: a conversation through nginx with 2 replicas; the replica that holds
@@ -34,7 +34,7 @@ import numpy as np
 
 from bench import cloud_throughput
 from sllm.cloud.cluster import Cluster, ClusterConfig
-from sllm.edge.chat import ChatSession
+from sllm.edge.remote import RemoteStepper
 from sllm.edge.runtime import EdgeRuntime
 from sllm.protos.client import CloudClient
 
@@ -56,11 +56,11 @@ def _attached(address: str) -> int:
         return c.stats().attached_sessions
 
 
-def _session(runtime: EdgeRuntime, target: str) -> ChatSession:
+def _session(runtime: EdgeRuntime, target: str) -> RemoteStepper:
     def factory() -> CloudClient:
         return CloudClient(target, TOKEN)
 
-    s = ChatSession(runtime, factory, target, step_timeout=60)
+    s = RemoteStepper(runtime.bundle, factory, target, step_timeout=60)
     s.connect()
     return s
 
@@ -100,7 +100,7 @@ def rebuild_times(cluster: Cluster, runtime: EdgeRuntime, repeats: int) -> list[
         s.history = list(_vectors(n, d, n))
         times = []
         for _ in range(repeats):
-            s._drop_stream("bench", resumable=False)  # noqa: SLF001 - a fresh rebuild, as after a lost replica
+            s.drop("bench", resumable=False)  # a fresh rebuild, as after a lost replica
             t0 = time.perf_counter()
             s._rebuild("bench")  # noqa: SLF001
             times.append(time.perf_counter() - t0)

@@ -7,7 +7,7 @@
 Every variant runs its real server as its own process on 127.0.0.1, and the client in this
 process reaches it through `bench.relay.RelayProcess` (RTT/2 added each way):
   sllm         the SLLM as it is: edge runtime (ONNX Runtime) + the edge sentence loop over a
-               Converse stream (edge.speculate.SpeculativeStepper, speculating 0) to `sllm-cloud
+               Converse stream (edge.remote.RemoteStepper, speculating 0) to `sllm-cloud
                serve` of MODEL/cloud; one round trip per sentence
   sllm_specN   the same with sentence-level speculation (--speculate 4,16): the server (--speculate-max
                N --svae DIR) runs up to N sentences ahead, the edge accepts or corrects each guess;
@@ -68,6 +68,7 @@ from bench import cloud_throughput
 from bench.relay import RelayProcess, measure_overhead
 from bench.summary import bench_parser, spread, spread_cell, write_results
 from bench.texts import flatten
+from sllm.runtime.server_process import ServerProcess
 
 if TYPE_CHECKING:
     from sllm.edge.api import AnswerOptions
@@ -149,7 +150,7 @@ class Variant:
     name: str
     label: str
     unit: str  # "sentence" or "token"
-    server: Callable[[Ctx], tuple[list[str], dict | None, dict]]  # its server: (command, env, facts to report)
+    server: Callable[[Ctx], tuple[ServerProcess, dict]]  # its server (not started), facts to report
     connect: Callable[[Ctx, str], object]  # a runner on `address` (the relay's): .run(prompt, tokens), .close()
     info: dict = field(default_factory=dict)
     speculate: int = 0  # sentences its server may run ahead (the SLLM with speculation)
@@ -157,42 +158,44 @@ class Variant:
 
 
 class SLLMRunner:
-    """The SLLM as edge-chat runs it: the edge sentence loop over one Converse stream per prompt, through
-    edge.speculate.SpeculativeStepper (speculate 0: every sentence appended, its reply waited for).
+    """The SLLM as edge-chat runs it: the edge sentence loop over one cloud session per prompt, through the
+    edge's stepper, edge.remote.RemoteStepper (speculate 0: every sentence appended, its reply waited for).
 
     Fixed-length (ctx.chat None): greedy without controls, past the stop head, until `tokens`.
     Chat (ctx.chat): edge-chat's turn with those options: its repetition controls, and its stop rule,
-    sent to the cloud with the prompt (edge.speculate.turn_decoding); the answer ends where edge-chat's
+    sent to the cloud with the prompt (edge.speculate.decoding); the answer ends where edge-chat's
     would, after the step that says so (`tokens` is ignored)."""
 
     def __init__(self, ctx: Ctx, address: str, wire_dtype: str | None = None, speculate: int = 0):
         from sllm.edge.sampling import Sampling
-        from sllm.protos.client import CloudClient
 
         self.runtime, self.max_sentences = ctx.runtime, int(ctx.cloud_manifest["max_sentences"])
         self.dtype, self.speculate, self.chat = wire_dtype or ctx.wire_dtype, speculate, ctx.chat
-        self.sampling = ctx.chat.sampling if ctx.chat else Sampling()  # the sampled-acceptance runs set their own
-        self.client = CloudClient(address)
+        self.sampling = ctx.chat or Sampling()  # (answer options are a sampling) the sampled-acceptance runs set theirs
+        self.address = address
 
     def _open(self):
-        from sllm.edge.speculate import SpeculativeStepper
+        from sllm.edge.remote import RemoteStepper
+        from sllm.protos.client import CloudClient
 
-        conv = self.client.conversation(self.runtime.model_id, self.runtime.d_model, dtype=self.dtype,
-                                        reply_dtype=self.dtype, speculate=self.speculate, step_timeout=STEP_TIMEOUT_S)
+        stepper = RemoteStepper(self.runtime.bundle, lambda: CloudClient(self.address), self.address,
+                                wire_dtype=self.dtype, step_timeout=STEP_TIMEOUT_S, speculate=self.speculate)
+        stepper.connect()
+        conv = stepper.conv
         if conv.speculate != self.speculate:  # less would measure another row than the one it is labelled
-            conv.cancel()
+            stepper.close()
             raise RuntimeError(f"asked to speculate {self.speculate}, granted {conv.speculate}: {conv.speculate_note}")
-        return SpeculativeStepper(conv)
+        return stepper
 
     def sentences(self, stepper, prompt: list[list[int]], min_tokens: int) -> Iterator[list[int]]:
+        from bench.sllm_loop import PastStop
         from sllm.edge.loop import SentenceEvent, sentence_loop
 
         room = self.max_sentences - len(prompt)
         if self.chat:
             events = self._chat_turn(stepper, prompt, room)
         else:
-            events = sentence_loop(self.runtime, stepper, prompt, self.sampling, room=room, use_stop_flag=False,
-                                   append_last=False)
+            events = sentence_loop(self.runtime, PastStop(stepper), prompt, self.sampling, room=room)
         total = 0
         try:
             for ev in events:
@@ -200,8 +203,8 @@ class SLLMRunner:
                     return
                 yield ev.ids
                 total += len(ev.ids)
-                if total >= min_tokens and not self.chat:
-                    return  # before the loop appends this sentence
+                if not self.chat and (total >= min_tokens or ev.index + 1 == room):
+                    return  # before the loop appends this sentence (nothing would read its step)
         finally:
             events.close()
 
@@ -209,26 +212,26 @@ class SLLMRunner:
         """sllm.edge.chat.ChatSession.turn's answer, on a session that holds only this prompt."""
         from sllm.edge.chat import answer
 
-        return answer(self.runtime, stepper, stepper, prompt, self.sampling, room=room,
-                      max_sentences=self.chat.max_sentences, max_tokens=self.chat.max_tokens or None,
-                      stop_threshold=self.chat.stop_threshold)
+        return answer(self.runtime, stepper, prompt, self.chat, room=room)
 
     def run(self, prompt: list[list[int]], tokens: int, variant: str, rtt_ms: float, index: int) -> Run:
         stepper = self._open()  # the session, before the clock starts
-        with stepper.conv:
+        try:
             run = timed(self.sentences(stepper, prompt, tokens), variant, rtt_ms, index, time.perf_counter())
-        s = stepper.stats
+        finally:
+            stepper.close()
+        s = stepper.speculation.stats
         # appends without a guess to check, but the prompt's, waited for their reply, as did corrections and declines
         return Run(**{**asdict(run), "accepted": s.accepted, "corrected": s.corrected, "declined": s.declined,
                       "waited": s.plain - 1 + s.corrected + s.declined,
                       "appends": s.plain - 1 + s.accepted + s.corrected + s.declined})
 
     def close(self) -> None:
-        self.client.close()
+        pass  # each run's stepper closed its own channel
 
 
-def _serve_bundle(bundle: Path, ctx: Ctx, server_args: Sequence[str]) -> tuple[list[str], dict]:
-    return cloud_throughput.server_command(bundle, True, ctx.threads, 64, 0.0, list(server_args), device="cpu")
+def _serve_bundle(bundle: Path, ctx: Ctx, server_args: Sequence[str]) -> ServerProcess:
+    return cloud_throughput.bench_server(bundle, ctx.threads, 64, 0.0, list(server_args), device="cpu")
 
 
 def sllm_variant(name: str = "sllm", label: str = "SLLM (one round trip per sentence)",
@@ -238,8 +241,7 @@ def sllm_variant(name: str = "sllm", label: str = "SLLM (one round trip per sent
 
     def server(ctx: Ctx):
         args = list(server_args(ctx) if callable(server_args) else server_args)
-        cmd, env = _serve_bundle(ctx.model_dir / "cloud", ctx, args)
-        return cmd, env, {"server_args": args, "client_options": client_options}
+        return _serve_bundle(ctx.model_dir / "cloud", ctx, args), {"server_args": args, "client_options": client_options}
 
     return Variant(name, label, "sentence", server, lambda ctx, address: SLLMRunner(ctx, address, **client_options),
                    speculate=int(client_options.get("speculate", 0)), stats=True)
@@ -274,7 +276,7 @@ def token_split_variant() -> Variant:
         bundle = ctx.tmp / "token-bundle"
         model_id = token_model_id(ctx.baseline.path)
         write_token_bundle(ctx.baseline.model, bundle, model_id)
-        return *_serve_bundle(bundle, ctx, []), {"model_id": model_id}
+        return _serve_bundle(bundle, ctx, []), {"model_id": model_id}
 
     def connect(ctx: Ctx, address: str):
         from bench.token_split import TokenSplit
@@ -295,7 +297,9 @@ def cloud_only_variant() -> Variant:
         cmd = [sys.executable, "-m", "bench.cloud_only", "--baseline", str(ctx.baseline.path), "--port", "0",
                "--threads", str(ctx.threads), "--generator", ctx.generator,
                "--cache", str(ROOT / "runs" / "bench" / "cache")]
-        return cmd, None, {}  # its generator, in words, comes in its start line
+        # no health service; its generator, in words, comes in its start line
+        return ServerProcess(cmd, name="the cloud-only server", listen=None, health=False, cwd=ROOT,
+                             stop_timeout=30.0), {}
 
     def connect(ctx: Ctx, address: str):
         from bench.cloud_only import CloudOnlyClient
@@ -331,23 +335,22 @@ def running_servers(ctx: Ctx, variants: list[Variant], say: Callable[[str], None
     """Every variant's server (name -> address); stopped on the way out, with the last lines of any that died."""
     procs = {}
     try:
-        for v in variants:  # all spawned (from this thread, see spawn_logged) before waiting: they start side by side
-            cmd, env, info = v.server(ctx)
-            procs[v.name] = cloud_throughput.spawn_logged(cmd, env)
+        for v in variants:  # all spawned (from this thread: runtime.procs) before waiting: they start side by side
+            procs[v.name], info = v.server(ctx)
+            procs[v.name].spawn()
             v.info.update(info)
         addresses = {}
         for v in variants:
-            started = cloud_throughput.wait_started(procs[v.name])
+            started = procs[v.name].wait_ready()
             addresses[v.name] = started["address"]
             v.info.update({k: started[k] for k in ("generator",) if k in started})
             say(f"{v.name}: server at {started['address']} {v.info}")
         yield addresses
     finally:
         for name, proc in procs.items():
-            if proc.poll() is not None:  # it died under the bench: say why
-                say(f"{name}: the server exited with {proc.returncode}; its last lines:\n"
-                    + "\n".join(getattr(proc, "log_tail", [])))
-            cloud_throughput.stop_server(proc)
+            if proc.proc is not None and not proc.running():  # it died under the bench: say why
+                say(f"{name}: the server exited with {proc.proc.returncode}; its last lines:\n{proc.last_lines()}")
+            proc.stop()
 
 
 def measure_rtt(ctx: Ctx, variants: list[Variant], servers: dict, prompts: list, rtt: float, tokens: int,

@@ -24,6 +24,27 @@ from sllm.protos.v1 import sllm_pb2 as pb
 from sllm.protos.wire import pack
 
 
+@dataclass(frozen=True)
+class _GoOn:
+    """A step with the termination head's flag off; its P(stop) as the head gave it."""
+
+    hidden: np.ndarray
+    stop_probability: float
+    stop: bool = False
+
+
+class PastStop:
+    """A stepper whose steps never say stop: the edge sentence loop, run without a stop threshold,
+    then generates past the termination head (the fixed-length runs; P(stop) is still reported)."""
+
+    def __init__(self, stepper):
+        self.stepper = stepper
+
+    def append(self, vectors: np.ndarray) -> _GoOn:
+        step = self.stepper.append(vectors)
+        return _GoOn(step.hidden, float(step.stop_probability))
+
+
 class GrpcStepper:
     """Cloud steps over one Converse stream of a running server (protos.client, as edge-chat uses
     it); `wire` holds (request bytes, reply bytes) of every step since `open`."""
@@ -110,8 +131,8 @@ def generate(runtime, stepper, prompt: list[list[int]], min_tokens: int, max_sen
     stepper.open()
     try:
         t0 = time.perf_counter()
-        events = sentence_loop(runtime, stepper, prompt, Sampling(), room=max_sentences - len(prompt),
-                               use_stop_flag=False, append_last=False)
+        room = max_sentences - len(prompt)
+        events = sentence_loop(runtime, PastStop(stepper), prompt, Sampling(), room=room)
         tokens, ms, ended = 0, {"prefill": 0.0, "encode": 0.0, "step": 0.0, "decode": 0.0}, "length"
         for ev in events:
             # an event's encode + step made its h_t: the prompt's (the prefill) for the first
@@ -128,6 +149,9 @@ def generate(runtime, stepper, prompt: list[list[int]], min_tokens: int, max_sen
             tokens += len(ev.ids)
             if tokens >= min_tokens:
                 break  # before the loop appends this sentence
+            if ev.index + 1 == room:  # the context is full: nothing would read the last sentence's step
+                ended = "context"
+                break
         total_s = time.perf_counter() - t0
         sentences = ev.sentences if isinstance(ev, TurnEnd) else ev.index + 1
         events.close()

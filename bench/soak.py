@@ -28,7 +28,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,63 +37,21 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from sllm import edge
 from sllm.protos.v1 import sllm_pb2 as pb
 from sllm.protos.wire import pack
+from sllm.runtime.server_process import TOKEN_ENV, ServerProcess
 from sllm.training.data.corpus import load_documents, split_documents
 
 FOLLOW_UP = "Tell me more."
 RETRY_FOR_S, BACKOFF_S = 30.0, 0.25  # a server restart takes a few seconds (torch import, model load)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """`sllm-cloud serve` in its own process, on one port across restarts."""
-
-    def __init__(self, bundle: Path, port: int, token_file: Path, log: Path):
-        self.bundle, self.port, self.token_file, self.log = bundle, port, token_file, log
-        self.proc: subprocess.Popen | None = None
-        self.lock = threading.Lock()
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self, timeout: float = 60.0) -> None:
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "sllm.cloud.cli", "serve", "--bundle", str(self.bundle), "--port", str(self.port),
-                 "--token-file", str(self.token_file), "--grace", "2", "--threads", "1"],
-                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        deadline = time.monotonic() + timeout
-        with grpc.insecure_channel(self.target) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"the server exited with {self.proc.returncode}; see {self.log}")
-                try:
-                    if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == 1:
-                        return
-                except grpc.RpcError:
-                    time.sleep(0.1)
-        raise RuntimeError(f"the server did not become healthy in {timeout} s; see {self.log}")
-
-    def stop(self, sig: int, timeout: float = 30.0) -> int | None:
-        if self.proc is None or self.proc.poll() is not None:
-            return None
-        self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
+def soak_server(bundle: Path, token_file: Path, log: Path) -> ServerProcess:
+    """`sllm-cloud serve` in its own process (the one launcher); a restart takes the port it got first."""
+    return ServerProcess.serve(bundle, "--token-file", str(token_file), "--grace", "2", threads=1, log_path=log,
+                               startup_timeout=60.0, stop_timeout=30.0)
 
 
 def conversation_prompts(count: int, seed: int) -> list[str]:
@@ -182,8 +139,10 @@ def raw_stream(target: str, token: str, messages: list, raw: bool = False) -> st
             return e.code().name
 
 
-def inject_faults(server: Server, runtime, token: str, model: Path, prompt: str, tally: Tally, stop: threading.Event,
-                  every_s: float, rng: random.Random) -> None:
+def inject_faults(server: ServerProcess, runtime, token: str, model: Path, prompt: str, tally: Tally,
+                  stop: threading.Event, every_s: float, rng: random.Random) -> None:
+    """Faults until `stop`; the server is restarted from this thread, so it gets SIGTERM when the
+    thread ends (runtime.procs): after the clients, when the phase is over."""
     kinds = ["server SIGKILL + restart", "server SIGTERM drain + restart", "client SIGKILL mid-answer",
              "malformed message", "oversized message"]
     i = 0
@@ -191,13 +150,12 @@ def inject_faults(server: Server, runtime, token: str, model: Path, prompt: str,
         kind = kinds[i % len(kinds)] if i < len(kinds) else rng.choice(kinds)
         i += 1
         if kind.startswith("server"):
-            with server.lock:
-                server.stop(signal.SIGKILL if "KILL" in kind else signal.SIGTERM)
-                server.start()
+            server.stop(sig=signal.SIGKILL if "KILL" in kind else signal.SIGTERM)
+            server.start()
             tally.add(kind, table="faults")
         elif kind.startswith("client"):
-            env = {**os.environ, "SLLM_CLOUD_TOKEN": token, "OMP_NUM_THREADS": "1"}
-            proc = subprocess.Popen([sys.executable, "-m", "edge", "--server", server.target, "--bundle",
+            env = {**os.environ, TOKEN_ENV: token, "OMP_NUM_THREADS": "1"}
+            proc = subprocess.Popen([sys.executable, "-m", "sllm.edge", "--server", server.address, "--bundle",
                                      str(model / "edge"), "--prompt", prompt, "--max-sentences", "32"],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
             time.sleep(rng.uniform(0.8, 1.5))  # start-up is about 0.8 s: kill it around its first sentences
@@ -205,13 +163,13 @@ def inject_faults(server: Server, runtime, token: str, model: Path, prompt: str,
             proc.wait()
             tally.add(kind, table="faults")
         elif kind == "malformed message":
-            status = raw_stream(server.target, token, [b"\x0a\xff\xff\xff\xff garbage"], raw=True)
+            status = raw_stream(server.address, token, [b"\x0a\xff\xff\xff\xff garbage"], raw=True)
             tally.add(f"{kind} -> {status}", table="faults")
         else:
             d = runtime.d_model
             huge = pb.ClientMessage(append=pb.Append(vectors=pack(np.zeros((1 << 16, d), np.float32), "float32")))
             opened = pb.ClientMessage(open=pb.Open(model_id=runtime.model_id, dim=d))
-            status = raw_stream(server.target, token, [opened, huge])
+            status = raw_stream(server.address, token, [opened, huge])
             tally.add(f"{kind} -> {status}", table="faults")
 
 
@@ -233,13 +191,13 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="sllm-soak-"))
     token = f"soak-{rng.getrandbits(64):016x}"
     (work / "tokens").write_text(token + "\n")
-    server = Server(args.model / "cloud", free_port(), work / "tokens", work / "server.log")
+    server = soak_server(args.model / "cloud", work / "tokens", work / "server.log")
     runtime = edge.load_runtime(args.model / "edge", "cpu", 1)
     prompts = conversation_prompts(args.prompts, args.seed)
     server.start()
     try:
         t0 = time.monotonic()
-        reference = {p: run_conversation(server.target, runtime, token, p, args.max_sentences, Tally(), 1e18)
+        reference = {p: run_conversation(server.address, runtime, token, p, args.max_sentences, Tally(), 1e18)
                      for p in prompts}  # one conversation at a time: no batching, no faults
         print(f"reference: {len(prompts)} conversations in {time.monotonic() - t0:.1f} s", file=sys.stderr)
         phases = {}
@@ -251,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
                 phases[name] = run_phase(server, runtime, token, prompts, reference, args, duration, with_faults, rng)
                 print(f"{name}: done", file=sys.stderr)
     finally:
-        server.stop(signal.SIGTERM)
+        server.stop()
     report = {"clients": args.clients, "model": str(args.model), "max_sentences": args.max_sentences,
               "fault_every_s": args.fault_every, **phases}
     print(json.dumps(report, indent=2))
@@ -260,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run_phase(server: Server, runtime, token: str, prompts: list[str], reference: dict, args, duration: float,
+def run_phase(server: ServerProcess, runtime, token: str, prompts: list[str], reference: dict, args, duration: float,
               with_faults: bool, rng: random.Random) -> dict:
     """`args.clients` clients for `duration` seconds (faults every `args.fault_every` s if asked)."""
     tally = Tally()
@@ -271,7 +229,7 @@ def run_phase(server: Server, runtime, token: str, prompts: list[str], reference
         local = random.Random(args.seed * 1000 + k)
         while time.monotonic() < stop_at:
             p = local.choice(prompts)
-            answers = run_conversation(server.target, runtime, token, p, args.max_sentences, tally, stop_at)
+            answers = run_conversation(server.address, runtime, token, p, args.max_sentences, tally, stop_at)
             if answers is None:
                 continue
             tally.add("conversations completed")

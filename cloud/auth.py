@@ -9,7 +9,9 @@ import logging
 
 import grpc
 
+from sllm.cloud.errors import ServiceError, abort
 from sllm.cloud.jsonlog import LogRateLimit, log
+from sllm.protos.v1 import sllm_pb2 as pb
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 REJECT_LOG_INTERVAL_S = 10.0  # at most one `unauthenticated` log line this often (the rest are counted)
@@ -48,11 +50,11 @@ def _rejecting_handler(message: str, on_reject) -> grpc.RpcMethodHandler:
     """A handler that ends any RPC (whatever its cardinality) with UNAUTHENTICATED, without reading
     the request: stream-stream never waits for a request message before running."""
 
-    async def abort(_request_iterator, context):
+    async def reject(_request_iterator, context):
         on_reject(context.peer(), message)
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        await abort(context, ServiceError(pb.BAD_TOKEN, message))
 
-    return grpc.stream_stream_rpc_method_handler(abort)
+    return grpc.stream_stream_rpc_method_handler(reject)
 
 
 class BearerAuthInterceptor(grpc.aio.ServerInterceptor):

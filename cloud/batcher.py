@@ -3,8 +3,8 @@
 Streams put a Job on the queue and wait. The batcher takes what is pending (up to
 max_batch; with batch_wait_ms > 0 it waits that long for more after the first), drops jobs
 whose stream has ended, and runs single-sentence steps and multi-sentence prefills as
-separate forward passes (so one long prompt does not pad every step). With batching off,
-each forward pass runs one job: the same path with batch size 1.
+separate forward passes (so one long prompt does not pad every step). With max_batch 1,
+each forward pass runs one job: the same path with batch size 1 (no batching).
 
 A forward pass that raises is retried job by job, so one bad job fails alone; a job whose
 output is not finite fails with INVALID_ARGUMENT and leaves its session unchanged.
@@ -36,11 +36,13 @@ import numpy as np
 import torch
 
 from sllm.cloud.engine import Engine, StepOutput, stop_flag, stop_probability
-from sllm.cloud.errors import ServiceError, invalid, unavailable
+from sllm.cloud.errors import ServiceError, invalid
 from sllm.cloud.jsonlog import log
 from sllm.cloud.metrics import Metrics
 from sllm.cloud.sessions import Session, SessionStore
-from sllm.modeling.svae_bundle import GuessControls, SpeculationCodec
+from sllm.modeling.svae_bundle import SpeculationCodec
+from sllm.protos.v1 import sllm_pb2 as pb
+from sllm.sentences.sampling import AnswerOptions
 
 
 @dataclass(eq=False)
@@ -71,7 +73,7 @@ class SpecJob(Job):
     hidden: np.ndarray | None = None  # [d]
     epoch: int = 0
     tokens: int = 0  # decoded tokens (the extra cloud compute speculation costs)
-    controls: GuessControls | None = None  # the turn's (None: plain greedy)
+    controls: AnswerOptions | None = None  # how the turn's answer is decoded (None: plain greedy)
     history: list | None = None  # the answer's earlier sentences (token lists), for the repetition controls
     guess: list[int] | None = None  # the decoded sentence
 
@@ -82,33 +84,39 @@ def answer_history(s: Session) -> list[list[int]] | None:
     edge's own, whose tokens the cloud never saw)."""
     if not s.guess:
         return None
-    if s.controls is None or not s.controls.sampling.controls_repetition:
+    if s.decoding is None or not s.decoding.controls_repetition:
         return []  # nothing reads the earlier sentences
     history = [s.answer_tokens.get(p) for p in range(s.answer_start, s.length)]
     return None if any(t is None for t in history) else history
 
 
 def edge_stops(s: Session, stop_logits: np.ndarray) -> bool:
-    """Does the edge end the answer at the session's next sentence (its stop rule on these outputs)?"""
-    return s.stop_rule.ends(s.length - s.answer_start, stop_flag(stop_logits), stop_probability(stop_logits))
+    """Does the edge end the answer at the session's next sentence (its stop rule on these outputs; an old
+    client's: the termination head's argmax)?"""
+    if s.decoding is None:
+        return stop_flag(stop_logits)
+    return s.decoding.ends(s.length - s.answer_start, stop_flag(stop_logits), stop_probability(stop_logits))
 
 
 def dead_error() -> ServiceError:
-    return unavailable("the model thread of this server has stopped; it reports NOT_SERVING: reconnect (to "
-                       "another replica) and rebuild the session from its history")
+    return ServiceError(pb.MODEL_STOPPED, "the model thread of this server has stopped; it reports NOT_SERVING: "
+                        "reconnect (to another replica) and rebuild the session from its history")
+
+
+def shutting_down(message: str = "the server is shutting down") -> ServiceError:
+    return ServiceError(pb.SHUTTING_DOWN, message)
 
 
 class Batcher:
-    def __init__(self, engine: Engine, metrics: Metrics, *, batching: bool = True, max_batch: int = 64,
+    def __init__(self, engine: Engine, metrics: Metrics, *, max_batch: int = 64,
                  batch_wait_ms: float = 0.0, log_steps: bool = False, on_death: Callable[[], None] | None = None,
                  store: SessionStore | None = None, codec: SpeculationCodec | None = None):
         self.engine = engine
         self.store = store  # speculation: where speculative steps are committed
         self.codec = codec  # speculation: the SentenceVAE (None: no speculation)
         self.metrics = metrics
-        self.batching = batching
-        self.max_batch = max_batch if batching else 1
-        self.batch_wait_s = batch_wait_ms / 1000 if batching else 0.0
+        self.max_batch = max_batch
+        self.batch_wait_s = batch_wait_ms / 1000
         self.log_steps = log_steps
         self.cond = threading.Condition()
         self.queue: deque[Job] = deque()
@@ -134,7 +142,7 @@ class Batcher:
             if self.dead:
                 error = dead_error()
             elif self.stopping:
-                error = unavailable("the server is shutting down")
+                error = shutting_down()
             else:
                 self.queue.append(job)
                 self.cond.notify()
@@ -149,7 +157,7 @@ class Batcher:
             self.thread.join(timeout)
         with self.cond:
             while self.queue:
-                self.queue.popleft().finish(error=unavailable("the server is shutting down"))
+                self.queue.popleft().finish(error=shutting_down())
 
     def _take(self) -> list[Job] | None:
         with self.cond:
@@ -198,7 +206,7 @@ class Batcher:
             live = []
             for j in jobs:
                 if j.cancelled:
-                    j.finish(error=ServiceError(grpc.StatusCode.CANCELLED, "the stream ended"))
+                    j.finish(error=ServiceError(pb.STREAM_ENDED, "the stream ended"))
                 else:
                     live.append(j)
             specs = self._prepare_speculation([j for j in live if isinstance(j, SpecJob)])
@@ -231,7 +239,7 @@ class Batcher:
                     and store.reserve_speculative(s)):
                 s.speculating = True
                 job = SpecJob(s, np.zeros((0, 0), np.float32), hidden=hidden, epoch=s.epoch, start=s.length,
-                              controls=s.controls, history=history)
+                              controls=s.decoding, history=history)
             else:
                 job = None
                 if s.declined_at == (s.epoch, s.length):
@@ -308,7 +316,7 @@ class Batcher:
         if any(slot is None for slot in slots):  # freed since it was queued (shutdown): nobody waits for it
             for j, slot in zip(jobs, slots):
                 if slot is None:
-                    j.finish(error=unavailable("this session was freed before its step ran"))
+                    j.finish(error=shutting_down("this session was freed before its step ran"))
             jobs = [j for j, slot in zip(jobs, slots) if slot is not None]
             slots = [slot for slot in slots if slot is not None]
             if not jobs:
@@ -330,8 +338,8 @@ class Batcher:
                 self._spec_done(jobs[0], None)
                 return
             code = grpc.StatusCode.RESOURCE_EXHAUSTED if "out of memory" in str(e).lower() else grpc.StatusCode.INTERNAL
-            jobs[0].finish(error=ServiceError(code, f"the model failed on this step ({type(e).__name__}); "
-                                                    "the session is unchanged"))
+            jobs[0].finish(error=ServiceError(pb.MODEL_FAILED, f"the model failed on this step ({type(e).__name__}); "
+                                              "the session is unchanged", code))
             return
         self.metrics.forward_pass(len(jobs), sum(len(j.vectors) for j in jobs))
         if self.log_steps:

@@ -1,6 +1,7 @@
 """`sllm-cloud`: serve a cloud bundle over gRPC, query a server, make a random bundle.
 
     sllm-cloud serve --bundle runs/export/cloud --port 50051
+    sllm-cloud serve --model org/sllm-small@v1 --port 50051                      # a model-hub id: its cloud/
     sllm-cloud serve --bundle B --host 0.0.0.0 --token-file tokens.txt --tls-cert c.pem --tls-key k.pem
     sllm-cloud serve --bundle B --host 0.0.0.0 --tls-cert c.pem --tls-key k.pem --tls-client-ca clients-ca.pem
     sllm-cloud info --target 127.0.0.1:50051
@@ -24,12 +25,14 @@ from typing import Optional
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="The sllm cloud gRPC service.")
+from sllm.runtime.console import APP_SETTINGS, run_command
+from sllm.runtime.server_process import TOKEN_ENV, TOKENS_ENV
 
-TOKENS_ENV = "SLLM_CLOUD_TOKENS"
-# Both names are read, the same way (comma-separated, merged): SLLM_CLOUD_TOKEN is the edge's name
-# for its one token, and a server started with it must not come up open to anyone.
-TOKENS_ENVS = (TOKENS_ENV, "SLLM_CLOUD_TOKEN")
+app = typer.Typer(**APP_SETTINGS, no_args_is_help=True, help="The sllm cloud gRPC service.")
+
+# Both names are read, the same way (comma-separated, merged): TOKEN_ENV is the edge's name for its
+# one token, and a server started with it must not come up open to anyone.
+TOKENS_ENVS = (TOKENS_ENV, TOKEN_ENV)
 FORCED_EXIT_S = 5.0  # after a second signal, exit at once if the forced stop has not finished by then
 
 
@@ -57,7 +60,9 @@ def read_tokens(token_file: Optional[Path]) -> list[str]:
 
 @app.command()
 def serve(
-    bundle: Path = typer.Option(..., "--bundle", help="cloud bundle directory (export output)"),
+    bundle: Optional[Path] = typer.Option(None, "--bundle", help="cloud bundle directory (an export's cloud/)"),
+    model: Optional[str] = typer.Option(None, "--model", help="instead of --bundle: a folder holding cloud/ (and "
+                                        "svae/), or a model-hub id ORG/NAME[@REVISION]"),
     port: int = typer.Option(50051, help="TCP port; 0 = any free port"),
     host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.0.0 / [::] for all: needs TLS and "
                                                 "tokens or --tls-client-ca, or --insecure)"),
@@ -71,8 +76,7 @@ def serve(
     open_timeout: float = typer.Option(10.0, help="seconds a new stream has to send its Open"),
     max_pending_streams: int = typer.Option(64, help="streams waiting to send their Open; beyond it the "
                                                      "oldest of the token with the most is ended"),
-    batching: bool = typer.Option(True, "--batching/--no-batching", help="batch concurrent sessions' steps"),
-    max_batch: int = typer.Option(64, help="steps per forward pass"),
+    max_batch: int = typer.Option(64, help="steps per forward pass; 1 = no batching"),
     batch_wait_ms: float = typer.Option(0.0, help="wait this long for more steps before a forward pass"),
     device: str = typer.Option("auto", help="auto (cuda if available), cpu, cuda, cuda:1 ..."),
     dtype: str = typer.Option("float32", help="compute dtype: float32, float16, bfloat16 (GPU)"),
@@ -81,7 +85,7 @@ def serve(
     hand_back_idle: float = typer.Option(2.0, help="shutdown: a stream with no step for this many seconds (between "
                                                    "turns) is handed back to its client at once; 0 = never"),
     token_file: Optional[Path] = typer.Option(None, help=f"bearer tokens, one per line (also ${TOKENS_ENV} "
-                                                         "or $SLLM_CLOUD_TOKEN, comma-separated)"),
+                                                         f"or ${TOKEN_ENV}, comma-separated)"),
     tls_cert: Optional[Path] = typer.Option(None, help="PEM certificate chain (TLS)"),
     tls_key: Optional[Path] = typer.Option(None, help="PEM private key (TLS)"),
     tls_client_ca: Optional[Path] = typer.Option(None, help="PEM CA certificates: clients must present a "
@@ -103,12 +107,21 @@ def serve(
     from sllm.cloud.jsonlog import log, setup_logging
     from sllm.runtime.manifest import BundleError
 
+    if (bundle is None) == (model is None):
+        _fail("pass --bundle DIR (a cloud bundle) or --model MODEL (a folder or model-hub id holding cloud/)")
+    if model is not None:
+        from sllm.runtime.models import ModelError, resolve_model
+
+        try:
+            bundle = resolve_model(model, ["cloud"], optional=["svae"]) / "cloud"
+        except ModelError as e:
+            _fail(str(e))
     setup_logging(log_level)
     config = ServerConfig(
         host=host, port=port, max_sessions=max_sessions, max_sentences=max_sentences, idle_timeout_s=idle_timeout,
         max_message_bytes=int(max_message_mb * MIB), kv_budget_bytes=int(kv_budget_mb * MIB), max_abs=max_abs,
         open_timeout_s=open_timeout, max_pending_streams=max_pending_streams,
-        batching=batching, max_batch=max_batch, batch_wait_ms=batch_wait_ms, device=device, dtype=dtype,
+        max_batch=max_batch, batch_wait_ms=batch_wait_ms, device=device, dtype=dtype,
         threads=threads, grace_s=grace, hand_back_idle_s=hand_back_idle, tokens=read_tokens(token_file),
         tls_cert=str(tls_cert or ""), tls_key=str(tls_key or ""), tls_client_ca=str(tls_client_ca or ""),
         insecure=insecure,
@@ -270,5 +283,9 @@ def random_bundle(
     typer.echo(json.dumps({k: manifest[k] for k in ("model_id", "d_model", "num_layers", "max_sentences")}))
 
 
+def main() -> None:
+    run_command(app, "sllm-cloud")
+
+
 if __name__ == "__main__":
-    app()
+    main()

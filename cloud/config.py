@@ -35,8 +35,7 @@ class ServerConfig:
     open_timeout_s: float = 10.0  # a Converse stream must send its Open within this
     max_pending_streams: int = 64  # streams not yet past their Open; beyond it cloud.service.PendingStreams ends one
     # batching
-    batching: bool = True  # off: one session's step per forward pass (benchmarks)
-    max_batch: int = 64  # steps in one forward pass
+    max_batch: int = 64  # steps in one forward pass; 1: one session's step per pass (no batching)
     batch_wait_ms: float = 0.0  # after the first pending step, wait this long for more
     # runtime
     device: str = "auto"  # auto: cuda when available, else cpu

@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from sllm.cloud.auth import BearerAuthInterceptor
-from sllm.cloud.batcher import Batcher
+from sllm.cloud.batcher import Batcher, shutting_down
 from sllm.cloud.config import DEFAULT_MAX_MESSAGE_BYTES, MIB, ServerConfig, is_loopback
 from sllm.cloud.engine import Engine, pick_device
 from sllm.cloud.jsonlog import log
@@ -136,7 +136,7 @@ class CloudServer:
         if svae is not None and svae.cfg.d_model != self.engine.d:
             raise ValueError(f"the SentenceVAE's d={svae.cfg.d_model} differs from the cloud model's d={self.engine.d}")
         codec = SpeculationCodec(svae, device) if svae is not None and config.speculate_max else None
-        self.batcher = Batcher(self.engine, self.metrics, batching=config.batching, max_batch=config.max_batch,
+        self.batcher = Batcher(self.engine, self.metrics, max_batch=config.max_batch,
                                batch_wait_ms=config.batch_wait_ms, log_steps=config.log_steps,
                                on_death=self._model_died, store=self.store, codec=codec)
         self.service = SentenceLMService(self.engine, self.store, self.batcher, self.metrics, config, model_id,
@@ -223,7 +223,7 @@ class CloudServer:
         metrics_address = f"{c.metrics_host}:{self.metrics_http.port}" if self.metrics_http else None
         log("server_start", address=address, tls=c.tls, mutual_tls=bool(c.tls_client_ca), auth=bool(c.tokens),
             model_id=self.model_id, weights_sha256=self.weights_sha256, d=self.engine.d,
-            layers=self.engine.num_layers, device=str(self.engine.device), dtype=c.dtype, batching=c.batching,
+            layers=self.engine.num_layers, device=str(self.engine.device), dtype=c.dtype, batching=self.batcher.max_batch > 1,
             max_batch=self.batcher.max_batch, max_sessions=c.max_sessions, max_sentences=self.store.max_sentences,
             kv_budget_bytes=c.kv_budget_bytes, idle_timeout_s=c.idle_timeout_s,
             max_message_bytes=self.max_message_bytes, open_timeout_s=c.open_timeout_s,
@@ -305,7 +305,7 @@ class CloudServer:
             while (self.store.stats()["attached_sessions"] and time.monotonic() < deadline
                    and not self._force.wait(_DRAIN_POLL_S)):
                 if self.config.hand_back_idle_s:
-                    self.store.hand_back(self.config.hand_back_idle_s, HAND_BACK_MESSAGE)
+                    self.store.hand_back(self.config.hand_back_idle_s, shutting_down(HAND_BACK_MESSAGE))
             forced = self._force.is_set()
             self._shutdown_parts(forced=forced, grace=0.0 if forced else max(0.0, deadline - time.monotonic()))
             log("server_stop", drained_in_s=round(time.monotonic() - t0, 3), forced=forced)

@@ -18,24 +18,24 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter, OrderedDict
-from typing import NamedTuple
 
 import grpc
 import numpy as np
 from google.protobuf.message import DecodeError
 
 from sllm.cloud.auth import owner_of
-from sllm.cloud.batcher import Batcher, Job, dead_error
+from sllm.cloud.batcher import Batcher, Job, dead_error, shutting_down
 from sllm.cloud.config import ServerConfig
 from sllm.cloud.engine import Engine, StepOutput
-from sllm.cloud.errors import ServiceError, invalid, precondition, unavailable
+from sllm.cloud.errors import ServiceError, abort, invalid
 from sllm.cloud.jsonlog import LogRateLimit, log
 from sllm.cloud.metrics import Metrics
 from sllm.cloud.sessions import Session, SessionStore, check_session_id
-from sllm.modeling.svae_bundle import GuessControls, StopRule
+from sllm.protos.errors import reason_name
 from sllm.protos.v1 import sllm_pb2 as pb
 from sllm.protos.v1 import sllm_pb2_grpc as pb_grpc
 from sllm.protos.wire import NUMPY_DTYPES, WireError, pack, unpack
+from sllm.sentences.sampling import AnswerOptions
 
 POLL_S = 1.0  # how often a waiting stream checks that the model thread is alive
 STREAM_ERROR_LOG_INTERVAL_S = 1.0  # at most one `stream_error` line per status code this often
@@ -50,21 +50,16 @@ def parse_client_message(raw: bytes) -> pb.ClientMessage:
         raise invalid(f"the request is not a sllm.v1.ClientMessage ({e})") from None
 
 
-class TurnDecoding(NamedTuple):
-    """A turn's Decoding as the session keeps it (read once per turn, not per guess)."""
-    guess: bool
-    controls: GuessControls | None
-    stop_rule: StopRule
-
-
-def turn_decoding(msg: pb.Decoding) -> TurnDecoding:
-    """The wire's Decoding, checked before anything of the session changes (INVALID_ARGUMENT otherwise)."""
+def parse_decoding(msg: pb.Decoding) -> tuple[bool, AnswerOptions]:
+    """The wire's Decoding (the one place the cloud reads it): may the cloud guess this turn, and how the
+    edge decodes its answer (greedy: the cloud guesses greedily) and where it ends it. Checked before
+    anything of the session changes (INVALID_ARGUMENT otherwise). A penalty of 0 is unset: off, like 1."""
     try:
-        return TurnDecoding(msg.guess,
-                            GuessControls.of(msg.repetition_penalty, msg.no_repeat_ngram_size, msg.no_repeat_sentence,
-                                             msg.max_tokens),
-                            StopRule(msg.stop_threshold if msg.HasField("stop_threshold") else None, msg.min_sentences,
-                                     msg.max_sentences))
+        return msg.guess, AnswerOptions(
+            repetition_penalty=msg.repetition_penalty or 1.0, no_repeat_ngram_size=msg.no_repeat_ngram_size,
+            no_repeat_sentence=msg.no_repeat_sentence, max_tokens=msg.max_tokens,
+            stop_threshold=msg.stop_threshold if msg.HasField("stop_threshold") else None,
+            min_sentences=msg.min_sentences, max_sentences=msg.max_sentences)
     except ValueError as e:
         raise invalid(f"append.decoding: {e}") from None
 
@@ -77,7 +72,7 @@ class _Stream:
         self.context = context
         self.owner = owner
         self.loop = asyncio.get_running_loop()
-        self.end_request: asyncio.Future = self.loop.create_future()  # (code, details): end this stream
+        self.end_request: asyncio.Future = self.loop.create_future()  # a ServiceError: end this stream with it
         self.session: Session | None = None
         self.reply_dtype = pb.DTYPE_FLOAT32
         self.kept = False
@@ -130,15 +125,15 @@ class _Stream:
             self.svc.batcher.speculate(self.session)
 
     # -- ending ------------------------------------------------------------------------------
-    def end(self, code: grpc.StatusCode, details: str) -> None:
-        """Ask this stream's handler to end it with a status (event-loop thread)."""
+    def end(self, error: ServiceError) -> None:
+        """Ask this stream's handler to end it with `error`'s status (event-loop thread)."""
         if not self.end_request.done():
-            self.end_request.set_result((code, details))
+            self.end_request.set_result(error)
 
-    def end_threadsafe(self, code: grpc.StatusCode, details: str) -> None:
+    def end_threadsafe(self, error: ServiceError) -> None:
         """`end` from any thread (the idle reaper): Session.end_stream."""
         try:
-            self.loop.call_soon_threadsafe(self.end, code, details)
+            self.loop.call_soon_threadsafe(self.end, error)
         except RuntimeError:  # the loop is closed: the server, and this stream, are gone
             pass
 
@@ -170,9 +165,8 @@ class _Stream:
         if read in done:
             return read.result()
         if self.end_request.done():
-            raise ServiceError(*self.end_request.result())
-        raise ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                           f"no Open within {timeout:g} s of the stream's start; send Open first")
+            raise self.end_request.result()
+        raise ServiceError(pb.OPEN_TIMEOUT, f"no Open within {timeout:g} s of the stream's start; send Open first")
 
     # -- messages ----------------------------------------------------------------------------
     async def handle(self, msg: pb.ClientMessage) -> tuple[pb.ServerMessage | None, bool]:
@@ -181,21 +175,22 @@ class _Stream:
             raise invalid("empty ClientMessage: set one of open, append, accept, close")
         if kind == "open":
             if self.session is not None:
-                raise precondition("this stream already opened a session; one Open per stream")
+                raise ServiceError(pb.OUT_OF_ORDER, "this stream already opened a session; one Open per stream")
             return pb.ServerMessage(opened=await self.open(msg.open)), False
         if self.session is None:
-            raise precondition(f"the first message of a stream must be Open, got {kind}")
+            raise ServiceError(pb.OUT_OF_ORDER, f"the first message of a stream must be Open, got {kind}")
         if kind == "append":
             if not msg.append.HasField("vectors"):
                 raise invalid("append.vectors is missing")
             vectors = self._vectors(msg.append.vectors, "append.vectors")
             self.session.spec_dtype = np.float16 if msg.append.vectors.dtype == pb.DTYPE_FLOAT16 else np.float32
             position = msg.append.position if msg.append.HasField("position") else None
-            decoding = turn_decoding(msg.append.decoding) if msg.append.HasField("decoding") else None
+            decoding = parse_decoding(msg.append.decoding) if msg.append.HasField("decoding") else None
             return pb.ServerMessage(step=await self.step(vectors, position, decoding)), False
         if kind == "accept":
             if self.speculative is None:
-                raise precondition("accept without speculation: this stream's Open did not get speculate > 0")
+                raise ServiceError(pb.OUT_OF_ORDER, "accept without speculation: this stream's Open did not get "
+                                                    "speculate > 0")
             self.svc.store.accept(self.session, msg.accept.position)
             self.svc.batcher.speculate(self.session)
             return None, False
@@ -229,20 +224,21 @@ class _Stream:
     async def open(self, o: pb.Open) -> pb.Opened:
         svc = self.svc
         if svc.draining:
-            raise unavailable("the server is shutting down; reconnect (to another replica) and rebuild the session "
-                              "from its history")
+            raise shutting_down("the server is shutting down; reconnect (to another replica) and rebuild the session "
+                                "from its history")
         if not svc.batcher.alive:
             raise dead_error()
         if not o.model_id:
             raise invalid("open.model_id is empty: send the model id of the edge bundle")
         if o.model_id != svc.model_id:
-            raise precondition(f"model mismatch: the edge holds model {o.model_id!r}, this server serves "
-                               f"{svc.model_id!r}; use the edge and cloud bundles of one export")
+            raise ServiceError(pb.MODEL_MISMATCH, f"model mismatch: the edge holds model {o.model_id!r}, this server "
+                                                  f"serves {svc.model_id!r}; use the edge and cloud bundles of one "
+                                                  "export")
         if o.dim == 0:
             raise invalid("open.dim is 0: send the edge's sentence-vector size d")
         if o.dim != svc.engine.d:
-            raise precondition(f"dimension mismatch: the edge's sentence vectors have d={o.dim}, this model's "
-                               f"d={svc.engine.d}")
+            raise ServiceError(pb.MODEL_MISMATCH, f"dimension mismatch: the edge's sentence vectors have d={o.dim}, "
+                                                  f"this model's d={svc.engine.d}")
         if o.reply_dtype != pb.DTYPE_UNSPECIFIED and o.reply_dtype not in NUMPY_DTYPES:
             raise invalid(f"open.reply_dtype {o.reply_dtype} is not a supported dtype; use DTYPE_FLOAT32 or "
                           "DTYPE_FLOAT16")
@@ -270,10 +266,11 @@ class _Stream:
         return opened
 
     async def step(self, vectors: np.ndarray, position: int | None = None,
-                   decoding: TurnDecoding | None = None) -> pb.Step:
+                   decoding: tuple[bool, AnswerOptions] | None = None) -> pb.Step:
         """Run `vectors` [T, d] through the model on top of the session's cache, at `position` (None: after
         its confirmed sentences); what the session held from there on (speculation) is dropped first.
-        `decoding`: a new turn's (its answer starts after these vectors; guesses decode like the edge)."""
+        `decoding`: a new turn's, parse_decoding's (its answer starts after these vectors; guesses decode like
+        the edge)."""
         svc, s, n = self.svc, self.session, len(vectors)
         with svc.store.lock:  # one step: the batcher never speculates in between (it sees the reservation)
             if position is not None or s.length > s.confirmed or s.speculate:
@@ -281,7 +278,7 @@ class _Stream:
             svc.store.reserve(s, n)
             start = s.length
             if decoding is not None:
-                s.guess, s.controls, s.stop_rule = decoding
+                s.guess, s.decoding = decoding
                 s.answer_start, s.answer_tokens = start + n, {}
         done = self.loop.create_future()
         loop = self.loop
@@ -311,7 +308,7 @@ class _Stream:
             raise job.error
         out: StepOutput = job.output
         if not svc.store.commit(s, n, out.hidden, out.stop_logits):
-            raise unavailable("this session was freed while its step ran (the server is shutting down)")
+            raise shutting_down("this session was freed while its step ran (the server is shutting down)")
         return self._step_msg(out.hidden, out.stop_logits, s.length, s.epoch)
 
     def _step_msg(self, hidden: np.ndarray, stop_logits: np.ndarray, length: int, epoch: int = 0) -> pb.Step:
@@ -339,9 +336,9 @@ class PendingStreams:
             oldest = next(s for s in self.streams if s.owner == greediest)
             self.leave(oldest)
             self.evicted_total += 1
-            oldest.end(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                       f"more than {self.limit} streams were waiting to send their Open; this one, the oldest "
-                       "of its token's, was ended: send Open as soon as the stream starts")
+            oldest.end(ServiceError(pb.SERVER_FULL, f"more than {self.limit} streams were waiting to send their Open; "
+                                                    "this one, the oldest of its token's, was ended: send Open as soon "
+                                                    "as the stream starts"))
         self.streams[stream] = None
         self.by_owner[stream.owner] += 1
 
@@ -384,7 +381,7 @@ class SentenceLMService(pb_grpc.SentenceLMServicer):
                 raw = await stream.next_message()
             await stream.write(stream.end_of_input())
         except ServiceError as e:
-            await self._fail(stream, e.code, e.message)
+            await self._fail(stream, e)
         except asyncio.CancelledError:
             stream.cut = True
             raise  # the RPC was cancelled (client, deadline, shutdown): `finish` cleans up
@@ -393,21 +390,22 @@ class SentenceLMService(pb_grpc.SentenceLMServicer):
                 return  # the RPC is over already (a read or write raced its end): nothing to report
             log("internal_error", logging.ERROR, exc_info=True,
                 session=stream.session.tag if stream.session else None)
-            await self._fail(stream, grpc.StatusCode.INTERNAL, "internal error (logged on the server)")
+            await self._fail(stream, ServiceError(pb.SERVER_BUG, "internal error (logged on the server)"))
         finally:
             self.pending.leave(stream)
             stream.finish()
 
-    async def _fail(self, stream: _Stream, code: grpc.StatusCode, message: str) -> None:
-        self.metrics.error(code.name)
-        limit = self._error_logs.setdefault(code.name, LogRateLimit(STREAM_ERROR_LOG_INTERVAL_S))
+    async def _fail(self, stream: _Stream, error: ServiceError) -> None:
+        code = error.code.name
+        self.metrics.error(code)
+        limit = self._error_logs.setdefault(code, LogRateLimit(STREAM_ERROR_LOG_INTERVAL_S))
         suppressed = limit.take()
         if suppressed is not None:
             log("stream_error", logging.WARNING, session=stream.session.tag if stream.session else None,
-                code=code.name, message=message, suppressed=suppressed)
+                code=code, reason=reason_name(error.reason), message=error.message, suppressed=suppressed)
         if stream.session is not None:
-            self.store.free(stream.session, f"its stream ended with {code.name}")
-        await stream.context.abort(code, message)
+            self.store.free(stream.session, f"its stream ended with {code}")
+        await abort(stream.context, error)
 
     def grant_speculation(self, asked: int) -> tuple[int, str]:
         """(sentences granted, why not what was asked) for Open.speculate = `asked`."""
@@ -427,13 +425,13 @@ class SentenceLMService(pb_grpc.SentenceLMServicer):
             accepted_dtypes=sorted(NUMPY_DTYPES), num_layers=e.num_layers, max_sentences=self.store.max_sentences,
             max_sessions=c.max_sessions, max_message_bytes=self.max_message_bytes, idle_timeout_s=c.idle_timeout_s,
             kv_budget_bytes=c.kv_budget_bytes, kv_bytes_per_sentence=e.kv_bytes_per_sentence,
-            device=str(e.device), batching=c.batching, max_batch=self.batcher.max_batch,
+            device=str(e.device), batching=self.batcher.max_batch > 1, max_batch=self.batcher.max_batch,
             weights_sha256=self.weights_sha256)
 
     async def GetModelInfo(self, request, context):  # noqa: N802
         if not self.batcher.alive and not self.draining:
             self.metrics.error(grpc.StatusCode.UNAVAILABLE.name)
-            await context.abort(grpc.StatusCode.UNAVAILABLE, dead_error().message)
+            await abort(context, dead_error())
         return self.model_info()
 
     def stats(self) -> dict:

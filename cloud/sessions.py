@@ -32,14 +32,14 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable
 
-import grpc
 import numpy as np
 
-from sllm.cloud.errors import exhausted, invalid, not_found, precondition
+from sllm.cloud.errors import ServiceError, invalid
 from sllm.cloud.jsonlog import log
 from sllm.cloud.metrics import Metrics
 from sllm.modeling.opt_block import KVSlot
-from sllm.modeling.svae_bundle import GuessControls, StopRule
+from sllm.protos.v1 import sllm_pb2 as pb
+from sllm.sentences.sampling import AnswerOptions
 
 SESSION_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 REMEMBER_GONE = 10000  # ids of freed sessions remembered (per owner), to say "expired" rather than "unknown"
@@ -70,7 +70,7 @@ class Session:
     last_hidden: np.ndarray | None = None  # the last step's answer, returned on resume
     last_stop_logits: np.ndarray | None = None
     attached: bool = False
-    end_stream: Callable[[object, str], None] | None = None  # ends the attached stream with a status
+    end_stream: Callable[[ServiceError], None] | None = None  # ends the attached stream with this status
     reserved: int = 0  # sentences of a step in flight
     last_active: float = field(default_factory=time.monotonic)
     created: float = field(default_factory=time.monotonic)
@@ -88,8 +88,9 @@ class Session:
     declined_at: tuple | None = None  # (epoch, length) of the last "declined" notice sent
     spec_dtype: type = np.float32  # the dtype of the edge's vectors on the wire (guesses are rounded alike)
     guess: bool = True  # the edge lets the cloud guess this turn (not a sampled one)
-    controls: GuessControls | None = None  # how the turn's guesses decode (None: plain greedy, an old client)
-    stop_rule: StopRule = StopRule()  # where the edge ends the turn's answer: no guess past it
+    # how the edge decodes the turn's answer and where it ends it (no guess past it); None: an old client's
+    # (plain greedy, the termination head's argmax from the first sentence, no cap)
+    decoding: AnswerOptions | None = None
     answer_start: int = 0  # where the current turn's answer starts (after its prompt)
     answer_tokens: dict = field(default_factory=dict)  # position -> the tokens the cloud guessed there
 
@@ -138,25 +139,27 @@ class SessionStore:
                 held = self.sessions.get((owner, session_id))
                 if held is not None:
                     if held.attached:
-                        raise precondition("this session is attached to another open stream; close or cancel "
-                                           "that stream first")
+                        raise ServiceError(pb.SESSION_ATTACHED, "this session is attached to another open stream; "
+                                                                "close or cancel that stream first")
                     if history_len is not None and history_len != held.length:
-                        raise precondition(f"this session holds {held.length} sentences but open.history has "
-                                           f"{history_len}; send the full history, or a new session id")
+                        raise ServiceError(pb.HISTORY_MISMATCH, f"this session holds {held.length} sentences but "
+                                           f"open.history has {history_len}; send the full history, or a new "
+                                           "session id")
                     self._attach(held, end_stream)
                     return held, True
                 if history_len is None:
                     why = self.gone.get((owner, session_id))
                     if why:
-                        raise not_found(f"this session is no longer held ({why}); rebuild it with "
-                                        "Open{session_id, history}")
-                    raise not_found("unknown session; rebuild it with Open{session_id, history} or open a new one")
+                        raise ServiceError(pb.SESSION_NOT_FOUND, f"this session is no longer held ({why}); rebuild it "
+                                                                 "with Open{session_id, history}")
+                    raise ServiceError(pb.SESSION_NOT_FOUND, "unknown session; rebuild it with Open{session_id, "
+                                                             "history} or open a new one")
             if history_len is not None and history_len > self.max_sentences:
-                raise exhausted(f"open.history has {history_len} sentences; a session holds at most "
-                                f"{self.max_sentences}")
+                raise ServiceError(pb.SESSION_FULL, f"open.history has {history_len} sentences; a session holds at "
+                                                    f"most {self.max_sentences}")
             if len(self.sessions) >= self.max_sessions and not self._evict_one("to make room for a new session"):
-                raise exhausted(f"the server holds its maximum of {self.max_sessions} sessions, all in use; "
-                                "retry later")
+                raise ServiceError(pb.SERVER_FULL, f"the server holds its maximum of {self.max_sessions} sessions, all "
+                                                   "in use; retry later")
             s = Session(session_id or new_session_id(), owner, kv=self.new_slot())
             self.sessions[s.key] = s
             self.gone.pop(s.key, None)
@@ -181,16 +184,16 @@ class SessionStore:
             self._touch(s)
         log("session_detach", session=s.tag, length=s.length, reason=reason)
 
-    def hand_back(self, idle_s: float, message: str) -> int:
+    def hand_back(self, idle_s: float, error: ServiceError) -> int:
         """A draining server: end the streams of attached sessions with no step in flight for `idle_s`
-        seconds (a conversation between turns) with UNAVAILABLE `message`, so their clients move to
+        seconds (a conversation between turns) with `error` (SHUTTING_DOWN), so their clients move to
         another replica on their next turn; answers in progress go on. Returns how many were ended."""
         now = time.monotonic()
         with self.lock:
             idle = [(s, s.end_stream) for s in self.sessions.values()
                     if s.attached and s.end_stream is not None and not s.reserved and now - s.last_active >= idle_s]
         for _, end_stream in idle:  # outside the lock: ending a stream runs grpc callbacks
-            end_stream(grpc.StatusCode.UNAVAILABLE, message)
+            end_stream(error)
         return len(idle)
 
     # -- steps -----------------------------------------------------------------------------
@@ -198,14 +201,15 @@ class SessionStore:
         """Room for `n` more sentences in session `s` (sentence limit + KV budget), or RESOURCE_EXHAUSTED."""
         with self.lock:
             if s.freed:
-                raise not_found(f"this session is no longer held ({s.free_reason})")
+                raise ServiceError(pb.SESSION_NOT_FOUND, f"this session is no longer held ({s.free_reason})")
             if s.length + s.reserved + n > self.max_sentences:
-                raise exhausted(f"this session holds {s.length} sentences; {n} more would pass the limit of "
-                                f"{self.max_sentences} per session; start a new conversation")
+                raise ServiceError(pb.SESSION_FULL, f"this session holds {s.length} sentences; {n} more would pass "
+                                                    f"the limit of {self.max_sentences} per session; start a new "
+                                                    "conversation")
             while (self.sentences_in_use + n) * self.per_sentence > self.kv_budget_bytes:
                 if not self._evict_one("to make room in the KV cache budget", keep=s):
-                    raise exhausted(
-                        f"the KV cache budget ({self.kv_budget_bytes} bytes) is full: "
+                    raise ServiceError(
+                        pb.SERVER_FULL, f"the KV cache budget ({self.kv_budget_bytes} bytes) is full: "
                         f"{self.sentences_in_use * self.per_sentence} bytes held by {len(self.sessions)} sessions; "
                         f"{n} more sentences need {n * self.per_sentence}; retry later")
             s.reserved += n
@@ -239,7 +243,7 @@ class SessionStore:
         and everything in flight for them (epoch + 1). Returns how many were dropped."""
         with self.lock:
             if s.freed:
-                raise not_found(f"this session is no longer held ({s.free_reason})")
+                raise ServiceError(pb.SESSION_NOT_FOUND, f"this session is no longer held ({s.free_reason})")
             if position > s.confirmed:
                 raise invalid(f"append.position {position} is past the {s.confirmed} sentences this session "
                               "holds (confirmed); send the sentences in between first")
@@ -264,10 +268,11 @@ class SessionStore:
         """The edge confirms the speculative sentence at `position` (the first unconfirmed one)."""
         with self.lock:
             if s.freed:
-                raise not_found(f"this session is no longer held ({s.free_reason})")
+                raise ServiceError(pb.SESSION_NOT_FOUND, f"this session is no longer held ({s.free_reason})")
             if position != s.confirmed or position >= s.length:
-                raise precondition(f"accept.position {position} is not the first speculative sentence of this session "
-                                   f"(it holds {s.confirmed} confirmed and {s.length - s.confirmed} speculative ones)")
+                raise ServiceError(pb.OUT_OF_ORDER, f"accept.position {position} is not the first speculative sentence "
+                                   f"of this session (it holds {s.confirmed} confirmed and {s.length - s.confirmed} "
+                                   "speculative ones)")
             s.last_hidden, s.last_stop_logits = s.spec.pop(0)
             s.confirmed += 1
             self.speculation_accepted_total += 1
@@ -353,8 +358,8 @@ class SessionStore:
                     ended.append((s, s.end_stream))
                 self.free(s, f"expired: idle for more than {self.idle_timeout_s:g} s", evicted=True)
         for s, end_stream in ended:  # outside the lock: ending a stream runs grpc callbacks
-            end_stream(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                       f"this session was idle for more than {self.idle_timeout_s:g} s and has been freed")
+            end_stream(ServiceError(pb.SESSION_IDLE, f"this session was idle for more than {self.idle_timeout_s:g} s "
+                                                     "and has been freed"))
         return len(idle)
 
     def free_all(self, reason: str) -> None:

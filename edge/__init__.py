@@ -10,7 +10,11 @@ on first use. Modules:
     sampling   greedy / temperature / top-k / top-p / seed, in numpy
     runtime    EdgeRuntime: verified bundle, segmenter, tokenizer, encoder, cached decoder loop
     loop       the sentence loop over a cloud "stepper" (chat, API and bench all run it)
-    chat       ChatSession: one cloud conversation, history vectors, rebuild after a lost session
+    remote     RemoteStepper, the edge's one stepper: the cloud session, history vectors, reconnect,
+               rebuild, failover, speculation
+    speculate  the edge's check of the cloud's guessed sentences; the wire's Decoding of an answer
+    failures   what a failed cloud call means (status code + ErrorReason); EdgeError, TurnError
+    chat       ChatSession: runtime + remote stepper + sentence loop, one conversation
     api        connect / EdgeChat / Answer: the conversation for apps (docs/edge-api.md)
     local      LocalServer: `sllm-cloud serve` on loopback for `edge-chat --local`
     cli        the `edge-chat` command, built on the api
@@ -28,7 +32,7 @@ def __getattr__(name: str):
     if name in _API:
         from sllm.edge import api as module
     elif name in _CHAT:
-        from sllm.edge import chat as module
+        from sllm.edge import failures as module
     elif name in _LOOP:
         from sllm.edge import loop as module
     else:

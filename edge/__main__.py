@@ -1,3 +1,3 @@
-from sllm.edge.cli import main
+from sllm.edge.command import main
 
 main()

@@ -12,27 +12,25 @@ is a turn that cannot run (empty prompt, full context, a bad option) and leaves 
 as it was. After an EdgeError from the server (it went away), the next `ask` rebuilds the cloud
 session from the sentence vectors the edge keeps. One conversation is not thread-safe.
 
-This is the same ChatSession and sentence loop as `edge-chat` (which is built on this module).
+This is the same ChatSession (runtime + remote stepper + sentence loop) as `edge-chat` (which is built
+on this module). `AnswerOptions` (sllm.sentences.sampling) are the options of an answer, one field per
+edge-chat option.
 """
 from __future__ import annotations
 
 import ipaddress
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterator
 
-from sllm.edge.chat import DEFAULT_CONNECT_TIMEOUT_S, DEFAULT_STEP_TIMEOUT_S, ChatSession, EdgeError, TurnError
+from sllm.edge.chat import ChatSession
+from sllm.edge.failures import EdgeError, TurnError
 from sllm.edge.loop import SentenceEvent, TurnEnd
+from sllm.edge.remote import DEFAULT_CONNECT_TIMEOUT_S, DEFAULT_STEP_TIMEOUT_S, RemoteStepper
 from sllm.edge.runtime import EdgeRuntime
-from sllm.edge.sampling import Sampling
 from sllm.protos.client import DEFAULT_KEEPALIVE_S, CloudClient, make_channel
-from sllm.sentences.sampling import (  # noqa: F401 (the defaults are re-exported for edge.cli)
-    DEFAULT_NO_REPEAT_NGRAM,
-    DEFAULT_NO_REPEAT_SENTENCE,
-    DEFAULT_REPETITION_PENALTY,
-    check_stop_threshold,
-)
+from sllm.sentences.sampling import AnswerOptions
 
 WIRE_DTYPES = ("float32", "float16")
 # sentence-level speculation asked of a server on another machine; none of one on this machine, where
@@ -41,42 +39,6 @@ WIRE_DTYPES = ("float32", "float16")
 # ahead was as fast or faster at every RTT (docs/results/rtt-chat.md)
 REMOTE_SPECULATE = 16
 _log = logging.getLogger("edge")
-
-
-@dataclass(frozen=True)
-class AnswerOptions:
-    """How an answer is generated (the edge-chat options of the same names)."""
-
-    temperature: float = 0.0  # 0 = greedy: the text `sllm-train generate` prints
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0  # 1 = off
-    seed: int | None = None  # sentence i of an answer samples with seed + i
-    max_sentences: int = 8  # per answer (the context may allow fewer)
-    max_tokens: int = 0  # per sentence; 0 = the bundle's limit
-    # repetition controls (sentences.sampling); defaults measured by bench/answer_quality.py
-    repetition_penalty: float = DEFAULT_REPETITION_PENALTY  # 1 = off
-    no_repeat_ngram_size: int = DEFAULT_NO_REPEAT_NGRAM  # 0 = off
-    no_repeat_sentence: bool = DEFAULT_NO_REPEAT_SENTENCE
-    stop_threshold: float | None = None  # end the answer when P(stop) >= this; None = the bundle's
-
-    def __post_init__(self) -> None:
-        if isinstance(self.max_sentences, bool) or not isinstance(self.max_sentences, int) or self.max_sentences < 0:
-            raise TurnError(f"max_sentences must be an integer >= 0, got {self.max_sentences!r}")
-        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 0:
-            raise TurnError(f"max_tokens must be an integer >= 0 (0 = the bundle's limit), got {self.max_tokens!r}")
-        try:
-            check_stop_threshold(self.stop_threshold)
-        except ValueError as e:
-            raise TurnError(str(e)) from None
-        self.sampling  # noqa: B018 - checks temperature, top_k, top_p, seed now
-
-    @property
-    def sampling(self) -> Sampling:
-        try:
-            return Sampling(self.temperature, self.top_k, self.top_p, self.seed, self.repetition_penalty,
-                            self.no_repeat_ngram_size, self.no_repeat_sentence)
-        except ValueError as e:
-            raise TurnError(str(e)) from None
 
 
 class Answer:
@@ -91,8 +53,7 @@ class Answer:
         self.sentences: list[SentenceEvent] = []
         self.end: TurnEnd | None = None
         self._stop = False
-        self._events = session.turn(text, options.sampling, options.max_sentences, options.max_tokens or None,
-                                    interrupted=lambda: self._stop, stop_threshold=options.stop_threshold)
+        self._events = session.turn(text, options, interrupted=lambda: self._stop)
 
     def __iter__(self) -> Iterator[SentenceEvent]:
         return self
@@ -133,12 +94,12 @@ class EdgeChat:
     @property
     def context_sentences(self) -> int:
         """Sentences the conversation holds (prompts and answers, all turns)."""
-        return len(self.session.history)
+        return len(self.session.stepper.history)
 
     @property
     def context_capacity(self) -> int:
         """Sentences the server's context has room for, all turns together."""
-        return self.session.room
+        return self.session.stepper.room
 
     def ask(self, text: str, **options) -> Answer:
         """Start a turn; TurnError now if it cannot run. `options`: any AnswerOptions field, for this
@@ -147,7 +108,11 @@ class EdgeChat:
             raise EdgeError("this conversation is closed")
         if self._answer is not None:
             self._answer.close()
-        self._answer = Answer(self.session, text, replace(self.options, **options) if options else self.options)
+        try:
+            chosen = replace(self.options, **options) if options else self.options
+        except (TypeError, ValueError) as e:  # an unknown or out-of-range option
+            raise TurnError(str(e)) from None
+        self._answer = Answer(self.session, text, chosen)
         return self._answer
 
     def reset(self) -> None:
@@ -176,7 +141,8 @@ def connect(server: str, bundle: str | Path | EdgeRuntime, *, token: str | None 
             keepalive_s: float | None = DEFAULT_KEEPALIVE_S, device: str = "auto", threads: int = 0,
             options: AnswerOptions = AnswerOptions(), notify: Callable[[str], None] = _log.warning,
             speculate: int | None = None) -> EdgeChat:
-    """Open a conversation: load the edge bundle (or take a loaded EdgeRuntime), check that the
+    """Open a conversation: load the edge bundle (a bundle folder, a folder holding edge/, a model-hub id
+    ORG/NAME[@REVISION]: see load_runtime; or take a loaded EdgeRuntime), check that the
     server at `server` (host:port) serves the other half of the same model (model id, d and the
     sha256 of its weights), open a session.
 
@@ -215,9 +181,10 @@ def connect(server: str, bundle: str | Path | EdgeRuntime, *, token: str | None 
         speculate = default_speculate(target)
     if isinstance(speculate, bool) or not isinstance(speculate, int) or speculate < 0:
         raise EdgeError(f"speculate must be an integer >= 0 (0 = off), got {speculate!r}")
-    session = ChatSession(runtime, client_factory, target, wire_dtype=wire_dtype, connect_timeout=connect_timeout,
-                          step_timeout=step_timeout or None, notify=notify, speculate=speculate,
-                          tls=bool(tls or root_certificates or certificate_chain))
+    stepper = RemoteStepper(runtime.bundle, client_factory, target, wire_dtype=wire_dtype,
+                            connect_timeout=connect_timeout, step_timeout=step_timeout or None, notify=notify,
+                            speculate=speculate, tls=bool(tls or root_certificates or certificate_chain))
+    session = ChatSession(runtime, stepper)
     try:
         session.connect()
     except BaseException:
@@ -272,13 +239,16 @@ def _read_pem(path: str | Path | None, what: str) -> bytes | None:
 
 def load_runtime(bundle: str | Path, device: str = "auto", threads: int = 0,
                  notify: Callable[[str], None] = _log.warning) -> EdgeRuntime:
-    """The edge bundle, verified and loaded; EdgeError when it is missing, corrupt or cannot run."""
+    """The edge bundle, verified and loaded; EdgeError when it is missing, corrupt or cannot run.
+    `bundle`: an edge bundle folder, a folder holding edge/ (an export), or a model-hub id
+    ORG/NAME[@REVISION] whose repo holds edge/ (runtime.models: fetched into the hub's cache)."""
     from sllm.runtime.manifest import BundleError
+    from sllm.runtime.models import ModelError, edge_bundle_folder
     from sllm.runtime.providers import ProviderError
 
     try:
-        runtime = EdgeRuntime.load(bundle, device=device, threads=threads)
-    except (BundleError, ProviderError, ValueError) as e:
+        runtime = EdgeRuntime.load(edge_bundle_folder(bundle), device=device, threads=threads)
+    except (BundleError, ProviderError, ModelError, ValueError) as e:
         raise EdgeError(str(e)) from None
     for warning in runtime.notes + ([runtime.device_note] if runtime.device_note else []):
         notify(f"warning: {warning}")

@@ -2,6 +2,7 @@
 
     edge-chat --local                                  # start a server for models/default here, chat
     edge-chat --local --model runs/export              # DIR holding edge/ and cloud/
+    edge-chat --local --model org/sllm-small@v1        # a model-hub id, fetched into huggingface_hub's cache
     edge-chat --server gpu-box:50051 --token T --bundle models/default/edge
     edge-chat --local --prompt "It is a truth universally acknowledged,"     # one turn, then exit
     printf 'First turn.\\nSecond turn.\\n' | edge-chat --local --json          # one turn per line
@@ -28,27 +29,20 @@ from typing import Callable, Iterator, Optional
 
 import typer
 
-from sllm.edge.api import (
-    DEFAULT_NO_REPEAT_NGRAM,
-    DEFAULT_NO_REPEAT_SENTENCE,
-    DEFAULT_REPETITION_PENALTY,
-    REMOTE_SPECULATE,
-    AnswerOptions,
-    EdgeChat,
-    check_wire_dtype,
-    connect,
-    load_runtime,
-)
-from sllm.edge.chat import DEFAULT_STEP_TIMEOUT_S, EdgeError, TurnError
+from sllm.edge.api import REMOTE_SPECULATE, AnswerOptions, EdgeChat, check_wire_dtype, connect, load_runtime
+from sllm.edge.cli_options import answer_options
+from sllm.edge.failures import EdgeError, TurnError
 from sllm.edge.loop import SentenceEvent, TurnEnd
+from sllm.edge.remote import DEFAULT_STEP_TIMEOUT_S
 from sllm.protos.client import DEFAULT_KEEPALIVE_S
+from sllm.runtime.console import APP_SETTINGS, Terminal
+from sllm.runtime.models import ModelError, default_model, no_default_model_message, resolve_model
+from sllm.runtime.server_process import TOKEN_ENV
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False,
+app = typer.Typer(**APP_SETTINGS, pretty_exceptions_enable=False,
                   help="Chat with a sentence-level LM: SentenceVAE on this machine (ONNX Runtime), "
                        "OPT blocks on a cloud server (gRPC).")
 
-DEFAULT_MODEL = Path("models/default")
-TOKEN_ENV = "SLLM_CLOUD_TOKEN"
 HELP = """commands:
   /reset   forget the conversation (a new cloud session)
   /quit    leave (also /exit, Ctrl-D)
@@ -61,16 +55,11 @@ def _fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+TERMINAL = Terminal()  # the answer's text on stdout, notices on stderr: each notice on a line of its own
+
+
 def _note(message: str) -> None:
-    typer.secho(f"edge-chat: {message}", fg=typer.colors.YELLOW, err=True)
-
-
-def _resolve(path: Path) -> Path:
-    """A relative default that is missing here may live in the source checkout (editable install)."""
-    if path.is_absolute() or path.exists():
-        return path
-    beside = Path(__file__).resolve().parents[1] / path
-    return beside if beside.exists() else path
+    TERMINAL.notice(f"edge-chat: {message}", fg=typer.colors.YELLOW)
 
 
 class _Interrupts:
@@ -107,8 +96,7 @@ class _Output:
         self.open_line = False  # text mode: an answer line is being written
 
     def emit(self, obj: dict) -> None:
-        sys.stdout.write(json.dumps(obj, ensure_ascii=False) + "\n")
-        sys.stdout.flush()
+        TERMINAL.out(json.dumps(obj, ensure_ascii=False) + "\n")
 
     def sentence(self, ev: SentenceEvent) -> None:
         if self.as_json:
@@ -117,8 +105,7 @@ class _Output:
                        "edge_encode_ms": round(ev.edge_encode_ms, 3), "cloud_step_ms": round(ev.cloud_step_ms, 3),
                        "edge_decode_ms": round(ev.edge_decode_ms, 3)})
             return
-        sys.stdout.write(ev.text)
-        sys.stdout.flush()
+        TERMINAL.out(ev.text)
         self.open_line = True
 
     def turn_end(self, ev: TurnEnd) -> None:
@@ -135,8 +122,7 @@ class _Output:
 
     def end_line(self) -> None:
         if not self.as_json:
-            sys.stdout.write("\n")
-            sys.stdout.flush()
+            TERMINAL.out("\n")
         self.open_line = False
 
 
@@ -244,6 +230,7 @@ def _terminate(signum, frame) -> None:
 
 
 @app.command()
+@answer_options(_fail)
 def chat(
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="one turn, print the answer, exit"),
     server: str = typer.Option("127.0.0.1:50051", "--server", envvar="SLLM_CLOUD_SERVER",
@@ -263,22 +250,11 @@ def chat(
     bundle: Optional[Path] = typer.Option(None, "--bundle", help="edge bundle (default: MODEL/edge)"),
     local: bool = typer.Option(False, "--local", help="start a cloud server for MODEL/cloud on 127.0.0.1 "
                                                        "for this chat, stop it on exit"),
-    model: Path = typer.Option(DEFAULT_MODEL, "--model", help="export folder holding edge/ and cloud/"),
+    model: Optional[str] = typer.Option(None, "--model", help="a folder holding edge/ and cloud/ (sllm-export "
+                                        "--out DIR), or a model-hub id ORG/NAME[@REVISION]; default: models/default "
+                                        "here or in the source checkout"),
     local_timeout: float = typer.Option(120.0, help="--local: seconds to wait for the server to be healthy"),
-    temperature: float = typer.Option(0.0, help="0 = greedy"),
-    top_k: int = typer.Option(0, help="0 = off"),
-    top_p: float = typer.Option(1.0, help="1 = off"),
-    seed: Optional[int] = typer.Option(None, help="sentence i of a turn samples with seed + i"),
-    max_sentences: int = typer.Option(8, help="sentences per answer at most (the context may allow fewer)"),
-    max_sentence_tokens: int = typer.Option(0, help="tokens per sentence at most; 0 = the bundle's limit"),
-    repetition_penalty: float = typer.Option(DEFAULT_REPETITION_PENALTY, help="divide the positive logits (multiply "
-                                             "the negative ones) of tokens already in the answer; 1 = off"),
-    no_repeat_ngram_size: int = typer.Option(DEFAULT_NO_REPEAT_NGRAM, help="never repeat an n-gram of the "
-                                                                           "answer's tokens; 0 = off"),
-    no_repeat_sentence: bool = typer.Option(DEFAULT_NO_REPEAT_SENTENCE, "--no-repeat-sentence/--allow-repeat-sentence",
-                                            help="a sentence may not end where it equals an earlier one of the answer"),
-    stop_threshold: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="end the answer when the cloud's "
-                                                   "P(stop) >= this; default: the bundle's (chosen on validation)"),
+    options: AnswerOptions = None,  # --temperature ... --stop-threshold: one option per field (edge.cli_options)
     as_json: bool = typer.Option(False, "--json", help="JSON lines with per-sentence timings"),
     device: str = typer.Option("auto", help="edge ONNX Runtime device: auto (CUDA when it really loads), "
                                              "cpu, cuda; --local: also the server's"),
@@ -308,23 +284,14 @@ def chat(
 
 
 def _run(prompt, server, token, tls_ca, tls, tls_cert, tls_key, server_name, step_timeout, keepalive, bundle, local,
-         model, local_timeout, temperature, top_k, top_p, seed, max_sentences, max_sentence_tokens, as_json, device,
-         threads, wire_dtype, speculate=None, repetition_penalty=DEFAULT_REPETITION_PENALTY,
-         no_repeat_ngram_size=DEFAULT_NO_REPEAT_NGRAM, no_repeat_sentence=DEFAULT_NO_REPEAT_SENTENCE,
-         stop_threshold=None) -> int:
-    options = AnswerOptions(temperature, top_k, top_p, seed, max_sentences, max_sentence_tokens,
-                            repetition_penalty=repetition_penalty, no_repeat_ngram_size=no_repeat_ngram_size,
-                            no_repeat_sentence=no_repeat_sentence, stop_threshold=stop_threshold)
+         model, local_timeout, options: AnswerOptions, as_json, device, threads, wire_dtype, speculate=None) -> int:
+    TERMINAL.reset()
     check_wire_dtype(wire_dtype)
     if prompt is not None and not prompt.strip():
         raise EdgeError("--prompt is empty")
 
-    model_dir = _resolve(model)
+    model_dir = _model_folder(model, bundle, local)
     edge_dir = bundle if bundle is not None else model_dir / "edge"
-    if bundle is None and not edge_dir.exists():
-        hint = ("export one there with `sllm-export CHECKPOINT --out models/default`, or pass --model / --bundle"
-                if model == DEFAULT_MODEL else "pass --bundle or a --model folder holding edge/ and cloud/")
-        raise EdgeError(f"no edge bundle at {edge_dir}: {hint}")
     runtime = load_runtime(edge_dir, device, threads, notify=_note)
 
     previous = {}
@@ -346,7 +313,7 @@ def _run(prompt, server, token, tls_ca, tls, tls_cert, tls_key, server_name, ste
         chat = connect(server, runtime, token=token, tls=tls, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key,
                        server_name=server_name, wire_dtype=wire_dtype, step_timeout=step_timeout,
                        keepalive_s=keepalive, options=options, notify=_note, speculate=speculate)
-        session, out = chat.session, _Output(as_json)
+        session, out = chat.session.stepper, _Output(as_json)  # the cloud session
         info = session.info
         if as_json:
             out.emit({"event": "ready", "model_id": runtime.model_id, "d": runtime.d_model,
@@ -359,8 +326,8 @@ def _run(prompt, server, token, tls_ca, tls, tls_cert, tls_key, server_name, ste
         elif sys.stdin.isatty():
             edge_dev = "CPU" if runtime.provider == "CPUExecutionProvider" else "CUDA"
             typer.echo(f"edge-chat · model {runtime.model_id} (d={runtime.d_model}) · edge: ONNX Runtime {edge_dev} "
-                       f"· cloud: {session.target} ({info.device}, {info.compute_dtype}) · up to {max_sentences} "
-                       f"sentences an answer · {_speculation_words(session)} · /help", err=True)
+                       f"· cloud: {session.target} ({info.device}, {info.compute_dtype}) · up to "
+                       f"{options.max_sentences} sentences an answer · {_speculation_words(session)} · /help", err=True)
             _Chat(chat, out).run(_terminal_lines(), keep_going=True)
         else:
             _Chat(chat, out).run(_piped_lines(sys.stdin), keep_going=False)
@@ -372,6 +339,23 @@ def _run(prompt, server, token, tls_ca, tls, tls_cert, tls_key, server_name, ste
             local_server.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _model_folder(model: Optional[str], bundle: Optional[Path], local: bool) -> Optional[Path]:
+    """The --model folder (a hub id fetched into the cache), holding what this chat reads from it:
+    edge/ unless --bundle names the edge bundle, cloud/ (and svae/, for speculation) with --local."""
+    parts = ([] if bundle is not None else ["edge"]) + (["cloud"] if local else [])
+    if not parts:
+        return None
+    if model is None:
+        found = default_model()
+        if found is None:
+            raise EdgeError(no_default_model_message() + ("" if local else "; or --bundle DIR with --server HOST:PORT"))
+        model = str(found)
+    try:
+        return resolve_model(model, parts, optional=["svae"] if local else [])
+    except ModelError as e:
+        raise EdgeError(str(e)) from None
 
 
 def _granted(session) -> tuple[int, str]:
@@ -405,10 +389,3 @@ def _start_local(model_dir: Path, runtime, timeout: float, threads: int, device:
     return LocalServer(cloud_dir, startup_timeout=timeout, threads=threads,
                        device="cpu" if device == "cpu" else "auto").start()
 
-
-def main() -> None:
-    app()
-
-
-if __name__ == "__main__":
-    main()

@@ -12,11 +12,12 @@ The decoder sees the answer's earlier sentences, for the sampling's repetition c
 reached the token limit) ends the answer ("repeat").
 
 This is the torch reference loop (`sllm.modeling.sllm_generate.SLLMGenerator.generate`) with the same
-stop rules; `sllm.edge.chat.ChatSession` (gRPC, history, rebuild) and the bench (gRPC with wire-byte
-counts, or the cloud engine in-process) all run it. Bench-only behaviour comes from options
-(`use_stop_flag=False`, `append_last=False`) or from the consumer breaking out of the iterator:
-a sentence is appended only after the consumer asks for the next event, so breaking right after
-a sentence leaves it out of the context.
+stop rules, and the edge's only one: chat and the Python API (`sllm.edge.chat.answer`, over the edge's
+one remote stepper, `sllm.edge.remote.RemoteStepper`) and the bench (its own steppers: gRPC with
+wire-byte counts, or the cloud engine in-process) all run it. Bench-only behaviour comes from wrapping the
+stepper (bench.sllm_loop.PastStop: steps that never say stop) or from the consumer breaking out of
+the iterator: a sentence is appended only after the consumer asks for the next event, so breaking
+right after a sentence leaves it out of the context.
 """
 from __future__ import annotations
 
@@ -27,27 +28,14 @@ from typing import Callable, Iterator, Protocol
 import numpy as np
 
 from sllm.edge.sampling import Sampling
-from sllm.sentences.sampling import stop_decision
-
-MIN_ANSWER_SENTENCES = 1  # the stop rule is asked from the answer's second sentence on: an answer is never empty
-
-
-class Step(Protocol):
-    """What one cloud step answers (protos.client.StepResult, cloud.engine.StepOutput)."""
-
-    @property
-    def hidden(self) -> np.ndarray: ...  # [d] float32: h_t, decoded into the next sentence
-
-    @property
-    def stop(self) -> bool: ...  # the termination head says the answer is finished
-
-    @property
-    def stop_probability(self) -> float: ...
+from sllm.protos.client import StepResult
+from sllm.sentences.sampling import MIN_ANSWER_SENTENCES, stop_decision
 
 
 class Stepper(Protocol):
-    def append(self, vectors: np.ndarray) -> Step:
-        """Append sentence vectors [n, d] float32 to the context; the step of the last one."""
+    def append(self, vectors: np.ndarray) -> StepResult:
+        """Append sentence vectors [n, d] float32 to the context; the step of the last one (the loop reads
+        its hidden h_t, stop flag and P(stop))."""
         ...
 
 
@@ -74,8 +62,7 @@ class TurnEnd:
     sentences: int
     prompt_sentences: int
     context_sentences: int  # sentences the context holds now (all turns)
-    # the step after the last sentence event (of the prompt when there was none); 0 when the last
-    # sentence was not appended (append_last=False)
+    # the step after the last sentence event (of the prompt when there was none)
     edge_encode_ms: float
     cloud_step_ms: float
     edge_decode_ms: float  # the decode that came back empty ("empty") or repeated ("repeat"), else 0
@@ -89,8 +76,7 @@ def _never() -> bool:
 
 def sentence_loop(runtime, stepper: Stepper, prompt: list[list[int]], sampling: Sampling, *, room: int,
                   max_sentences: int | None = None, max_tokens: int | None = None, turn: int = 1,
-                  context_used: int = 0, use_stop_flag: bool = True, append_last: bool = True,
-                  interrupted: Callable[[], bool] = _never, stop_threshold: float | None = None,
+                  context_used: int = 0, interrupted: Callable[[], bool] = _never, stop_threshold: float | None = None,
                   min_sentences: int = MIN_ANSWER_SENTENCES) -> Iterator[SentenceEvent | TurnEnd]:
     """One answer to `prompt` (token ids of its sentences): yields each sentence as soon as it is
     decoded, then one TurnEnd.
@@ -98,10 +84,8 @@ def sentence_loop(runtime, stepper: Stepper, prompt: list[list[int]], sampling: 
     runtime: encode(list of id lists) -> [n, d]; decode(h, sampling, max_tokens) -> .ids .text .ms
     room: sentences the context can take after the prompt; max_sentences: per answer (None = room).
     context_used: sentences the context held before the prompt (for TurnEnd.context_sentences).
-    use_stop_flag=False: generate past the termination head (the bench's fixed-length runs).
     stop_threshold: stop when P(stop) >= it; None: the step's own stop flag (argmax). The stop rule
     applies from sentence `min_sentences` on.
-    append_last=False: the sentence that reaches the cap is not appended (nothing reads its step).
     interrupted(): checked before each sentence; True ends the answer ("interrupted") after the
     sentence decoded last has been appended, so the context holds what the consumer saw.
     Sentence i samples with `sampling.for_sentence(i)` (seed + i)."""
@@ -115,7 +99,7 @@ def sentence_loop(runtime, stepper: Stepper, prompt: list[list[int]], sampling: 
         if interrupted():
             reason = "interrupted"
             break
-        if use_stop_flag and i >= min_sentences and stop_decision(step.stop, step.stop_probability, stop_threshold):
+        if i >= min_sentences and stop_decision(step.stop, step.stop_probability, stop_threshold):
             reason = "stop"
             break
         answer = {"answer": said} if sampling.controls_repetition else {}  # runtimes without controls: as before
@@ -130,9 +114,6 @@ def sentence_loop(runtime, stepper: Stepper, prompt: list[list[int]], sampling: 
         yield SentenceEvent(turn, i, decoded.text, decoded.ids, float(step.stop_probability), encode_ms, step_ms,
                             decoded.ms)
         n += 1
-        if n == cap and not append_last:
-            encode_ms = step_ms = 0.0
-            break
         step, encode_ms, step_ms = _encode_and_append(runtime, stepper, [decoded.ids])
         appended += 1
     if reason == at_cap and interrupted():
@@ -141,7 +122,7 @@ def sentence_loop(runtime, stepper: Stepper, prompt: list[list[int]], sampling: 
                   (time.perf_counter() - t_turn) * 1e3, float(step.stop_probability))
 
 
-def _encode_and_append(runtime, stepper: Stepper, ids: list[list[int]]) -> tuple[Step, float, float]:
+def _encode_and_append(runtime, stepper: Stepper, ids: list[list[int]]) -> tuple[StepResult, float, float]:
     """encoder.onnx then one cloud step: (the step, encode ms, step ms)."""
     t0 = time.perf_counter()
     vectors = runtime.encode(ids)

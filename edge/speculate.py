@@ -1,4 +1,4 @@
-"""Sentence-level speculation on the edge (issue 17): the edge verifies what the cloud guessed.
+"""Sentence-level speculation on the edge: the edge verifies what the cloud guessed.
 
 With `speculate` > 0 the cloud decodes each h_t itself, re-encodes that sentence, steps on it and
 streams the next step at once, with the vector it assumed. The edge still decodes h_t (what it shows
@@ -10,10 +10,10 @@ is what the conversation is), re-encodes its sentence and compares:
 
 The first append of a turn (the prompt) is Append{position, decoding}: it drops whatever the cloud
 guessed past the conversation (an interrupted answer, a new turn), and says how this answer is decoded
-(`turn_decoding`): the cloud's guesses apply the same repetition controls to the same earlier
-sentences of the answer, and a sampled turn is not guessed at all (a greedy guess would be overruled
-nearly every time). `SpeculativeStepper` is an `sllm.edge.loop.Stepper`,
-so `sentence_loop`, `ChatSession` and the bench run it unchanged.
+(`decoding`): the cloud's guesses apply the same repetition controls to the same earlier sentences of
+the answer, and a sampled turn is not guessed at all (a greedy guess would be overruled nearly every
+time). `Speculation` appends on whatever Conversation it is given: `sllm.edge.remote.RemoteStepper`
+(the edge's one stepper) hands it the conversation's current stream.
 
 Tolerance: max|mine - assumed| <= TOLERANCE * max(1, max|mine|). The two encoders are the same
 weights run by ONNX Runtime (edge) and torch (cloud): the export report measures max|ORT - torch|
@@ -33,7 +33,7 @@ import numpy as np
 
 from sllm.protos.client import Conversation, StepResult
 from sllm.protos.v1 import sllm_pb2 as pb
-from sllm.sentences.sampling import SamplingConfig
+from sllm.sentences.sampling import AnswerOptions
 
 TOLERANCE = 1e-3
 
@@ -47,17 +47,17 @@ def same_sentence(mine: np.ndarray, assumed: np.ndarray, tolerance: float = TOLE
     return float(np.abs(mine - assumed).max()) <= tolerance * max(1.0, float(np.abs(mine).max()))
 
 
-def turn_decoding(sampling: SamplingConfig | None, max_tokens: int | None = None,
-                  stop_threshold: float | None = None, min_sentences: int = 0, max_sentences: int = 0) -> pb.Decoding:
-    """What the cloud needs to guess this turn's sentences as the edge decodes them (None: do not guess:
-    an answer resumed after a rebuild, whose earlier sentences the new session's cloud never decoded),
-    and where the edge ends the answer (`sentence_loop`'s stop rule), so that no guess goes past it."""
-    if sampling is None or not sampling.greedy:
+def decoding(options: AnswerOptions | None) -> pb.Decoding:
+    """The wire's Decoding of an answer (the one place it is built): what the cloud needs to guess its
+    sentences as the edge decodes them, and where the edge ends it (`options.ends`), so that no guess
+    goes past it. None, or sampled decoding: do not guess (None: an answer resumed after a rebuild,
+    whose earlier sentences the new session's cloud never decoded)."""
+    if options is None or not options.greedy:
         return pb.Decoding(guess=False)
-    return pb.Decoding(guess=True, repetition_penalty=sampling.repetition_penalty,
-                       no_repeat_ngram_size=sampling.no_repeat_ngram_size,
-                       no_repeat_sentence=sampling.no_repeat_sentence, max_tokens=max_tokens or 0,
-                       stop_threshold=stop_threshold, min_sentences=min_sentences, max_sentences=max_sentences)
+    return pb.Decoding(guess=True, repetition_penalty=options.repetition_penalty,
+                       no_repeat_ngram_size=options.no_repeat_ngram_size, no_repeat_sentence=options.no_repeat_sentence,
+                       max_tokens=options.max_tokens, stop_threshold=options.stop_threshold,
+                       min_sentences=options.min_sentences, max_sentences=options.max_sentences)
 
 
 @dataclass
@@ -74,15 +74,15 @@ class SpeculationStats:
         return self.accepted / n if n else 0.0
 
 
-class SpeculativeStepper:
-    """The edge's stepper over one Conversation: checks the cloud's guesses, accepts or corrects them.
+class Speculation:
+    """The edge's side of speculation for one conversation: appends its vectors on a Conversation, taking
+    the cloud's guess instead of a round trip where it matches (the stream has speculate > 0), and
+    counts what happened (`stats`).
 
     perturb(position, vectors) -> vectors: a test hook applied to each generated sentence's vector
     before it is compared (or sent, without speculation): a forced mismatch."""
 
-    def __init__(self, conv: Conversation | None = None, tolerance: float = TOLERANCE,
-                 perturb: Callable[[int, np.ndarray], np.ndarray] | None = None):
-        self.conv = conv
+    def __init__(self, tolerance: float = TOLERANCE, perturb: Callable[[int, np.ndarray], np.ndarray] | None = None):
         self.tolerance = tolerance
         self.perturb = perturb
         self.turn_start = True
@@ -91,11 +91,12 @@ class SpeculativeStepper:
 
     def begin_turn(self, decoding: pb.Decoding | None = None) -> None:
         """The next append is a prompt: it drops whatever the cloud guessed past the conversation;
-        `decoding` (turn_decoding) goes with it."""
+        `decoding` (the function above) goes with it."""
         self.turn_start, self.decoding = True, decoding
 
-    def append(self, vectors: np.ndarray) -> StepResult:
-        conv = self.conv
+    def append(self, conv: Conversation, vectors: np.ndarray) -> StepResult:
+        """Append `vectors` [n, d] on `conv`, the session's stream now (given each call: a reconnect
+        replaces it); the step of the last one, guessed or answered."""
         vectors = np.asarray(vectors, dtype=np.float32).reshape(-1, conv.dim)
         position = conv.confirmed  # where these vectors go
         turn_start, self.turn_start = self.turn_start, False

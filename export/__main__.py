@@ -1,4 +1,4 @@
-"""`python -m sllm.export CHECKPOINT --out DIR` (the `export` script name is a shell builtin in bash/zsh)."""
-from sllm.export.cli import app
+"""`python -m sllm.export CHECKPOINT --out DIR`: the same as `sllm-export`."""
+from sllm.export.cli import main
 
-app(prog_name="export")
+main()

@@ -1,10 +1,10 @@
-"""`export`: a trained checkpoint -> OUT/edge (ONNX + tokenizer) and OUT/cloud, verified against torch.
+"""`sllm-export`: a trained checkpoint -> OUT/edge (ONNX + tokenizer) and OUT/cloud, verified against torch.
 
-    export runs/sllm-small --out bundles/sllm-small
-    export runs/svae-small --out bundles/svae-small --quantize int8 --n-verify 200
-    export runs/baseline-small --out models/default     # token-level baseline -> models/default/baseline
-    python -m sllm.export CHECKPOINT --out DIR      (same command; `export` alone is a shell builtin
-                                                in bash/zsh, so call it as sllm-export or python -m sllm.export)
+    sllm-export runs/sllm-small --out bundles/sllm-small
+    sllm-export runs/svae-small --out bundles/svae-small --quantize int8 --n-verify 200
+    sllm-export runs/baseline-small --out models/default     # token-level baseline -> models/default/baseline
+    sllm-export org/sllm-small-ckpt@v1 --out bundles/x       # a checkpoint on a model hub (huggingface_hub cache)
+    python -m sllm.export CHECKPOINT --out DIR                # the same command
 
 Exit status: 0 exported and verified; 1 verification failed (nothing installed); 2 user error.
 """
@@ -20,7 +20,10 @@ from typing import Optional
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n\n")[0])
+from sllm.runtime.console import APP_SETTINGS, run_command
+from sllm.runtime.models import ModelError, resolve_model
+
+app = typer.Typer(**APP_SETTINGS, no_args_is_help=True, help=__doc__.split("\n\n")[0])
 
 
 class _Steps:
@@ -66,7 +69,8 @@ def _fail(message: str, code: int = 2):
 
 @app.command()
 def export(
-    checkpoint: Path = typer.Argument(..., help="a SentenceVAE or SLLM checkpoint dir, or a run dir (its latest)"),
+    checkpoint: Path = typer.Argument(..., help="a SentenceVAE or SLLM checkpoint dir, a run dir (its latest), or "
+                                      "a model-hub id ORG/NAME[@REV] holding one"),
     out: Path = typer.Option(..., "--out", "-o", help="output folder: DIR/edge and DIR/cloud are written"),
     quantize: Optional[str] = typer.Option(None, "--quantize", help="int8: dynamic int8 weights in encoder and decoder (fp32 is the default)"),
     force: bool = typer.Option(False, "--force", help="replace bundles of a different model in DIR"),
@@ -82,8 +86,9 @@ def export(
     from sllm.runtime.manifest import BundleError
 
     try:
+        checkpoint = resolve_model(checkpoint)
         _, kind = checkpoint_kind(checkpoint, ("sllm", "sentence_vae", "opt_baseline"))
-    except ExportError as e:
+    except (ModelError, ExportError) as e:
         _fail(str(e))
     if kind == "opt_baseline":
         if quantize:
@@ -124,7 +129,7 @@ def _export_baseline(checkpoint: Path, out: Path, weights: str, force: bool) -> 
 
 
 def main() -> None:
-    app()
+    run_command(app, "sllm-export")
 
 
 if __name__ == "__main__":

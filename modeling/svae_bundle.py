@@ -21,7 +21,6 @@ and token limit, so the guesses of all sessions decode in one batch.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -33,7 +32,7 @@ from sllm.modeling.sentence_vae import SentenceVAE, pad_token_lists
 from sllm.modeling.weights import load_state_into, load_tensors, with_tied
 from sllm.runtime.artifacts import MANIFEST, CheckpointError, verify_checkpoint_dir
 from sllm.runtime.manifest import BundleError
-from sllm.sentences.sampling import RepetitionGuard, SamplingConfig, check_stop_threshold, stop_decision
+from sllm.sentences.sampling import AnswerOptions, RepetitionGuard
 
 FOLDER = "svae"  # beside edge/ and cloud/ in an export folder
 WEIGHTS = "ema.safetensors"
@@ -137,46 +136,6 @@ def fast_greedy_decode(decoder, memory: torch.Tensor, max_tokens: int | None = N
     return [row[:row.index(-1)] if -1 in row else row for row in rows]
 
 
-@dataclass(frozen=True)
-class GuessControls:
-    """How the edge decodes a turn's sentences, for the cloud's greedy guesses to decode alike: its
-    repetition controls (over the answer's earlier sentences) and its token limit (None: the model's)."""
-
-    sampling: SamplingConfig
-    max_tokens: int | None = None
-
-    @classmethod
-    def of(cls, repetition_penalty: float, no_repeat_ngram_size: int, no_repeat_sentence: bool,
-           max_tokens: int) -> "GuessControls | None":
-        """From the wire's settings (a penalty of 0 is unset: off, like 1; 0 tokens: the model's limit);
-        None when they ask for plain greedy decoding at the model's limit."""
-        sampling = SamplingConfig(repetition_penalty=repetition_penalty or 1.0,
-                                  no_repeat_ngram_size=no_repeat_ngram_size, no_repeat_sentence=no_repeat_sentence)
-        if not sampling.controls_repetition and not max_tokens:
-            return None
-        return cls(sampling, max_tokens or None)
-
-
-@dataclass(frozen=True)
-class StopRule:
-    """Where the edge ends a turn's answer (the wire's Decoding.stop_threshold / min_sentences / max_sentences), so
-    that the cloud neither guesses past the end nor declines a sentence the edge will decode. The
-    default is an old client's: the termination head's argmax, from the first sentence on."""
-
-    threshold: float | None = None  # P(stop) >= it ends the answer; None: the argmax flag
-    min_sentences: int = 0  # asked from the answer's sentence `min_sentences` on (0-based)
-    max_sentences: int = 0  # the answer's cap (0: none; the context's room still ends it)
-
-    def __post_init__(self) -> None:
-        check_stop_threshold(self.threshold)
-
-    def ends(self, answered: int, stop_flag: bool, stop_probability: float) -> bool:
-        """Does the edge stop after `answered` sentences of the answer, given this step's stop outputs?"""
-        if self.max_sentences and answered >= self.max_sentences:
-            return True
-        return answered >= self.min_sentences and stop_decision(stop_flag, stop_probability, self.threshold)
-
-
 class SpeculationCodec:
     """The cloud's SentenceVAE as speculation uses it: h_t [B, d] -> greedy sentences -> their vectors."""
 
@@ -187,17 +146,17 @@ class SpeculationCodec:
         self.lm_head_t = self.svae.decoder.lm_head.weight.detach().t().contiguous()  # [d, V]
 
     @torch.inference_mode()
-    def decode(self, hidden: torch.Tensor, controls: list[GuessControls | None] | None = None,
+    def decode(self, hidden: torch.Tensor, controls: list[AnswerOptions | None] | None = None,
                histories: list[list[list[int]]] | None = None) -> list[list[int]]:
-        """h_t [B, d] -> one greedy token list per row (empty: eos straight away). controls[i]: row i's
-        (None: plain greedy at the model's limit), applied over histories[i] (the answer's earlier
-        sentences) exactly as the edge's decoder applies them."""
+        """h_t [B, d] -> one greedy token list per row (empty: eos straight away). controls[i]: how the edge
+        decodes row i's answer (its repetition controls and token limit; None: plain greedy at the model's
+        limit), applied over histories[i] (the answer's earlier sentences) exactly as the edge applies them."""
         hidden = hidden.to(self.device, torch.float32)
         controls = controls or [None] * len(hidden)
         eos = self.cfg.eos_id
-        guards = [None if c is None or not c.sampling.controls_repetition else RepetitionGuard(c.sampling, h, eos)
+        guards = [None if c is None or not c.controls_repetition else RepetitionGuard(c, h, eos)
                   for c, h in zip(controls, histories or [()] * len(hidden))]
-        limits = [None if c is None else c.max_tokens for c in controls]
+        limits = [None if c is None else c.max_tokens or None for c in controls]
         return fast_greedy_decode(self.svae.decoder, hidden, lm_head_t=self.lm_head_t, guards=guards, limits=limits)
 
     @torch.inference_mode()

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
+from sllm.protos.errors import UNSPECIFIED, reason_of
 from sllm.protos.v1 import sllm_pb2 as pb
 from sllm.protos.v1 import sllm_pb2_grpc as pb_grpc
 from sllm.protos.wire import pack, unpack, wire_dtype
@@ -35,8 +36,6 @@ DEFAULT_MAX_MESSAGE_BYTES = 64 << 20
 # a load balancer to hash on (affinity: its reconnects land on the replica holding its session). The
 # server ignores it.
 SESSION_KEY_HEADER = "x-sllm-session-key"
-# what a balancer in front of replicas says (grpc-message of an UNAVAILABLE) when none is reachable
-BALANCER_UNAVAILABLE = "no cloud replica is reachable behind the load balancer"
 DEFAULT_KEEPALIVE_S = 30.0  # >= the sllm-cloud server's 10 s minimum between pings without data
 MAX_KEEPALIVE_TIMEOUT_S = 10.0
 _END = object()
@@ -44,17 +43,19 @@ _INT_MAX = 2**31 - 1  # the largest integer channel argument
 
 
 class CloudError(RuntimeError):
-    """A call that ended with a non-OK gRPC status (code + the server's message)."""
+    """A call that ended with a non-OK gRPC status: the code, the server's message (for people) and its
+    ErrorReason (protos.errors; UNSPECIFIED: the status did not come from the service)."""
 
-    def __init__(self, code: grpc.StatusCode, details: str):
+    def __init__(self, code: grpc.StatusCode, details: str, reason: int = UNSPECIFIED):
         super().__init__(f"{code.name}: {details}")
-        self.code, self.details = code, details
+        self.code, self.details, self.reason = code, details, reason
 
     @classmethod
     def from_rpc(cls, e: grpc.RpcError) -> "CloudError":
         code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
         details = e.details() if hasattr(e, "details") else str(e)
-        return cls(code or grpc.StatusCode.UNKNOWN, details or "")
+        trailing = e.trailing_metadata() if hasattr(e, "trailing_metadata") else None
+        return cls(code or grpc.StatusCode.UNKNOWN, details or "", reason_of(trailing))
 
 
 @dataclass

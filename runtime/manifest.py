@@ -3,7 +3,10 @@ the edge imports this module to check its bundle before loading it.
 
 Every file name a manifest gives (its `files` and any field naming one of them) is a plain
 relative name inside the bundle folder: no absolute path, no `..`, and no symlink that leads out
-of the folder. Anything else is refused (BundleError) before a byte of it is read."""
+of the folder. Anything else is refused (BundleError) before a byte of it is read. One place
+outside is the folder's own: a bundle in a model-hub cache snapshot (`models--ORG--NAME/snapshots/
+COMMIT/...`, runtime/models.py) holds its files as links into that repo's `blobs/`, as
+huggingface_hub stores every download."""
 from __future__ import annotations
 
 import json
@@ -48,7 +51,19 @@ def _outside(bundle_dir: Path, name: str) -> str | None:
         inside = os.path.commonpath([root, real]) == root and real != root
     except ValueError:  # another drive (Windows)
         inside = False
+    if not inside and os.path.dirname(real) == _hub_blobs(root):
+        inside = True  # a hub snapshot's file: a link into its repo's blob store
     return None if inside else f"leads out of the bundle folder (to {real})"
+
+
+def _hub_blobs(root: str) -> str | None:
+    """The blobs/ folder of the model-hub cache repo when `root` lies in one of its snapshots
+    (REPO/snapshots/COMMIT/...), else None."""
+    parts = Path(root).parts
+    for i in range(len(parts) - 2, 0, -1):
+        if parts[i] == "snapshots" and parts[i - 1].startswith("models--"):
+            return os.path.join(*parts[:i], "blobs")
+    return None
 
 
 def _unsafe_name(name: object) -> str | None:

@@ -118,14 +118,13 @@ def greedy_decode(session: onnxruntime.InferenceSession, memory: np.ndarray, spe
 
 
 def decode_loop(session: onnxruntime.InferenceSession, memory: np.ndarray, spec: DecoderSpec, pick,
-                max_tokens: int | None = None, steps_class=None) -> list[list[int]]:
+                max_tokens: int | None = None) -> list[list[int]]:
     """Decode sentence vectors memory [B, d] with decoder.onnx and its KV cache.
 
     The same loop as the torch `decode_sentences`: one token list per row without bos
     and eos; a row stops at eos or after min(max_tokens, max_sentence_tokens) tokens;
     finished rows leave the batch. `pick(logits [A, V]) -> ids [A]` chooses each next token
-    (argmax, or the edge's sampling: one draw per live row per step). `steps_class`: how the
-    graph is called (default `KVSteps`; the benchmark passes others with its interface).
+    (argmax, or the edge's sampling: one draw per live row per step).
     """
     memory = np.asarray(memory, dtype=np.float32)
     if memory.ndim != 2:
@@ -142,7 +141,7 @@ def decode_loop(session: onnxruntime.InferenceSession, memory: np.ndarray, spec:
     rows = np.arange(B)  # original row of each live row
     step_in = np.full((B, 1), spec.bos_id, dtype=np.int64)  # [A, 1]
     kv_dims = (spec.n_layers, spec.n_heads, spec.head_dim)
-    steps = (steps_class or KVSteps)(session, kv_dims, B, limit, {"memory": memory})
+    steps = KVSteps(session, kv_dims, B, limit, {"memory": memory})
     for _ in range(limit):
         logits = steps.run(step_in)  # [A, 1, V]; the cache grows by one position
         nxt = np.asarray(pick(logits[:, -1]))  # [A]

@@ -13,7 +13,8 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   if .venv/bin/pip show -q onnxruntime-gpu 2>/dev/null; then
     .venv/bin/pip uninstall -q -y onnxruntime-gpu onnxruntime
   fi
-  # torch first, pinned: an unpinned resolve would pull a multi-GB CUDA build
+  # torch first, pinned: this machine's wheel mirror holds its CPU build; on a plain index the same line
+  # takes a multi-GB CUDA build, so there add --index-url https://download.pytorch.org/whl/cpu (docs/install.md)
   .venv/bin/pip install -q --disable-pip-version-check "torch==2.13.0"
   .venv/bin/pip install -q --disable-pip-version-check -e ".[dev]"
   touch "$stamp"

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Create .venv-edge (Python 3.11): the edge install only, as a user gets it on a laptop or an ARM
-# board: `pip install ".[edge]"`, a regular (not editable) install: numpy, tokenizers, onnxruntime
-# (CPU build), grpcio, protobuf, typer; no torch, transformers or onnx. tests/test_edge_install.py
-# checks that this env runs edge-chat and lacks the other roles' packages.
+# board: a wheel built from the checkout, installed with its `edge` extra (not editable): numpy,
+# tokenizers, huggingface_hub, onnxruntime (CPU build), grpcio, protobuf, typer; no torch,
+# transformers or onnx. tests/test_edge_install.py checks that this env runs edge-chat, installs
+# nothing but the `sllm` package, and lacks the other roles' packages.
 #
 # Idempotent and quick when done:
 # - the dependencies are installed once per pyproject.toml: when its content changes, the env is
@@ -15,12 +16,11 @@ PY=${PYTHON:-python3.11}
 VENV=.venv-edge
 PIP=(-q --disable-pip-version-check --no-input)
 
-# the project's packages: every top-level folder holding __init__.py, except tests/
-packages=()
-for init in */__init__.py; do
-  pkg=${init%/__init__.py}
-  [ "$pkg" = tests ] || packages+=("$pkg")
-done
+# the folders the wheel is built from: those pyproject.toml maps into the sllm namespace (package-dir),
+# so a folder that is not installed (bench/, tests/) never reaches the wheel
+mapfile -t packages < <("$PY" -c 'import tomllib
+cfg = tomllib.load(open("pyproject.toml", "rb"))["tool"]["setuptools"]["package-dir"]
+print("\n".join(sorted(set(cfg.values()))))')
 sources_hash() {
   {
     sha256sum pyproject.toml README.md

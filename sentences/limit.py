@@ -74,6 +74,26 @@ def model_sentences(text: str, tok: SentenceTokenizer, max_tokens: int, split_on
     return [p for p in text_to_sentences(text, tok, max_tokens, split_on_comma) if not is_blank(p)]
 
 
+def model_sentences_with_ids(text: str, tok: SentenceTokenizer, max_tokens: int,
+                             split_on_comma: bool = True) -> tuple[list[str], list[list[int]]]:
+    """`model_sentences(text, ...)` and each piece's token ids, as `tok.encode_batch(pieces)` gives
+    them: a sentence within the limit keeps the ids it was measured with (encoded once, not twice),
+    only the pieces of a cut sentence are encoded again. Dataset preparation's hot path."""
+    sentences = split_sentences(text, split_on_comma)
+    pieces: list[str] = []
+    ids: list[list[int]] = []
+    for s, s_ids in zip(sentences, tok.encode_batch(sentences)):
+        if len(s_ids) <= max_tokens:
+            if not is_blank(s):
+                pieces.append(s)
+                ids.append(s_ids)
+            continue
+        cut = [p for p in split_to_token_limit(s, tok, max_tokens) if not is_blank(p)]
+        pieces.extend(cut)
+        ids.extend(tok.encode_batch(cut) if cut else [])
+    return pieces, ids
+
+
 def sentence_token_ids(text: str, tok: SentenceTokenizer, max_tokens: int,
                        split_on_comma: bool = True) -> list[list[int]]:
     """Token ids of each of `model_sentences(text, ...)`; [] for empty or blank text."""

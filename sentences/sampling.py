@@ -9,11 +9,15 @@ repetition controls' bookkeeping, which both apply to their logits the same way:
 
 The answer's tokens are its sentences' tokens, concatenated (no bos/eos), then the tokens of the
 sentence being decoded. The prompt does not count.
+
+`AnswerOptions` is every option of one answer, declared once: edge-chat's command-line options
+(`help` in a field's metadata), the Python API's keywords, and the wire's `Decoding` (built by
+sllm.edge.speculate.decoding, parsed by sllm.cloud.service.parse_decoding) are made from its fields.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Sequence
 
 # the repetition controls edge-chat, the edge API and `sllm-train generate` use unless told otherwise:
@@ -21,17 +25,25 @@ from typing import Sequence
 DEFAULT_REPETITION_PENALTY = 1.2
 DEFAULT_NO_REPEAT_NGRAM = 3
 DEFAULT_NO_REPEAT_SENTENCE = True
+MIN_ANSWER_SENTENCES = 1  # the stop rule is asked from the answer's second sentence on: an answer is never empty
 
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    temperature: float = 0.0  # 0 = greedy (argmax)
-    top_k: int = 0  # 0 = no top-k filter
-    top_p: float = 1.0  # 1 = no nucleus filter
-    seed: int | None = None  # None = fresh randomness each run
-    repetition_penalty: float = 1.0  # 1 = off; > 1 discourages the answer's tokens
-    no_repeat_ngram_size: int = 0  # 0 = off
-    no_repeat_sentence: bool = False
+    """How each token of a sentence is picked. The defaults are plain greedy decoding (no repetition
+    controls): what the torch reference decodes with unless told otherwise."""
+
+    temperature: float = field(default=0.0, metadata={"help": "0 = greedy"})
+    top_k: int = field(default=0, metadata={"help": "0 = off"})
+    top_p: float = field(default=1.0, metadata={"help": "1 = off"})
+    seed: int | None = field(default=None, metadata={"help": "sentence i of a turn samples with seed + i"})
+    repetition_penalty: float = field(default=1.0, metadata={
+        "help": "divide the positive logits (multiply the negative ones) of tokens already in the answer; 1 = off"})
+    no_repeat_ngram_size: int = field(default=0, metadata={"help": "never repeat an n-gram of the answer's tokens; "
+                                                                   "0 = off"})
+    no_repeat_sentence: bool = field(default=False, metadata={
+        "help": "a sentence may not end where it equals an earlier one of the answer",
+        "flags": ("--no-repeat-sentence/--allow-repeat-sentence",)})
 
     def __post_init__(self) -> None:
         for name in ("temperature", "top_p", "repetition_penalty"):
@@ -128,6 +140,43 @@ def advance(guards: list[RepetitionGuard], picked: Sequence[int], eos_id: int) -
             guard.push(int(token))
             out.append(guard)
     return out
+
+
+def _chat_default(name: str, value):
+    """SamplingConfig's field `name` (its help) with edge-chat's default."""
+    return field(default=value, metadata=next(f for f in fields(SamplingConfig) if f.name == name).metadata)
+
+
+@dataclass(frozen=True)
+class AnswerOptions(SamplingConfig):
+    """How one answer is decoded (its sampling, with edge-chat's repetition controls on) and where it
+    ends. ValueError for an option out of range. On the wire (Decoding) 0 sentences means no cap."""
+
+    repetition_penalty: float = _chat_default("repetition_penalty", DEFAULT_REPETITION_PENALTY)
+    no_repeat_ngram_size: int = _chat_default("no_repeat_ngram_size", DEFAULT_NO_REPEAT_NGRAM)
+    no_repeat_sentence: bool = _chat_default("no_repeat_sentence", DEFAULT_NO_REPEAT_SENTENCE)
+    max_sentences: int = field(default=8, metadata={"help": "sentences per answer at most (the context may allow "
+                                                             "fewer)"})
+    max_tokens: int = field(default=0, metadata={"help": "tokens per sentence at most; 0 = the bundle's limit",
+                                                 "flags": ("--max-sentence-tokens",)})
+    stop_threshold: float | None = field(default=None, metadata={
+        "help": "end the answer when the cloud's P(stop) >= this; default: the bundle's (chosen on validation)"})
+    min_sentences: int = MIN_ANSWER_SENTENCES  # the stop rule is asked from this sentence of the answer on (0-based)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name, what in (("max_sentences", ""), ("max_tokens", " (0 = the bundle's limit)"), ("min_sentences", "")):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name} must be an integer >= 0{what}, got {v!r}")
+        check_stop_threshold(self.stop_threshold)
+
+    def ends(self, answered: int, stop_flag: bool, stop_probability: float) -> bool:
+        """Does the answer end after `answered` sentences, given this step's stop outputs (max_sentences 0:
+        no cap, as on the wire)?"""
+        if self.max_sentences and answered >= self.max_sentences:
+            return True
+        return answered >= self.min_sentences and stop_decision(stop_flag, stop_probability, self.stop_threshold)
 
 
 def stop_decision(stop_flag: bool, stop_probability: float, threshold: float | None) -> bool:

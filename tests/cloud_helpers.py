@@ -1,9 +1,13 @@
-"""Cloud test helpers: in-process servers, the torch reference of a step, raw Converse streams."""
+"""Cloud test helpers: in-process servers, server processes' log events, the torch reference of a step,
+raw Converse streams. A server in its own process comes from the one launcher
+(sllm.runtime.server_process.ServerProcess), as for edge-chat --local, the cluster and the benches."""
 from __future__ import annotations
 
 import contextlib
 import shutil
 import subprocess
+import threading
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -15,6 +19,7 @@ import torch
 from sllm.cloud.config import ServerConfig
 from sllm.cloud.server import CloudServer
 from sllm.modeling.opt_graft import STOP, GraftedOPT
+from sllm.protos.errors import reason_of
 from sllm.protos.v1 import sllm_pb2 as pb
 
 D = 32  # the random cloud model of the `cloud_bundle` fixture (tests/conftest.py)
@@ -33,6 +38,36 @@ def running_server(bundle_dir: str | Path, **config) -> Iterator[CloudServer]:
         server.stop(grace=0)
 
 
+class Events:
+    """A server process's JSON log entries as they come (ServerProcess(on_event=Events())), to wait for one."""
+
+    def __init__(self):
+        self.entries: list[dict] = []
+        self._cond = threading.Condition()
+
+    def __call__(self, entry: dict) -> None:
+        with self._cond:
+            self.entries.append(entry)
+            self._cond.notify_all()
+
+    def names(self) -> list[str]:
+        with self._cond:
+            return [e.get("event") for e in self.entries]
+
+    def wait_for(self, event: str, timeout: float = 90.0) -> dict:
+        """The first entry of `event` (waiting up to `timeout` seconds for it)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                found = next((e for e in self.entries if e.get("event") == event), None)
+                if found is not None:
+                    return found
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"no {event!r} log line; got {[e.get('event') for e in self.entries]}")
+                self._cond.wait(left)
+
+
 def reference_outputs(model: GraftedOPT, vectors) -> tuple:
     """The torch reference: one full forward over all `vectors` [N, d] ->
     (hidden [N, d], P(stop) [N], stop decision [N]) as numpy."""
@@ -43,9 +78,10 @@ def reference_outputs(model: GraftedOPT, vectors) -> tuple:
 
 
 def converse_raw(target: str, messages: list, metadata=(), timeout: float = 10.0, raw: bool = False,
-                 credentials=None) -> tuple[list, object, str]:
-    """Send `messages` on one Converse stream, then half-close. Returns (replies, status code, details).
-    With raw=True, `messages` are bytes sent as they are."""
+                 credentials=None, with_reason: bool = False) -> tuple:
+    """Send `messages` on one Converse stream, then half-close. Returns (replies, status code, details),
+    and with_reason the ErrorReason of the status (protos.errors) last. With raw=True, `messages` are
+    bytes sent as they are."""
     channel = grpc.secure_channel(target, credentials) if credentials else grpc.insecure_channel(target)
     try:
         call = channel.stream_stream(
@@ -57,8 +93,9 @@ def converse_raw(target: str, messages: list, metadata=(), timeout: float = 10.0
             for reply in call:
                 replies.append(reply)
         except grpc.RpcError as e:
-            return replies, e.code(), e.details() or ""
-        return replies, call.code(), call.details() or ""
+            call = e
+        out = (replies, call.code(), call.details() or "")
+        return (*out, reason_of(call.trailing_metadata())) if with_reason else out
     finally:
         channel.close()
 

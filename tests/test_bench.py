@@ -3,6 +3,7 @@ and token-level baseline trained for a few steps, exported to edge/ + cloud/ + b
 import json
 import struct
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -196,7 +197,7 @@ def test_fastest_generator_streams_the_baseline_bundles_greedy_tokens(model_dir,
 def test_edge_decoder_bench_times_every_option_on_the_same_tokens(model_dir, tiny_corpus, tmp_path, capsys):
     from bench import edge_decoder
     from sllm.runtime.edge_bundle import load_edge_bundle
-    from sllm.runtime.svae_onnx import KVSteps, greedy_decode
+    from sllm.runtime.svae_onnx import decode_loop, greedy_decode
 
     out = tmp_path / "ed"
     assert edge_decoder.main(["--edge", str(model_dir / "edge"), "--out", str(out), "--corpus", str(tiny_corpus),
@@ -211,12 +212,11 @@ def test_edge_decoder_bench_times_every_option_on_the_same_tokens(model_dir, tin
     assert r["int8"]["sentences"] == 16 and 0 <= r["int8"]["exact_match_int8"] <= 1
     assert "| 2 threads, no spinning |" in (out / "edge-decoder.md").read_text() in capsys.readouterr().out
 
-    # the I/O-binding stepper decodes like KVSteps, also a batch whose rows leave at different steps
+    # the I/O-binding session decodes like the session, also a batch whose rows leave at different steps
     bundle = load_edge_bundle(model_dir / "edge", 1)
     vectors = bundle.encode_ids([[5, 6, 7], [8], [9, 10, 11, 12, 13], [14, 15]])
-    bound = edge_decoder.decode_loop(bundle.decoder, vectors, bundle.spec, lambda x: x.argmax(-1),
-                                     steps_class=edge_decoder.BoundKVSteps)
-    assert bound == greedy_decode(bundle.decoder, vectors, bundle.spec)
+    bound = edge_decoder.BoundSession(bundle.decoder)
+    assert greedy_decode(bound, vectors, bundle.spec) == greedy_decode(bundle.decoder, vectors, bundle.spec)
 
     def first_live_row_ends_at_steps_2_and_4():
         step = [0]
@@ -229,9 +229,51 @@ def test_edge_decoder_bench_times_every_option_on_the_same_tokens(model_dir, tin
             return ids
         return pick
 
-    got = [edge_decoder.decode_loop(bundle.decoder, vectors, bundle.spec, first_live_row_ends_at_steps_2_and_4(),
-                                    steps_class=cls) for cls in (edge_decoder.BoundKVSteps, KVSteps)]
+    got = [decode_loop(session, vectors, bundle.spec, first_live_row_ends_at_steps_2_and_4())
+           for session in (bound, bundle.decoder)]
     assert got[0] == got[1] and len(got[0][0]) <= 1 < max(map(len, got[0]))  # row 0 left early, others went on
+
+
+class _StopSayer:
+    """A cloud whose termination head says stop at every step (P(stop) 0.9); counts what is appended."""
+
+    def open(self):
+        self.appended, self.wire = [], []
+
+    def append(self, vectors):
+        self.appended.append(len(vectors))
+        self.wire.append((1, 1))
+        return SimpleNamespace(hidden=np.zeros(2, np.float32), stop=True, stop_probability=0.9)
+
+    def close(self):
+        pass
+
+
+class _TwoTokenSentences:
+    def encode(self, ids):
+        return np.zeros((len(ids), 2), np.float32)
+
+    def decode(self, hidden, sampling, max_tokens=None, **kw):
+        return SimpleNamespace(ids=[7, 7], text="<2>", ms=1.0)
+
+
+def test_fixed_length_runs_go_past_the_stop_head_and_leave_the_last_sentence_out():
+    """bench.sllm_loop: the edge's sentence loop over PastStop(stepper) generates past a head that
+    says stop at every step, P(stop) still reported; a run ends at min_tokens or a full context
+    without appending its last sentence (nothing reads its step)."""
+    from bench.sllm_loop import PastStop, generate
+    from sllm.edge.loop import SentenceEvent, sentence_loop
+    from sllm.edge.sampling import Sampling
+
+    stepper = _StopSayer()
+    stepper.open()
+    events = list(sentence_loop(_TwoTokenSentences(), PastStop(stepper), [[3]], Sampling(), room=3))
+    assert [e.stop_probability for e in events if isinstance(e, SentenceEvent)] == [0.9] * 3
+    assert events[-1].reason == "context_full" and stepper.appended == [1, 1, 1, 1]
+    full = generate(_TwoTokenSentences(), stepper, [[3], [4]], min_tokens=100, max_sentences=5)
+    assert (full.sentences, full.tokens, full.ended, stepper.appended) == (3, 6, "context", [2, 1, 1])
+    short = generate(_TwoTokenSentences(), stepper, [[3], [4]], min_tokens=3, max_sentences=5)
+    assert (short.sentences, short.tokens, short.ended, stepper.appended) == (2, 4, "length", [2, 1])
 
 
 def test_bench_refuses_a_folder_without_bundles(tmp_path, capsys):

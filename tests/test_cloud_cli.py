@@ -4,9 +4,7 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +13,7 @@ from typer.testing import CliRunner
 from sllm.cloud.cli import app
 from sllm.modeling.cloud_bundle import write_random_cloud_bundle
 from sllm.protos.client import CloudClient, CloudError
+from sllm.runtime.server_process import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,41 +26,25 @@ def _command() -> list[str]:
 def test_serve_process_logs_json_and_stops_on_sigterm(tmp_path):
     write_random_cloud_bundle(tmp_path / "bundle", model_id="sllm-cli", d=16, layers=1, heads=2)
     (tmp_path / "tokens").write_text("# one token a line\ntok-1\n")
-    proc = subprocess.Popen(
-        _command() + ["serve", "--bundle", str(tmp_path / "bundle"), "--port", "0", "--no-batching",
-                      "--token-file", str(tmp_path / "tokens"), "--grace", "5", "--threads", "1"],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"})
-    try:
-        start = None
-        deadline = time.monotonic() + 90
-        while start is None and time.monotonic() < deadline:
-            line = proc.stderr.readline()
-            if not line:
-                break
-            entry = json.loads(line)  # every log line is JSON
-            if entry["event"] == "server_start":
-                start = entry
-        assert start is not None, "the server did not start"
+    log = tmp_path / "server.log"
+    server = ServerProcess(_command() + ["serve", "--bundle", str(tmp_path / "bundle"), "--max-batch", "1",
+                                         "--token-file", str(tmp_path / "tokens"), "--grace", "5", "--threads", "1"],
+                           env={**os.environ, "OMP_NUM_THREADS": "1"}, log_path=log, startup_timeout=90)
+    with server:
+        start = server.info
         assert start["auth"] and not start["batching"] and start["model_id"] == "sllm-cli"
-        with CloudClient(start["address"], token="tok-1") as c:
+        with CloudClient(server.address, token="tok-1") as c:
             info = c.model_info(timeout=10)
-            assert (info.model_id, info.dim, info.batching) == ("sllm-cli", 16, False)
+            assert (info.model_id, info.dim, info.batching, info.max_batch) == ("sllm-cli", 16, False, 1)
             with c.conversation("sllm-cli", 16) as conv:
                 assert conv.append([[0.5] * 16, [0.25] * 16]).hidden.shape == (16,)
-        with CloudClient(start["address"]) as c, pytest.raises(CloudError, match="UNAUTHENTICATED"):
+        with CloudClient(server.address) as c, pytest.raises(CloudError, match="UNAUTHENTICATED"):
             c.model_info(timeout=10)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
-        events = [json.loads(line)["event"] for line in proc.stderr.read().splitlines()]
-        assert events[-3:] == ["signal", "server_draining", "server_stop"]
-        assert "session_open" in events and "unauthenticated" in events
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
-        proc.stdout.close()
-        proc.stderr.close()
+        server.send(signal.SIGTERM)
+        assert server.wait(timeout=30) == 0
+    events = [json.loads(line)["event"] for line in log.read_text().splitlines()]  # every line is JSON
+    assert events[-3:] == ["signal", "server_draining", "server_stop"]
+    assert "session_open" in events and "unauthenticated" in events
 
 
 def test_serve_refuses_bad_bundles_and_flags(tmp_path):

@@ -18,21 +18,21 @@ import sys
 import threading
 import time
 
-import grpc
 import numpy as np
 import pytest
 from cloud_helpers import MODEL_ID, D
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from helpers import ROOT
 from typer.testing import CliRunner
 
 from sllm import edge
-from sllm.cloud.cluster import NGINX_INSTALL_HINT, Balancer, Cluster, ClusterConfig, find_nginx, nginx_config
-from sllm.cloud.server import SERVICE_NAME
+from sllm.cloud.balancer import NGINX_INSTALL_HINT, SHIPPED_CONFIG, Balancer, find_nginx, loopback_config
+from sllm.cloud.cluster import Cluster, ClusterConfig
 from sllm.edge.api import EdgeChat
 from sllm.edge.chat import ChatSession
+from sllm.edge.remote import RemoteStepper
 from sllm.edge.cli import app
 from sllm.protos.client import SESSION_KEY_HEADER, CloudClient
+from sllm.runtime.server_process import serving
 
 if find_nginx() is None:
     pytest.skip(f"nginx is not installed here and could not be installed by scripts/test.sh (it needs root and "
@@ -101,16 +101,6 @@ def _until(cond, timeout: float = 10.0) -> bool:
     return cond()
 
 
-def _serving(replica) -> bool:
-    with grpc.insecure_channel(replica.address) as channel:
-        try:
-            return health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=2).status == \
-                health_pb2.HealthCheckResponse.SERVING
-        except grpc.RpcError:
-            return False
-
-
 def _replica_of(cluster, key: str) -> int:
     """The replica where nginx sends a conversation of this key (it opens one and looks)."""
     before = [s.sessions_opened_total for s in _stats(cluster)]
@@ -135,10 +125,17 @@ def _healthy(cluster) -> None:
     cluster.wait_routed([True] * len(cluster.replicas))
 
 
-def test_generated_config_is_valid_nginx(tmp_path):
-    text = nginx_config(tmp_path, "127.0.0.1:1", [("127.0.0.1:2", True), ("127.0.0.1:3", False)])
+def test_the_loopback_config_is_the_shipped_one_without_tls(tmp_path):
+    """What the cluster runs is cloud/nginx.conf with its replicas, listener and paths: every other
+    directive as shipped, TLS left out; nginx accepts it."""
+    text = loopback_config(tmp_path, "127.0.0.1:1", [("127.0.0.1:2", True), ("127.0.0.1:3", False)])
     assert "hash $sllm_route consistent" in text and f"$http_{SESSION_KEY_HEADER.replace('-', '_')}" in text
-    assert "server 127.0.0.1:3 max_fails=1 fail_timeout=2s down;" in text and "listen 127.0.0.1:1 http2" in text
+    assert "server 127.0.0.1:3 max_fails=1 fail_timeout=2s down;" in text and "listen 127.0.0.1:1 http2;" in text
+    assert "ssl" not in re.sub(r"#.*", "", text) and "grpc_pass grpc://sllm_cloud;" in text
+    adapted = ("worker_processes", "pid", "error_log", "access_log", "listen", "grpc_pass", "server ")
+    shipped = [ln.split("#")[0].strip() for ln in SHIPPED_CONFIG.read_text().splitlines()]
+    kept = [ln for ln in shipped if ln.endswith(";") and not ln.startswith(adapted) and "ssl_" not in ln]
+    assert len(kept) > 15 and all(ln in text for ln in kept), [ln for ln in kept if ln not in text]
     (tmp_path / "nginx.conf").write_text(text)
     r = subprocess.run([find_nginx(), "-t", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"),
                         "-e", str(tmp_path / "error.log")], capture_output=True, text=True, timeout=30)
@@ -157,7 +154,7 @@ def test_affinity_a_reconnect_lands_on_the_replica_that_holds_the_session(cluste
         cluster.restart_balancer()
         assert [s.text for s in chat.ask(PROMPTS[1], max_sentences=CAPS[1])] == reference[1]
         assert _holder(cluster) == holder
-        assert (chat.session.resumes, chat.session.rebuilds) == (1, 0), notes
+        assert (chat.session.stepper.resumes, chat.session.stepper.rebuilds) == (1, 0), notes
         assert len(notes) == 1 and "resumed it: the server still held it (nothing rebuilt)" in notes[0]
     after = _stats(cluster)
     opened = [a.sessions_opened_total - b.sessions_opened_total for a, b in zip(after, before)]
@@ -201,7 +198,7 @@ def test_failover_sigkill_in_the_middle_of_an_answer(cluster, runtime, reference
                 cluster.signal_replica(victims[-1], signal.SIGKILL)
             texts += [s.text for s in answer]
             assert texts == reference[turn], turn
-            assert chat.session.rebuilds == len(victims) and len(notes) == len(victims), notes
+            assert chat.session.stepper.rebuilds == len(victims) and len(notes) == len(victims), notes
             if turn == 1:
                 _healthy(cluster)  # somewhere to go for the second failover
         assert victims[1] == 1 - victims[0] and _holder(cluster) == victims[0]
@@ -218,15 +215,15 @@ def test_speculation_through_the_balancer_survives_a_failover(cluster, runtime, 
     _healthy(cluster)
     notes = []
     with edge.connect(cluster.address, runtime, token=TOKEN, notify=notes.append, speculate=4) as chat:
-        assert chat.session.conv.speculate == 4
+        assert chat.session.stepper.conv.speculate == 4
         answer = chat.ask(PROMPTS[0], max_sentences=CAPS[0])
         texts = [next(answer).text]
         cluster.signal_replica(_holder(cluster), signal.SIGKILL)
         answers = [texts + [s.text for s in answer]]
         answers += [[s.text for s in chat.ask(p, max_sentences=n)] for p, n in zip(PROMPTS[1:], CAPS[1:])]
         assert answers == reference
-        assert chat.session.rebuilds == 1 and len(notes) == 1, notes
-        assert chat.session.stepper.stats.accepted > 0
+        assert chat.session.stepper.rebuilds == 1 and len(notes) == 1, notes
+        assert chat.session.stepper.speculation.stats.accepted > 0
 
 
 def test_drain_by_sigterm(cluster, runtime, reference):
@@ -241,14 +238,15 @@ def test_drain_by_sigterm(cluster, runtime, reference):
         answer = chat.ask(PROMPTS[0], max_sentences=CAPS[0])
         texts = [next(answer).text]
         drained = _holder(cluster)
-        late = ChatSession(runtime, lambda: CloudClient(cluster.address, TOKEN), cluster.address)
-        late.session_key = _key_for(cluster, drained)  # a new conversation that nginx sends to `drained`
+        late = ChatSession(runtime, RemoteStepper(runtime.bundle, lambda: CloudClient(cluster.address, TOKEN),
+                                                  cluster.address))
+        late.stepper.session_key = _key_for(cluster, drained)  # a new conversation that nginx sends to `drained`
         cluster.routes_open.clear()  # nginx hears of the drain only 0.3 s after it has begun
         try:
             cluster.signal_replica(drained, signal.SIGTERM)
             texts += [s.text for s in answer]
-            assert texts == reference[0] and chat.session.rebuilds == 0  # finished on the draining replica
-            assert _until(lambda: not _serving(cluster.replicas[drained]))
+            assert texts == reference[0] and chat.session.stepper.rebuilds == 0  # finished on the draining replica
+            assert _until(lambda: not serving(cluster.replicas[drained].address, timeout=2))
             threading.Timer(0.3, cluster.routes_open.set).start()
             late.connect()  # refused by the draining replica (UNAVAILABLE), tried again until nginx routes elsewhere
         finally:

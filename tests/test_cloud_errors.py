@@ -1,5 +1,5 @@
-"""Bad input never crashes or poisons the server: each gets a precise gRPC status and a
-clear message, the session is freed, and other clients are unaffected. Limits: sentences
+"""Bad input never crashes or poisons the server: each gets a precise gRPC status, its ErrorReason
+and a clear message, the session is freed, and other clients are unaffected. Limits: sentences
 per session, sessions, KV budget, message size, idle timeout, with clean eviction."""
 import threading
 import time
@@ -90,14 +90,24 @@ BAD_INPUTS = {
     "oversized message": ([_open(), _append(pack(_vec(600)))], C.RESOURCE_EXHAUSTED, "larger than max"),
     "not a ClientMessage": ([b"\xff\xff\xff"], C.INVALID_ARGUMENT, "not a sllm.v1.ClientMessage"),
 }
+# the ErrorReason each refusal carries (trailing metadata): INVALID_ARGUMENT is always BAD_REQUEST
+REASONS = {
+    "append before open": pb.OUT_OF_ORDER, "close before open": pb.OUT_OF_ORDER, "second open": pb.OUT_OF_ORDER,
+    "model id mismatch": pb.MODEL_MISMATCH, "open dim mismatch": pb.MODEL_MISMATCH,
+    "unknown session": pb.SESSION_NOT_FOUND,
+    "history over the sentence limit": pb.SESSION_FULL, "too many sentences": pb.SESSION_FULL,
+    "oversized message": pb.ERROR_REASON_UNSPECIFIED,  # refused by gRPC's own size limit, not by the service
+}
 
 
 @pytest.mark.parametrize("name", list(BAD_INPUTS))
 def test_bad_input_gets_a_precise_status(server, name):
     messages, code, words = BAD_INPUTS[name]
     raw = bool(messages) and isinstance(messages[0], bytes)
-    replies, got, details = converse_raw(_target(server), messages, raw=raw)
+    replies, got, details, reason = converse_raw(_target(server), messages, raw=raw, with_reason=True)
     assert (got, words in details) == (code, True), (got, details)
+    assert name in REASONS or code == C.INVALID_ARGUMENT
+    assert reason == REASONS.get(name, pb.BAD_REQUEST), (pb.ErrorReason.Name(reason), details)
     sent_ids = [m.open.session_id for m in messages if not isinstance(m, bytes) and m.WhichOneof("kind") == "open"]
     assert not any(i and i in details for i in sent_ids), details  # ids never come back in messages
     if name != "oversized message":  # (grpc core refuses that one as it arrives: replies may be cut short)
@@ -210,9 +220,11 @@ def test_max_sessions_evicts_detached_first_then_refuses(cloud_bundle):
         with pytest.raises(CloudError) as e:
             c.conversation(MODEL_ID, D)
         assert e.value.code == C.RESOURCE_EXHAUSTED and "maximum of 2 sessions" in e.value.details
+        assert e.value.reason == pb.SERVER_FULL
         with pytest.raises(CloudError) as e:
             c.conversation(MODEL_ID, D, session_id=a.session_id)
         assert e.value.code == C.NOT_FOUND and "evicted to make room for a new session" in e.value.details
+        assert e.value.reason == pb.SESSION_NOT_FOUND
         b.close()
         c2.close()
         assert c.stats().sessions_evicted_total == 1
@@ -234,6 +246,7 @@ def test_kv_budget_evicts_detached_then_refuses(cloud_bundle):
         with pytest.raises(CloudError) as e:
             other.append(_vec(1))
         assert e.value.code == C.RESOURCE_EXHAUSTED and "KV cache budget" in e.value.details
+        assert e.value.reason == pb.SERVER_FULL
         np.testing.assert_allclose(live.append(_vec(1, seed=5)).hidden.shape, (D,))  # live one unaffected
         live.close()
         assert c.stats().kv_bytes == 0 and c.stats().sessions_evicted_total == 1
@@ -253,9 +266,11 @@ def test_idle_timeout_frees_detached_and_ends_idle_streams(cloud_bundle):
         with pytest.raises(CloudError) as e:
             c.conversation(MODEL_ID, D, session_id=detached.session_id)
         assert e.value.code == C.NOT_FOUND and "idle for more than 0.4 s" in e.value.details
+        assert e.value.reason == pb.SESSION_NOT_FOUND
         with pytest.raises(CloudError) as e:
             idle.append(_vec(1))
         assert e.value.code == C.RESOURCE_EXHAUSTED and "idle for more than 0.4 s" in e.value.details
+        assert e.value.reason == pb.SESSION_IDLE
 
 
 def test_resume_conflicts(server):
@@ -265,10 +280,12 @@ def test_resume_conflicts(server):
         with pytest.raises(CloudError) as e:  # still attached to the open stream
             c.conversation(MODEL_ID, D, session_id=conv.session_id)
         assert e.value.code == C.FAILED_PRECONDITION and "attached to another open stream" in e.value.details
+        assert e.value.reason == pb.SESSION_ATTACHED
         conv.close(keep=True)
         with pytest.raises(CloudError) as e:  # history of another length than what is held
             c.conversation(MODEL_ID, D, session_id=conv.session_id, history=_vec(2))
         assert e.value.code == C.FAILED_PRECONDITION and "holds 3 sentences but open.history has 2" in e.value.details
+        assert e.value.reason == pb.HISTORY_MISMATCH
         # a refused Open leaves the held session alone: it still resumes
         with c.conversation(MODEL_ID, D, session_id=conv.session_id, history=_vec(3)) as again:
             assert again.resumed and again.past_length == 3

@@ -8,8 +8,6 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -18,7 +16,7 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from cloud_helpers import (MODEL_ID, D, captured_logs, converse_raw, issue_cert, make_ca, running_server,
+from cloud_helpers import (MODEL_ID, D, Events, captured_logs, converse_raw, issue_cert, make_ca, running_server,
                            self_signed_cert)
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from typer.testing import CliRunner
@@ -29,6 +27,7 @@ from sllm.cloud.jsonlog import LogRateLimit
 from sllm.cloud.server import CloudServer, full_history_bytes
 from sllm.modeling.cloud_bundle import load_cloud_bundle, write_random_cloud_bundle
 from sllm.protos.client import CloudClient, CloudError
+from sllm.runtime.server_process import TOKEN_ENV, TOKENS_ENV, ServerProcess
 
 C = grpc.StatusCode
 TOKEN = "exposure-token"
@@ -294,48 +293,27 @@ def test_a_second_signal_stops_the_server_at_once(tmp_path):
     """One SIGTERM drains (a stream left open holds it for --grace); a second one ends it now.
     The process also shows the edge's token variable turning auth on and /metrics on loopback."""
     write_random_cloud_bundle(tmp_path / "bundle", model_id="sllm-sig", d=16, layers=1, heads=2)
-    env = {k: v for k, v in os.environ.items() if k != "SLLM_CLOUD_TOKENS"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sllm.cloud.cli", "serve", "--bundle", str(tmp_path / "bundle"), "--port", "0",
-         "--grace", "60", "--threads", "1", "--metrics-port", "0"],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        env={**env, "SLLM_CLOUD_TOKEN": TOKEN, "OMP_NUM_THREADS": "1"})
-    lines = []
-
-    def wait_for(event, timeout=90):
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            line = proc.stderr.readline()
-            if not line:
-                break
-            lines.append(json.loads(line))
-            if lines[-1]["event"] == event:
-                return lines[-1]
-        raise AssertionError(f"no {event!r} log line; got {[e['event'] for e in lines]}")
-
-    try:
-        start = wait_for("server_start")
+    env = {k: v for k, v in os.environ.items() if k != TOKENS_ENV}
+    events = Events()
+    server = ServerProcess.serve(tmp_path / "bundle", "--grace", "60", "--metrics-port", "0", threads=1,
+                                 env={**env, TOKEN_ENV: TOKEN}, on_event=events, startup_timeout=90)
+    with server:
+        start = server.info
         assert start["auth"] and start["metrics_address"].startswith("127.0.0.1:")
-        with CloudClient(start["address"]) as c, pytest.raises(CloudError, match="UNAUTHENTICATED"):
+        with CloudClient(server.address) as c, pytest.raises(CloudError, match="UNAUTHENTICATED"):
             c.model_info(timeout=10)
-        with CloudClient(start["address"], token=TOKEN) as c:
+        with CloudClient(server.address, token=TOKEN) as c:
             conv = c.conversation("sllm-sig", 16)  # left open: holds a graceful stop for 60 s
             conv.append(np.ones((2, 16), np.float32))
-            proc.send_signal(signal.SIGTERM)
-            wait_for("server_draining")
+            server.send(signal.SIGTERM)
+            events.wait_for("server_draining")
             t0 = time.monotonic()
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(timeout=10) == 1  # forced: not a clean drain
+            server.send(signal.SIGTERM)
+            assert server.wait(timeout=10) == 1  # forced: not a clean drain
             assert time.monotonic() - t0 < 5
-            stop = wait_for("server_stop")
-            assert stop["forced"] is True
+            assert events.wait_for("server_stop")["forced"] is True
             with pytest.raises(CloudError):
                 conv.append(np.ones((1, 16), np.float32))
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
-        proc.stderr.close()
 
 
 def test_a_token_flooding_silent_streams_ends_its_own_first():
@@ -347,8 +325,8 @@ def test_a_token_flooding_silent_streams_ends_its_own_first():
         def __init__(self, owner):
             self.owner, self.ended = owner, None
 
-        def end(self, code, details):
-            self.ended = code
+        def end(self, error):
+            self.ended = error.code
 
     pending = PendingStreams(limit=4)
     flood = [FakeStream("A") for _ in range(3)]

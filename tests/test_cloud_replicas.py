@@ -146,6 +146,7 @@ def test_draining_hands_back_conversations_between_turns(cloud_bundle):
         with pytest.raises(CloudError) as e:
             idle.append(_vectors(1))
         assert e.value.code == grpc.StatusCode.UNAVAILABLE and "shutting down" in e.value.details
+        assert e.value.reason == pb.SHUTTING_DOWN  # what clients decide on
         busy.close()
         stopper.join(timeout=30)
         assert not stopper.is_alive() and time.monotonic() - t0 < 10 and steps >= 10

@@ -234,7 +234,7 @@ def test_health_and_reflection(server):
 
 
 def test_stats_and_prometheus_metrics(cloud_bundle):
-    with running_server(cloud_bundle, metrics_port=0, batching=False) as srv, _client(srv) as c:
+    with running_server(cloud_bundle, metrics_port=0, max_batch=1) as srv, _client(srv) as c:
         with c.conversation(MODEL_ID, D) as conv:
             conv.append(_vectors(3, seed=11))
             conv.append(_vectors(1, seed=12))

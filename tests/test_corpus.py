@@ -1,6 +1,7 @@
 import gzip
 import json
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -22,10 +23,25 @@ def test_bundled_corpus():
     docs = load_documents(None)
     assert load_documents([]) == docs
     counts = Counter(d.source for d in docs)
-    assert set(counts) == {"austen", "sotu", "web_bible"} and min(counts.values()) > 200
+    assert set(counts) == TRAIN_REGISTERS and min(counts.values()) > 200
     train, val = split_documents(docs)
     assert {d.source for d in val} == set(counts)
     assert 0.01 < len(val) / len(docs) < 0.04
+
+
+TRAIN_REGISTERS = {"austen", "sotu", "web_bible", "dialogue", "email", "glossary", "techdocs"}
+HELDOUT_DIR = Path(__file__).resolve().parents[1] / "data" / "heldout"  # scripts/build_corpus.py, SOURCES.md
+
+
+def test_the_held_out_register_is_apart_from_training():
+    """data/heldout is the generalisation set: a whole register (encyclopedia) that the bundled
+    corpus, which training reads by default, does not contain."""
+    held = load_documents([str(HELDOUT_DIR)])
+    assert {d.source for d in held} == {"encyclopedia"} and len(held) > 5000
+    train = load_documents(None)
+    assert not {d.source for d in train} & {"encyclopedia"}
+    train_texts = {d.text for d in train}
+    assert not any(d.text in train_texts for d in held)
 
 
 def test_formats_and_defaults(tmp_path):

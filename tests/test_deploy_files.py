@@ -1,5 +1,5 @@
-"""docs/deploy/ (issue 15): the files for real clusters agree with the code. What can be checked on
-this machine is checked: the annotated nginx.conf passes `nginx -t`, the Kubernetes manifests parse
+"""docs/deploy/ and cloud/nginx.conf: the files for real clusters agree with the code. What can be
+checked on this machine is checked: the shipped nginx.conf (TLS both ways) passes `nginx -t`, the Kubernetes manifests parse
 and hash on the header the edge sends, and the commands the container image and the probes run are
 real `sllm-cloud` options. Building the image and applying the manifests is not done here (no
 container runtime, no Kubernetes): docs/deploy/README.md says so."""
@@ -12,14 +12,16 @@ from helpers import ROOT
 from typer.main import get_command
 
 from sllm.cloud.cli import app as cloud_app
-from sllm.cloud.cluster import find_nginx
+from sllm.cloud.balancer import SHIPPED_CONFIG, find_nginx
 from sllm.cloud.server import SERVICE_NAME
 from sllm.protos.client import SESSION_KEY_HEADER
+from sllm.protos.errors import REASON_KEY
+from sllm.protos.v1 import sllm_pb2 as pb
 
 DEPLOY = ROOT / "docs" / "deploy"
 
 
-def test_the_annotated_nginx_config_passes_nginx_t(tmp_path):
+def test_the_shipped_nginx_config_passes_nginx_t(tmp_path):
     nginx = find_nginx()
     if nginx is None:
         pytest.skip("nginx is not installed (scripts/test.sh installs it where it runs as root with apt-get)")
@@ -31,8 +33,9 @@ def test_the_annotated_nginx_config_passes_nginx_t(tmp_path):
     for name in ("sllm.crt", "replicas-ca.crt"):
         shutil.copy(cert, tls / name)
     shutil.copy(key, tls / "sllm.key")
-    text = (DEPLOY / "nginx.conf").read_text()
+    text = SHIPPED_CONFIG.read_text()
     assert f"$http_{SESSION_KEY_HEADER.replace('-', '_')}" in text and "hash $sllm_route consistent" in text
+    assert f"add_header {REASON_KEY} {pb.ErrorReason.Name(pb.NO_REPLICA)} always;" in text  # the edge's cue
     text = (text.replace("/etc/nginx/tls/", f"{tls}/").replace("/var/log/nginx/", f"{tmp_path}/")
             .replace("/run/", f"{tmp_path}/"))
     conf = tmp_path / "nginx.conf"

@@ -17,7 +17,7 @@ ALLOWED = {
     "runtime": {"runtime", "sentences"},
     "edge": {"edge", "runtime", "protos", "sentences"},
     "modeling": {"modeling", "runtime", "sentences"},
-    "cloud": {"cloud", "modeling", "runtime", "protos"},
+    "cloud": {"cloud", "modeling", "runtime", "protos", "sentences"},
     "training": {"training", "modeling", "runtime", "sentences"},
     "export": {"export", "training", "modeling", "runtime", "sentences"},
     "bench": {"bench", "edge", "cloud", "export", "training", "modeling", "runtime", "protos", "sentences"},

@@ -59,7 +59,7 @@ def test_sllm_from_stage1_keeps_its_tokenizer_and_segmentation(sllm_run, stage1)
 def test_padding_sentences_and_padding_passages_change_nothing(sllm_run):
     trained = load_sllm(sllm_run)
     task_data = _val_passages(trained)
-    lengths = task_data.starts[1:] - task_data.starts[:-1]
+    lengths = task_data.sentence_counts(np.arange(len(task_data)))
     short, long_ = int(np.argmin(lengths)), int(np.argmax(lengths))
     assert lengths[short] < lengths[long_]
     alone = sllm_token_nll(trained.model, task_data, np.array([short]), batch_size=1)
@@ -102,8 +102,8 @@ def test_baseline_trains_and_ppl_counts_the_same_tokens(tiny_corpus, sllm_run, t
     b = baseline_token_nll(base.model, val, index, 4, tok.pad_id, tok.bos_id)
     s = sllm_token_nll(sllm.model, _val_passages(sllm), index, 4)
     assert b["tokens"] == s["tokens"] > 0  # exactly the same scored tokens
-    first = val.sentences.lengths[val.starts[:-1]].sum()
-    assert b["tokens"] == val.sentences.offsets[-1] - first  # all but each passage's first sentence
+    first = sum(int(val.passage(i)[1][1]) for i in index)  # tokens of each passage's first sentence
+    assert b["tokens"] == val.token_counts(index).sum() - first  # all but each passage's first sentence
     assert np.isfinite(b["ppl"]) and np.isfinite(s["ppl"])
 
     from typer.testing import CliRunner
@@ -227,7 +227,7 @@ def test_reconstruction_loss_is_stage_one_loss_on_the_passage_sentences(sllm_run
 
     trained = load_sllm(sllm_run)
     data = _val_passages(trained)
-    lengths = data.starts[1:] - data.starts[:-1]
+    lengths = data.sentence_counts(np.arange(len(data)))
     batch = collate_passages(data, np.array([int(np.argmin(lengths)), int(np.argmax(lengths))]),
                              trained.model.svae.cfg.pad_id)
     assert not bool(batch.sentence_mask.all())  # the short passage is padded with empty sentences

@@ -14,7 +14,7 @@ from helpers import _make_sentence
 
 from sllm import edge
 from sllm.edge.api import AnswerOptions
-from sllm.edge.speculate import TOLERANCE, SpeculativeStepper, same_sentence
+from sllm.edge.speculate import TOLERANCE, Speculation, same_sentence
 from sllm.export.exporter import export_checkpoint
 from sllm.modeling.svae_bundle import load_svae_folder
 from sllm.protos.client import CloudClient, CloudError
@@ -51,15 +51,15 @@ def _answers(server, export, speculate: int, prompts, perturb=None, **options):
     out = []
     with edge.connect(f"127.0.0.1:{server.port}", export / "edge", speculate=speculate,
                       options=AnswerOptions(**options)) as chat:
-        stepper = chat.session.stepper
-        stepper.perturb = perturb
+        speculation = chat.session.stepper.speculation
+        speculation.perturb = perturb
         for i in range(0, len(prompts), 2):
             if i:
                 chat.reset()
             for p in prompts[i:i + 2]:
                 out.append(chat.ask(p, max_sentences=CAP).text())
-        granted = chat.session.conv.speculate
-    return out, stepper.stats, granted
+        granted = chat.session.stepper.conv.speculate
+    return out, speculation.stats, granted
 
 
 def _store_is_exact(store) -> bool:
@@ -112,7 +112,9 @@ def test_a_forced_mismatch_is_rolled_back_and_recovered(server, export):
     answers, stats, _ = _answers(server, export, 4, prompts, perturb)
     assert len(hits) == 2 * n_ref
     assert answers == reference
-    assert stats.corrected >= n_ref  # each perturbed vector was caught and corrected
+    # each perturbed vector was caught: corrected, or, once the answer holds a sentence of the edge's own
+    # (whose tokens the cloud never saw, so its repetition controls cannot guess after it), declined
+    assert 0 < stats.corrected <= n_ref <= stats.corrected + stats.declined
     assert server.service.stats()["speculation_dropped_total"] > dropped
     assert _store_is_exact(server.store)
 
@@ -232,9 +234,9 @@ def test_a_server_without_a_sentence_vae_grants_nothing(cloud_bundle):
         conv = c.conversation(MODEL_ID, D, speculate=4)
         assert conv.speculate == 0 and "SentenceVAE" in conv.speculate_note
         v = np.random.default_rng(0).standard_normal((3, D)).astype(np.float32)
-        stepper = SpeculativeStepper(conv)
-        assert stepper.append(v).past_length == 3  # a prompt
-        assert stepper.append(v[:1]).past_length == 4  # a sentence: no guess to check, a plain Append
+        speculation = Speculation()
+        assert speculation.append(conv, v).past_length == 3  # a prompt
+        assert speculation.append(conv, v[:1]).past_length == 4  # a sentence: no guess to check, a plain Append
         conv.close()
         assert c.stats().speculate_max == 0
 
@@ -278,4 +280,4 @@ def test_by_default_a_loopback_server_is_not_asked_to_speculate(server, export):
     """The server would grant 16: the edge asks nothing of a server on this machine unless told to."""
     for asked, granted in ((None, 0), (4, 4)):
         with edge.connect(f"127.0.0.1:{server.port}", export / "edge", speculate=asked) as chat:
-            assert chat.session.conv.speculate == granted
+            assert chat.session.stepper.conv.speculate == granted

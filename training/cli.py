@@ -3,6 +3,7 @@
     sllm-train svae --config configs/svae-small.json train.max_steps=2000
     sllm-train sllm --config configs/sllm-small.json sllm.svae_checkpoint=runs/svae-small
     sllm-train baseline --config configs/baseline-small.json data.tokenizer=runs/sllm-small/checkpoints/...
+    sllm-train prepare corpus/ --out data/prepared/mine --config configs/svae-small.json   # then data.dataset=...
     torchrun --standalone --nproc_per_node=2 -m sllm.training.cli svae ...
     sllm-train eval runs/svae                          # or models/default (its svae/)
     sllm-train reconstruct runs/svae "Any text, of any length."
@@ -26,23 +27,34 @@ from typing import Optional
 import typer
 
 from sllm.modeling.config import ConfigError
+from sllm.runtime.console import APP_SETTINGS, run_command
+from sllm.runtime.models import ModelError, resolve_model
 from sllm.sentences.sampling import DEFAULT_NO_REPEAT_NGRAM, DEFAULT_NO_REPEAT_SENTENCE, DEFAULT_REPETITION_PENALTY
 from sllm.training.config import RunConfig, apply_overrides, load_run_config
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train and evaluate sllm models.")
+app = typer.Typer(**APP_SETTINGS, no_args_is_help=True, help="Train and evaluate sllm models.")
 
 
 def _user_errors():
     from sllm.sentences.tokenizer import TokenizerError
     from sllm.training.checkpoint import CheckpointError
     from sllm.training.data.corpus import CorpusError
+    from sllm.training.data.shards import DatasetError
 
-    return (ConfigError, CheckpointError, TokenizerError, CorpusError, FloatingPointError)
+    return (ConfigError, CheckpointError, TokenizerError, CorpusError, DatasetError, FloatingPointError)
 
 
 def _fail(message: str) -> None:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
+
+
+def _model(spec: Path) -> Path:
+    """A checkpoint, run dir or export folder given as a local path or a model-hub id (runtime.models)."""
+    try:
+        return resolve_model(spec)
+    except ModelError as e:
+        _fail(str(e))
 
 
 def build_run_config(config: Optional[Path], overrides: list[str], out: Optional[str], cls=RunConfig):
@@ -99,9 +111,60 @@ def baseline(overrides: list[str] = _OVERRIDES, config: Optional[Path] = _CONFIG
     _train(BaselineRunConfig, OPTBaselineTask, config, overrides, out)
 
 
+@app.command()
+def prepare(
+    corpus: Optional[list[str]] = typer.Argument(None, help="corpus files or folders (.jsonl, .jsonl.gz, .txt); "
+                                                "none: the bundled corpus (or the --config run's data.corpus)"),
+    out: Path = typer.Option(..., "--out", "-o", help="dataset folder; an unfinished preparation there resumes"),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="a run config: its data settings and "
+                                          "sentence limit, so the dataset fits that run (options below override)"),
+    tokenizer: Optional[str] = typer.Option(None, help="tokenizer.json, a folder holding one, or a training run; "
+                                            "default: train a byte-level BPE on the training split"),
+    vocab_size: Optional[int] = typer.Option(None, help="of the BPE trained here [8192]"),
+    max_sentence_tokens: Optional[int] = typer.Option(None, help="the model's sentence limit [64]"),
+    split_on_comma: Optional[bool] = typer.Option(None, "--split-on-comma/--no-split-on-comma",
+                                                  help="segmentation option [split]"),
+    val_fraction: Optional[float] = typer.Option(None, help="documents held out per source [0.02]"),
+    split_seed: Optional[int] = typer.Option(None, help="[0]"),
+    max_passage_sentences: Optional[int] = typer.Option(None, help="stage-2 passage limit [64]"),
+    max_passage_tokens: Optional[int] = typer.Option(None, help="stage-2 passage limit [1000]"),
+    max_documents: int = typer.Option(0, help="only the corpus's first N documents (0 = all)"),
+    shard_mb: float = typer.Option(256.0, help="text per shard, in millions of characters"),
+    workers: int = typer.Option(0, help="processes that segment and tokenize (0 = one per CPU core)"),
+):
+    """Segment and tokenize a corpus into a prepared dataset (sharded, memory-mapped token arrays with
+    sentence, paragraph, document and passage indices, and a manifest of hashes); train on it with
+    data.dataset=OUT. Streaming, parallel, resumable; the same files for any number of workers."""
+    from sllm.sentences.tokenizer import TokenizerError
+    from sllm.training.data.corpus import CorpusError
+    from sllm.training.data.prepare import PrepareConfig, prepare_dataset
+    from sllm.training.data.shards import DatasetError
+
+    try:
+        cfg = PrepareConfig()
+        if config:
+            run = load_run_config(config)
+            limit = {"sentence_vae": lambda r: r.model.max_sentence_tokens, "sllm": lambda r: r.svae.max_sentence_tokens,
+                     "opt_baseline": lambda r: r.max_sentence_tokens}[run.kind](run)
+            cfg = PrepareConfig.for_run(run.data, limit)
+        given = {"tokenizer": tokenizer, "vocab_size": vocab_size, "max_sentence_tokens": max_sentence_tokens,
+                 "split_on_comma": split_on_comma, "val_fraction": val_fraction, "split_seed": split_seed,
+                 "max_passage_sentences": max_passage_sentences, "max_passage_tokens": max_passage_tokens}
+        for key, value in given.items():
+            if value is not None:
+                setattr(cfg, key, value)
+        if corpus:
+            cfg.corpus = list(corpus)
+        cfg.max_documents, cfg.shard_mb = max_documents, shard_mb
+        prepare_dataset(cfg, out, workers=workers, log=_log_err)
+    except (ConfigError, CorpusError, DatasetError, TokenizerError) as e:
+        _fail(str(e))
+
+
 @app.command("eval")
 def evaluate(
-    checkpoint: Path = typer.Argument(..., help="checkpoint dir, run dir or export folder (models/default)"),
+    checkpoint: Path = typer.Argument(..., help="checkpoint dir, run dir, export folder (models/default)"
+                                      " or model-hub id ORG/NAME[@REV]"),
     n_exact: int = typer.Option(1000, help="validation sentences to reconstruct greedily"),
     n_loss: int = typer.Option(20_000, help="validation sentences for loss / PPL"),
     weights: str = typer.Option("ema", help="'ema' or 'model'"),
@@ -113,7 +176,7 @@ def evaluate(
     from sllm.training.load import load_sentence_vae
 
     try:
-        trained = load_sentence_vae(checkpoint, weights=weights)
+        trained = load_sentence_vae(_model(checkpoint), weights=weights)
         val = validation_sentences(trained, log=_log_err)
         result = evaluate_sentence_vae(trained, val, n_loss=n_loss, n_exact=n_exact)
     except _user_errors() as e:
@@ -131,7 +194,8 @@ EMPTY_TEXT = "nothing to reconstruct: the text is empty or only whitespace"
 
 @app.command()
 def reconstruct(
-    checkpoint: Path = typer.Argument(..., help="checkpoint dir, run dir or export folder (models/default)"),
+    checkpoint: Path = typer.Argument(..., help="checkpoint dir, run dir, export folder (models/default)"
+                                      " or model-hub id ORG/NAME[@REV]"),
     text: Optional[str] = typer.Argument(None, help="text to reconstruct; read from stdin when left out"),
     as_json: bool = typer.Option(False, "--json", help="print the pieces as a JSON list"),
     weights: str = typer.Option("ema", help="'ema' or 'model'"),
@@ -148,7 +212,7 @@ def reconstruct(
         except UnicodeDecodeError as e:
             _fail(f"stdin is not valid UTF-8 text ({e})")
     try:
-        trained = load_sentence_vae(checkpoint, weights=weights)
+        trained = load_sentence_vae(_model(checkpoint), weights=weights)
         pieces = reconstruct_text(trained, text)
     except (*_user_errors(), ValueError) as e:
         _fail(str(e))
@@ -168,7 +232,8 @@ def reconstruct(
 
 @app.command()
 def generate(
-    checkpoint: Path = typer.Argument(..., help="SLLM checkpoint dir, run dir or export folder (models/default)"),
+    checkpoint: Path = typer.Argument(..., help="SLLM checkpoint dir, run dir, export folder (models/default)"
+                                      " or model-hub id ORG/NAME[@REV]"),
     prompt: Optional[str] = typer.Argument(None, help="prompt text; read from stdin when left out"),
     max_sentences: int = typer.Option(8, help="stop after this many sentences"),
     temperature: float = typer.Option(0.0, help="0 = greedy"),
@@ -192,7 +257,7 @@ def generate(
     try:
         sampling = SamplingConfig(temperature, top_k, top_p, seed, repetition_penalty, no_repeat_ngram_size,
                                   no_repeat_sentence)
-        trained = load_sllm(checkpoint)
+        trained = load_sllm(_model(checkpoint))
         gen = SLLMGenerator(trained.model, trained.tokenizer, trained.run.data.split_on_comma)
         threshold = trained.stop_threshold if stop_threshold is None else stop_threshold
         for sentence in gen.generate(prompt, max_sentences, sampling, threshold):
@@ -205,7 +270,8 @@ def generate(
 
 @app.command()
 def compare(
-    sllm_checkpoint: Path = typer.Argument(..., help="SLLM checkpoint or run dir, or an export folder"),
+    sllm_checkpoint: Path = typer.Argument(..., help="SLLM checkpoint or run dir, an export folder or a "
+                                           "model-hub id ORG/NAME[@REV]"),
     baseline_checkpoint: Optional[Path] = typer.Argument(None, help="token-level OPT baseline checkpoint, run dir or "
                                                          "bundle; default: the export folder's baseline/"),
     n_passages: int = typer.Option(0, help="validation passages to score (0 = all)"),
@@ -215,7 +281,8 @@ def compare(
     from sllm.training.evaluate_lm import compare_sllm_baseline, render_comparison
 
     try:
-        result = compare_sllm_baseline(sllm_checkpoint, baseline_checkpoint, n_passages, log=_log_err)
+        result = compare_sllm_baseline(_model(sllm_checkpoint),
+                                       baseline_checkpoint and _model(baseline_checkpoint), n_passages, log=_log_err)
     except _user_errors() as e:
         _fail(str(e))
     text = render_comparison(result)
@@ -310,5 +377,9 @@ def _log_err(*args) -> None:
     print(*args, file=sys.stderr, flush=True)
 
 
+def main() -> None:
+    run_command(app, "sllm-train")
+
+
 if __name__ == "__main__":
-    app()
+    main()

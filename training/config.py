@@ -12,10 +12,13 @@ from pathlib import Path
 
 from sllm.modeling.config import ConfigError, OPTSpec, SentenceVAEConfig, from_dict, to_dict
 from sllm.runtime.files import atomic_write_text
+from sllm.training.bundled import bundled_dir
 
 
 @dataclass
 class DataConfig:
+    # a prepared dataset (`sllm-train prepare`); empty: `corpus` is prepared into cache_dir on first use
+    dataset: str = ""
     corpus: list[str] = field(default_factory=list)  # empty: the bundled corpus in data/corpus
     val_fraction: float = 0.02  # share of documents held out, per source
     split_seed: int = 0
@@ -154,8 +157,16 @@ RUN_CONFIGS = {"sentence_vae": RunConfig, "sllm": SLLMRunConfig, "opt_baseline":
 
 
 def load_run_config(path: str | Path):
-    """Any run config; its `kind` field picks the class."""
-    data = _read_json(Path(path))
+    """Any run config; its `kind` field picks the class. A path that does not exist may name a
+    shipped config ("configs/svae-small.json" or "svae-small"), found in a checkout or an install."""
+    path = Path(path)
+    if not path.exists():
+        shipped = bundled_dir("configs", "*.json") / (path.name if path.suffix == ".json" else f"{path.name}.json")
+        if not shipped.is_file():
+            names = ", ".join(sorted(p.stem for p in shipped.parent.glob("*.json")))
+            raise ConfigError(f"config file not found: {path} (shipped configs, by name: {names})")
+        path = shipped
+    data = _read_json(path)
     kind = data.get("kind", "sentence_vae") if isinstance(data, dict) else None
     if kind not in RUN_CONFIGS:
         raise ConfigError(f"{path}: unknown run kind {kind!r} (expected one of {sorted(RUN_CONFIGS)})")

@@ -11,7 +11,8 @@ from sllm.modeling.generate import SamplingConfig, decode_sentences
 from sllm.modeling.losses import token_nll_sum
 from sllm.modeling.sentence_vae import pad_token_lists
 from sllm.sentences.limit import model_sentences
-from sllm.training.data.sentence_data import SentenceTokens, collate, prepare_validation
+from sllm.training.data.dataset import Sentences
+from sllm.training.data.sentence_data import collate, prepare_validation
 from sllm.training.load import TrainedSentenceVAE
 from sllm.training.tasks.common import unwrap
 
@@ -30,7 +31,7 @@ LENGTH_BUCKETS = [(1, 8), (9, 16), (17, 32), (33, 64), (65, 10_000)]
 
 
 @torch.no_grad()
-def validation_loss(model: nn.Module, data: SentenceTokens, n: int, batch_size: int) -> dict[str, float]:
+def validation_loss(model: nn.Module, data: Sentences, n: int, batch_size: int) -> dict[str, float]:
     """Cross-entropy per target token (sentence tokens + eos) and PPL (paper Eq. 10)."""
     model = unwrap(model).eval()
     device = next(model.parameters()).device
@@ -89,14 +90,14 @@ def reconstruct_texts(trained: TrainedSentenceVAE, texts: list[str]) -> list[dic
             for t, rows in zip(texts, _reconstruct_many(trained, texts))]
 
 
-def validation_sentences(trained: TrainedSentenceVAE, log=print) -> SentenceTokens:
+def validation_sentences(trained: TrainedSentenceVAE, log=print) -> Sentences:
     """The validation split of the run a checkpoint came from, tokenized with the checkpoint's own tokenizer."""
     data_cfg = trained.run.data
     data_cfg.tokenizer = str(trained.path)
     return prepare_validation(data_cfg, trained.model.cfg.max_sentence_tokens, log=log)
 
 
-def exact_match(trained: TrainedSentenceVAE, data: SentenceTokens, n: int, batch_size: int = 128) -> dict[str, float]:
+def exact_match(trained: TrainedSentenceVAE, data: Sentences, n: int, batch_size: int = 128) -> dict[str, float]:
     """Share of `n` evenly spaced sentences whose greedy reconstruction equals the input, overall and by length."""
     index = np.unique(np.linspace(0, len(data) - 1, num=min(n, len(data))).astype(np.int64))
     sentences = [data.sentence(int(i)) for i in index]
@@ -116,7 +117,7 @@ def exact_match(trained: TrainedSentenceVAE, data: SentenceTokens, n: int, batch
     return result
 
 
-def evaluate_sentence_vae(trained: TrainedSentenceVAE, val: SentenceTokens, n_loss: int = 20_000,
+def evaluate_sentence_vae(trained: TrainedSentenceVAE, val: Sentences, n_loss: int = 20_000,
                           n_exact: int = 1000, batch_size: int = 128) -> dict:
     metrics = validation_loss(trained.model, val, min(n_loss, len(val)), batch_size)
     metrics.update(exact_match(trained, val, n_exact, batch_size))

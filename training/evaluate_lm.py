@@ -22,7 +22,8 @@ import torch
 
 from sllm.modeling.losses import IGNORE_INDEX, _token_nll, next_token_logits
 from sllm.modeling.sllm import SLLM
-from sllm.training.data.passage_data import Passages, collate_passages, collate_token_sequences, prepare_passages
+from sllm.training.data.dataset import Passages
+from sllm.training.data.passage_data import collate_passages, collate_token_sequences, prepare_validation_passages
 from sllm.training.load import load_baseline, load_sllm
 
 
@@ -80,7 +81,7 @@ def compare_sllm_baseline(sllm_path, baseline_path=None, n_passages: int = 0, lo
         raise ValueError("the SLLM and the baseline use different tokenizers: their PPLs would not compare")
     data_cfg = sllm.run.data
     data_cfg.tokenizer = str(sllm.tokenizer_dir or sllm.path)
-    val = prepare_passages(data_cfg, sllm.model.svae.cfg.max_sentence_tokens, log=log).val
+    val = prepare_validation_passages(data_cfg, sllm.model.svae.cfg.max_sentence_tokens, log=log)
     index = np.arange(len(val) if n_passages <= 0 else min(n_passages, len(val)))
     tok = base.tokenizer
     s = sllm_token_nll(sllm.model, val, index, 8)

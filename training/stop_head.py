@@ -22,7 +22,8 @@ from torch import nn
 from sllm.modeling.losses import token_loss
 from sllm.modeling.opt_graft import STOP
 from sllm.modeling.sllm import SLLM
-from sllm.training.data.passage_data import Passages, collate_passages
+from sllm.training.data.dataset import Passages
+from sllm.training.data.passage_data import collate_passages
 from sllm.training.tasks.sllm import stop_class_weight
 
 THRESHOLD_DECIMALS = 4  # stored rounded; precision/recall are computed at the stored value

@@ -8,7 +8,9 @@ metrics log.
 
 Exact resume: the data order is a pure function of (seed, epoch), the data
 position is (epoch, step in epoch), the LR is a pure function of the step,
-and model, EMA, optimizer and every process's RNG state are saved.
+and model, EMA, optimizer and every process's RNG state are saved. Each rank
+reads batches rank, rank + world, ... of an epoch; the checkpoint records the
+next one of every rank and the dataset's id, and a resume on other data is refused.
 """
 from __future__ import annotations
 
@@ -33,6 +35,8 @@ from sllm.training.config import TrainConfig, save_json
 
 
 class Task(Protocol):
+    dataset_id: str  # the prepared dataset's id (its manifest), checked on resume
+
     def build_model(self) -> nn.Module: ...
 
     def num_batches(self, epoch: int) -> int: ...  # global batches in one epoch
@@ -156,7 +160,7 @@ class Trainer:
                 for r, state in enumerate(rng_states):
                     ckpt.save_tensors(state, d / f"rng_rank{r}.safetensors")
                 state = {"step": self.step, "epoch": self.epoch, "pos": self.pos, "world_size": self.dist.world,
-                         "tokens_seen": self.tokens_seen}
+                         "tokens_seen": self.tokens_seen, "data": self._data_position()}
                 (d / "trainer_state.json").write_text(json.dumps(state, indent=2))
                 save_json(self.run_config, d / "config.json")
                 self.task.save_files(d)
@@ -166,6 +170,11 @@ class Trainer:
             self._prune(self.out / name)
         self.dist.barrier()
         return self.out / name
+
+    def _data_position(self) -> dict:
+        """Where each rank's data stands: the batch of the epoch it reads next (pos * world + rank)."""
+        return {"dataset_id": getattr(self.task, "dataset_id", ""), "epoch": self.epoch,
+                "next_batch": [self.pos * self.dist.world + r for r in range(self.dist.world)]}
 
     def _point_latest_at(self, checkpoint: Path) -> None:
         ckpt.atomic_write_text(self.out / "latest", checkpoint.relative_to(self.out).as_posix() + "\n")
@@ -223,6 +232,12 @@ class Trainer:
             return False
         d = Path(chosen)
         state = ckpt.read_trainer_state(d)
+        data = state.get("data")  # absent from checkpoints older than prepared datasets
+        if data and data["dataset_id"] != getattr(self.task, "dataset_id", ""):
+            raise ckpt.CheckpointError(
+                f"{d} was trained on prepared dataset {data['dataset_id']}, this run reads "
+                f"{getattr(self.task, 'dataset_id', '')!r}: resume on the same data (data.dataset) for an exact "
+                "continuation, or start a new run directory")
         if state["world_size"] != self.dist.world:
             raise ckpt.CheckpointError(
                 f"{d} was written by {state['world_size']} processes; resume with the same --nproc_per_node "
@@ -236,6 +251,8 @@ class Trainer:
         ckpt.optimizer_from_tensors(self.opt, ckpt.load_tensors(opt_path), ckpt.read_metadata(opt_path))
         _set_rng_state(ckpt.load_tensors(d / f"rng_rank{self.dist.rank}.safetensors"), self.dist.device)
         self.step, self.epoch, self.pos = state["step"], state["epoch"], state["pos"]
+        if data:
+            self.pos = (data["next_batch"][self.dist.rank] - self.dist.rank) // self.dist.world
         self.tokens_seen = state.get("tokens_seen", 0)
         self.log(f"resumed from {d} at step {self.step}")
         return True

@@ -12,9 +12,48 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DTYPE_UNSPECIFIED: _ClassVar[DType]
     DTYPE_FLOAT32: _ClassVar[DType]
     DTYPE_FLOAT16: _ClassVar[DType]
+
+class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ERROR_REASON_UNSPECIFIED: _ClassVar[ErrorReason]
+    BAD_REQUEST: _ClassVar[ErrorReason]
+    OUT_OF_ORDER: _ClassVar[ErrorReason]
+    MODEL_MISMATCH: _ClassVar[ErrorReason]
+    SESSION_ATTACHED: _ClassVar[ErrorReason]
+    HISTORY_MISMATCH: _ClassVar[ErrorReason]
+    SESSION_NOT_FOUND: _ClassVar[ErrorReason]
+    SESSION_IDLE: _ClassVar[ErrorReason]
+    SESSION_FULL: _ClassVar[ErrorReason]
+    SERVER_FULL: _ClassVar[ErrorReason]
+    SHUTTING_DOWN: _ClassVar[ErrorReason]
+    MODEL_STOPPED: _ClassVar[ErrorReason]
+    MODEL_FAILED: _ClassVar[ErrorReason]
+    OPEN_TIMEOUT: _ClassVar[ErrorReason]
+    BAD_TOKEN: _ClassVar[ErrorReason]
+    SERVER_BUG: _ClassVar[ErrorReason]
+    STREAM_ENDED: _ClassVar[ErrorReason]
+    NO_REPLICA: _ClassVar[ErrorReason]
 DTYPE_UNSPECIFIED: DType
 DTYPE_FLOAT32: DType
 DTYPE_FLOAT16: DType
+ERROR_REASON_UNSPECIFIED: ErrorReason
+BAD_REQUEST: ErrorReason
+OUT_OF_ORDER: ErrorReason
+MODEL_MISMATCH: ErrorReason
+SESSION_ATTACHED: ErrorReason
+HISTORY_MISMATCH: ErrorReason
+SESSION_NOT_FOUND: ErrorReason
+SESSION_IDLE: ErrorReason
+SESSION_FULL: ErrorReason
+SERVER_FULL: ErrorReason
+SHUTTING_DOWN: ErrorReason
+MODEL_STOPPED: ErrorReason
+MODEL_FAILED: ErrorReason
+OPEN_TIMEOUT: ErrorReason
+BAD_TOKEN: ErrorReason
+SERVER_BUG: ErrorReason
+STREAM_ENDED: ErrorReason
+NO_REPLICA: ErrorReason
 
 class Vectors(_message.Message):
     __slots__ = ("data", "dtype", "dim", "count")

@@ -4,16 +4,30 @@ Inputs: JSON-lines files (plain or gzip'd; one document a line with a `text`
 field, optional `source` and `doc`), .txt files (one document each), and
 directories holding either. The split is by document and within each source,
 so every register (speeches, novels, scripture) is seen in validation.
+
+Documents stream (`iter_documents`): nothing here holds more than one document,
+except `load_documents`, which lists them all for the small in-memory users
+(export, bench). The bundled corpus ships inside the package (`sllm.data`), so
+an installed sllm finds it without a checkout.
 """
 from __future__ import annotations
 
 import gzip
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-BUNDLED_CORPUS_DIR = Path(__file__).resolve().parents[2] / "data" / "corpus"
+from sllm.training.bundled import bundled_dir
+
+
+def bundled_corpus_dir() -> Path:
+    """The bundled corpus: sllm/data/corpus in an installed sllm, data/corpus in a checkout."""
+    return bundled_dir("data/corpus", "*.jsonl.gz")
+
+
+BUNDLED_CORPUS_DIR = bundled_corpus_dir()
 
 
 class CorpusError(ValueError):
@@ -27,47 +41,72 @@ class Document:
     text: str
 
 
-def load_documents(paths: list[str] | None = None) -> list[Document]:
-    """Documents from `paths` (files or directories); None or [] means the bundled corpus.
+@dataclass(frozen=True)
+class Position:
+    """A place in a corpus's stream of documents: `line` lines of file number `file` read."""
 
-    Documents whose text is empty or only whitespace are left out."""
+    file: int = 0
+    line: int = 0
+
+
+def corpus_files(paths: list[str] | None = None) -> list[Path]:
+    """The files of a corpus, in reading order; None or [] means the bundled corpus."""
     if paths:
-        files = [f for p in paths for f in _corpus_files(Path(p))]
-    else:
-        files = sorted(BUNDLED_CORPUS_DIR.glob("*.jsonl.gz"))
-        if not files:
-            raise CorpusError(f"the bundled corpus is missing: no *.jsonl.gz in {BUNDLED_CORPUS_DIR}")
-    docs = [d for f in files for d in _read_file(f) if d.text.strip()]
+        return [f for p in paths for f in _corpus_files(Path(p))]
+    files = sorted(bundled_corpus_dir().glob("*.jsonl.gz"))
+    if not files:
+        raise CorpusError(f"the bundled corpus is missing: no *.jsonl.gz in {bundled_corpus_dir()}")
+    return files
+
+
+def iter_documents(files: list[Path], start: Position = Position()) -> Iterator[tuple[Document, Position]]:
+    """The documents of `files` from `start` on, each with the position just after it. Documents
+    whose text is empty or only whitespace are left out."""
+    for i in range(start.file, len(files)):
+        skip = start.line if i == start.file else 0
+        for doc, line in _read_file(files[i], skip):
+            if doc.text.strip():
+                yield doc, Position(i, line)
+
+
+def load_documents(paths: list[str] | None = None) -> list[Document]:
+    """Every document of `paths` (files or directories; None or [] means the bundled corpus), in memory."""
+    files = corpus_files(paths)
+    docs = [d for d, _ in iter_documents(files)]
     if not docs:
         raise CorpusError(f"the corpus is empty: no text in {', '.join(map(str, files))}")
     return docs
 
 
+def document_key(seed: int, doc: Document) -> bytes:
+    """What the split orders documents by (hashlib, not hash(): the same in every process and run)."""
+    return hashlib.sha256(f"{seed}\0{doc.source}\0{doc.doc_id}".encode("utf-8", "surrogatepass")).digest()
+
+
+def held_out_count(n: int, val_fraction: float) -> int:
+    """Documents of a source of `n` that go to validation: round(val_fraction * n), at least one,
+    never all; none of a source of one."""
+    return 0 if n < 2 else min(max(1, round(val_fraction * n)), n - 1)
+
+
 def split_documents(docs: list[Document], val_fraction: float = 0.02, seed: int = 0) -> tuple[list[Document], list[Document]]:
-    """(train, val), deterministic for a seed: per source, the round(val_fraction * n)
-    documents with the smallest sha256(seed, source, doc_id) go to validation, at
-    least one and never all for a source of >= 2 documents. If no source has 2, one
-    document is held out overall. val_fraction = 0 holds out nothing. Order is kept."""
+    """(train, val), deterministic for a seed: per source, the held_out_count(n) documents with the
+    smallest document_key (ties: the earlier document) go to validation. If no source has 2
+    documents, one document is held out overall. val_fraction = 0 holds out nothing. Order is kept.
+    (`split.SplitPlan` applies the same rule to a corpus streamed from disk.)"""
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     if val_fraction == 0:
         return list(docs), []
-
-    def key(d: Document) -> bytes:
-        # hashlib, not hash(): the same split in every process and every run
-        return hashlib.sha256(f"{seed}\0{d.source}\0{d.doc_id}".encode("utf-8", "surrogatepass")).digest()
-
     by_source: dict[str, list[int]] = {}
     for i, d in enumerate(docs):
         by_source.setdefault(d.source, []).append(i)
     held: set[int] = set()
     for idx in by_source.values():
-        if len(idx) < 2:
-            continue
-        k = min(max(1, round(val_fraction * len(idx))), len(idx) - 1)
-        held.update(sorted(idx, key=lambda i: key(docs[i]))[:k])
+        k = held_out_count(len(idx), val_fraction)
+        held.update(sorted(idx, key=lambda i: document_key(seed, docs[i]))[:k])
     if not held and len(docs) >= 2:
-        held.add(min(range(len(docs)), key=lambda i: key(docs[i])))
+        held.add(min(range(len(docs)), key=lambda i: document_key(seed, docs[i])))
     train = [d for i, d in enumerate(docs) if i not in held]
     val = [d for i, d in enumerate(docs) if i in held]
     return train, val
@@ -90,24 +129,27 @@ def _supported(p: Path) -> bool:
     return p.name.endswith((".jsonl", ".jsonl.gz", ".txt"))
 
 
-def _read_file(path: Path) -> list[Document]:
+def _read_file(path: Path, skip: int = 0) -> Iterator[tuple[Document, int]]:
+    """(document, lines read so far) for each document of one file, after its first `skip` lines."""
     if path.name.endswith(".txt"):
+        if skip:
+            return
         try:
             text = path.read_text(encoding="utf-8-sig")  # -sig: drop a byte-order mark
         except (OSError, UnicodeDecodeError) as e:
             raise CorpusError(f"cannot read {path}: {e}") from e
-        return [Document(source=path.stem, doc_id=path.stem, text=text)]
-    return _read_jsonl(path)
+        yield Document(source=path.stem, doc_id=path.stem, text=text), 1  # a .txt file is one document
+        return
+    yield from _read_jsonl(path, skip)
 
 
-def _read_jsonl(path: Path) -> list[Document]:
+def _read_jsonl(path: Path, skip: int) -> Iterator[tuple[Document, int]]:
     stem = path.name.removesuffix(".gz").removesuffix(".jsonl")
     opener = gzip.open if path.name.endswith(".gz") else open
-    docs = []
     try:
         with opener(path, "rt", encoding="utf-8") as f:
             for n, line in enumerate(f, start=1):
-                if not line.strip():
+                if n <= skip or not line.strip():  # lines already read are skipped unparsed
                     continue
                 try:
                     row = json.loads(line)
@@ -116,7 +158,6 @@ def _read_jsonl(path: Path) -> list[Document]:
                 if not isinstance(row, dict) or not isinstance(row.get("text"), str):
                     raise CorpusError(f"{path}:{n}: expected a JSON object with a string field 'text'")
                 source = str(row.get("source") or stem)
-                docs.append(Document(source=source, doc_id=str(row.get("doc", f"{stem}-{n}")), text=row["text"]))
+                yield Document(source=source, doc_id=str(row.get("doc", f"{stem}-{n}")), text=row["text"]), n
     except (OSError, EOFError, UnicodeDecodeError) as e:  # gzip.BadGzipFile is an OSError
         raise CorpusError(f"cannot read {path}: {e}") from e
-    return docs

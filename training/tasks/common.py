@@ -1,25 +1,18 @@
-"""What every training task shares: epoch batching, and the module inside DDP / torch.compile."""
+"""What every training task shares: its epoch batches, and the module inside DDP / torch.compile."""
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 from torch import nn
 
 from sllm.training.config import TrainConfig
-from sllm.training.data.sentence_data import epoch_batches
+from sllm.training.data.sampler import EpochBatches
 
 
-class EpochBatches:
-    """The batches (index arrays) of one epoch, computed once per epoch and kept."""
-
-    def __init__(self, lengths: np.ndarray, train: TrainConfig):
-        self.lengths, self.train = lengths, train
-        self._cache: tuple[int, list[np.ndarray]] | None = None
-
-    def __call__(self, epoch: int) -> list[np.ndarray]:
-        if self._cache is None or self._cache[0] != epoch:
-            t = self.train
-            self._cache = (epoch, epoch_batches(self.lengths, t.batch_size, t.seed, epoch, t.bucket_by_length))
-        return self._cache[1]
+def epoch_batches(n_items: int, lengths: Callable[[np.ndarray], np.ndarray], train: TrainConfig) -> EpochBatches:
+    """The batches of a task's training items (sentences or passages) of lengths `lengths(ids)`."""
+    return EpochBatches(n_items, lengths, train.batch_size, train.seed, train.bucket_by_length)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -18,7 +18,7 @@ from sllm.training.config import BaselineRunConfig, load_run_config
 from sllm.training.data.passage_data import PreparedPassages, collate_token_sequences, prepare_passages
 from sllm.training.evaluate_lm import baseline_token_nll
 from sllm.training.load import OPT_CONFIG_FILE
-from sllm.training.tasks.common import EpochBatches, unwrap
+from sllm.training.tasks.common import epoch_batches, unwrap
 
 
 class OPTBaselineTask:
@@ -34,13 +34,15 @@ class OPTBaselineTask:
         if self.config.vocab_size < tok.vocab_size:
             raise ConfigError(f"the OPT vocabulary ({self.config.vocab_size}) is smaller than the tokenizer's "
                               f"({tok.vocab_size}); use the OPT checkpoint's own tokenizer (data.tokenizer)")
-        longest = int(self.data.train.token_counts.max()) + 1
+        longest = self.data.dataset.longest_passage_tokens("train") + 1
         if longest > self.config.max_position_embeddings:
             raise ConfigError(f"passages of up to {longest} tokens need more than OPT's "
                               f"{self.config.max_position_embeddings} positions; lower data.max_passage_tokens")
         self.initial_state = {k: v.clone() for k, v in self.initial.state_dict().items()}
         run.validate()
-        self._batches = EpochBatches(self.data.train.token_counts, run.train)
+        train = self.data.train
+        self._batches = epoch_batches(len(train), train.token_counts, run.train)
+        self.dataset_id = self.data.dataset.dataset_id  # recorded with checkpoints: a resume must read the same data
 
     def build_model(self) -> nn.Module:
         model = OPTForCausalLM(self.config)
@@ -48,11 +50,11 @@ class OPTBaselineTask:
         return model
 
     def num_batches(self, epoch: int) -> int:
-        return len(self._batches(epoch))
+        return len(self._batches)
 
     def batch(self, epoch: int, index: int):
         tok = self.data.tokenizer
-        return collate_token_sequences(self.data.train, self._batches(epoch)[index], tok.pad_id, tok.bos_id)
+        return collate_token_sequences(self.data.train, self._batches.batch(epoch, index), tok.pad_id, tok.bos_id)
 
     def loss(self, model: nn.Module, batch) -> tuple[torch.Tensor, int]:
         device = next(model.parameters()).device

@@ -12,7 +12,7 @@ from sllm.sentences.segment import SEGMENTATION_VERSION
 from sllm.training.config import RunConfig
 from sllm.training.data.sentence_data import PreparedData, collate, prepare_data
 from sllm.training.evaluate import validation_loss
-from sllm.training.tasks.common import EpochBatches, unwrap
+from sllm.training.tasks.common import epoch_batches, unwrap
 
 
 class SentenceVAETask:
@@ -25,16 +25,17 @@ class SentenceVAETask:
         run.model.pad_id, run.model.bos_id, run.model.eos_id = tok.pad_id, tok.bos_id, tok.eos_id
         run.data.segmentation_version = SEGMENTATION_VERSION
         run.validate()
-        self._batches = EpochBatches(self.data.train.lengths, run.train)
+        self._batches = epoch_batches(len(self.data.train), self.data.train.lengths, run.train)
+        self.dataset_id = self.data.dataset.dataset_id  # recorded with checkpoints: a resume must read the same data
 
     def build_model(self) -> nn.Module:
         return SentenceVAE(self.run.model)
 
     def num_batches(self, epoch: int) -> int:
-        return len(self._batches(epoch))
+        return len(self._batches)
 
     def batch(self, epoch: int, index: int):
-        ids, mask = collate(self.data.train, self._batches(epoch)[index], self.run.model.pad_id)
+        ids, mask = collate(self.data.train, self._batches.batch(epoch, index), self.run.model.pad_id)
         return ids, mask
 
     def loss(self, model: nn.Module, batch) -> tuple[torch.Tensor, int]:

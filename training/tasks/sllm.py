@@ -23,7 +23,7 @@ from sllm.training.config import SLLMRunConfig
 from sllm.training.data.passage_data import PassageBatch, PreparedPassages, collate_passages, prepare_passages
 from sllm.training.evaluate_lm import sllm_token_nll
 from sllm.training.load import OPT_CONFIG_FILE, load_sentence_vae
-from sllm.training.tasks.common import EpochBatches, unwrap
+from sllm.training.tasks.common import epoch_batches, unwrap
 
 
 class SLLMTask:
@@ -57,7 +57,9 @@ class SLLMTask:
             raise ConfigError(f"data.max_passage_sentences={run.data.max_passage_sentences} exceeds OPT's "
                               f"{max_pos} positions")
         run.validate()
-        self._batches = EpochBatches(self.data.train.token_counts, run.train)
+        train = self.data.train
+        self._batches = epoch_batches(len(train), train.token_counts, run.train)
+        self.dataset_id = self.data.dataset.dataset_id  # recorded with checkpoints: a resume must read the same data
 
     # ------------------------------------------------------------ Task protocol
 
@@ -81,10 +83,10 @@ class SLLMTask:
         return model
 
     def num_batches(self, epoch: int) -> int:
-        return len(self._batches(epoch))
+        return len(self._batches)
 
     def batch(self, epoch: int, index: int) -> PassageBatch:
-        return collate_passages(self.data.train, self._batches(epoch)[index], self.run.svae.pad_id)
+        return collate_passages(self.data.train, self._batches.batch(epoch, index), self.run.svae.pad_id)
 
     def loss(self, model: nn.Module, batch: PassageBatch) -> tuple[torch.Tensor, int]:
         decode_loss, stop_loss, n_tokens = sllm_losses(model, batch.to(next(model.parameters()).device), self.run)
