@@ -118,9 +118,13 @@ def test_the_streamed_split_is_split_documents(monkeypatch):
 
 # ---------------------------------------------------------------- the dataset
 
-def test_a_prepared_dataset_holds_what_the_in_memory_pipeline_makes(corpus, tmp_path):
+def test_a_prepared_dataset_holds_what_the_in_memory_pipeline_makes(corpus, tmp_path, monkeypatch):
     """Sentences (segmented, cut to the limit, tokenized), passages and paragraph ends of both splits,
-    across several shards, equal those of the in-memory pipeline the trainer used before."""
+    across several shards, equal those of the in-memory pipeline the trainer used before. The views
+    keep two shards mapped here (the open-file bound), so reading them unmaps and maps again."""
+    from sllm.training.data import dataset as dataset_mod
+
+    monkeypatch.setattr(dataset_mod, "_mapped_shards_limit", lambda: 2)
     logs: list[str] = []
     out = prepare_dataset(_cfg(corpus), tmp_path / "ds", workers=1, log=logs.append)
     ds = PreparedDataset.open(out)
@@ -148,6 +152,7 @@ def test_a_prepared_dataset_holds_what_the_in_memory_pipeline_makes(corpus, tmp_
         tokens, offsets, _ = passages.passage(len(p_ref) - 1)
         assert tokens.tolist() == sum((ref.sentence(i) for i in range(p_ref.starts[-2], p_ref.starts[-1])), [])
         assert ds.manifest["counts"][name]["documents"] == len(part)
+        assert sum(len(vars(sh)) > 2 for sh in sentences.shards) <= 2  # mapped: folder, split + arrays
     assert ds.manifest["token_dtype"] == "<u2" and ds.longest_passage_tokens("train") <= 40 + 12
 
 
@@ -227,6 +232,28 @@ def test_a_preparation_refuses_other_settings_other_inputs_and_strange_folders(c
     with pytest.raises(DatasetError, match="holds other files"):
         prepare_dataset(cfg, tmp_path / "home", log=QUIET)
     assert (tmp_path / "home" / "notes.txt").read_text() == "mine"
+
+
+def test_an_evaluation_prepares_the_validation_split_only(corpus, tokenizer_dir, tmp_path):
+    """Without data.dataset, what reads only validation data (eval, compare, the exporter's stop
+    threshold) prepares only that split, unless the whole dataset is in the cache already; a
+    validation-only dataset cannot be trained on."""
+    from sllm.training.config import DataConfig
+    from sllm.training.data.passage_data import prepare_passages, prepare_validation_passages
+    from sllm.training.data.sentence_data import prepare_validation
+
+    data = DataConfig(corpus=[str(corpus)], tokenizer=str(tokenizer_dir), val_fraction=0.1,
+                      cache_dir=str(tmp_path / "cache"), max_passage_sentences=6, max_passage_tokens=40)
+    val = prepare_validation(data, 12, log=QUIET)
+    only = PreparedDataset.open(next((tmp_path / "cache").iterdir()))
+    assert only.settings["only_val"] and only.manifest["counts"]["train"]["tokens"] == 0
+    full = prepare_passages(data, 12, log=QUIET)
+    assert len(list((tmp_path / "cache").iterdir())) == 2 and not full.dataset.settings["only_val"]
+    ref = full.dataset.sentences("val")
+    assert [val.sentence(i) for i in range(len(val))] == [ref.sentence(i) for i in range(len(ref))]
+    assert prepare_validation_passages(data, 12, log=QUIET).shards[0].folder.parent.parent == full.dataset.path
+    with pytest.raises(DatasetError, match="validation split only"):
+        prepare_passages(DataConfig(**{**data.__dict__, "corpus": [], "dataset": str(only.path)}), 12, log=QUIET)
 
 
 def test_cli_prepare_then_errors_in_one_line(corpus, tmp_path):
@@ -384,8 +411,9 @@ def test_training_memory_does_not_grow_with_the_dataset(tmp_path):
                      "model.ffn_dim=64", "model.max_sentence_tokens=16", "train.batch_size=64", "train.max_steps=40",
                      "train.warmup_steps=2", "train.log_every=10", "train.save_every=40", "train.eval_every=0",
                      "train.eval_batches=2", "train.threads=1"]
-        proc = subprocess.run([sys.executable, "-c", MEASURE_TRAINING, json.dumps(overrides), str(tmp_path / f"r{shards}")],
-                              capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        proc = subprocess.run([sys.executable, "-c", MEASURE_TRAINING, json.dumps(overrides),
+                               str(tmp_path / f"r{shards}")], capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert proc.returncode == 0, proc.stderr[-3000:]
         result = json.loads(proc.stdout.strip().splitlines()[-1])
         assert result["sentences"] == shards * SYNTHETIC_SHARD_SENTENCES

@@ -144,7 +144,8 @@ def prepare(
         cfg = PrepareConfig()
         if config:
             run = load_run_config(config)
-            limit = {"sentence_vae": lambda r: r.model.max_sentence_tokens, "sllm": lambda r: r.svae.max_sentence_tokens,
+            limit = {"sentence_vae": lambda r: r.model.max_sentence_tokens,
+                     "sllm": lambda r: r.svae.max_sentence_tokens,
                      "opt_baseline": lambda r: r.max_sentence_tokens}[run.kind](run)
             cfg = PrepareConfig.for_run(run.data, limit)
         given = {"tokenizer": tokenizer, "vocab_size": vocab_size, "max_sentence_tokens": max_sentence_tokens,

@@ -5,11 +5,14 @@
 
 Items are numbered across shards (sentence 0 of shard 1 follows the last one of shard 0); a
 lookup finds its shard by bisection over the per-shard counts (one small array per split).
-Opening checks the manifest and every file's size; `sllm-train prepare` re-hashes them.
+Opening checks the manifest and every file's size; `sllm-train prepare` re-hashes them. Each
+mapped array holds a file descriptor, so a view keeps only its most recently used shards mapped
+(a corpus of thousands of shards stays under the process's open-file limit).
 """
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from functools import cached_property
 from pathlib import Path
 
@@ -32,13 +35,51 @@ class _Shard:
         setattr(self, name, array)
         return array
 
+    def unmap(self) -> None:
+        """Drop the mapped arrays (each unmapped, and its descriptor closed, once no view of it is left)."""
+        for name in [n for n in vars(self) if n not in ("folder", "split")]:
+            delattr(self, name)
+
+
+def _mapped_shards_limit() -> int:
+    """Shards a view keeps mapped: at most 5 descriptors each, a few views at once, within the
+    open-file limit (raised to its hard ceiling first, as data loaders do)."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or soft < hard:
+            want = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+            if want > soft:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+                soft = want
+    except (ImportError, ValueError, OSError):  # no resource module (Windows), or not allowed
+        soft = 512
+    return max(4, (soft - 256) // 20)
+
 
 class _Items:
     """Items (sentences or passages) numbered across the shards of a split."""
 
     def __init__(self, shards: list[_Shard], counts: list[int]):
-        self.shards = shards
+        self._shards = shards
         self.starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])  # [n_shards + 1]
+        self._mapped: OrderedDict[int, None] = OrderedDict()
+        self._limit = _mapped_shards_limit()
+
+    def shard(self, s: int) -> _Shard:
+        """Shard number s, counted as used (the least recently used beyond the limit is unmapped)."""
+        if s in self._mapped:
+            self._mapped.move_to_end(s)
+        else:
+            self._mapped[s] = None
+            if len(self._mapped) > self._limit:
+                self._shards[self._mapped.popitem(last=False)[0]].unmap()
+        return self._shards[s]
+
+    @property
+    def shards(self) -> list[_Shard]:
+        return self._shards
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -47,7 +88,7 @@ class _Items:
         if not 0 <= i < len(self):
             raise IndexError(f"item {i} of {len(self)}")
         s = int(np.searchsorted(self.starts, i, side="right")) - 1
-        return self.shards[s], i - int(self.starts[s])
+        return self.shard(s), i - int(self.starts[s])
 
     def _per_shard(self, index: np.ndarray, fn) -> np.ndarray:
         """fn(shard, local indices) for each shard the (global) `index` touches, in index order."""
@@ -58,7 +99,7 @@ class _Items:
         out = np.empty(len(index), dtype=np.int64)
         for s in np.unique(shard):
             sel = shard == s
-            out[sel] = fn(self.shards[s], index[sel] - self.starts[s])
+            out[sel] = fn(self.shard(int(s)), index[sel] - self.starts[s])
         return out
 
 
@@ -76,9 +117,6 @@ class Sentences(_Items):
     def sentence(self, i: int) -> list[int]:
         return self.tokens(i).tolist()
 
-    @property
-    def num_tokens(self) -> int:
-        return int(sum(sh.sentences[-1] for sh in self.shards))
 
 
 class Passages(_Items):

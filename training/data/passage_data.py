@@ -41,7 +41,7 @@ def prepare_passages(cfg: DataConfig, max_tokens: int, log=print) -> PreparedPas
 
 def prepare_validation_passages(cfg: DataConfig, max_tokens: int, log=print) -> Passages:
     """The validation passages only."""
-    return open_dataset(cfg, max_tokens, log, passages=True).passages("val")
+    return open_dataset(cfg, max_tokens, log, passages=True, val_only=True).passages("val")
 
 
 # ---------------------------------------------------------------- batches

@@ -3,7 +3,7 @@
 Streaming: the corpus is read one document at a time, twice for the split plan (`split`) and once
 to write it; workers get about TASK_CHARS of text at a time, at most two pieces each in flight, and
 the parent appends their arrays to the shard files. Memory stays flat whatever the corpus size
-(the split plan keeps one 32-byte key per validation document).
+(but for the split plan's 40 bytes per validation document).
 
 Deterministic: shards end at fixed places of the corpus (the first document boundary past
 `shard_mb` of text) and the parent writes results in corpus order, so the files are byte-identical
@@ -71,6 +71,7 @@ class PrepareConfig:
     max_passage_sentences: int = 64  # stage 2 / baseline passages
     max_passage_tokens: int = 1000
     max_documents: int = 0  # read only the corpus's first N documents; 0 = all
+    only_val: bool = False  # the validation split alone (what an evaluation reads): no training tokens
     shard_mb: float = 256.0  # text per shard, in millions of characters
 
     def validate(self) -> None:
@@ -131,7 +132,7 @@ def prepare_dataset(cfg: PrepareConfig, out: Path, workers: int = 0, log=print, 
             end = done[-1]["end"]
             start, ordinal = Position(end["file"], end["line"]), end["document"]
             log(f"{out}: {len(done)} shard(s) already written and verified; continuing at document {ordinal}")
-        n_tasks = max(1, -(-(plan.chars) // TASK_CHARS))
+        n_tasks = max(1, -(-int(plan.chars * (cfg.val_fraction if cfg.only_val else 1)) // TASK_CHARS))
         workers = max(1, min(workers if workers > 0 else (os.cpu_count() or 1), n_tasks))
         t0 = time.perf_counter()
         done += _write_shards(out, files, plan, cfg, tok, len(done), start, ordinal, workers, log)
@@ -145,15 +146,17 @@ def prepare_dataset(cfg: PrepareConfig, out: Path, workers: int = 0, log=print, 
     return out
 
 
-def cached_dataset(cfg: PrepareConfig, cache_dir: Path, workers: int = 0, log=print) -> Path:
-    """The dataset of `cfg` in `cache_dir`, prepared on first use (a training run without
-    data.dataset). Its folder name is a hash of the settings, the inputs and the tokenizer."""
-    files = corpus_files(cfg.corpus)
+def cache_path(cfg: PrepareConfig, cache_dir: Path) -> Path:
+    """Where `cached_dataset` keeps the dataset of `cfg`: a hash of the settings, inputs and tokenizer."""
     tok_id = tokenizer_sha256(SentenceTokenizer.load(tokenizer_dir(cfg.tokenizer))) if cfg.tokenizer else "bpe"
-    key = hashlib.sha256(json.dumps({"format": VERSION, "segmentation": SEGMENTATION_VERSION, "settings": cfg.settings(),
-                                     "inputs": [sha256_file(f) for f in files], "tokenizer": tok_id},
-                                    sort_keys=True).encode()).hexdigest()[:16]
-    out = Path(cache_dir) / f"dataset-{key}"
+    ident = {"format": VERSION, "segmentation": SEGMENTATION_VERSION, "settings": cfg.settings(),
+             "inputs": [sha256_file(f) for f in corpus_files(cfg.corpus)], "tokenizer": tok_id}
+    return Path(cache_dir) / f"dataset-{hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]}"
+
+
+def cached_dataset(cfg: PrepareConfig, cache_dir: Path, workers: int = 0, log=print) -> Path:
+    """The dataset of `cfg` in `cache_dir`, prepared on first use (a training run without data.dataset)."""
+    out = cache_path(cfg, cache_dir)
     if (out / MANIFEST).is_file():
         return out
     log(f"preparing the corpus into {out} (once; `sllm-train prepare` does this ahead of training)")
@@ -290,7 +293,7 @@ def _write_shards(out: Path, files: list[Path], plan: SplitPlan, cfg: PrepareCon
             record = writer.finish(payload)
             writer = None
             records.append(record)
-            seconds = time.perf_counter() - t_shard
+            seconds = max(time.perf_counter() - t_shard, 1e-6)
             t_shard = time.perf_counter()
             c = record["counts"]
             log(f"shard {shard_name(index)}: {c['train']['documents'] + c['val']['documents']} documents, "
@@ -307,11 +310,14 @@ def _write_shards(out: Path, files: list[Path], plan: SplitPlan, cfg: PrepareCon
             for doc, pos in iter_documents(files, start):
                 if cfg.max_documents and ordinal >= cfg.max_documents:
                     break
-                docs.append((doc.text, plan.is_val(doc, ordinal)))
+                is_val = plan.is_val(doc, ordinal)
                 ordinal += 1
+                end = {"file": pos.file, "line": pos.line, "document": ordinal}
+                if cfg.only_val and not is_val:
+                    continue
+                docs.append((doc.text, is_val))
                 task_chars += len(doc.text)
                 chars += len(doc.text)
-                end = {"file": pos.file, "line": pos.line, "document": ordinal}
                 if task_chars >= TASK_CHARS or chars >= shard_chars:
                     pending.append(("task", index, pool.submit(_process, docs)))
                     docs, task_chars = [], 0

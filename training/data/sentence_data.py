@@ -17,16 +17,24 @@ from sllm.sentences.tokenizer import SentenceTokenizer
 from sllm.training.config import DataConfig
 from sllm.training.data.corpus import Document
 from sllm.training.data.dataset import PreparedDataset, Sentences
-from sllm.training.data.prepare import PrepareConfig, cached_dataset, tokenizer_dir, tokenizer_sha256
-from sllm.training.data.shards import DatasetError
+from sllm.training.data.prepare import PrepareConfig, cache_path, cached_dataset, tokenizer_dir, tokenizer_sha256
+from sllm.training.data.shards import MANIFEST, DatasetError
 
 
-def open_dataset(cfg: DataConfig, max_tokens: int, log=print, passages: bool = False) -> PreparedDataset:
+def open_dataset(cfg: DataConfig, max_tokens: int, log=print, passages: bool = False,
+                 val_only: bool = False) -> PreparedDataset:
     """The run's prepared dataset: data.dataset, checked against the run's settings, or the corpus
-    prepared into data.cache_dir (once). `passages`: the run also reads passages (stage 2, baseline)."""
+    prepared into data.cache_dir (once). `passages`: the run also reads passages (stage 2, baseline).
+    `val_only`: only the validation split is read (an evaluation), so without data.dataset a
+    validation-only dataset is prepared, unless the whole one is already there."""
     if not cfg.dataset:
-        return PreparedDataset.open(cached_dataset(PrepareConfig.for_run(cfg, max_tokens), cfg.cache_dir, log=log))
+        prep = PrepareConfig.for_run(cfg, max_tokens)
+        if val_only and not (cache_path(prep, cfg.cache_dir) / MANIFEST).is_file():
+            prep.only_val = True  # minutes of tokenizing saved on a large corpus
+        return PreparedDataset.open(cached_dataset(prep, cfg.cache_dir, log=log))
     ds = PreparedDataset.open(cfg.dataset)
+    if ds.settings.get("only_val") and not val_only:
+        raise DatasetError(f"{cfg.dataset} holds the validation split only: prepare the corpus without it for training")
     if cfg.corpus:
         raise DatasetError("data.corpus and data.dataset are both set: a prepared dataset's corpus was fixed when it "
                            "was prepared; leave data.corpus empty")
@@ -63,7 +71,7 @@ def prepare_data(cfg: DataConfig, max_tokens: int, log=print) -> PreparedData:
 
 def prepare_validation(cfg: DataConfig, max_tokens: int, log=print) -> Sentences:
     """The validation sentences only: what an evaluation reads."""
-    return open_dataset(cfg, max_tokens, log).sentences("val")
+    return open_dataset(cfg, max_tokens, log, val_only=True).sentences("val")
 
 
 def collate(data: Sentences, index: np.ndarray, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

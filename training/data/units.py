@@ -41,7 +41,8 @@ def cut_passages(lengths: Sequence[int], max_sentences: int, max_tokens: int) ->
 
 
 def document_units(text: str, tok: SentenceTokenizer, max_sentence_tokens: int, split_on_comma: bool,
-                   max_passage_sentences: int, max_passage_tokens: int) -> tuple[list[list[int]], list[bool], list[int]]:
+                   max_passage_sentences: int,
+                   max_passage_tokens: int) -> tuple[list[list[int]], list[bool], list[int]]:
     """(token ids per sentence, ends-a-paragraph per sentence, sentences per passage) of one document."""
     pieces, ids = model_sentences_with_ids(text, tok, max_sentence_tokens, split_on_comma)
     return ids, paragraph_ends(pieces), cut_passages([len(x) for x in ids], max_passage_sentences, max_passage_tokens)
