@@ -274,7 +274,7 @@ def weights_key(model) -> str:
 def onnx_baseline(model, cache: Path) -> Path:
     """cache/baseline-<key>/baseline.onnx, exported once per model (atomically: a killed export
     leaves no file that looks finished)."""
-    path = Path(cache) / f"baseline-{weights_key(model)[:16]}" / "baseline.onnx"
+    path = Path(cache) / f"baseline-fused-{weights_key(model)[:16]}" / "baseline.onnx"  # not an older export's
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".baseline.", suffix=".onnx")

@@ -90,7 +90,7 @@ def run(cfg: BenchConfig, command: str, progress) -> dict:
     """Every measurement, in order; returns the results dict (bench.json)."""
     from bench import kv_memory, quality, scale, svae_variants, throughput
     from bench.decoder_latency import measure_bundle_decoder
-    from bench.machine import machine_info
+    from bench.machine import LoadMonitor, machine_info
     from bench.models import load_models
     from bench.texts import validation_text
     from sllm.edge.local import LocalServer
@@ -108,6 +108,7 @@ def run(cfg: BenchConfig, command: str, progress) -> dict:
 
     with progress.section("start the cloud server (loopback)"):
         server = LocalServer(models.cloud_dir, threads=cfg.threads, device="cpu").start()
+    load = LoadMonitor().__enter__()  # other processes' CPU before and during the timed sections
     try:
         with CloudClient(server.address, server.token) as client:
             n = len(cfg.prompt_tokens) * len(cfg.output_tokens) * cfg.repeats * cfg.rounds
@@ -126,6 +127,8 @@ def run(cfg: BenchConfig, command: str, progress) -> dict:
                                   int(rt.bundle.manifest["bos_id"]))
     with progress.section("decoder step: ORT vs torch"):
         dec = measure_bundle_decoder(rt.path, rt.bundle.manifest, cfg.decoder_pasts, cfg.decoder_runs, cfg.threads)
+    load.__exit__(None, None, None)
+    progress.log(f"load: {load.describe()}")
 
     baseline_id = models.baseline_manifest["model_id"] if models.baseline_manifest else None
     with progress.section("quality: PPL"):
@@ -149,7 +152,7 @@ def run(cfg: BenchConfig, command: str, progress) -> dict:
                 "its quality is not available; the PPL above comes from the training runs, not from it.")
     return {
         "command": command, "mode": "quick" if cfg.quick else "full", "wall_s": time.perf_counter() - t0,
-        "machine": machine_info(ROOT, cfg.threads),
+        "machine": machine_info(ROOT, cfg.threads), "load": load.summary(), "load_note": load.describe(),
         "config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str)),
         "models": {"model_dir": str(cfg.model), "model_id": rt.model_id, "d_model": rt.d_model,
                    "edge_decoder_layers": int(m["n_layers"]), "vocab": int(m["vocab_size"]),

@@ -42,6 +42,7 @@ def header(r: dict) -> list[str]:
         f"{m['threads']} thread(s) per process (edge, cloud server; the baselines at each count of the throughput "
         f"table); load average at start {m['load_average_at_start']}. Python {m['python']}, torch {v.get('torch')}, "
         f"onnxruntime {ort}, transformers {v.get('transformers')}, grpcio {v.get('grpcio')}; commit {m['git_commit']}.",
+        f"- Load during the timed sections (bench.machine.LoadMonitor): {r.get('load_note', 'not recorded')}.",
         f"- SLLM: `{mod['model_dir']}` ({mod['model_id']}): edge SentenceVAE d={mod['d_model']}, "
         f"{mod['edge_decoder_layers']} decoder block(s), vocab {mod['vocab']} (ONNX Runtime, CPU); cloud grafted OPT, "
         f"{mod['cloud_layers']} layers, {mod['cloud_params'] / 1e6:.2f} M parameters (torch, fp32).",

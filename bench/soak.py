@@ -11,7 +11,8 @@ In the fault phase a fault thread, in turn:
   - SIGKILLs the server and starts it again on the same port (sessions lost: clients rebuild),
   - SIGTERMs it (drain) and starts it again,
   - starts an `edge-chat` process and SIGKILLs it in the middle of an answer,
-  - sends malformed bytes and an oversized message on a raw Converse stream.
+  - sends malformed bytes and an oversized message on a raw Converse stream,
+  - floods health with unauthenticated Watch streams (some with 1 MiB service names).
 Between turns, a session lost to a fault is rebuilt from the history vectors the edge keeps; a turn
 that fails part-way starts its conversation over (for up to 30 s, with back-off).
 
@@ -139,12 +140,33 @@ def raw_stream(target: str, token: str, messages: list, raw: bool = False) -> st
             return e.code().name
 
 
+def watch_flood(target: str, streams: int = 100, huge: int = 8) -> str:
+    """Unauthenticated health Watch streams, some with 1 MiB service names, held a second, then cancelled:
+    how they ended (the server keeps a few per address and refuses the huge names)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        calls = [stub.Watch(health_pb2.HealthCheckRequest(service="x" * (1 << 20) if i < huge else ""), timeout=5)
+                 for i in range(streams)]
+        for c in calls:  # the first answer (SERVING), or the refusal of a huge name
+            try:
+                next(c)
+            except grpc.RpcError:
+                pass
+        time.sleep(1.0)
+        ended = collections.Counter(c.code().name for c in calls if c.done())
+        for c in calls:
+            c.cancel()
+    return ", ".join(f"{name} {n}" for name, n in sorted(ended.items())) or "none ended"
+
+
 def inject_faults(server: ServerProcess, runtime, token: str, model: Path, prompt: str, tally: Tally,
                   stop: threading.Event, every_s: float, rng: random.Random) -> None:
     """Faults until `stop`; the server is restarted from this thread, so it gets SIGTERM when the
     thread ends (runtime.procs): after the clients, when the phase is over."""
     kinds = ["server SIGKILL + restart", "server SIGTERM drain + restart", "client SIGKILL mid-answer",
-             "malformed message", "oversized message"]
+             "malformed message", "oversized message", "health Watch flood"]
     i = 0
     while not stop.wait(every_s):
         kind = kinds[i % len(kinds)] if i < len(kinds) else rng.choice(kinds)
@@ -162,6 +184,8 @@ def inject_faults(server: ServerProcess, runtime, token: str, model: Path, promp
             proc.kill()
             proc.wait()
             tally.add(kind, table="faults")
+        elif kind == "health Watch flood":
+            tally.add(f"{kind} -> {watch_flood(server.address)}", table="faults")
         elif kind == "malformed message":
             status = raw_stream(server.address, token, [b"\x0a\xff\xff\xff\xff garbage"], raw=True)
             tally.add(f"{kind} -> {status}", table="faults")

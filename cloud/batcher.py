@@ -209,12 +209,18 @@ class Batcher:
                     j.finish(error=ServiceError(pb.STREAM_ENDED, "the stream ended"))
                 else:
                     live.append(j)
-            specs = self._prepare_speculation([j for j in live if isinstance(j, SpecJob)])
-            steps = [j for j in live if not isinstance(j, SpecJob) and len(j.vectors) == 1] + specs
+            # the edges' own steps first, in passes of their own: a guess (a SentenceVAE decode, the costly
+            # part) never delays a step a client waits for by more than the guessing pass already running
+            steps = [j for j in live if not isinstance(j, SpecJob) and len(j.vectors) == 1]
             prefills = [j for j in live if not isinstance(j, SpecJob) and len(j.vectors) > 1]
             for group in (steps, prefills):
                 if group and not self.dead:
                     self._run(group)
+            specs = [j for j in live if isinstance(j, SpecJob)]
+            if specs and not self.dead:
+                specs = self._prepare_speculation(specs)
+                if specs:
+                    self._run(specs)
             if self.dead:
                 return  # _die fails what is still running
             with self.cond:
@@ -236,7 +242,7 @@ class Batcher:
             hidden, stop_logits = s.tail
             history = answer_history(s)
             if (hidden is not None and not edge_stops(s, stop_logits) and history is not None
-                    and store.reserve_speculative(s)):
+                    and store.may_guess(s) and store.reserve_speculative(s)):
                 s.speculating = True
                 job = SpecJob(s, np.zeros((0, 0), np.float32), hidden=hidden, epoch=s.epoch, start=s.length,
                               controls=s.decoding, history=history)

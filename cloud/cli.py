@@ -76,6 +76,23 @@ def serve(
     open_timeout: float = typer.Option(10.0, help="seconds a new stream has to send its Open"),
     max_pending_streams: int = typer.Option(64, help="streams waiting to send their Open; beyond it the "
                                                      "oldest of the token with the most is ended"),
+    write_timeout: float = typer.Option(30.0, help="seconds a reply may wait for a client that does not read it; "
+                                                   "then its stream ends"),
+    owner_share: float = typer.Option(0.25, help="with authentication: the share of --max-sessions, --kv-budget-mb "
+                                                 "and --max-pending-streams one token (or client certificate) may "
+                                                 "hold; 1 = no quota"),
+    max_connections: int = typer.Option(0, help="connections at once; 0 = the descriptor limit (raised to its "
+                                                "hard limit) less a reserve"),
+    max_streams_per_connection: int = typer.Option(0, help="concurrent RPCs on one connection; 0 = "
+                                                           "--max-sessions + --max-pending-streams"),
+    connection_idle: float = typer.Option(300.0, help="seconds a connection without RPCs stays open"),
+    connection_age: float = typer.Option(3600.0, help="seconds before a connection is asked to go (GOAWAY; "
+                                                      "clients reconnect)"),
+    connection_grace: float = typer.Option(600.0, help="seconds the RPCs of an aged connection get before it is "
+                                                       "closed"),
+    health_watch_max: int = typer.Option(32, help="grpc.health.v1 Watch streams at once (no token needed)"),
+    health_watch_per_peer: int = typer.Option(4, help="Watch streams per peer address; a new one ends its oldest"),
+    health_watch_lifetime: float = typer.Option(60.0, help="seconds a Watch stream lasts (it ends OK; watch again)"),
     max_batch: int = typer.Option(64, help="steps per forward pass; 1 = no batching"),
     batch_wait_ms: float = typer.Option(0.0, help="wait this long for more steps before a forward pass"),
     device: str = typer.Option("auto", help="auto (cuda if available), cpu, cuda, cuda:1 ..."),
@@ -99,6 +116,7 @@ def serve(
     speculate_max: int = typer.Option(16, help="sentence-level speculation: sentences a conversation may run "
                                                "ahead of its edge (what an edge asks for is capped at this); "
                                                "0 = off. Needs the SentenceVAE (--svae, or the svae/ beside the bundle)"),
+    speculate_answer_max: int = typer.Option(64, help="sentences of one answer the cloud guesses at most"),
     svae: Optional[Path] = typer.Option(None, "--svae", help="an export's svae/ folder (the SentenceVAE's torch "
                                                            "weights; default: the svae/ beside --bundle)"),
 ) -> None:
@@ -120,13 +138,17 @@ def serve(
     config = ServerConfig(
         host=host, port=port, max_sessions=max_sessions, max_sentences=max_sentences, idle_timeout_s=idle_timeout,
         max_message_bytes=int(max_message_mb * MIB), kv_budget_bytes=int(kv_budget_mb * MIB), max_abs=max_abs,
-        open_timeout_s=open_timeout, max_pending_streams=max_pending_streams,
+        open_timeout_s=open_timeout, max_pending_streams=max_pending_streams, write_timeout_s=write_timeout,
+        owner_share=owner_share, max_connections=max_connections, max_streams_per_connection=max_streams_per_connection,
+        connection_idle_s=connection_idle, connection_age_s=connection_age, connection_grace_s=connection_grace,
+        health_watch_max=health_watch_max, health_watch_per_peer=health_watch_per_peer,
+        health_watch_lifetime_s=health_watch_lifetime,
         max_batch=max_batch, batch_wait_ms=batch_wait_ms, device=device, dtype=dtype,
         threads=threads, grace_s=grace, hand_back_idle_s=hand_back_idle, tokens=read_tokens(token_file),
         tls_cert=str(tls_cert or ""), tls_key=str(tls_key or ""), tls_client_ca=str(tls_client_ca or ""),
         insecure=insecure,
         metrics_port=metrics_port, metrics_host=metrics_host, log_steps=log_level.lower() == "debug",
-        speculate_max=speculate_max, svae_dir=str(svae or ""))
+        speculate_max=speculate_max, speculate_answer_max=speculate_answer_max, svae_dir=str(svae or ""))
     try:
         config.validate()
         from sllm.cloud.server import CloudServer
@@ -164,11 +186,33 @@ def _exit(code: int) -> None:
     os._exit(code)
 
 
+CLIENT_CERT_HELP = "this client's certificate (PEM; with --tls-key): for a server with mutual TLS"
+
+
+def _channel(target: str, tls_ca: Optional[Path], tls_cert: Optional[Path], tls_key: Optional[Path],
+             server_name: Optional[str], **kw):
+    """The channel of `info` and `health`: TLS when a CA or a client certificate is given (mutual TLS with both
+    --tls-cert and --tls-key), as the edge's."""
+    from sllm.protos.client import make_channel
+
+    if bool(tls_cert) != bool(tls_key):
+        _fail("--tls-cert and --tls-key go together (this client's certificate and its key)")
+    try:
+        return make_channel(target, root_certificates=tls_ca.read_bytes() if tls_ca else None,
+                            private_key=tls_key.read_bytes() if tls_key else None,
+                            certificate_chain=tls_cert.read_bytes() if tls_cert else None,
+                            server_name=server_name, **kw)
+    except OSError as e:
+        _fail(f"cannot read a TLS file: {e}")
+
+
 @app.command()
 def info(
     target: str = typer.Option("127.0.0.1:50051", help="host:port of a running server"),
     token_file: Optional[Path] = typer.Option(None, help=f"bearer token file (or ${TOKENS_ENV})"),
     tls_ca: Optional[Path] = typer.Option(None, help="CA / self-signed certificate to trust (TLS)"),
+    tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", help=CLIENT_CERT_HELP),
+    tls_key: Optional[Path] = typer.Option(None, "--tls-key", help="the private key of --tls-cert (PEM)"),
     server_name: Optional[str] = typer.Option(None, help="TLS name to check in the certificate"),
 ) -> None:
     """Print a server's model info and stats as JSON."""
@@ -177,9 +221,9 @@ def info(
     from sllm.protos.client import CloudClient, CloudError
 
     tokens = read_tokens(token_file)
+    channel = _channel(target, tls_ca, tls_cert, tls_key, server_name)
     try:
-        with CloudClient(target, tokens[0] if tokens else None,
-                         root_certificates=tls_ca.read_bytes() if tls_ca else None, server_name=server_name) as c:
+        with CloudClient(target, tokens[0] if tokens else None, channel=channel) as c:
             out = {name: MessageToDict(msg, always_print_fields_with_no_presence=True, preserving_proto_field_name=True)
                    for name, msg in (("model", c.model_info(timeout=10)), ("stats", c.stats(timeout=10)))}
     except CloudError as e:
@@ -239,6 +283,8 @@ def cluster(
 def health(
     target: str = typer.Option("127.0.0.1:50051", help="host:port of a server (a replica, or a balancer)"),
     tls_ca: Optional[Path] = typer.Option(None, help="CA / self-signed certificate to trust (TLS)"),
+    tls_cert: Optional[Path] = typer.Option(None, "--tls-cert", help=CLIENT_CERT_HELP),
+    tls_key: Optional[Path] = typer.Option(None, "--tls-key", help="the private key of --tls-cert (PEM)"),
     server_name: Optional[str] = typer.Option(None, help="TLS name to check in the certificate"),
     timeout: float = typer.Option(2.0, help="seconds to wait for the answer"),
 ) -> None:
@@ -248,10 +294,7 @@ def health(
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from sllm.protos.client import make_channel
-
-    channel = make_channel(target, root_certificates=tls_ca.read_bytes() if tls_ca else None,
-                           server_name=server_name, keepalive_s=0)
+    channel = _channel(target, tls_ca, tls_cert, tls_key, server_name, keepalive_s=0)
     try:
         status = health_pb2_grpc.HealthStub(channel).Check(
             health_pb2.HealthCheckRequest(service="sllm.v1.SentenceLM"), timeout=timeout).status

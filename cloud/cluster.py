@@ -100,9 +100,13 @@ class HealthWatch:
             try:
                 if self.serving:
                     self._call = stub.Watch(request)
+                    still_serving = True
                     for reply in self._call:
                         if reply.status != serving_status:
+                            still_serving = False
                             break
+                    if still_serving and self._call.code() == grpc.StatusCode.OK:
+                        continue  # the replica ended the Watch at the end of its lifetime: watch again
                     self._call.cancel()
                     self._set(False)
                 else:

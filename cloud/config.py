@@ -34,6 +34,24 @@ class ServerConfig:
     max_abs: float = 1e4  # largest |value| accepted in a sentence vector
     open_timeout_s: float = 10.0  # a Converse stream must send its Open within this
     max_pending_streams: int = 64  # streams not yet past their Open; beyond it cloud.service.PendingStreams ends one
+    write_timeout_s: float = 30.0  # a reply the client has not taken in this long ends its stream (never read)
+    # quotas (with authentication: per token, or per client certificate): the share of max_sessions, of the KV
+    # budget and of max_pending_streams one caller may hold; 1 = no quota. Without authentication all callers
+    # are one owner and no quota applies
+    owner_share: float = 0.25
+    # connections (grpc-core): 0 = automatic (the descriptor limit, raised to its hard limit, less a reserve)
+    max_connections: int = 0
+    max_streams_per_connection: int = 0  # HTTP/2 concurrent streams; 0 = max_sessions + max_pending_streams
+    connection_idle_s: float = 300.0  # a connection with no RPC this long is closed (GOAWAY; clients reconnect)
+    # a connection is closed after this long (GOAWAY), its RPCs given connection_grace_s more: what bounds the
+    # calls of a client that never reads (their handlers end at once, grpc-core frees them with the connection)
+    connection_age_s: float = 3600.0
+    connection_grace_s: float = 600.0
+    handshake_timeout_s: float = 10.0  # TCP accepted but no TLS/HTTP2 handshake (a bare or preface-only socket)
+    # grpc.health.v1 Watch (no token needed): streams in all, per peer address, and how long one lasts
+    health_watch_max: int = 32
+    health_watch_per_peer: int = 4
+    health_watch_lifetime_s: float = 60.0
     # batching
     max_batch: int = 64  # steps in one forward pass; 1: one session's step per pass (no batching)
     batch_wait_ms: float = 0.0  # after the first pending step, wait this long for more
@@ -58,6 +76,7 @@ class ServerConfig:
     # sentence-level speculation (issue 17): sentences a stream may run ahead (what Open.speculate gets at
     # most); 0 = off. Needs the SentenceVAE: svae_dir, else the svae/ beside the cloud bundle
     speculate_max: int = 16
+    speculate_answer_max: int = 64  # sentences of one answer the cloud guesses at most (bounded work per answer)
     svae_dir: str = ""  # an export's svae/ folder (modeling.svae_bundle)
 
     @property
@@ -74,6 +93,10 @@ class ServerConfig:
         """Listening beyond loopback without TLS or without caller authentication."""
         return not is_loopback(self.host) and not (self.tls and self.authenticated)
 
+    def quota(self, total: int) -> int:
+        """One owner's share of a limit of `total` (at least 1); the whole of it without authentication."""
+        return max(1, int(total * self.owner_share)) if self.authenticated else total
+
     def validate(self) -> None:
         for ok, message in (
                 (self.max_sessions >= 1, "max_sessions must be >= 1"),
@@ -87,7 +110,17 @@ class ServerConfig:
                 (self.open_timeout_s > 0, "open_timeout_s must be > 0"),
                 (self.hand_back_idle_s >= 0, "hand_back_idle_s must be >= 0 (0 = never)"),
                 (self.max_pending_streams >= 1, "max_pending_streams must be >= 1"),
+                (self.write_timeout_s > 0, "write_timeout_s must be > 0"),
+                (0 < self.owner_share <= 1, "owner_share must be in (0, 1]"),
+                (self.max_connections >= 0, "max_connections must be >= 0 (0 = automatic)"),
+                (self.max_streams_per_connection >= 0, "max_streams_per_connection must be >= 0 (0 = automatic)"),
+                (min(self.connection_idle_s, self.connection_age_s, self.handshake_timeout_s) > 0,
+                 "connection timeouts must be > 0"),
+                (self.connection_grace_s >= 0, "connection_grace_s must be >= 0"),
+                (self.health_watch_max >= 1 and self.health_watch_per_peer >= 1, "health watch limits must be >= 1"),
+                (self.health_watch_lifetime_s > 0, "health_watch_lifetime_s must be > 0"),
                 (self.speculate_max >= 0, "speculate_max must be >= 0 (0 = no speculation)"),
+                (self.speculate_answer_max >= 1, "speculate_answer_max must be >= 1"),
                 (self.dtype in ("float32", "float16", "bfloat16"),
                  f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")):
             if not ok:

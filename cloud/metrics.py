@@ -87,6 +87,10 @@ _HELP = {
     "sessions_evicted_total": ("counter", "sessions freed by the idle timeout or the KV budget"),
     "uptime_s": ("gauge", "seconds since the server started"),
     "pending_streams": ("gauge", "Converse streams that have not sent their Open yet"),
+    "streams_open": ("gauge", "Converse streams being handled"),
+    "health_watches": ("gauge", "grpc.health.v1 Watch streams open"),
+    "health_watches_ended_total": ("counter", "Watch streams ended for room (per-address or total limit)"),
+    "speculation_stopped_total": ("counter", "sessions that may guess no more (too many of their guesses dropped)"),
     "pending_streams_evicted_total": ("counter", "streams ended because too many were waiting to send their Open"),
 }
 
@@ -109,6 +113,13 @@ def prometheus_text(stats: dict, prefix: str = "sllm_cloud_") -> str:
               f"# TYPE {prefix}batch_size_passes_total counter"]
     for size, n in sorted(stats.get("batch_size_histogram", {}).items()):
         lines.append(f'{prefix}batch_size_passes_total{{size="{size}"}} {n}')
+    owners = stats.get("by_owner", {})  # per caller, under a keyed hash of its token or certificate
+    for key, kind, help_ in (("sessions", "gauge", "sessions held by one caller"),
+                             ("kv_bytes", "gauge", "KV cache bytes held by one caller"),
+                             ("quota_refused_total", "counter", "requests refused for one caller's quota")):
+        lines += [f"# HELP {prefix}owner_{key} {help_}", f"# TYPE {prefix}owner_{key} {kind}"]
+        for tag, usage in sorted(owners.items()):
+            lines.append(f'{prefix}owner_{key}{{owner="{tag}"}} {_num(usage[key])}')
     return "\n".join(lines) + "\n"
 
 

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import grpc
 import torch
-from grpc_health.v1 import _async as health_aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -22,7 +21,9 @@ from sllm.cloud.auth import BearerAuthInterceptor
 from sllm.cloud.batcher import Batcher, shutting_down
 from sllm.cloud.config import DEFAULT_MAX_MESSAGE_BYTES, MIB, ServerConfig, is_loopback
 from sllm.cloud.engine import Engine, pick_device
+from sllm.cloud.health import BoundedHealth
 from sllm.cloud.jsonlog import log
+from sllm.cloud.limits import connection_limit, return_freed_memory
 from sllm.cloud.metrics import Metrics, MetricsHTTPServer
 from sllm.cloud.service import SentenceLMService, add_service
 from sllm.cloud.sessions import SessionStore
@@ -40,10 +41,6 @@ HAND_BACK_MESSAGE = ("this replica is shutting down; reconnect (to another repli
                      "from its history")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["SentenceLM"].full_name  # "sllm.v1.SentenceLM"
 HEALTH_SERVICE_NAME = "grpc.health.v1.Health"
-# RPCs of any kind at once, beyond the sessions and the streams waiting to open: a backstop against
-# floods only (streams past their own limits are refused by the service in microseconds, and health
-# and unary calls are short)
-RPC_RESERVE = 256
 
 
 def full_history_bytes(model_id: str, d: int, max_sentences: int) -> int:
@@ -132,7 +129,10 @@ class CloudServer:
         self.store = SessionStore(max_sessions=config.max_sessions, max_sentences=max_sentences,
                                   idle_timeout_s=config.idle_timeout_s, kv_budget_bytes=config.kv_budget_bytes,
                                   kv_bytes_per_sentence=self.engine.kv_bytes_per_sentence, metrics=self.metrics,
-                                  new_slot=self.engine.new_slot)
+                                  new_slot=self.engine.new_slot,
+                                  owner_max_sessions=config.quota(config.max_sessions),
+                                  owner_kv_budget_bytes=config.quota(config.kv_budget_bytes),
+                                  answer_guess_max=config.speculate_answer_max)
         if svae is not None and svae.cfg.d_model != self.engine.d:
             raise ValueError(f"the SentenceVAE's d={svae.cfg.d_model} differs from the cloud model's d={self.engine.d}")
         codec = SpeculationCodec(svae, device) if svae is not None and config.speculate_max else None
@@ -146,7 +146,8 @@ class CloudServer:
         self.port: int | None = None
         self.metrics_http: MetricsHTTPServer | None = None
         self.grpc_server: grpc.aio.Server | None = None
-        self.health: health_aio.HealthServicer | None = None
+        self.health: BoundedHealth | None = None
+        self.max_connections = connection_limit(config.max_connections)
         self._loop: _LoopThread | None = None
         self._reaper_stop = threading.Event()
         self._reaper = threading.Thread(target=self._reap_loop, name="sllm-reaper", daemon=True)
@@ -171,20 +172,12 @@ class CloudServer:
         if c.tokens:
             interceptors.append(BearerAuthInterceptor(c.tokens,
                                                       on_reject=lambda: self.metrics.error("UNAUTHENTICATED")))
-        options = [
-            ("grpc.max_receive_message_length", self.max_message_bytes),
-            ("grpc.max_send_message_length", self.max_message_bytes),
-            ("grpc.so_reuseport", 0),
-            ("grpc.keepalive_time_ms", 60_000),  # find dead peers: their streams end, their sessions are freed
-            ("grpc.keepalive_timeout_ms", 20_000),
-            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-            ("grpc.keepalive_permit_without_calls", 1),
-        ]
-        server = grpc.aio.server(interceptors=interceptors, options=options,
-                                 maximum_concurrent_rpcs=c.max_sessions + c.max_pending_streams + RPC_RESERVE)
+        server = grpc.aio.server(interceptors=interceptors, options=self.grpc_options())
         add_service(self.service, server)
-        health = health_aio.HealthServicer()
+        health = BoundedHealth(max_watches=c.health_watch_max, per_peer=c.health_watch_per_peer,
+                               lifetime_s=c.health_watch_lifetime_s)
         health_pb2_grpc.add_HealthServicer_to_server(health, server)
+        self.service.health = health
         reflection.enable_server_reflection((SERVICE_NAME, HEALTH_SERVICE_NAME, reflection.SERVICE_NAME), server)
         address = f"{c.host}:{c.port}"
         try:
@@ -206,8 +199,31 @@ class CloudServer:
             await health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self.port, self.health = port, health  # from here on, _model_died may flip it
 
+    def grpc_options(self) -> list[tuple[str, int]]:
+        """grpc-core's own limits. No limit on concurrent RPCs in all: grpc counts a call until its
+        connection lets it close, so calls of clients that never read (ended by the service at once) would
+        hold it and lock everyone out. Streams are bounded per connection, connections in all, and each
+        kind of RPC by the service itself (pending streams, sessions, health watches)."""
+        c, ms = self.config, lambda seconds: int(seconds * 1000)
+        return [
+            ("grpc.max_receive_message_length", self.max_message_bytes),
+            ("grpc.max_send_message_length", self.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+            ("grpc.keepalive_time_ms", 60_000),  # find dead peers: their streams end, their sessions are freed
+            ("grpc.keepalive_timeout_ms", 20_000),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.max_concurrent_streams", c.max_streams_per_connection or c.max_sessions + c.max_pending_streams),
+            ("grpc.max_allowed_incoming_connections", self.max_connections),
+            ("grpc.max_connection_idle_ms", ms(c.connection_idle_s)),
+            ("grpc.max_connection_age_ms", ms(c.connection_age_s)),
+            ("grpc.max_connection_age_grace_ms", ms(c.connection_grace_s)),
+            ("grpc.server_handshake_timeout_ms", ms(c.handshake_timeout_s)),
+        ]
+
     def start(self) -> "CloudServer":
         c = self.config
+        return_freed_memory()
         self.batcher.start()
         self._reaper.start()
         self._loop = _LoopThread("sllm-grpc")
@@ -229,7 +245,9 @@ class CloudServer:
             max_message_bytes=self.max_message_bytes, open_timeout_s=c.open_timeout_s,
             max_pending_streams=c.max_pending_streams, metrics_address=metrics_address,
             metrics_port=self.metrics_http.port if self.metrics_http else None,
-            speculate_max=self.service.speculate_max)
+            speculate_max=self.service.speculate_max, owner_share=c.owner_share if c.authenticated else None,
+            write_timeout_s=c.write_timeout_s, max_connections=self.max_connections,
+            health_watch_max=c.health_watch_max)
         if c.speculate_max and not self.service.speculate_max:
             log("speculation_off", logging.WARNING, message="--speculate-max is set but this server has no SentenceVAE "
                 "(the cloud bundle ships none; give one with --svae DIR): edges asking to speculate get 0")

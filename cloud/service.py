@@ -30,7 +30,7 @@ from sllm.cloud.engine import Engine, StepOutput
 from sllm.cloud.errors import ServiceError, abort, invalid
 from sllm.cloud.jsonlog import LogRateLimit, log
 from sllm.cloud.metrics import Metrics
-from sllm.cloud.sessions import Session, SessionStore, check_session_id
+from sllm.cloud.sessions import Session, SessionStore, check_session_id, owner_tag
 from sllm.protos.errors import reason_name
 from sllm.protos.v1 import sllm_pb2 as pb
 from sllm.protos.v1 import sllm_pb2_grpc as pb_grpc
@@ -84,8 +84,23 @@ class _Stream:
         self.writer: asyncio.Task | None = None
 
     async def write(self, msg: pb.ServerMessage) -> None:
+        """Send `msg`, or end the stream (ServiceError) when asked to end or when the client has not taken
+        it within the write timeout: a client that never reads must not hold its RPC once its session is
+        gone (the reaper's end request) nor for ever (a flow-control window it never opens)."""
         async with self.write_lock:
-            await self.context.write(msg)
+            write = asyncio.ensure_future(self.context.write(msg))
+            try:
+                done, _ = await asyncio.wait((write, self.end_request), timeout=self.svc.config.write_timeout_s,
+                                             return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if not write.done():
+                    write.cancel()
+            if write in done:
+                return write.result()
+            if self.end_request.done():
+                raise self.end_request.result()
+            raise ServiceError(pb.SESSION_IDLE, f"the client did not read its replies for "
+                                                f"{self.svc.config.write_timeout_s:g} s; the stream is ended")
 
     # -- speculation -------------------------------------------------------------------------
     def start_speculating(self, n: int) -> None:
@@ -116,6 +131,9 @@ class _Stream:
                 step.assumed.CopyFrom(pack(assumed, self.reply_dtype))
             try:
                 await self.write(pb.ServerMessage(step=step))
+            except ServiceError as e:  # not read within the write timeout (or asked to end): the handler ends it
+                self.end(e)
+                return
             except Exception:  # noqa: BLE001 - the RPC ended: the handler sees it and cleans up
                 return
 
@@ -324,21 +342,24 @@ class PendingStreams:
     conversation nor, when they come from one token, another token's streams. Each also has its
     own deadline (ServerConfig.open_timeout_s)."""
 
-    def __init__(self, limit: int):
+    def __init__(self, limit: int, owner_limit: int = 0):
         self.limit = limit
+        self.owner_limit = owner_limit or limit  # one owner's quota of waiting streams
         self.streams: OrderedDict[_Stream, None] = OrderedDict()
         self.by_owner: Counter[str] = Counter()
         self.evicted_total = 0
 
     def enter(self, stream: _Stream) -> None:
-        while len(self.streams) >= self.limit:
-            greediest = max(self.by_owner, key=self.by_owner.__getitem__)
+        while len(self.streams) >= self.limit or self.by_owner[stream.owner] >= self.owner_limit:
+            greediest = (stream.owner if self.by_owner[stream.owner] >= self.owner_limit
+                         else max(self.by_owner, key=self.by_owner.__getitem__))
             oldest = next(s for s in self.streams if s.owner == greediest)
             self.leave(oldest)
             self.evicted_total += 1
-            oldest.end(ServiceError(pb.SERVER_FULL, f"more than {self.limit} streams were waiting to send their Open; "
-                                                    "this one, the oldest of its token's, was ended: send Open as soon "
-                                                    "as the stream starts"))
+            oldest.end(ServiceError(pb.SERVER_FULL, f"more than {self.limit} streams in all, or {self.owner_limit} of "
+                                                    "this token's, were waiting to send their Open; this one, the "
+                                                    "oldest of its token's, was ended: send Open as soon as the "
+                                                    "stream starts"))
         self.streams[stream] = None
         self.by_owner[stream.owner] += 1
 
@@ -357,7 +378,9 @@ class SentenceLMService(pb_grpc.SentenceLMServicer):
         self.max_message_bytes = max_message_bytes or config.max_message_bytes
         self.weights_sha256 = weights_sha256
         self.draining = False
-        self.pending = PendingStreams(config.max_pending_streams)
+        self.pending = PendingStreams(config.max_pending_streams, config.quota(config.max_pending_streams))
+        self.streams_open = 0  # Converse handlers running (each ends its RPC; a client that never reads included)
+        self.health = None  # cloud.health.BoundedHealth, once the server has one (its watches are in the stats)
         # speculation: the most sentences a stream may run ahead; 0 without a SentenceVAE
         self.speculate_max = config.speculate_max if batcher.codec is not None else 0
         self._error_logs: dict[str, LogRateLimit] = {}
@@ -366,6 +389,7 @@ class SentenceLMService(pb_grpc.SentenceLMServicer):
         c = self.config
         stream = _Stream(self, context, owner_of(context, tokens=bool(c.tokens), client_certs=bool(c.tls_client_ca)))
         self.pending.enter(stream)
+        self.streams_open += 1
         try:
             raw = await stream.next_message(c.open_timeout_s)
             self.pending.leave(stream)
@@ -392,6 +416,7 @@ class SentenceLMService(pb_grpc.SentenceLMServicer):
                 session=stream.session.tag if stream.session else None)
             await self._fail(stream, ServiceError(pb.SERVER_BUG, "internal error (logged on the server)"))
         finally:
+            self.streams_open -= 1
             self.pending.leave(stream)
             stream.finish()
 
@@ -437,8 +462,11 @@ class SentenceLMService(pb_grpc.SentenceLMServicer):
     def stats(self) -> dict:
         return {**self.store.stats(), "queue_depth": self.batcher.queue_depth(), **self.metrics.snapshot(),
                 **self.store.speculation_stats(), "speculate_max": self.speculate_max,
-                "pending_streams": len(self.pending.streams),
-                "pending_streams_evicted_total": self.pending.evicted_total}
+                "pending_streams": len(self.pending.streams), "streams_open": self.streams_open,
+                "pending_streams_evicted_total": self.pending.evicted_total,
+                "by_owner": self.store.owner_stats(owner_tag),
+                "health_watches": len(self.health.watches) if self.health else 0,
+                "health_watches_ended_total": self.health.ended_total if self.health else 0}
 
     async def GetStats(self, request, context):  # noqa: N802
         return pb.Stats(**{k: v for k, v in self.stats().items() if k in _STATS_FIELDS})

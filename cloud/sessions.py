@@ -56,6 +56,11 @@ def check_session_id(session_id: str) -> str:
     return session_id
 
 
+def owner_tag(owner: str) -> str:
+    """What logs and metrics show of an owner (a caller's token or certificate): 12 hex digits of an HMAC."""
+    return hmac.new(_TAG_KEY, f"owner\0{owner}".encode(), hashlib.sha256).hexdigest()[:12]
+
+
 def session_tag(owner: str, session_id: str) -> str:
     """What logs show instead of a session id: 12 hex digits of an HMAC under a key of this process."""
     return hmac.new(_TAG_KEY, f"{owner}\0{session_id}".encode(), hashlib.sha256).hexdigest()[:12]
@@ -93,6 +98,9 @@ class Session:
     decoding: AnswerOptions | None = None
     answer_start: int = 0  # where the current turn's answer starts (after its prompt)
     answer_tokens: dict = field(default_factory=dict)  # position -> the tokens the cloud guessed there
+    spec_accepted: int = 0  # guesses the edge accepted
+    spec_wasted: int = 0  # guesses computed and then dropped (rewound or corrected)
+    guessing_stopped: bool = False  # too many of its guesses were dropped: it gets no more
 
     def __post_init__(self) -> None:
         self.key = (self.owner, self.id)  # where the store files it
@@ -106,10 +114,23 @@ class Session:
         return 0 if kv is None or not kv.capacity else kv.nbytes // kv.capacity * self.length
 
 
+@dataclass
+class OwnerUsage:
+    sessions: int = 0
+    sentences: int = 0  # held + reserved, for its KV quota
+    refused_total: int = 0  # requests refused for its quota
+
+
 class SessionStore:
     def __init__(self, *, max_sessions: int, max_sentences: int, idle_timeout_s: float, kv_budget_bytes: int,
-                 kv_bytes_per_sentence: int, metrics: Metrics, new_slot: Callable[[], KVSlot]):
+                 kv_bytes_per_sentence: int, metrics: Metrics, new_slot: Callable[[], KVSlot],
+                 owner_max_sessions: int = 0, owner_kv_budget_bytes: int = 0, answer_guess_max: int = 64):
+        """owner_*: one owner's quota of sessions and of the KV budget (0: the whole limit)."""
         self.max_sessions = max_sessions
+        self.owner_max_sessions = owner_max_sessions or max_sessions
+        self.owner_kv_budget_bytes = owner_kv_budget_bytes or kv_budget_bytes
+        self.owners: dict[str, OwnerUsage] = {}  # what each owner holds (quotas, per-owner metrics)
+        self.answer_guess_max = answer_guess_max  # sentences of one answer the cloud may guess
         self.max_sentences = max_sentences
         self.idle_timeout_s = idle_timeout_s
         self.kv_budget_bytes = kv_budget_bytes
@@ -126,6 +147,7 @@ class SessionStore:
         self.speculation_accepted_total = 0
         self.speculation_dropped_total = 0
         self.speculation_decode_tokens_total = 0
+        self.speculation_stopped_total = 0  # sessions that lost guessing (too many dropped guesses)
 
     # -- opening ---------------------------------------------------------------------------
     def acquire(self, owner: str, session_id: str | None, history_len: int | None,
@@ -157,11 +179,19 @@ class SessionStore:
             if history_len is not None and history_len > self.max_sentences:
                 raise ServiceError(pb.SESSION_FULL, f"open.history has {history_len} sentences; a session holds at "
                                                     f"most {self.max_sentences}")
+            usage = self._usage(owner)
+            if (usage.sessions >= self.owner_max_sessions
+                    and not self._evict_one("to make room for a new session of its owner", owner=owner)):
+                usage.refused_total += 1
+                raise ServiceError(pb.SERVER_FULL, f"this caller (token or client certificate) holds its quota of "
+                                   f"{self.owner_max_sessions} sessions (--owner-share of --max-sessions), all in "
+                                   "use; close one or retry later")
             if len(self.sessions) >= self.max_sessions and not self._evict_one("to make room for a new session"):
                 raise ServiceError(pb.SERVER_FULL, f"the server holds its maximum of {self.max_sessions} sessions, all "
                                                    "in use; retry later")
             s = Session(session_id or new_session_id(), owner, kv=self.new_slot())
             self.sessions[s.key] = s
+            usage.sessions += 1
             self.gone.pop(s.key, None)
             self._attach(s, end_stream)
         self.metrics.session_opened()
@@ -206,6 +236,15 @@ class SessionStore:
                 raise ServiceError(pb.SESSION_FULL, f"this session holds {s.length} sentences; {n} more would pass "
                                                     f"the limit of {self.max_sentences} per session; start a new "
                                                     "conversation")
+            usage = self._usage(s.owner)
+            while (usage.sentences + n) * self.per_sentence > self.owner_kv_budget_bytes:
+                if not self._evict_one("to make room in its owner's KV quota", keep=s, owner=s.owner):
+                    usage.refused_total += 1
+                    raise ServiceError(
+                        pb.SERVER_FULL, f"this caller (token or client certificate) holds its KV cache quota "
+                        f"({self.owner_kv_budget_bytes} bytes, --owner-share of --kv-budget-mb): "
+                        f"{usage.sentences * self.per_sentence} bytes in {usage.sessions} sessions; {n} more "
+                        f"sentences need {n * self.per_sentence}; close a session or retry later")
             while (self.sentences_in_use + n) * self.per_sentence > self.kv_budget_bytes:
                 if not self._evict_one("to make room in the KV cache budget", keep=s):
                     raise ServiceError(
@@ -213,7 +252,7 @@ class SessionStore:
                         f"{self.sentences_in_use * self.per_sentence} bytes held by {len(self.sessions)} sessions; "
                         f"{n} more sentences need {n * self.per_sentence}; retry later")
             s.reserved += n
-            self.sentences_in_use += n
+            self._use(s, n)
             self._touch(s)
 
     def release(self, s: Session, n: int) -> None:
@@ -221,7 +260,7 @@ class SessionStore:
         with self.lock:
             if not s.freed:
                 s.reserved -= n
-                self.sentences_in_use -= n
+                self._use(s, -n)
 
     def commit(self, s: Session, n: int, hidden: np.ndarray, stop_logits: np.ndarray) -> bool:
         """Keep a step whose keys/values the engine wrote after the session's `length` sentences."""
@@ -248,6 +287,7 @@ class SessionStore:
                 raise invalid(f"append.position {position} is past the {s.confirmed} sentences this session "
                               "holds (confirmed); send the sentences in between first")
             dropped = s.length - position
+            s.spec_wasted += s.length - max(position, s.confirmed)
             self.speculation_dropped_total += s.length - max(position, s.confirmed)
             if position < s.confirmed:  # a rewrite of confirmed sentences: their last step is gone
                 s.last_hidden = s.last_stop_logits = s.tail = None
@@ -257,10 +297,12 @@ class SessionStore:
                 s.tail = s.spec[-1] if s.spec else (s.last_hidden, s.last_stop_logits)
             s.length, s.confirmed = position, min(s.confirmed, position)
             s.answer_tokens = {p: t for p, t in s.answer_tokens.items() if p < position}
-            self.sentences_in_use -= dropped
+            self._use(s, -dropped)
             s.epoch += 1
             if not s.speculating:  # else the batcher sets the slot's length before its next pass
                 s.kv.length = min(s.kv.length, position)
+                if not s.reserved:  # no step of this session uses the slot: its memory can go back
+                    s.kv.shrink()
             self._touch(s)
             return dropped
 
@@ -275,6 +317,7 @@ class SessionStore:
                                    "speculative ones)")
             s.last_hidden, s.last_stop_logits = s.spec.pop(0)
             s.confirmed += 1
+            s.spec_accepted += 1
             self.speculation_accepted_total += 1
             self._touch(s)
 
@@ -285,6 +328,19 @@ class SessionStore:
             if not s.freed and s.length > s.confirmed:
                 self.truncate(s, s.confirmed)
 
+    def may_guess(self, s: Session) -> bool:
+        """Guessing pays for itself (lock held): a session whose dropped guesses outrun its accepted ones by
+        more than two windows guesses no more (so its guesses cost at most about twice what accepted ones
+        do), and no answer is guessed past `answer_guess_max` sentences (bounded work per answer, however
+        far the edge lets it run)."""
+        if s.spec_wasted > s.spec_accepted + 2 * s.speculate:
+            if not s.guessing_stopped:
+                s.guessing_stopped = True
+                self.speculation_stopped_total += 1
+                log("speculation_stopped", session=s.tag, accepted=s.spec_accepted, wasted=s.spec_wasted)
+            return False
+        return s.length - s.answer_start < self.answer_guess_max
+
     def reserve_speculative(self, s: Session) -> bool:
         """Room for one speculative sentence (lock held): the session limit and the KV budget, never
         by evicting another session: speculation only uses room that is free."""
@@ -292,8 +348,10 @@ class SessionStore:
             return False
         if (self.sentences_in_use + 1) * self.per_sentence > self.kv_budget_bytes:
             return False
+        if (self._usage(s.owner).sentences + 1) * self.per_sentence > self.owner_kv_budget_bytes:
+            return False
         s.reserved += 1
-        self.sentences_in_use += 1
+        self._use(s, 1)
         return True
 
     def commit_speculative(self, s: Session, epoch: int, hidden: np.ndarray | None,
@@ -308,7 +366,7 @@ class SessionStore:
                 return False
             s.reserved -= 1
             if hidden is None or epoch != s.epoch or not s.speculate:
-                self.sentences_in_use -= 1
+                self._use(s, -1)
                 s.kv.length = min(s.kv.length, s.length)
                 return False
             s.answer_tokens[s.length] = guess  # the repetition controls of later guesses read it
@@ -328,7 +386,11 @@ class SessionStore:
             s.freed, s.free_reason = True, reason
             if self.sessions.get(s.key) is s:
                 del self.sessions[s.key]
-            self.sentences_in_use -= s.length + s.reserved
+            self._use(s, -(s.length + s.reserved))
+            usage = self._usage(s.owner)
+            usage.sessions -= 1
+            if not usage.sessions and not usage.sentences:
+                del self.owners[s.owner]  # its refusals are forgotten with it: metrics count live owners
             s.kv, s.on_speculative, s.speculate = None, None, 0
             self.gone[s.key] = reason
             while len(self.gone) > REMEMBER_GONE:
@@ -338,10 +400,22 @@ class SessionStore:
         log("session_free", session=s.tag, reason=reason, length=s.length, steps=s.steps,
             age_s=round(time.monotonic() - s.created, 3))
 
-    def _evict_one(self, why: str, keep: Session | None = None) -> bool:
-        """Free the least recently active detached session (lock held). False if there is none."""
+    def _usage(self, owner: str) -> OwnerUsage:
+        usage = self.owners.get(owner)
+        if usage is None:
+            usage = self.owners[owner] = OwnerUsage()
+        return usage
+
+    def _use(self, s: Session, n: int) -> None:
+        """`n` more (or fewer) sentences held or reserved by `s` (lock held): the budget and its owner's quota."""
+        self.sentences_in_use += n
+        self._usage(s.owner).sentences += n
+
+    def _evict_one(self, why: str, keep: Session | None = None, owner: str | None = None) -> bool:
+        """Free the least recently active detached session (of `owner`, when given; lock held). False if
+        there is none."""
         for s in self.sessions.values():
-            if not s.attached and s is not keep and not s.reserved:
+            if not s.attached and s is not keep and not s.reserved and (owner is None or s.owner == owner):
                 self.free(s, f"evicted {why}", evicted=True)
                 return True
         return False
@@ -373,9 +447,16 @@ class SessionStore:
             return {"sessions": len(held), "attached_sessions": sum(s.attached for s in held),
                     "kv_bytes": sum(s.kv_bytes for s in held), "kv_budget_bytes": self.kv_budget_bytes}
 
+    def owner_stats(self, tag: Callable[[str], str]) -> dict[str, dict]:
+        """Per owner (under `tag`, a keyed hash: never the owner key itself): sessions, KV bytes, refusals."""
+        with self.lock:
+            return {tag(o): {"sessions": u.sessions, "kv_bytes": u.sentences * self.per_sentence,
+                             "quota_refused_total": u.refused_total} for o, u in self.owners.items()}
+
     def speculation_stats(self) -> dict:
         with self.lock:
             return {"speculative_steps_total": self.speculative_steps_total,
                     "speculation_accepted_total": self.speculation_accepted_total,
                     "speculation_dropped_total": self.speculation_dropped_total,
-                    "speculation_decode_tokens_total": self.speculation_decode_tokens_total}
+                    "speculation_decode_tokens_total": self.speculation_decode_tokens_total,
+                    "speculation_stopped_total": self.speculation_stopped_total}

@@ -17,7 +17,10 @@ on first use. Modules:
     chat       ChatSession: runtime + remote stepper + sentence loop, one conversation
     api        connect / EdgeChat / Answer: the conversation for apps (docs/edge-api.md)
     local      LocalServer: `sllm-cloud serve` on loopback for `edge-chat --local`
-    cli        the `edge-chat` command, built on the api
+    cli        the `edge-chat` command, built on the api (and `edge-chat serve`)
+    openai_api the OpenAI HTTP API's requests (mapped onto AnswerOptions), errors, responses and chunks
+    conversations  cloud sessions kept by conversation prefix, for a stateless chat API
+    gateway    `edge-chat serve`: the OpenAI API and the chat page (static/chat.html), Starlette on uvicorn
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ generated sentence is appended too, so the next turn (or a rebuild) sees the who
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 from sllm.edge.failures import EdgeError, TurnError  # noqa: F401 (sllm.edge.chat.EdgeError: the edge's errors)
 from sllm.edge.loop import SentenceEvent, TurnEnd, sentence_loop
@@ -41,16 +41,18 @@ class ChatSession:
     def connect(self) -> None:
         self.stepper.connect()
 
-    def turn(self, text: str, options: AnswerOptions = AnswerOptions(),
+    def turn(self, text: str | Sequence[str], options: AnswerOptions = AnswerOptions(),
              interrupted: Callable[[], bool] = lambda: False) -> Iterator[SentenceEvent | TurnEnd]:
         """One user turn: TurnError now if it cannot run (bad prompt, no room), else an iterator
-        that yields each sentence as soon as it is decoded, then a TurnEnd.
+        that yields each sentence as soon as it is decoded, then a TurnEnd. `text`: the prompt, or
+        several texts (messages) that become its sentences one after the other, each segmented on its own.
 
         `interrupted()` is checked before each sentence: the sentence yielded last is always
         appended first, so the context holds exactly what the user saw. A KeyboardInterrupt
         raised inside (a second Ctrl-C) drops the stream; the next turn rebuilds the session."""
         try:
-            prompt = self.runtime.prompt_sentences(text)
+            prompt = [ids for t in ([text] if isinstance(text, str) else text)
+                      for ids in self.runtime.prompt_sentences(t)]
         except PromptError as e:
             raise TurnError(str(e)) from None
         stepper = self.stepper

@@ -6,6 +6,7 @@
     edge-chat --server gpu-box:50051 --token T --bundle models/default/edge
     edge-chat --local --prompt "It is a truth universally acknowledged,"     # one turn, then exit
     printf 'First turn.\\nSecond turn.\\n' | edge-chat --local --json          # one turn per line
+    edge-chat serve --local                            # the OpenAI HTTP API + a chat page on 127.0.0.1:8000
 
 Interactive (stdin is a terminal): a REPL that prints each sentence as soon as it is decoded
 and keeps one cloud session across turns; /reset, /quit, /help. Ctrl-C stops the current
@@ -20,6 +21,7 @@ Failures print `error: ...` and exit with code 2 (130 after Ctrl-C twice outside
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -232,6 +234,9 @@ def _terminate(signum, frame) -> None:
 @app.command()
 @answer_options(_fail)
 def chat(
+    mode: Optional[str] = typer.Argument(None, metavar="serve", show_default=False,
+                                         help="serve: instead of a chat, the OpenAI-compatible HTTP API and a chat "
+                                              "page on --host:--port (docs/edge-api.md)"),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="one turn, print the answer, exit"),
     server: str = typer.Option("127.0.0.1:50051", "--server", envvar="SLLM_CLOUD_SERVER",
                                help="cloud server host:port"),
@@ -264,6 +269,14 @@ def chat(
                                             "guess ahead, hiding the round trip per sentence (the edge checks every "
                                             f"guess); 0 = off; default: {REMOTE_SPECULATE} for a server on another "
                                             "machine, 0 on this one (--local, loopback)"),
+    host: str = typer.Option("127.0.0.1", help="serve: the address to listen on"),
+    port: int = typer.Option(8000, min=0, help="serve: the port (0: the OS picks)"),
+    api_key: Optional[str] = typer.Option(None, envvar="SLLM_EDGE_API_KEY", show_envvar=True,
+                                          help="serve: the key clients must send (Authorization: Bearer KEY)"),
+    conversations: int = typer.Option(64, min=1, help="serve: conversations (cloud sessions) kept, least recently "
+                                                      "used closed first"),
+    max_request_bytes: int = typer.Option(1 << 20, min=1, help="serve: the largest request body taken"),
+    max_answer_tokens: int = typer.Option(4096, min=1, help="serve: the largest max_tokens a request may ask"),
 ) -> None:
     """Chat with an SLLM: sentences are encoded and decoded here, the cloud predicts the next one."""
     try:
@@ -284,9 +297,14 @@ def chat(
 
 
 def _run(prompt, server, token, tls_ca, tls, tls_cert, tls_key, server_name, step_timeout, keepalive, bundle, local,
-         model, local_timeout, options: AnswerOptions, as_json, device, threads, wire_dtype, speculate=None) -> int:
+         model, local_timeout, options: AnswerOptions, as_json, device, threads, wire_dtype, speculate=None,
+         mode=None, **serving) -> int:
     TERMINAL.reset()
     check_wire_dtype(wire_dtype)
+    if mode not in (None, "serve"):
+        raise EdgeError(f"unknown command {mode!r}; the one command is `serve` (edge-chat --help)")
+    if mode == "serve" and prompt is not None:
+        raise EdgeError("--prompt is for a chat; `edge-chat serve` answers HTTP requests")
     if prompt is not None and not prompt.strip():
         raise EdgeError("--prompt is empty")
 
@@ -310,9 +328,13 @@ def _run(prompt, server, token, tls_ca, tls, tls_cert, tls_key, server_name, ste
             # loopback, plaintext; the random token still guards it
             tls, tls_ca, tls_cert, tls_key, server_name = False, None, None, None, None
             _note(f"started a local cloud server (pid {local_server.pid}) at {server}")
-        chat = connect(server, runtime, token=token, tls=tls, tls_ca=tls_ca, tls_cert=tls_cert, tls_key=tls_key,
-                       server_name=server_name, wire_dtype=wire_dtype, step_timeout=step_timeout,
-                       keepalive_s=keepalive, options=options, notify=_note, speculate=speculate)
+        open_chat = functools.partial(connect, server, runtime, token=token, tls=tls, tls_ca=tls_ca,
+                                      tls_cert=tls_cert, tls_key=tls_key, server_name=server_name,
+                                      wire_dtype=wire_dtype, step_timeout=step_timeout, keepalive_s=keepalive,
+                                      options=options, notify=_note, speculate=speculate)
+        if mode == "serve":
+            return _serve(open_chat, runtime, options, **serving)
+        chat = open_chat()
         session, out = chat.session.stepper, _Output(as_json)  # the cloud session
         info = session.info
         if as_json:
@@ -341,6 +363,23 @@ def _run(prompt, server, token, tls_ca, tls, tls_cert, tls_key, server_name, ste
             signal.signal(sig, handler)
 
 
+def _serve(open_chat, runtime, options: AnswerOptions, host: str, port: int, api_key: Optional[str],
+           conversations: int, max_request_bytes: int, max_answer_tokens: int) -> int:
+    """edge-chat serve: the cloud checked once (a wrong server fails here, in one line), then the HTTP API."""
+    from sllm.edge.conversations import Conversations
+    from sllm.edge.gateway import create_app, serve
+
+    open_chat().close()
+    app = create_app(Conversations(open_chat, conversations), runtime.model_id, defaults=options,
+                     api_key=api_key, max_request_bytes=max_request_bytes, max_tokens=max_answer_tokens)
+    on_loopback = host in ("127.0.0.1", "::1", "localhost")
+    if not api_key and not on_loopback:
+        _note(f"warning: serving on {host} without --api-key: anyone who reaches it can use the cloud")
+    serve(app, host, port, ready=lambda address, stop: TERMINAL.out(json.dumps(
+        {"event": "serving", "address": address, "url": f"http://{address}/", "model_id": runtime.model_id}) + "\n"))
+    return 0
+
+
 def _model_folder(model: Optional[str], bundle: Optional[Path], local: bool) -> Optional[Path]:
     """The --model folder (a hub id fetched into the cache), holding what this chat reads from it:
     edge/ unless --bundle names the edge bundle, cloud/ (and svae/, for speculation) with --local."""
@@ -366,8 +405,9 @@ def _granted(session) -> tuple[int, str]:
 
 def _speculation_words(session) -> str:
     granted, note = _granted(session)
-    if granted:
-        return f"speculation: {granted} sentences ahead"
+    if granted:  # the cloud decodes its guesses with its own SentenceVAE: it reads this conversation's text
+        return (f"speculation: {granted} sentences ahead (the cloud can read this conversation's text; "
+                "--speculate 0 keeps it to vectors)")
     if session.speculate:
         return f"speculation: off ({note or 'not granted'})"
     return "speculation: off"

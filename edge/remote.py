@@ -144,6 +144,14 @@ class RemoteStepper:
         except EdgeError as e:
             self.notify(f"could not open a new session yet ({e}); the next turn will try again")
 
+    def open_from(self, history: list[np.ndarray]) -> None:
+        """Become a new conversation (a new session under a new routing key) that begins with `history`
+        (vectors another conversation acknowledged: a branch of it); the server prefills it from them."""
+        self._close_session()
+        self.history = [np.asarray(v, dtype=np.float32) for v in history]
+        self.session_key, self.session_id, self._resumable = new_session_key(), "", False
+        self._retrying(lambda: self._reopen(history=True))
+
     def drop(self, cause: str = "its stream had ended", resumable: bool = False) -> None:
         """Forget the stream (the next append reaches the session again). resumable: it broke from outside
         between steps we know of (the server may still hold the session with exactly our history); False

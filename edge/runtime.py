@@ -24,7 +24,8 @@ from sllm.edge.sampling import Picker, Sampling
 from sllm.runtime.edge_bundle import EdgeBundle, load_edge_bundle
 from sllm.runtime.manifest import BundleError
 from sllm.runtime.providers import open_sessions
-from sllm.runtime.svae_onnx import decode_loop
+from sllm.runtime.providers import CPU
+from sllm.runtime.svae_onnx import decode_loop, decode_sentence
 from sllm.runtime.svae_onnx import encode as ort_encode
 from sllm.sentences.limit import sentence_token_ids
 from sllm.sentences.segment import SEGMENTATION_VERSION
@@ -55,6 +56,8 @@ class EdgeRuntime:
         self.spec = bundle.spec
         self.split_on_comma = bool(m["split_on_comma"])
         self.pad_id = int(m["pad_id"])
+        # one run() per sentence (sentence.onnx) where the bundle has it; on CUDA the per-token loop
+        self.sentence = bundle.sentence if provider == CPU else None
 
     @classmethod
     def load(cls, bundle_dir: str | Path, device: str = "auto", threads: int = 0) -> "EdgeRuntime":
@@ -120,7 +123,7 @@ class EdgeRuntime:
         memory = np.asarray(hidden, dtype=np.float32).reshape(1, -1)
         if memory.shape[1] != self.d_model:
             raise ValueError(f"h_t has {memory.shape[1]} values, this bundle's vectors have d={self.d_model}")
-        ids = decode_vectors(self.decoder, memory, self.spec, sampling, max_tokens, answer)[0]
+        ids = decode_vectors(self.decoder, memory, self.spec, sampling, max_tokens, answer, self.sentence)[0]
         return Decoded(ids, self.tokenizer.decode(ids), (time.perf_counter() - t0) * 1e3)
 
     def detokenize(self, ids: list[int]) -> str:
@@ -128,8 +131,12 @@ class EdgeRuntime:
 
 
 def decode_vectors(session, memory: np.ndarray, spec, sampling: Sampling, max_tokens: int | None = None,
-                   answer: Sequence[Sequence[int]] = ()) -> list[list[int]]:
-    """Decode vectors memory [B, d] with decoder.onnx and its KV cache; one token list per row
-    (no bos/eos): the shared loop of `sllm.runtime.svae_onnx`, with this edge's sampling (every row
-    continues the same `answer`)."""
+                   answer: Sequence[Sequence[int]] = (), sentence=None) -> list[list[int]]:
+    """Decode vectors memory [B, d]; one token list per row (no bos/eos), every row continuing the same
+    `answer`. One row with `sentence` (sentence.onnx's session): one run() for the whole sentence;
+    otherwise decoder.onnx (`session`) in the per-token loop of `sllm.runtime.svae_onnx` with this
+    edge's sampling, the reference sentence.onnx is tested against (same tokens, same seeded draws)."""
+    memory = np.asarray(memory, dtype=np.float32)
+    if sentence is not None and memory.shape[0] == 1:
+        return [decode_sentence(sentence, memory[0], spec, sampling, answer, max_tokens)]
     return decode_loop(session, memory, spec, Picker(sampling, spec.eos_id, answer, len(memory)), max_tokens)

@@ -1,6 +1,7 @@
 """The token-level baseline OPT as one ONNX graph with its KV cache as input and output: the
-export path of the edge decoder (`sllm.export.onnx_export`: torch.onnx.export with dynamo=True,
-opset 18, example sizes >= 2), so the baseline gets the runtime the SLLM's edge gets.
+export path of the edge graphs (`sllm.export.fused_onnx`: fused Q/K/V and attention, residual adds
+fused with LayerNorm, no mask arithmetic), so the baseline gets the runtime the SLLM's edge gets.
+`export_baseline_torch` keeps torch's own export (`OPTWithKV`, dynamo=True, opset 18) to compare with.
 
     baseline.onnx  ids int64 [B, T], past_kv float32 [n_layers, 2, B, n_heads, P, head_dim]
                    -> logits float32 [B, 1, V] (the last position's: all a generator reads, as
@@ -20,19 +21,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from sllm.export import fused_onnx
+from sllm.export.fused_onnx import check_supported  # noqa: F401 - the check lives with the graph builder
 from sllm.export.onnx_export import _export
 from sllm.export.verify import ATOL
 from sllm.modeling.opt_block import OPTBlock
 
 INPUTS = ("ids", "past_kv")
 OUTPUTS = ("logits", "present_kv")
-
-# keys, values [B, H, T, hd] of the new positions -> keys, values of every position so far
-def check_supported(config) -> None:
-    """The OPT variants restated here: layer norm before each sub-block (every OPT but 350m) and no
-    projection between word embeddings and the hidden size."""
-    if not config.do_layer_norm_before or config.word_embed_proj_dim != config.hidden_size:
-        raise ValueError("only pre-LN OPT without project_in/out (every OPT size but 350m) can be restated")
 
 
 def causal_mask(past: int | torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -76,7 +72,14 @@ class OPTWithKV(nn.Module):
 
 
 def export_baseline(model, path: Path) -> Path:
-    """baseline.onnx of an OPTForCausalLM (eval, fp32)."""
+    """baseline.onnx of an OPTForCausalLM (eval, fp32), written with ONNX Runtime's fused operators
+    (`sllm.export.fused_onnx.baseline_graph`): the treatment the edge graphs get."""
+    model.eval()
+    return fused_onnx.save(fused_onnx.baseline_graph(model), path)
+
+
+def export_baseline_torch(model, path: Path) -> Path:
+    """baseline.onnx through torch's exporter (`OPTWithKV`, unfused): the graph before the fused one."""
     wrapped = OPTWithKV(model).eval()
     cfg = model.config
     B, T, P = 2, 3, 4  # distinct sizes >= 2: none gets specialised or merged with another

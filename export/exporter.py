@@ -22,7 +22,8 @@ import onnxscript
 import torch
 
 from sllm.export import verify
-from sllm.export.onnx_export import OPSET, export_decoder, export_encoder
+from sllm.export import fused_onnx
+from sllm.export.fused_onnx import OPSET
 from sllm.export.quantize import QUANT_MODES, quantize_int8
 from sllm.export.verify import render_markdown
 from sllm.modeling.cloud_bundle import load_cloud_bundle, model_id_for, write_cloud_bundle
@@ -40,6 +41,8 @@ from sllm.runtime.edge_bundle import (
     KV_LAYOUT,
     REPORT_JSON,
     REPORT_MD,
+    SENTENCE,
+    SENTENCE_FIELD,
     TOKENIZER,
     TOKENIZER_META,
     decoder_spec,
@@ -49,7 +52,14 @@ from sllm.runtime.edge_bundle import (
 from sllm.runtime.files import replace_dir
 from sllm.runtime.manifest import BundleError, cloud_weights_sha256, read_manifest
 from sllm.runtime.providers import CPU, cpu_session
-from sllm.runtime.svae_onnx import DECODER_INPUTS, DECODER_OUTPUTS, ENCODER_INPUTS, ENCODER_OUTPUTS
+from sllm.runtime.svae_onnx import (
+    DECODER_INPUTS,
+    DECODER_OUTPUTS,
+    ENCODER_INPUTS,
+    ENCODER_OUTPUTS,
+    SENTENCE_INPUTS,
+    SENTENCE_OUTPUTS,
+)
 from sllm.sentences.limit import sentence_token_ids
 from sllm.sentences.segment import SEGMENTATION_VERSION
 from sllm.training.data.corpus import CorpusError, load_documents, split_documents
@@ -264,10 +274,12 @@ def export_checkpoint(checkpoint: Path, out: Path, *, quantize: str | None = Non
     tmp_cloud = Path(tempfile.mkdtemp(dir=out, prefix=".cloud.")) if loaded.opt is not None else None
     tmp_svae = tmp_edge.with_name(tmp_edge.name + ".svae")
     try:
-        step("export encoder")
-        export_encoder(svae.encoder, tmp_edge / ENCODER)
+        step("export encoder")  # written node by node with ORT's fused operators (export.fused_onnx)
+        fused_onnx.save(fused_onnx.encoder_graph(svae.encoder), tmp_edge / ENCODER)
         step("export decoder")
-        export_decoder(svae.decoder, tmp_edge / DECODER)
+        fused_onnx.save(fused_onnx.decoder_graph(svae.decoder), tmp_edge / DECODER)
+        if quantize is None:  # one sentence per call; an int8 bundle decodes with the per-token loop
+            fused_onnx.save(fused_onnx.sentence_graph(svae.decoder, cfg.bos_id, cfg.eos_id), tmp_edge / SENTENCE)
 
         step("verify")
         spec_fields = {"bos_id": cfg.bos_id, "eos_id": cfg.eos_id, "max_sentence_tokens": cfg.max_sentence_tokens,
@@ -280,12 +292,17 @@ def export_checkpoint(checkpoint: Path, out: Path, *, quantize: str | None = Non
         greedy, ort_tokens = verify.greedy_agreement(svae, enc, dec, spec, sentences)
         speed_sessions = (cpu_session(tmp_edge / ENCODER, 1), cpu_session(tmp_edge / DECODER, 1))
         speed = verify.interleaved_speed([speed_sessions], spec, cfg.pad_id, sentences[:30])[0]
+        if quantize is None:
+            checker[SENTENCE] = verify.check_graph(tmp_edge / SENTENCE)
+            sentence_check = verify.sentence_agreement(svae, enc, cpu_session(tmp_edge / SENTENCE), spec, sentences)
+        else:
+            sentence_check = None
         report = {
             "model_id": loaded.model_id, "checkpoint": str(loaded.path), "source_kind": loaded.kind,
             "weights": loaded.weights, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": _versions(),
             "provider": CPU, "opset": OPSET, "tolerance": verify.TOLERANCE_RULE, "checker": checker,
             "parity": parity, "parity_max": _parity_max(parity), "sentence_source": source, "greedy": greedy,
-            "speed": speed, "quantization": None, "notes": notes,
+            "speed": speed, "quantization": None, "notes": notes, "sentence_graph": sentence_check,
         }
         encoder_file, decoder_file = ENCODER, DECODER
         quantization = {"encoder": "fp32", "decoder": "fp32"}
@@ -307,6 +324,7 @@ def export_checkpoint(checkpoint: Path, out: Path, *, quantize: str | None = Non
                                                 (q_sessions["encoder"], q_sessions["decoder"]), ort_tokens)
             report["quantization"] = {"mode": quantize, "graphs": list(graphs),
                                       "op_types": {g: list(t) for g, t in graphs.items()}, "sizes": sizes, **effect}
+            notes.append("int8: no sentence.onnx (the edge decodes with the per-token loop over the int8 decoder)")
             for g in graphs:  # the bundle ships the int8 graph instead of the fp32 one
                 (tmp_edge / names[g][0]).unlink()
             encoder_file = ENCODER_INT8 if "encoder" in graphs else ENCODER
@@ -318,6 +336,11 @@ def export_checkpoint(checkpoint: Path, out: Path, *, quantize: str | None = Non
         if not greedy["ok"]:
             bad = [x for x in greedy["differ"] if not x["near_tie"]]
             failures.append(f"greedy tokens differ from torch on {len(bad)} of {greedy['sentences']} sentences")
+        if sentence_check is not None and not sentence_check["ok"]:
+            bad = {k: len([x for x in sentence_check[k]["differ"] if not x["near_tie"]])
+                   for k in ("controls_off", "controls_on")}
+            failures.append(f"sentence.onnx differs from torch away from near ties: {bad} of "
+                            f"{sentence_check['sentences']} sentences")
         report["passed"] = not failures
         report["failures"] = failures
         if failures:
@@ -354,6 +377,11 @@ def export_checkpoint(checkpoint: Path, out: Path, *, quantize: str | None = Non
         loaded.tokenizer.save(tmp_edge)
         _write_report(tmp_edge, REPORT_JSON, REPORT_MD, report)
         files = [encoder_file, decoder_file, TOKENIZER, TOKENIZER_META, REPORT_JSON, REPORT_MD]
+        sentence_fields = {}
+        if sentence_check is not None:
+            files.append(SENTENCE)
+            sentence_fields = {SENTENCE_FIELD: SENTENCE, "sentence_io": {"inputs": list(SENTENCE_INPUTS),
+                                                                         "outputs": list(SENTENCE_OUTPUTS)}}
         write_edge_manifest(tmp_edge, {
             "model_id": loaded.model_id, "source_kind": loaded.kind, "weights": loaded.weights,
             "has_cloud_bundle": loaded.opt is not None, CLOUD_WEIGHTS_FIELD: cloud_weights,
@@ -361,7 +389,7 @@ def export_checkpoint(checkpoint: Path, out: Path, *, quantize: str | None = Non
             "kv_layout": KV_LAYOUT, "encoder_file": encoder_file, "decoder_file": decoder_file,
             "tokenizer_file": TOKENIZER, "quantization": quantization, "opset": OPSET,
             "encoder_io": {"inputs": list(ENCODER_INPUTS), "outputs": list(ENCODER_OUTPUTS)},
-            "decoder_io": {"inputs": list(DECODER_INPUTS), "outputs": list(DECODER_OUTPUTS)},
+            "decoder_io": {"inputs": list(DECODER_INPUTS), "outputs": list(DECODER_OUTPUTS)}, **sentence_fields,
             "segmentation_version": loaded.data.segmentation_version or SEGMENTATION_VERSION,
             "split_on_comma": bool(loaded.data.split_on_comma),
             "verification": {"passed": True, "tolerance": verify.TOLERANCE_RULE, "parity_max": report["parity_max"],
@@ -416,3 +444,64 @@ def _parity_max(parity: list[dict]) -> dict:
         key = f"{c['graph']}.{c['output']}"
         out[key] = max(out.get(key, 0.0), c["max_abs_diff"])
     return out
+
+
+def regraph_export(folder: Path, n_verify: int = 100) -> dict:
+    """Rewrite an export folder's edge graphs (encoder.onnx, decoder.onnx, sentence.onnx) from its svae/
+    weights with this version's graph builder (export.fused_onnx), verified as an export verifies them;
+    every other file of edge/ and every other manifest field stays. For bundles exported before the
+    fused graphs (models/default). Returns the verification report; ExportError / VerificationFailed."""
+    from sllm.training.load import load_sentence_vae
+
+    folder = Path(folder)
+    edge = folder / "edge"
+    try:
+        manifest = read_manifest(edge, kind="edge")
+        svae = load_svae_folder(folder / SVAE_FOLDER, manifest["model_id"])
+        trained = load_sentence_vae(folder)
+    except (BundleError, CheckpointError) as e:
+        raise ExportError(f"cannot regraph {folder}: {e}") from None
+    if manifest.get("quantization") != {"encoder": "fp32", "decoder": "fp32"}:
+        raise ExportError(f"{edge} holds int8 graphs: export the checkpoint again with --quantize int8")
+    cfg = svae.cfg
+    loaded = LoadedCheckpoint(manifest["source_kind"], folder / SVAE_FOLDER, "svae", manifest["model_id"], svae,
+                              None, trained.tokenizer, trained.run.data, trained.run.train)
+    sentences, source = verification_sentences(loaded, n_verify)
+    spec = decoder_spec(manifest)
+    tmp = Path(tempfile.mkdtemp(dir=folder, prefix=".edge."))
+    try:
+        for name in manifest["files"]:
+            if name not in (ENCODER, DECODER, SENTENCE):
+                shutil.copy2(edge / name, tmp / name)
+        fused_onnx.save(fused_onnx.encoder_graph(svae.encoder), tmp / ENCODER)
+        fused_onnx.save(fused_onnx.decoder_graph(svae.decoder), tmp / DECODER)
+        fused_onnx.save(fused_onnx.sentence_graph(svae.decoder, cfg.bos_id, cfg.eos_id), tmp / SENTENCE)
+        checker = {g: verify.check_graph(tmp / g) for g in (ENCODER, DECODER, SENTENCE)}
+        enc, dec = cpu_session(tmp / ENCODER), cpu_session(tmp / DECODER)
+        parity = verify.encoder_parity(svae, enc, sentences) + verify.decoder_parity(svae, dec, sentences)
+        greedy, _ = verify.greedy_agreement(svae, enc, dec, spec, sentences)
+        sentence_check = verify.sentence_agreement(svae, enc, cpu_session(tmp / SENTENCE), spec, sentences)
+        regraph = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": _versions(), "checker": checker,
+                   "parity_max": _parity_max(parity), "sentence_source": source, "greedy": greedy,
+                   "sentence_graph": sentence_check, "from": f"{SVAE_FOLDER}/ ({manifest['model_id']})"}
+        failures = [f"{n}: {m}" for n, m in checker.items() if m != "ok"]
+        failures += [f"{c['graph']} {c['output']}: max abs diff {c['max_abs_diff']}" for c in parity if not c["ok"]]
+        if not greedy["ok"] or not sentence_check["ok"]:
+            failures.append("greedy tokens differ from torch away from near ties")
+        if failures:
+            raise VerificationFailed("regraph verification failed, nothing was replaced: " + "; ".join(failures[:3]),
+                                     regraph)
+        report = json.loads((edge / REPORT_JSON).read_text()) if (edge / REPORT_JSON).is_file() else {}
+        report["regraph"] = regraph
+        _write_report(tmp, REPORT_JSON, REPORT_MD, report)
+        fields = {k: v for k, v in manifest.items() if k not in ("files", "format_version", "kind")}
+        fields.update({"opset": OPSET, SENTENCE_FIELD: SENTENCE,
+                       "sentence_io": {"inputs": list(SENTENCE_INPUTS), "outputs": list(SENTENCE_OUTPUTS)}})
+        files = sorted(set(manifest["files"]) | {ENCODER, DECODER, SENTENCE, REPORT_JSON, REPORT_MD})
+        write_edge_manifest(tmp, fields, files)
+        load_edge_bundle(tmp)  # loads as the edge loads it
+        replace_dir(tmp, edge)
+        return regraph
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

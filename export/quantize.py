@@ -28,7 +28,9 @@ def quantize_int8(src: Path, dst: Path, op_types: tuple[str, ...] = ("MatMul",))
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=False,
-                             op_types_to_quantize=list(op_types))
+                             op_types_to_quantize=list(op_types),
+                             # ONNX's shape inference does not type com.microsoft outputs (fused graphs)
+                             extra_options={"DefaultTensorType": 1})  # TensorProto.FLOAT
     finally:
         root.setLevel(level)
     return Path(dst)

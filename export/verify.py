@@ -20,7 +20,7 @@ import torch
 
 from sllm.modeling.generate import decode_sentences
 from sllm.modeling.sentence_vae import SentenceVAE
-from sllm.runtime.svae_onnx import DecoderSpec, decoder_step, encode, greedy_decode
+from sllm.runtime.svae_onnx import DecoderSpec, decode_sentence, decoder_step, encode, greedy_decode
 
 ATOL = 1e-4
 TOLERANCE_RULE = f"max|ORT - torch| <= {ATOL:g} * max(1, max|torch|)"
@@ -182,6 +182,49 @@ def greedy_agreement(model: SentenceVAE, enc_session, dec_session, spec: Decoder
     return result, got
 
 
+@torch.inference_mode()
+def sentence_agreement(model: SentenceVAE, enc_session, sentence_session, spec: DecoderSpec,
+                       token_lists: list[list[int]]) -> dict:
+    """sentence.onnx (one call per sentence, batch 1) against torch `decode_sentences`, greedy, with the
+    repetition controls off and with edge-chat's defaults on (each sentence continues the ones before
+    it, so the controls have an answer to look at), from the same ORT sentence vectors. A sentence
+    that differs must differ at a near tie of torch's controlled logits, as in `greedy_agreement`."""
+    from sllm.modeling.generate import control_repetition
+    from sllm.sentences.sampling import AnswerOptions, RepetitionGuard, SamplingConfig
+
+    pad = model.cfg.pad_id
+    vectors = [encode(enc_session, token_lists[s : s + 32], pad) for s in range(0, len(token_lists), 32)]
+    vectors = np.concatenate(vectors) if vectors else np.zeros((0, model.cfg.d_model), np.float32)
+    on = AnswerOptions()
+    result: dict = {"sentences": len(token_lists), "ok": len(token_lists) > 0}
+    for name, sampling in (("controls_off", SamplingConfig()),
+                           ("controls_on", SamplingConfig(repetition_penalty=on.repetition_penalty,
+                                                          no_repeat_ngram_size=on.no_repeat_ngram_size,
+                                                          no_repeat_sentence=on.no_repeat_sentence))):
+        answer: list[list[int]] = []
+        differ = []
+        for i, v in enumerate(vectors):
+            context = answer[-4:]
+            memory = torch.from_numpy(v[None])
+            ref = decode_sentences(model.decoder, memory, None, sampling, context)[0]
+            got = decode_sentence(sentence_session, v, spec, sampling, context)
+            if ref != got:
+                k = next((j for j, (a, b) in enumerate(zip(ref, got)) if a != b), min(len(ref), len(got)))
+                logits = model.decoder(torch.tensor([[model.cfg.bos_id] + ref[:k]]), memory)[0][:, -1]
+                guard = RepetitionGuard(sampling, context, model.cfg.eos_id)
+                for t in ref[:k]:
+                    guard.push(t)
+                x = control_repetition(logits, [guard]) if sampling.controls_repetition else logits
+                top = torch.topk(x[0], 2).values
+                gap = float(top[0] - top[1])
+                differ.append({"index": i, "position": k, "top2_gap": gap,
+                               "near_tie": gap <= ATOL * max(1.0, float(logits.abs().max()))})
+            answer.append(ref)
+        result[name] = {"identical": len(vectors) - len(differ), "differ": differ}
+        result["ok"] = result["ok"] and all(d["near_tie"] for d in differ)
+    return result
+
+
 def _exact(outputs: list[list[int]], inputs: list[list[int]]) -> float:
     return float(np.mean([o == i for o, i in zip(outputs, inputs)])) if inputs else 0.0
 
@@ -297,6 +340,27 @@ def render_markdown(report: dict) -> str:
         lines += ["", "## Edge speed (fp32, batch 1, 1 thread)", "",
                   f"- encode {s['encode_ms_per_sentence']:.3f} ms / sentence, decode {s['decode_ms_per_step']:.3f} ms"
                   f" / step ({s['decode_tokens_per_s']:.0f} steps/s) over {s['sentences']} sentences"]
+    if r.get("sentence_graph"):
+        lines += _sentence_lines(r["sentence_graph"])
     if r.get("notes"):
         lines += ["", "## Notes", ""] + [f"- {n}" for n in r["notes"]]
+    if r.get("regraph"):
+        g = r["regraph"]
+        lines += ["", f"## Graphs rewritten {g['created']} from {g['from']} (onnxruntime "
+                  f"{g['versions']['onnxruntime']})", "",
+                  "- ONNX checker: " + ", ".join(f"{k} {v}" for k, v in g["checker"].items()),
+                  "- parity max abs diff: " + ", ".join(f"{k} {v:.2e}" for k, v in g["parity_max"].items()),
+                  f"- greedy, ORT loop vs torch: {g['greedy']['identical']} / {g['greedy']['sentences']} identical "
+                  f"({g['sentence_source']})"]
+        lines += _sentence_lines(g["sentence_graph"])
     return "\n".join(lines) + "\n"
+
+
+def _sentence_lines(s: dict) -> list[str]:
+    out = ["", "## sentence.onnx (one call per sentence) vs torch decode_sentences, greedy", ""]
+    for key in ("controls_off", "controls_on"):
+        c = s[key]
+        out.append(f"- repetition controls {key.split('_')[1]}: {c['identical']} / {s['sentences']} identical"
+                   + "".join(f"; sentence {d['index']} differs at token {d['position']} "
+                             f"({'near-tie' if d['near_tie'] else 'NOT a near-tie'})" for d in c["differ"]))
+    return out

@@ -84,6 +84,17 @@ class KVSlot:
             raise ValueError(f"cannot truncate {self.length} positions to {n}")
         self.length = n
 
+    def shrink(self) -> None:
+        """After a rollback: give back the memory beyond twice the valid positions (a slot keeps what
+        its longest past needed otherwise, and many rolled-back slots hold far more than they use)."""
+        keep = max(self.MIN_CAPACITY, 2 * self.length)
+        if self.capacity <= keep:
+            return
+        L, two, H, hd = self.shape
+        buf = torch.empty(L, two, H, keep, hd, dtype=self.dtype, device=self.device)
+        buf[:, :, :, :self.length] = self.buf[:, :, :, :self.length]
+        self.buf = buf
+
     def valid(self) -> torch.Tensor:
         """The cached positions: [layers, 2, heads, length, head_dim] (a view)."""
         L, two, H, hd = self.shape

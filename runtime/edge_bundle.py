@@ -4,6 +4,9 @@
       encoder.onnx          ids [B, L], mask [B, L] -> vectors [B, d]
       decoder.onnx          cached step: ids [B, T], memory [B, d], past_kv -> logits, present_kv
                             (decoder.int8.onnx instead when exported with --quantize int8)
+      sentence.onnx         optional (manifest sentence_file): one whole sentence per run(), the decoder
+                            step in an ONNX Loop with the sampling and repetition controls inside;
+                            bundles without it decode with the per-token loop over decoder.onnx
       tokenizer.json        tokenizers' own format
       tokenizer_meta.json   pad/bos/eos ids (read by sentences.tokenizer.SentenceTokenizer.load)
       report.json/.md       the torch-vs-ORT verification the exporter ran
@@ -26,13 +29,15 @@ import numpy as np
 
 from sllm.runtime.manifest import CLOUD_WEIGHTS, BundleError, listed_file, read_manifest, write_manifest
 from sllm.runtime.providers import cpu_session
-from sllm.runtime.svae_onnx import DecoderSpec, encode, greedy_decode
+from sllm.runtime.svae_onnx import SENTENCE_INPUTS, SENTENCE_OUTPUTS, DecoderSpec, encode, greedy_decode
 
 KIND = "edge"
 ENCODER = "encoder.onnx"
 DECODER = "decoder.onnx"
 ENCODER_INT8 = "encoder.int8.onnx"
 DECODER_INT8 = "decoder.int8.onnx"
+SENTENCE = "sentence.onnx"
+SENTENCE_FIELD = "sentence_file"  # optional: absent in bundles exported before it, and in int8 exports
 TOKENIZER = "tokenizer.json"
 TOKENIZER_META = "tokenizer_meta.json"
 REPORT_JSON = "report.json"
@@ -86,6 +91,7 @@ class EdgeBundle:
     encoder: object  # onnxruntime.InferenceSession
     decoder: object
     spec: DecoderSpec
+    sentence: object | None = None  # sentence.onnx's session, when the bundle has one
 
     @property
     def model_id(self) -> str:
@@ -169,7 +175,14 @@ def load_edge_bundle(bundle_dir: Path, threads: int = 0) -> EdgeBundle:
     encoder = cpu_session(str(encoder_file), threads)
     decoder = cpu_session(str(decoder_file), threads)
     _check_graph_io(bundle_dir, manifest, encoder, decoder)
-    return EdgeBundle(bundle_dir, manifest, tok, encoder, decoder, decoder_spec(manifest))
+    sentence = None
+    if manifest.get(SENTENCE_FIELD):
+        sentence = cpu_session(str(listed_file(bundle_dir, manifest, SENTENCE_FIELD)), threads)
+        names = ([i.name for i in sentence.get_inputs()], [o.name for o in sentence.get_outputs()])
+        if (set(names[0]), names[1]) != (set(SENTENCE_INPUTS), list(SENTENCE_OUTPUTS)):
+            raise BundleError(f"{bundle_dir}: {manifest[SENTENCE_FIELD]} has inputs {sorted(names[0])} and outputs "
+                              f"{names[1]}, not the sentence graph's; re-export the bundle")
+    return EdgeBundle(bundle_dir, manifest, tok, encoder, decoder, decoder_spec(manifest), sentence)
 
 
 def _check_graph_io(bundle_dir: Path, m: dict, encoder, decoder) -> None:

@@ -12,6 +12,11 @@ Graph contract (the names the exporter gives, see `sllm.export.onnx_export`):
 Position of ids[:, t] is P + t, position 0 is bos; P + T <= max_sentence_tokens + 1.
 The first step feeds a past of length 0 (one decoder file does every step).
 
+    sentence.onnx (optional; the manifest's sentence_file) one whole sentence in one run(): an ONNX
+                  Loop over the decoder step for batch 1, with the repetition controls and the sampling
+                  inside (inputs: SENTENCE_INPUTS, built by `sentence_feeds`)
+                  -> tokens int64 [n], the last one eos unless max_tokens ended the sentence
+
 The decode loop steps through `KVSteps` (plain `session.run`, numpy in and out). ONNX Runtime's
 I/O binding with preallocated past/present buffers was measured against it and lost at this
 size (the binding calls cost more than the copies they save: bench/edge_decoder.py).
@@ -19,9 +24,11 @@ size (the binding calls cost more than the copies they save: bench/edge_decoder.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
+
+from sllm.sentences.sampling import SamplingConfig
 
 if TYPE_CHECKING:  # the sessions come from runtime.providers; this module only calls run()
     import onnxruntime
@@ -30,6 +37,9 @@ ENCODER_INPUTS = ("ids", "mask")
 ENCODER_OUTPUTS = ("vectors",)
 DECODER_INPUTS = ("ids", "memory", "past_kv")
 DECODER_OUTPUTS = ("logits", "present_kv")
+SENTENCE_INPUTS = ("memory", "max_tokens", "controls", "penalty", "ngram", "history", "earlier", "greedy",
+                   "temperature", "use_top_k", "top_k", "use_top_p", "top_p", "uniforms")
+SENTENCE_OUTPUTS = ("tokens",)
 
 
 def pad_batch(token_lists: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -155,3 +165,45 @@ def decode_loop(session: onnxruntime.InferenceSession, memory: np.ndarray, spec:
             steps.keep(live, memory=memory)
         step_in = nxt[:, None].astype(np.int64)
     return out
+
+
+
+def sentence_feeds(memory: np.ndarray, sampling: SamplingConfig, answer: Sequence[Sequence[int]],
+                   limit: int) -> dict[str, np.ndarray]:
+    """The inputs of sentence.onnx (SENTENCE_INPUTS) for one sentence of at most `limit` (>= 1) tokens
+    from memory [d], by the rules of the edge's per-token picker (sllm.edge.sampling.Picker): the
+    answer's tokens for the penalty and the n-grams, its sentences (-1 padded) for the no-repeat-
+    sentence rule, and one uniform draw per step from the stream the picker draws from (a seeded
+    generator per call), so a seed gives the per-token loop's tokens."""
+    history = np.array([t for sentence in answer for t in sentence], dtype=np.int64)
+    rows = [list(s) for s in answer] if sampling.no_repeat_sentence else []
+    earlier = np.full((1 + len(rows), max([len(r) for r in rows] + [limit])), -1, dtype=np.int64)
+    earlier[0] = -2  # a row that never matches: the graph never reduces an empty tensor
+    for i, r in enumerate(rows, start=1):
+        earlier[i, : len(r)] = r
+    draws = np.zeros(limit) if sampling.greedy else np.random.default_rng(sampling.seed).random(limit)
+    a = np.array
+    return {
+        "memory": np.asarray(memory, dtype=np.float32).reshape(1, -1), "max_tokens": a(limit, dtype=np.int64),
+        "controls": a(sampling.controls_repetition), "penalty": a(sampling.repetition_penalty, dtype=np.float32),
+        "ngram": a(sampling.no_repeat_ngram_size, dtype=np.int64), "history": history, "earlier": earlier,
+        "greedy": a(sampling.greedy), "temperature": a(sampling.temperature or 1.0, dtype=np.float32),
+        "use_top_k": a(sampling.top_k > 0), "top_k": a(sampling.top_k, dtype=np.int64),
+        "use_top_p": a(sampling.top_p < 1.0), "top_p": a(sampling.top_p, dtype=np.float64), "uniforms": draws,
+    }
+
+
+def decode_sentence(session: onnxruntime.InferenceSession, memory: np.ndarray, spec: DecoderSpec,
+                    sampling: SamplingConfig, answer: Sequence[Sequence[int]] = (),
+                    max_tokens: int | None = None) -> list[int]:
+    """One sentence from memory [d] with sentence.onnx in one run(): its tokens without eos, the
+    tokens `decode_loop` gives with the edge's picker (tests/test_sentence_graph.py)."""
+    limit = spec.max_sentence_tokens if max_tokens is None else min(max_tokens, spec.max_sentence_tokens)
+    if limit < 0:
+        raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
+    if limit == 0:
+        return []
+    tokens = session.run(list(SENTENCE_OUTPUTS), sentence_feeds(memory, sampling, answer, limit))[0].tolist()
+    if tokens and tokens[-1] == spec.eos_id:
+        tokens.pop()
+    return tokens

@@ -78,7 +78,8 @@ class _SilentStreams:
 
 # -- 1. streams that never send their first message ------------------------------------------------
 def test_300_silent_streams_leave_health_and_new_conversations_answering(cloud_bundle):
-    with running_server(cloud_bundle, tokens=[TOKEN], max_sessions=16) as srv:
+    with running_server(cloud_bundle, tokens=[TOKEN], max_sessions=16, owner_share=1.0,
+                        max_streams_per_connection=400) as srv:  # one tenant; all 300 reach the service
         target = f"127.0.0.1:{srv.port}"
         with CloudClient(target, token=TOKEN) as c:
             busy = [c.conversation(MODEL_ID, D) for _ in range(8)]  # normal load: conversations attached

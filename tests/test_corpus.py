@@ -114,5 +114,6 @@ def test_split_edge_cases():
     singles = _docs({"x": 1, "y": 1, "z": 1})  # e.g. a folder of .txt files: one source each
     train, val = split_documents(singles, 0.02)
     assert len(val) == 1 and len(train) == 2
+    assert split_documents(docs, 1.0) == ([], docs)  # everything held out: text to evaluate on
     with pytest.raises(ValueError):
-        split_documents(docs, 1.0)
+        split_documents(docs, 1.5)

@@ -143,6 +143,34 @@ def test_edge_chat_with_a_cached_hub_id_in_the_edge_install_matches_the_full_env
     assert outputs["edge"] == outputs["full"]
 
 
+def test_edge_chat_serve_in_the_edge_install(edge_env, tmp_path):
+    """`edge-chat serve` from the edge install (its page shipped as package data, starlette and uvicorn from the
+    `edge` extra) answers over HTTP what edge-chat prints in the full env."""
+    import signal
+    import urllib.request
+
+    with running_server(MODEL / "cloud") as server:
+        target = f"127.0.0.1:{server.port}"
+        expected = _run([FULL_BIN / "edge-chat", "--server", target, "--bundle", MODEL / "edge", "--prompt", PROMPT,
+                         "--max-sentences", "3", "--threads", "1"], cwd=tmp_path).stdout
+        proc = subprocess.Popen([str(edge_env / "bin" / "edge-chat"), "serve", "--server", target, "--bundle",
+                                 str(MODEL / "edge"), "--port", "0", "--max-sentences", "3", "--threads", "1"],
+                                cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            url = json.loads(proc.stdout.readline())["url"]
+            with urllib.request.urlopen(url, timeout=30) as r:
+                assert b"/v1/chat/completions" in r.read()
+            body = json.dumps({"messages": [{"role": "user", "content": PROMPT}]}).encode()
+            request = urllib.request.Request(url + "v1/chat/completions", data=body,
+                                             headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(request, timeout=120) as r:
+                answer = json.loads(r.read())["choices"][0]["message"]["content"]
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+    assert answer.strip() and answer + "\n" == expected
+
+
 @pytest.mark.parametrize("command, extra, extras", [("sllm-train", "train", "train"), ("sllm-cloud", "cloud", "cloud"),
                                                     ("sllm-export", "export", "export,edge")])
 def test_other_roles_commands_fail_in_one_line_in_the_edge_install(edge_env, tmp_path, command, extra, extras):

@@ -67,14 +67,19 @@ def test_export_writes_edge_and_cloud_bundles_of_one_model(exported, sllm_run):
     assert edge["max_sentence_tokens"] == 16
     assert (edge["n_layers"], edge["n_heads"], edge["head_dim"]) == (1, 2, 16)
     assert edge["segmentation_version"] and edge["split_on_comma"] is True
-    assert set(edge["files"]) == {"encoder.onnx", "decoder.onnx", "tokenizer.json", "tokenizer_meta.json",
-                                  "report.json", "report.md"}
+    assert set(edge["files"]) == {"encoder.onnx", "decoder.onnx", "sentence.onnx", "tokenizer.json",
+                                  "tokenizer_meta.json", "report.json", "report.md"}
+    assert edge["sentence_file"] == "sentence.onnx"
     assert edge["quantization"] == {"encoder": "fp32", "decoder": "fp32"}
     # the cloud half's identity: the hash of the weights it was exported with, beyond the model id
     weights = hashlib.sha256((exported.cloud / "cloud.safetensors").read_bytes()).hexdigest()
     assert edge["cloud_weights_sha256"] == cloud["files"]["cloud.safetensors"] == weights
     report = json.loads((exported.edge / "report.json").read_text())
     assert report["passed"] and report["greedy"]["identical"] == report["greedy"]["sentences"] == N_VERIFY
+    # the one-call sentence graph decodes what torch decodes, repetition controls off and on
+    sentence = report["sentence_graph"]
+    assert sentence["ok"] and sentence["sentences"] == N_VERIFY
+    assert sentence["controls_off"]["identical"] == sentence["controls_on"]["identical"] == N_VERIFY
     assert "PASSED" in (exported.edge / "report.md").read_text()
     assert report["cloud"]["reloaded_identical"]
     # the cloud half is the trained OPT blocks + termination head, bit for bit
@@ -110,7 +115,7 @@ def test_one_loader_opens_every_kind(exported, stage1, sllm_run, tmp_path):
 
 def test_onnx_checker_and_dynamic_axes(exported):
     enc, dec = onnx.load(exported.edge / "encoder.onnx"), onnx.load(exported.edge / "decoder.onnx")
-    for m in (enc, dec):
+    for m in (enc, dec, onnx.load(exported.edge / "sentence.onnx")):
         onnx.checker.check_model(m, full_check=True)
         assert max(o.version for o in m.opset_import if o.domain in ("", "ai.onnx")) >= 18
         assert not m.graph.initializer or all(not t.external_data for t in m.graph.initializer)
@@ -240,7 +245,7 @@ def test_refusals_are_clear_errors_with_exit_2(exported, stage1, sllm_run, tmp_p
     r = _cli(tmp_path / "junk", "--out", tmp_path / "o1")
     assert r.exit_code == 2 and "error:" in r.output and "neither a checkpoint" in r.output
     r = _cli(tmp_path / "missing", "--out", tmp_path / "o1")
-    assert r.exit_code == 2 and "no such checkpoint" in r.output
+    assert r.exit_code == 2 and "no such folder" in r.output
     # a checkpoint of another kind
     other = _copy_with_config(stage1, tmp_path / "other", lambda c: c.update(kind="reward_model"))
     r = _cli(other, "--out", tmp_path / "o1")

@@ -1,5 +1,5 @@
-"""A non-editable install finds what sllm-train reads at run time (the bundled corpus, the run
-configs) as package data: a wheel built from this working tree, installed into a fresh environment,
+"""A non-editable install finds what sllm-train reads at run time (the bundled corpus, the held-out
+register, the run configs) as package data: a wheel built from this working tree, installed into a fresh environment,
 prepares the bundled corpus with a shipped config from a folder outside the checkout."""
 from __future__ import annotations
 
@@ -61,3 +61,8 @@ def test_a_wheel_install_finds_the_bundled_corpus_and_configs(tmp_path):
     assert manifest["settings"]["max_sentence_tokens"] == json.loads(
         (ROOT / "configs" / "svae-small.json").read_text())["model"]["max_sentence_tokens"]
     assert manifest["counts"]["train"]["documents"] + manifest["counts"]["val"]["documents"] == 6
+    # the held-out register (compare/eval --heldout) ships the same way
+    held = _run([env_python, "-c", "from sllm.training.data.corpus import heldout_dir; print(heldout_dir())"],
+                cwd=work).stdout.strip()
+    assert Path(held) == site / "sllm" / "data" / "heldout", held
+    assert (Path(held) / "encyclopedia.jsonl.gz").is_file() and (Path(held) / "README.md").is_file()

@@ -9,7 +9,10 @@
     sllm-train reconstruct runs/svae "Any text, of any length."
     sllm-train generate models/default "The state of the Union is strong."
     sllm-train compare models/default                   # the SLLM vs its baseline/, same tokens
+    sllm-train compare models/default models/default/baseline --text my.txt   # ... on any text
+    sllm-train compare models/default --heldout         # ... on the bundled held-out register
     sllm-train plot runs/svae
+    sllm-train size configs/paper/*.json                # or: sllm-train svae --config ... --dry-run
     sllm-train recover-svae models/default              # svae/ from the edge's ONNX graphs
     sllm-train refit-stop models/default                # the stop head and its threshold
 """
@@ -33,6 +36,22 @@ from sllm.sentences.sampling import DEFAULT_NO_REPEAT_NGRAM, DEFAULT_NO_REPEAT_S
 from sllm.training.config import RunConfig, apply_overrides, load_run_config
 
 app = typer.Typer(**APP_SETTINGS, no_args_is_help=True, help="Train and evaluate sllm models.")
+
+
+_TEXT = typer.Option(None, "--text", help="score this text instead of the validation split: .txt (one document), "
+                     ".jsonl(.gz) (a 'text' field a line) or a folder of them; repeat for more; prepared with the "
+                     "model's own tokenizer and segmentation, all of it held out")
+_HELDOUT = typer.Option(False, "--heldout", help="score the bundled held-out register (data/heldout), a register "
+                        "no training run reads")
+
+
+def _text_source(text: Optional[list[Path]], heldout: bool):
+    from sllm.training.text_data import choose
+
+    try:
+        return choose(text, heldout)
+    except ValueError as e:
+        _fail(str(e))
 
 
 def _user_errors():
@@ -68,11 +87,19 @@ def build_run_config(config: Optional[Path], overrides: list[str], out: Optional
     return run
 
 
-def _train(cls, task_factory, config: Optional[Path], overrides: Optional[list[str]], out: Optional[str]) -> None:
+def _train(cls, task_factory, config: Optional[Path], overrides: Optional[list[str]], out: Optional[str],
+           dry_run: bool = False) -> None:
     from sllm.training.trainer import Trainer
 
     try:
         run = build_run_config(config, overrides or [], out, cls)
+        if dry_run:  # no data, no weights: the model on the meta device and the sizes it implies
+            from sllm.training.sizing import render, size_run
+
+            import os
+
+            typer.echo(render(str(config or run.kind), size_run(run), int(os.environ.get("WORLD_SIZE", "1"))))
+            return
         task = task_factory(run, log=_log_main)
         result = Trainer(task, run.train, run, log=_log_main).fit()
     except _user_errors() as e:
@@ -83,32 +110,37 @@ def _train(cls, task_factory, config: Optional[Path], overrides: Optional[list[s
 _OVERRIDES = typer.Argument(None, help="section.key=value overrides, e.g. train.max_steps=500")
 _CONFIG = typer.Option(None, "--config", "-c", help="run config JSON file")
 _OUT = typer.Option(None, "--out", "-o", help="run directory (train.out_dir)")
+_DRY_RUN = typer.Option(False, "--dry-run", help="build the model on the meta device and print parameters, "
+                        "optimizer and activation memory and the largest batch per GPU size; train nothing")
 
 
 @app.command()
-def svae(overrides: list[str] = _OVERRIDES, config: Optional[Path] = _CONFIG, out: Optional[str] = _OUT):
+def svae(overrides: list[str] = _OVERRIDES, config: Optional[Path] = _CONFIG, out: Optional[str] = _OUT,
+         dry_run: bool = _DRY_RUN):
     """Train a SentenceVAE (stage 1). Re-running with the same --out resumes exactly."""
     from sllm.training.tasks.sentence_vae import SentenceVAETask
 
-    _train(RunConfig, SentenceVAETask, config, overrides, out)
+    _train(RunConfig, SentenceVAETask, config, overrides, out, dry_run)
 
 
 @app.command()
-def sllm(overrides: list[str] = _OVERRIDES, config: Optional[Path] = _CONFIG, out: Optional[str] = _OUT):
+def sllm(overrides: list[str] = _OVERRIDES, config: Optional[Path] = _CONFIG, out: Optional[str] = _OUT,
+         dry_run: bool = _DRY_RUN):
     """Train an SLLM (stage 2): a SentenceVAE grafted onto OPT blocks (sllm.svae_checkpoint, opt.pretrained)."""
     from sllm.training.config import SLLMRunConfig
     from sllm.training.tasks.sllm import SLLMTask
 
-    _train(SLLMRunConfig, SLLMTask, config, overrides, out)
+    _train(SLLMRunConfig, SLLMTask, config, overrides, out, dry_run)
 
 
 @app.command()
-def baseline(overrides: list[str] = _OVERRIDES, config: Optional[Path] = _CONFIG, out: Optional[str] = _OUT):
+def baseline(overrides: list[str] = _OVERRIDES, config: Optional[Path] = _CONFIG, out: Optional[str] = _OUT,
+             dry_run: bool = _DRY_RUN):
     """Train the token-level OPT baseline on the same passages (data.tokenizer: the SLLM's tokenizer)."""
     from sllm.training.config import BaselineRunConfig
     from sllm.training.tasks.opt_baseline import OPTBaselineTask
 
-    _train(BaselineRunConfig, OPTBaselineTask, config, overrides, out)
+    _train(BaselineRunConfig, OPTBaselineTask, config, overrides, out, dry_run)
 
 
 @app.command()
@@ -162,6 +194,27 @@ def prepare(
         _fail(str(e))
 
 
+@app.command()
+def size(
+    configs: list[Path] = typer.Argument(..., help="run configs (a path, or a shipped config's name)"),
+    processes: int = typer.Option(1, help="processes (GPUs) of the run: DDP's gradient buckets count from 2"),
+    markdown: bool = typer.Option(False, "--markdown", help="one Markdown table row a config"),
+):
+    """Size runs without a GPU: each model built on the meta device; parameters, AdamW and training
+    state memory, activation memory per sample (analytic), FLOPs per token and the largest batch per
+    process on 24, 40 and 80 GB cards (the formulas: sllm.training.sizing)."""
+    from sllm.training.sizing import TABLE_HEADER, render, size_run, table_row
+
+    try:
+        sized = [(str(c), size_run(load_run_config(c))) for c in configs]
+    except (ConfigError, OSError) as e:
+        _fail(str(e))
+    if markdown:
+        typer.echo(TABLE_HEADER)
+    for name, s in sized:
+        typer.echo(table_row(Path(name).stem, s, processes) if markdown else render(name, s, processes))
+
+
 @app.command("eval")
 def evaluate(
     checkpoint: Path = typer.Argument(..., help="checkpoint dir, run dir, export folder (models/default)"
@@ -170,19 +223,26 @@ def evaluate(
     n_loss: int = typer.Option(20_000, help="validation sentences for loss / PPL"),
     weights: str = typer.Option("ema", help="'ema' or 'model'"),
     report: Optional[Path] = typer.Option(None, help="write the report here (.md; a .json beside it)"),
+    text_files: Optional[list[Path]] = _TEXT,
+    heldout: bool = _HELDOUT,
 ):
     """Validation loss, PPL, exact-match reconstruction and the paper's Table 2 inputs (a SentenceVAE
-    checkpoint, the SentenceVAE inside an SLLM checkpoint, or an export folder's svae/)."""
+    checkpoint, the SentenceVAE inside an SLLM checkpoint, or an export folder's svae/); on the
+    run's validation split, or on --text / --heldout."""
     from sllm.training.evaluate import evaluate_sentence_vae, render_markdown, validation_sentences
     from sllm.training.load import load_sentence_vae
 
+    source = _text_source(text_files, heldout)
     try:
         trained = load_sentence_vae(_model(checkpoint), weights=weights)
-        val = validation_sentences(trained, log=_log_err)
+        val = validation_sentences(trained, log=_log_err, text=source)
+        if len(val) == 0:
+            _fail(f"{source.label}: no sentences to evaluate")
         result = evaluate_sentence_vae(trained, val, n_loss=n_loss, n_exact=n_exact)
     except _user_errors() as e:
         _fail(str(e))
-    text = render_markdown(result, f"SentenceVAE evaluation: {trained.path}")
+    result["text"] = source.label
+    text = render_markdown(result, f"SentenceVAE evaluation: {trained.path} on {source.label}")
     typer.echo(text)
     if report:
         report.parent.mkdir(parents=True, exist_ok=True)
@@ -200,12 +260,27 @@ def reconstruct(
     text: Optional[str] = typer.Argument(None, help="text to reconstruct; read from stdin when left out"),
     as_json: bool = typer.Option(False, "--json", help="print the pieces as a JSON list"),
     weights: str = typer.Option("ema", help="'ema' or 'model'"),
+    file: Optional[Path] = typer.Option(None, "--file", "-f", help="reconstruct this file instead: .txt, "
+                                        ".jsonl(.gz) (a 'text' field a line) or a folder of them"),
 ):
     """Encode any text sentence by sentence and decode it back (greedy). Sentences over the
     token limit are split, never truncated; empty or blank text reconstructs to nothing."""
-    from sllm.training.evaluate import reconstruct_text
+    from sllm.training.evaluate import reconstruct_documents, reconstruct_text
     from sllm.training.load import load_sentence_vae
 
+    if file is not None:
+        if text is not None:
+            _fail("give the text or --file, not both")
+        from sllm.training.data.corpus import CorpusError, load_documents
+
+        try:
+            texts = [d.text for d in load_documents([str(file)])]
+            trained = load_sentence_vae(_model(checkpoint), weights=weights)
+            pieces = reconstruct_documents(trained, texts)
+        except (*_user_errors(), CorpusError, ValueError) as e:
+            _fail(str(e))
+        _print_pieces(pieces, as_json)
+        return
     if text is None:
         data = sys.stdin.buffer.read() if hasattr(sys.stdin, "buffer") else sys.stdin.read().encode()
         try:
@@ -217,6 +292,10 @@ def reconstruct(
         pieces = reconstruct_text(trained, text)
     except (*_user_errors(), ValueError) as e:
         _fail(str(e))
+    _print_pieces(pieces, as_json)
+
+
+def _print_pieces(pieces: list[dict], as_json: bool) -> None:
     if not pieces:
         _log_err(EMPTY_TEXT)
     if as_json:
@@ -275,15 +354,19 @@ def compare(
                                            "model-hub id ORG/NAME[@REV]"),
     baseline_checkpoint: Optional[Path] = typer.Argument(None, help="token-level OPT baseline checkpoint, run dir or "
                                                          "bundle; default: the export folder's baseline/"),
-    n_passages: int = typer.Option(0, help="validation passages to score (0 = all)"),
+    n_passages: int = typer.Option(0, help="passages to score (0 = all)"),
     report: Optional[Path] = typer.Option(None, help="also write the table here (.md; a .json beside it)"),
+    text_files: Optional[list[Path]] = _TEXT,
+    heldout: bool = _HELDOUT,
 ):
-    """Token-level validation PPL of an SLLM and its baseline over exactly the same tokens."""
+    """Token-level PPL of an SLLM and its baseline over exactly the same tokens: of the SLLM run's
+    validation split, or of any text (--text FILE, --heldout)."""
     from sllm.training.evaluate_lm import compare_sllm_baseline, render_comparison
 
+    source = _text_source(text_files, heldout)
     try:
-        result = compare_sllm_baseline(_model(sllm_checkpoint),
-                                       baseline_checkpoint and _model(baseline_checkpoint), n_passages, log=_log_err)
+        result = compare_sllm_baseline(_model(sllm_checkpoint), baseline_checkpoint and _model(baseline_checkpoint),
+                                       n_passages, log=_log_err, text=source)
     except _user_errors() as e:
         _fail(str(e))
     text = render_comparison(result)

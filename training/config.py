@@ -102,12 +102,23 @@ class SLLMOptions:
 
 
 @dataclass
+class SVAEInit:
+    """Where a fresh SentenceVAE's weights start from (a resume always continues from its checkpoint)."""
+
+    # the token embeddings of a pretrained token-level OPT (the paper's recipe): a Hugging Face OPT
+    # folder (`sllm-export BASELINE_RUN --out DIR` writes DIR/baseline), a baseline run, checkpoint or
+    # bundle; the same tokenizer and width as this run (checked). Empty: random.
+    embeddings_from: str = ""
+
+
+@dataclass
 class RunConfig:
     """Everything a SentenceVAE training run needs; saved beside every checkpoint."""
 
     model: SentenceVAEConfig = field(default_factory=SentenceVAEConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    init: SVAEInit = field(default_factory=SVAEInit)
     kind: str = "sentence_vae"
 
     def validate(self) -> None:

@@ -15,6 +15,7 @@ from sllm.training.data.dataset import Sentences
 from sllm.training.data.sentence_data import collate, prepare_validation
 from sllm.training.load import TrainedSentenceVAE
 from sllm.training.tasks.common import unwrap
+from sllm.training.text_data import VALIDATION, TextSource
 
 # The eight inputs of the paper's Table 2, verbatim.
 PAPER_TABLE2_INPUTS = [
@@ -90,10 +91,15 @@ def reconstruct_texts(trained: TrainedSentenceVAE, texts: list[str]) -> list[dic
             for t, rows in zip(texts, _reconstruct_many(trained, texts))]
 
 
-def validation_sentences(trained: TrainedSentenceVAE, log=print) -> Sentences:
-    """The validation split of the run a checkpoint came from, tokenized with the checkpoint's own tokenizer."""
-    data_cfg = trained.run.data
-    data_cfg.tokenizer = str(trained.path)
+def reconstruct_documents(trained: TrainedSentenceVAE, texts: list[str]) -> list[dict]:
+    """`reconstruct_text`'s rows for every piece of every text, in order (all decoded in one batch)."""
+    return [row for rows in _reconstruct_many(trained, texts) for row in rows]
+
+
+def validation_sentences(trained: TrainedSentenceVAE, log=print, text: TextSource = VALIDATION) -> Sentences:
+    """The validation split of the run a checkpoint came from (or `text`), tokenized and segmented as
+    the checkpoint's own run did."""
+    data_cfg = text.data_config(trained.run.data, trained.path)
     return prepare_validation(data_cfg, trained.model.cfg.max_sentence_tokens, log=log)
 
 

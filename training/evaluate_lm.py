@@ -20,11 +20,14 @@ import math
 import numpy as np
 import torch
 
+from sllm.modeling.config import ConfigError
 from sllm.modeling.losses import IGNORE_INDEX, _token_nll, next_token_logits
 from sllm.modeling.sllm import SLLM
+from sllm.training.data.corpus import CorpusError
 from sllm.training.data.dataset import Passages
 from sllm.training.data.passage_data import collate_passages, collate_token_sequences, prepare_validation_passages
 from sllm.training.load import load_baseline, load_sllm
+from sllm.training.text_data import VALIDATION, TextSource
 
 
 def _result(nll: float, tokens: int, **extra: float) -> dict[str, float]:
@@ -73,28 +76,38 @@ def baseline_token_nll(model, data: Passages, index: np.ndarray, batch_size: int
     return _result(total, tokens)
 
 
-def compare_sllm_baseline(sllm_path, baseline_path=None, n_passages: int = 0, log=print) -> dict:
-    """baseline_path None: the baseline/ of the export folder `sllm_path` (models/default)."""
+def compare_sllm_baseline(sllm_path, baseline_path=None, n_passages: int = 0, log=print,
+                          text: TextSource = VALIDATION) -> dict:
+    """baseline_path None: the baseline/ of the export folder `sllm_path` (models/default). `text`: what
+    is scored, the SLLM run's validation split or any text, cut into passages with the SLLM's own
+    tokenizer and segmentation."""
     sllm = load_sllm(sllm_path)
     base = load_baseline(sllm_path if baseline_path is None else baseline_path)
     if sllm.tokenizer.to_json_str() != base.tokenizer.to_json_str():
-        raise ValueError("the SLLM and the baseline use different tokenizers: their PPLs would not compare")
-    data_cfg = sllm.run.data
-    data_cfg.tokenizer = str(sllm.tokenizer_dir or sllm.path)
+        raise ConfigError(f"the SLLM ({sllm.path}, vocab {sllm.tokenizer.vocab_size}) and the baseline ({base.path}, "
+                          f"vocab {base.tokenizer.vocab_size}) use different tokenizers: their PPLs would not compare")
+    data_cfg = text.data_config(sllm.run.data, sllm.tokenizer_dir or sllm.path)
     val = prepare_validation_passages(data_cfg, sllm.model.svae.cfg.max_sentence_tokens, log=log)
-    index = np.arange(len(val) if n_passages <= 0 else min(n_passages, len(val)))
+    # n_passages: spread evenly over the text (its first ones may all be of one source)
+    index = (np.arange(len(val)) if n_passages <= 0 or n_passages >= len(val) else
+             np.unique(np.linspace(0, len(val) - 1, num=n_passages).astype(np.int64)))
     tok = base.tokenizer
     s = sllm_token_nll(sllm.model, val, index, 8)
     b = baseline_token_nll(base.model, val, index, 8, tok.pad_id, tok.bos_id)
     assert s["tokens"] == b["tokens"], "scored token sets differ"
-    return {"passages": int(len(index)), "sllm": {**s, "checkpoint": str(sllm.path)},
+    if s["tokens"] == 0:
+        raise CorpusError(f"{text.label}: nothing to score; the PPL counts the sentences after the first of each "
+                          "passage, and no passage has two")
+    return {"passages": int(len(index)), "text": text.label, "sllm": {**s, "checkpoint": str(sllm.path)},
             "baseline": {**b, "checkpoint": str(base.path)}}
 
 
 def render_comparison(result: dict) -> str:
     s, b = result["sllm"], result["baseline"]
+    label = result.get("text", VALIDATION.label)
     lines = [
-        f"Validation: {result['passages']} passages, {int(s['tokens'])} scored tokens (sentences 2..n of each passage)",
+        f"{label[:1].upper()}{label[1:]}: {result['passages']} passages, {int(s['tokens'])} scored tokens "
+        "(sentences 2..n of each passage)",
         "",
         "| model | token NLL | PPL | checkpoint |",
         "|---|---|---|---|",

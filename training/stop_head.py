@@ -139,11 +139,14 @@ def refit_model(model_dir: Path, positive_weight: float, gamma: float = 2.0, tra
     from sllm.runtime.manifest import cloud_weights_sha256, read_manifest
     from sllm.training.data.passage_data import prepare_passages
     from sllm.training.load import load_sllm
-    from sllm.training.svae_from_onnx import recover_sentence_vae
+    from sllm.training.svae_from_onnx import RecoveryError, recover_sentence_vae
 
     model_dir = Path(model_dir)
-    trained = load_sllm(model_dir)  # the run config (data split) and the cloud blocks
-    trained.model.svae = recover_sentence_vae(model_dir / "edge")[0]  # exactly what the edge encodes with
+    trained = load_sllm(model_dir)  # the run config (data split), svae/ and the cloud blocks
+    try:
+        trained.model.svae = recover_sentence_vae(model_dir / "edge")[0]  # exactly what the edge encodes with
+    except RecoveryError:  # fused graphs do not map back; svae/ holds the weights they were written from
+        pass
     data = trained.run.data
     data.tokenizer = str(trained.tokenizer_dir)
     if cache_dir:

@@ -4,7 +4,7 @@ A stage is a `Task`: it builds the model, serves batches by (epoch, index),
 and computes the loss. The trainer owns the rest: DDP (torchrun, gloo on CPU,
 nccl on GPU), AdamW, warm-up + cosine, gradient clipping, EMA, mixed
 precision, atomic checkpoints with exact resume, a progress bar and a
-metrics log.
+metrics log (loss, target tokens/s, and MFU on CUDA).
 
 Exact resume: the data order is a pure function of (seed, epoch), the data
 position is (epoch, step in epoch), the LR is a pure function of the step,
@@ -137,6 +137,7 @@ class Trainer:
         self.step, self.epoch, self.pos = 0, 0, 0
         self.tokens_seen = 0  # target tokens over all processes, for the record
         self.autocast_dtype = self._autocast_dtype()
+        self.flops_per_token, self.peak_flops = self._flops()
         torch.manual_seed(cfg.seed + 1000 * self.dist.rank)  # per-rank stream (dropout)
 
     def _autocast_dtype(self) -> torch.dtype | None:
@@ -144,6 +145,14 @@ class Trainer:
         if p == "bf16" or (p == "auto" and self.dist.device.type == "cuda" and torch.cuda.is_bf16_supported()):
             return torch.bfloat16
         return None
+
+    def _flops(self) -> tuple[float, float | None]:
+        """(model FLOPs per target token, the device's peak bf16 FLOP/s): MFU on CUDA only."""
+        if self.dist.device.type != "cuda":
+            return 0.0, None
+        from sllm.training.sizing import flops_per_token, peak_bf16_flops
+
+        return flops_per_token(self.run_config, self.model), peak_bf16_flops(torch.cuda.get_device_name(self.dist.device))
 
     # ------------------------------------------------------------ checkpoints
 
@@ -324,6 +333,10 @@ class Trainer:
         n_params = sum(p.numel() for p in self.model.parameters())
         self.log(f"{n_params / 1e6:.2f} M parameters, {world} process(es) on {self.dist.device}, "
                  f"steps {self.step} -> {stop} (schedule {cfg.max_steps})")
+        if self.dist.device.type == "cuda":
+            peak = f"{self.peak_flops / 1e12:.0f} TFLOP/s bf16 peak" if self.peak_flops else "peak unknown: no MFU"
+            self.log(f"{torch.cuda.get_device_name(self.dist.device)}: {peak}; "
+                     f"{self.flops_per_token / 1e9:.3f} GFLOP a target token")
 
         bar = None
         if self.dist.is_main:
@@ -373,9 +386,12 @@ class Trainer:
                     row = {"step": self.step, "epoch": self.epoch, "loss": window_loss / window_n, "lr": lr,
                            "grad_norm": float(grad_norm), "tokens_per_s": tokens / max(elapsed, 1e-9),
                            "tokens_seen": self.tokens_seen, "time": time.time()}
+                    if self.peak_flops:  # model FLOPs utilisation against the cards' peak bf16 rate
+                        row["mfu"] = row["tokens_per_s"] * self.flops_per_token / (self.peak_flops * world)
                     self._log_row(row)
                     if bar is not None:
-                        bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+                        bar.set_postfix(loss=f"{row['loss']:.3f}", lr=f"{lr:.2e}", tok_s=f"{row['tokens_per_s']:.0f}",
+                                        **({"mfu": f"{row['mfu']:.1%}"} if "mfu" in row else {}))
                     window_tokens, window_loss, window_n, t0 = 0.0, 0.0, 0, time.perf_counter()
                 if bar is not None:
                     bar.update(1)

@@ -30,6 +30,12 @@ def bundled_corpus_dir() -> Path:
 BUNDLED_CORPUS_DIR = bundled_corpus_dir()
 
 
+def heldout_dir() -> Path:
+    """The bundled held-out register (a whole register training never reads: the generalisation set):
+    sllm/data/heldout in an installed sllm, data/heldout in a checkout."""
+    return bundled_dir("data/heldout", "*.jsonl.gz")
+
+
 class CorpusError(ValueError):
     """A corpus that cannot be read: missing path, malformed line, or no text at all."""
 
@@ -92,12 +98,15 @@ def held_out_count(n: int, val_fraction: float) -> int:
 def split_documents(docs: list[Document], val_fraction: float = 0.02, seed: int = 0) -> tuple[list[Document], list[Document]]:
     """(train, val), deterministic for a seed: per source, the held_out_count(n) documents with the
     smallest document_key (ties: the earlier document) go to validation. If no source has 2
-    documents, one document is held out overall. val_fraction = 0 holds out nothing. Order is kept.
-    (`split.SplitPlan` applies the same rule to a corpus streamed from disk.)"""
-    if not 0 <= val_fraction < 1:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    documents, one document is held out overall. val_fraction = 0 holds out nothing, 1 everything
+    (text to evaluate on). Order is kept. (`split.SplitPlan` applies the same rule to a corpus
+    streamed from disk.)"""
+    if not 0 <= val_fraction <= 1:
+        raise ValueError(f"val_fraction must be in [0, 1], got {val_fraction}")
     if val_fraction == 0:
         return list(docs), []
+    if val_fraction >= 1:
+        return [], list(docs)
     by_source: dict[str, list[int]] = {}
     for i, d in enumerate(docs):
         by_source.setdefault(d.source, []).append(i)

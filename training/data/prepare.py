@@ -66,7 +66,8 @@ class PrepareConfig:
     vocab_size: int = 8192
     max_sentence_tokens: int = 64  # the model's sentence limit: longer sentences are cut, never truncated
     split_on_comma: bool = True
-    val_fraction: float = 0.02  # share of documents held out, per source
+    # share of documents held out, per source; 1 = all of them: text to evaluate on, not to train on
+    val_fraction: float = 0.02
     split_seed: int = 0
     max_passage_sentences: int = 64  # stage 2 / baseline passages
     max_passage_tokens: int = 1000
@@ -75,8 +76,11 @@ class PrepareConfig:
     shard_mb: float = 256.0  # text per shard, in millions of characters
 
     def validate(self) -> None:
-        if not 0 <= self.val_fraction < 1:
-            raise DatasetError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if not 0 <= self.val_fraction <= 1:
+            raise DatasetError(f"val_fraction must be in [0, 1], got {self.val_fraction}")
+        if self.val_fraction >= 1 and not self.tokenizer:
+            raise DatasetError("val_fraction=1 holds out every document: no training text to train a tokenizer on; "
+                               "give the model's (--tokenizer)")
         if min(self.max_sentence_tokens, self.max_passage_sentences, self.max_passage_tokens) < 1:
             raise DatasetError("max_sentence_tokens, max_passage_sentences and max_passage_tokens must be positive")
         if self.shard_mb <= 0 or self.max_documents < 0:

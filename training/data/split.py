@@ -35,6 +35,8 @@ class SplitPlan:
 
     def is_val(self, doc: Document, ordinal: int) -> bool:
         """Whether `doc`, the corpus's document number `ordinal` (from 0), is a validation document."""
+        if self.val_fraction >= 1:  # evaluation text: every document
+            return True
         if self.overall is not None:
             return [document_key(self.seed, doc).hex(), ordinal] == self.overall
         cut = self.cuts.get(doc.source)
@@ -52,8 +54,8 @@ class SplitPlan:
 
 def plan_split(documents, val_fraction: float, seed: int) -> SplitPlan:
     """`documents()` -> a fresh iterable of the corpus's documents (it is called twice, once per pass)."""
-    if not 0 <= val_fraction < 1:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if not 0 <= val_fraction <= 1:
+        raise ValueError(f"val_fraction must be in [0, 1], got {val_fraction}")
     counts: Counter[str] = Counter()
     n = chars = 0
     for doc in documents():
@@ -61,7 +63,7 @@ def plan_split(documents, val_fraction: float, seed: int) -> SplitPlan:
         n += 1
         chars += len(doc.text)
     plan = SplitPlan(val_fraction, seed, n, chars, dict(counts))
-    if val_fraction == 0:
+    if val_fraction == 0 or val_fraction >= 1:  # nothing or everything held out: no cut to find
         return plan
     wanted = {s: held_out_count(c, val_fraction) for s, c in counts.items()}
     wanted = {s: k for s, k in wanted.items() if k > 0}

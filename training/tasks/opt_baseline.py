@@ -18,6 +18,7 @@ from sllm.training.config import BaselineRunConfig, load_run_config
 from sllm.training.data.passage_data import PreparedPassages, collate_token_sequences, prepare_passages
 from sllm.training.evaluate_lm import baseline_token_nll
 from sllm.training.load import OPT_CONFIG_FILE
+from sllm.training.pretrained_embeddings import check_tokenizer
 from sllm.training.tasks.common import epoch_batches, unwrap
 
 
@@ -29,6 +30,8 @@ class OPTBaselineTask:
         self.data: PreparedPassages = prepare_passages(run.data, run.max_sentence_tokens, log=log)
         tok = self.data.tokenizer
         run.data.segmentation_version = SEGMENTATION_VERSION
+        if run.opt.pretrained:  # continued pretraining: its weights only; optimizer and schedule start fresh
+            check_tokenizer(run.opt.pretrained, tok)
         self.initial = load_opt(run.opt, tok.vocab_size, tok.pad_id, tok.bos_id, tok.eos_id)
         self.config: OPTConfig = self.initial.config
         if self.config.vocab_size < tok.vocab_size:

@@ -12,6 +12,7 @@ from sllm.sentences.segment import SEGMENTATION_VERSION
 from sllm.training.config import RunConfig
 from sllm.training.data.sentence_data import PreparedData, collate, prepare_data
 from sllm.training.evaluate import validation_loss
+from sllm.training.pretrained_embeddings import copy_into, pretrained_token_embedding
 from sllm.training.tasks.common import epoch_batches, unwrap
 
 
@@ -25,11 +26,16 @@ class SentenceVAETask:
         run.model.pad_id, run.model.bos_id, run.model.eos_id = tok.pad_id, tok.bos_id, tok.eos_id
         run.data.segmentation_version = SEGMENTATION_VERSION
         run.validate()
+        self.init_embedding = (pretrained_token_embedding(run.init.embeddings_from, tok, run.model.d_model)
+                               if run.init.embeddings_from else None)
         self._batches = epoch_batches(len(self.data.train), self.data.train.lengths, run.train)
         self.dataset_id = self.data.dataset.dataset_id  # recorded with checkpoints: a resume must read the same data
 
     def build_model(self) -> nn.Module:
-        return SentenceVAE(self.run.model)
+        model = SentenceVAE(self.run.model)
+        if self.init_embedding is not None:
+            copy_into(model, self.init_embedding)
+        return model
 
     def num_batches(self, epoch: int) -> int:
         return len(self._batches)

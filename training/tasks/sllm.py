@@ -23,6 +23,7 @@ from sllm.training.config import SLLMRunConfig
 from sllm.training.data.passage_data import PassageBatch, PreparedPassages, collate_passages, prepare_passages
 from sllm.training.evaluate_lm import sllm_token_nll
 from sllm.training.load import OPT_CONFIG_FILE, load_sentence_vae
+from sllm.training.pretrained_embeddings import check_tokenizer
 from sllm.training.tasks.common import epoch_batches, unwrap
 
 
@@ -44,6 +45,8 @@ class SLLMTask:
         if self.svae_state is None:
             m.vocab_size, m.pad_id, m.bos_id, m.eos_id = tok.vocab_size, tok.pad_id, tok.bos_id, tok.eos_id
         run.data.segmentation_version = SEGMENTATION_VERSION
+        if run.sllm.init_embeddings_from_opt and run.opt.pretrained:  # its rows must mean our tokens
+            check_tokenizer(run.opt.pretrained, tok, "opt.pretrained (sllm.init_embeddings_from_opt)")
         opt = load_opt(run.opt, tok.vocab_size, tok.pad_id, tok.bos_id, tok.eos_id)
         self.opt_config: OPTConfig = opt.config
         self.opt_state = {k: v.clone() for k, v in GraftedOPT.from_causal_lm(opt).state_dict().items()

@@ -1,0 +1,132 @@
+#!/usr/bin/env bash
+# The paper's recipe against training from scratch, at equal total tokens (configs/quality/):
+#   baseline-pretrain   token-level OPT, 2,200 x 16 passages                 10.8 M tokens
+#   -> export           its Hugging Face folder: what the recipe starts from (OUT/baseline-pretrain-hf/baseline)
+#   svae-init           SentenceVAE, token embeddings from that OPT, 2,800 x 256 sentences   9.9 M
+#   sllm-pretrained     stage 2 grafted on that OPT, SentenceVAE from svae-init, 910 x 16    4.6 M  (total 25.3 M)
+#   baseline-continued  that OPT trained on, 2,955 x 16 passages                 14.5 M  (total 25.3 M)
+#   svae-scratch        SentenceVAE from random weights, 5,845 x 256 sentences   20.8 M
+#   sllm-scratch        stage 2 on fresh OPT blocks, 910 x 16 passages            4.6 M  (total 25.3 M)
+# then the comparisons, on validation and on the held-out register, into RESULTS (docs/results/quality).
+# The paper's protocol (its OPT evaluated as downloaded; its SLLM grafted from that OPT and trained one
+# epoch on the evaluation corpus) on the held-out register, split 98/2 (heldout-data):
+#   sllm-heldout        stage 2 grafted on the pretrained OPT, SentenceVAE from svae-init, ~1 epoch of it
+#   baseline-heldout    the pretrained OPT trained the same ~1 epoch on it (the third row)
+#
+# Hours on 2 CPU cores. Idempotent: a finished run is skipped, an unfinished one resumes exactly from
+# its last checkpoint, so after a kill (SIGTERM to the training process saves first) run it again.
+#   scripts/train_quality.sh                            # into runs/quality
+#   SMOKE=1 OUT=/tmp/q RESULTS=/tmp/q/results scripts/train_quality.sh   # every step, tiny and short
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -x .venv/bin/sllm-train ] && PATH="$PWD/.venv/bin:$PATH"
+CFG=configs/quality
+SMOKE=${SMOKE:-0}
+if [ "$SMOKE" = 1 ]; then
+  : "${OUT:?SMOKE=1 needs OUT=a scratch folder}"  # never the long runs' folder
+  RESULTS=${RESULTS:-$OUT/results}
+  STEPS=(train.max_steps=2 train.warmup_steps=1 train.eval_every=0 train.eval_batches=1 train.log_every=1
+         train.save_every=1 train.threads=1 data.cache_dir="$OUT/cache")
+  SVAE=(model.d_model=32 model.n_heads=2 model.ffn_dim=64 train.batch_size=8)
+  OPT=(opt.hidden_size=32 opt.num_hidden_layers=2 opt.num_attention_heads=2 opt.ffn_dim=64 train.batch_size=2)
+  STAGE2=(train.batch_size=2)
+  PREPARE=(--max-documents 30 --workers 1)
+  N_VAL=4; N_HELDOUT=4; N_EXACT=4; N_LOSS=50
+else
+  OUT=${OUT:-runs/quality}
+  RESULTS=${RESULTS:-docs/results/quality}
+  STEPS=(); SVAE=(); OPT=(); STAGE2=(); PREPARE=()
+  N_VAL=0; N_HELDOUT=2000; N_EXACT=1000; N_LOSS=20000
+fi
+mkdir -p "$OUT" "$RESULTS"
+exec 9>"$OUT/.train_quality.lock"
+flock -n 9 || { echo "error: another train_quality.sh is running on $OUT" >&2; exit 1; }
+HF=$OUT/baseline-pretrain-hf/baseline
+
+finished() {  # the run's latest checkpoint reached the max_steps its own config.json records
+  python - "$1" <<'EOF'
+import json, sys
+from pathlib import Path
+run = Path(sys.argv[1])
+try:
+    state = json.loads((run / (run / "latest").read_text().strip() / "trainer_state.json").read_text())
+    sys.exit(0 if state["step"] >= json.loads((run / "config.json").read_text())["train"]["max_steps"] else 1)
+except (OSError, ValueError, KeyError):
+    sys.exit(1)
+EOF
+}
+
+train() {  # train COMMAND NAME [overrides...]
+  local command=$1 name=$2 pid
+  shift 2
+  if [ -f "$OUT/$name.pid" ] && pid=$(cat "$OUT/$name.pid") && kill -0 "$pid" 2>/dev/null; then
+    echo "error: $OUT/$name is being trained by process $pid (started outside this script): run this again when it ends" >&2
+    exit 3
+  fi
+  if finished "$OUT/$name"; then
+    echo "== $name: finished, skipped"
+    return
+  fi
+  echo "== $name: sllm-train $command (resumes if a checkpoint is there)"
+  sllm-train "$command" --config "$CFG/$name.json" --out "$OUT/$name" data.dataset="$OUT/data" "$@" "${STEPS[@]}"
+}
+
+stamp() {  # the file that changes when a run (its latest) or a bundle (its manifest) changes
+  if [ -f "$1/latest" ]; then echo "$1/latest"; else echo "$1/manifest.json"; fi
+}
+
+compare() {  # compare NAME SLLM BASELINE [options...]: skipped while its report is newer than both models
+  local name=$1 sllm=$2 base=$3
+  shift 3
+  if [ "$RESULTS/$name.json" -nt "$(stamp "$sllm")" ] && [ "$RESULTS/$name.json" -nt "$(stamp "$base")" ]; then
+    echo "== $name: up to date"
+    return
+  fi
+  sllm-train compare "$sllm" "$base" --report "$RESULTS/$name.md" "$@"
+}
+
+evaluate() {  # evaluate NAME SVAE [options...]
+  local name=$1 svae=$2
+  shift 2
+  if [ "$RESULTS/$name.json" -nt "$(stamp "$svae")" ]; then
+    echo "== $name: up to date"
+    return
+  fi
+  sllm-train eval "$svae" --n-exact "$N_EXACT" --n-loss "$N_LOSS" --report "$RESULTS/$name.md" "$@"
+}
+
+# the prepared dataset (vocab 4,096, comma split, passages of <= 32 sentences / 512 tokens)
+[ -f "$OUT/data/manifest.json" ] || sllm-train prepare --out "$OUT/data" --config "$CFG/baseline-pretrain.json" "${PREPARE[@]}"
+
+train baseline baseline-pretrain "${OPT[@]}"
+if [ ! -f "$HF/manifest.json" ] || [ "$OUT/baseline-pretrain/latest" -nt "$HF/manifest.json" ]; then
+  sllm-export "$OUT/baseline-pretrain" --out "$OUT/baseline-pretrain-hf" --force  # fp16 Hugging Face folder
+fi
+train svae svae-init "${SVAE[@]}" init.embeddings_from="$HF"
+train sllm sllm-pretrained opt.pretrained="$HF" sllm.svae_checkpoint="$OUT/svae-init" "${STAGE2[@]}"
+train baseline baseline-continued opt.pretrained="$HF" "${OPT[@]}"
+train svae svae-scratch "${SVAE[@]}"
+train sllm sllm-scratch sllm.svae_checkpoint="$OUT/svae-scratch" "${OPT[@]}"
+
+# the paper's protocol: the held-out register as a training corpus of its own (same tokenizer and settings)
+[ -f "$OUT/heldout-data/manifest.json" ] || sllm-train prepare data/heldout --out "$OUT/heldout-data" \
+  --config "$CFG/baseline-pretrain.json" --tokenizer "$OUT/data" "${PREPARE[@]}"
+HELDOUT_DATA=(data.dataset="$OUT/heldout-data")
+train sllm sllm-heldout opt.pretrained="$HF" sllm.svae_checkpoint="$OUT/svae-init" "${STAGE2[@]}" "${HELDOUT_DATA[@]}"
+train baseline baseline-heldout opt.pretrained="$HF" "${OPT[@]}" "${HELDOUT_DATA[@]}"
+
+# protocol (a), equal total tokens: both SLLMs against the continued baseline, and the recipe's SLLM
+# against the OPT it started from (the paper's baseline, evaluated as is)
+for text in validation heldout; do
+  if [ "$text" = heldout ]; then opts=(--heldout --n-passages "$N_HELDOUT"); else opts=(--n-passages "$N_VAL"); fi
+  compare "sllm-pretrained-vs-baseline-continued-$text" "$OUT/sllm-pretrained" "$OUT/baseline-continued" "${opts[@]}"
+  compare "sllm-scratch-vs-baseline-continued-$text" "$OUT/sllm-scratch" "$OUT/baseline-continued" "${opts[@]}"
+  compare "sllm-pretrained-vs-baseline-pretrain-$text" "$OUT/sllm-pretrained" "$HF" "${opts[@]}"
+  if [ "$text" = heldout ]; then opts=(--heldout); else opts=(); fi
+  evaluate "svae-init-$text" "$OUT/svae-init" "${opts[@]}"
+  evaluate "svae-scratch-$text" "$OUT/svae-scratch" "${opts[@]}"
+done
+# the paper's protocol, on the held-out register's own validation documents (the runs' validation split)
+compare "paper-sllm-heldout-vs-baseline-pretrain" "$OUT/sllm-heldout" "$HF" --n-passages "$N_VAL"
+compare "paper-sllm-heldout-vs-baseline-heldout" "$OUT/sllm-heldout" "$OUT/baseline-heldout" --n-passages "$N_VAL"
+python scripts/quality_table.py "$OUT" "$RESULTS"

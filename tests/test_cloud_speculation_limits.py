@@ -1,0 +1,153 @@
+"""Speculation that costs the cloud no more than it saves, against a real server with a SentenceVAE: a
+client that lets the cloud guess and then rewinds, and one that accepts every guess with no cap and a
+stop threshold of 1, cost the model thread at most about twice what an honest speculating client costs
+per sentence; an honest client's steps stay fast beside them. CPU is the model thread's own
+(pthread CPU clock), so the clients' threads in this process do not count."""
+import random
+import statistics
+import threading
+import time
+
+import pytest
+from cloud_helpers import running_server
+from helpers import _make_sentence
+
+from sllm import edge
+from sllm.edge.api import AnswerOptions
+from sllm.export.exporter import export_checkpoint
+from sllm.protos.client import CloudClient
+from sllm.protos.v1 import sllm_pb2 as pb
+
+PROMPTS = [" ".join(_make_sentence(random.Random(i * 11 + k)) for k in range(2)) for i in range(12)]
+N = 8  # sentences the cloud may run ahead
+
+
+@pytest.fixture(scope="module")
+def export(sllm_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("spec_limits") / "export"
+    export_checkpoint(sllm_run, out, n_verify=2)
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(export):
+    with running_server(export / "cloud", speculate_max=16, speculate_answer_max=16) as srv:
+        yield srv
+
+
+def _cpu(srv) -> float:
+    """CPU seconds of the model thread (where guesses are decoded and every step runs)."""
+    return time.clock_gettime(time.pthread_getcpuclockid(srv.batcher.thread.ident))
+
+
+def _prompt(export, text):
+    from sllm.edge.runtime import EdgeRuntime
+
+    rt = EdgeRuntime.load(export / "edge", device="cpu")
+    return rt, rt.encode(list(rt.prompt_sentences(text)))
+
+
+def _honest(srv, export, prompts, steps: list | None = None) -> tuple[float, int]:
+    """An honest speculating edge: (model-thread CPU, sentences in its answers)."""
+    sentences = 0
+    cpu0 = _cpu(srv)
+    with edge.connect(f"127.0.0.1:{srv.port}", export / "edge", speculate=N, options=AnswerOptions()) as chat:
+        for p in prompts:
+            t0 = time.perf_counter()
+            answer = chat.ask(p, max_sentences=6)
+            for _ in answer:
+                sentences += 1
+                if steps is not None:
+                    steps.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+            chat.reset()
+    return _cpu(srv) - cpu0, max(1, sentences)
+
+
+def _rewinder(srv, rt, prompt, rounds: int, stop: threading.Event | None = None) -> tuple[float, int]:
+    """Lets the cloud guess N sentences, then rewinds to the prompt's end with a sentence of its own, again
+    and again: (model-thread CPU, messages sent)."""
+    p = len(prompt)
+    decoding = pb.Decoding(guess=True, stop_threshold=1.0)
+    cpu0, sent = _cpu(srv), 0
+    with CloudClient(f"127.0.0.1:{srv.port}") as c:
+        conv = c.conversation(rt.model_id, rt.d_model, speculate=N, step_timeout=60)
+        base = conv.append(prompt, position=0, decoding=decoding).past_length
+        sent += 1
+        for r in range(rounds):
+            if stop is not None and stop.is_set():
+                break
+            for k in range(1, N + 1):
+                if conv.speculative_step(base + k).declined:
+                    break
+            base = conv.append(prompt[-1:] * (1 + 0.01 * r), position=p, decoding=decoding).past_length
+            sent += 1
+        conv.close()
+    return _cpu(srv) - cpu0, sent
+
+
+def _accept_all(srv, rt, prompt) -> tuple[float, int]:
+    """Accepts every guess, no cap, stop threshold 1: (model-thread CPU, sentences accepted)."""
+    p = len(prompt)
+    cpu0, accepted = _cpu(srv), 0
+    with CloudClient(f"127.0.0.1:{srv.port}") as c:
+        conv = c.conversation(rt.model_id, rt.d_model, speculate=16, step_timeout=60)
+        conv.append(prompt, position=0, decoding=pb.Decoding(guess=True, stop_threshold=1.0))
+        while True:
+            step = conv.speculative_step(p + accepted + 1)
+            if step.declined:
+                break
+            conv.accept(p + accepted)
+            accepted += 1
+        conv.close()
+    return _cpu(srv) - cpu0, max(1, accepted)
+
+
+def test_rewinding_and_accept_everything_speculators_cost_at_most_twice_an_honest_one(server, export):
+    honest_cpu, honest_n = _honest(server, export, PROMPTS[:6])
+    rt, prompt = _prompt(export, PROMPTS[0])
+    per_honest = honest_cpu / honest_n
+    rew_cpu, rew_n = _rewinder(server, rt, prompt, rounds=30)
+    acc_cpu, acc_n = _accept_all(server, rt, prompt)
+    stats = server.service.stats()
+    print(f"model-thread CPU per sentence: honest {1000 * per_honest:.2f} ms ({honest_n} sentences); "
+          f"rewinder {1000 * rew_cpu / rew_n:.2f} ms per message ({rew_n}); accept-all {1000 * acc_cpu / acc_n:.2f} "
+          f"ms per accepted ({acc_n}); sessions stopped from guessing: {stats['speculation_stopped_total']}")
+    assert stats["speculation_stopped_total"] >= 1  # the rewinder lost guessing
+    assert acc_n <= 16  # no answer guessed past --speculate-answer-max
+    assert rew_cpu / rew_n <= 2 * per_honest
+    assert acc_cpu / acc_n <= 2 * per_honest
+
+
+def test_an_honest_clients_steps_stay_fast_beside_four_speculators(server, export):
+    base: list[float] = []
+    _honest(server, export, PROMPTS[6:12], base)
+    rt, prompt = _prompt(export, PROMPTS[1])
+    stop = threading.Event()
+    attackers = [threading.Thread(target=_rewinder, args=(server, rt, prompt, 10 ** 6, stop)) for _ in range(4)]
+    for t in attackers:
+        t.start()
+    try:
+        time.sleep(0.3)
+        loaded: list[float] = []
+        _honest(server, export, PROMPTS[6:12], loaded)
+    finally:
+        stop.set()
+        for t in attackers:
+            t.join(30)
+    b, l_ = statistics.median(base), statistics.median(loaded)
+    print(f"honest step median: alone {1000 * b:.1f} ms, beside four rewinders {1000 * l_:.1f} ms")
+    assert not any(t.is_alive() for t in attackers)
+    assert l_ <= 1.5 * b + 0.005  # 5 ms of scheduling slack on a shared 2-core machine
+
+
+def test_the_banner_says_when_the_cloud_can_read_the_conversation():
+    from types import SimpleNamespace
+
+    from sllm.edge.cli import _speculation_words
+
+    on = SimpleNamespace(speculate=16, conv=SimpleNamespace(speculate=16, speculate_note=""))
+    off = SimpleNamespace(speculate=0, conv=SimpleNamespace(speculate=0, speculate_note=""))
+    assert "the cloud can read this conversation" in _speculation_words(on)
+    assert "--speculate 0" in _speculation_words(on)
+    assert "can read" not in _speculation_words(off)
