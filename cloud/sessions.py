@@ -180,7 +180,9 @@ class SessionStore:
                 raise ServiceError(pb.SESSION_FULL, f"open.history has {history_len} sentences; a session holds at "
                                                     f"most {self.max_sentences}")
             usage = self._usage(owner)
-            if (usage.sessions >= self.owner_max_sessions
+            # an owner's quota is checked only where it is tighter than the server's limit (with one owner,
+            # or none authenticated, the server's own message is the true one)
+            if (self.owner_max_sessions < self.max_sessions and usage.sessions >= self.owner_max_sessions
                     and not self._evict_one("to make room for a new session of its owner", owner=owner)):
                 usage.refused_total += 1
                 raise ServiceError(pb.SERVER_FULL, f"this caller (token or client certificate) holds its quota of "
@@ -237,7 +239,8 @@ class SessionStore:
                                                     f"the limit of {self.max_sentences} per session; start a new "
                                                     "conversation")
             usage = self._usage(s.owner)
-            while (usage.sentences + n) * self.per_sentence > self.owner_kv_budget_bytes:
+            while (self.owner_kv_budget_bytes < self.kv_budget_bytes
+                   and (usage.sentences + n) * self.per_sentence > self.owner_kv_budget_bytes):
                 if not self._evict_one("to make room in its owner's KV quota", keep=s, owner=s.owner):
                     usage.refused_total += 1
                     raise ServiceError(

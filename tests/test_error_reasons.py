@@ -153,6 +153,9 @@ def handed_back(sc: Scenario) -> dict:
     stepper.connect()
     stepper.append(sc.vectors())
     assert sc.server.store.hand_back(0.0, shutting_down("this replica is shutting down; rebuild elsewhere")) >= 1
+    # hand_back only asks the stream to end: wait until it has (the session detached), or the next
+    # Append can still be stepped on the old stream before the end reaches it
+    _wait(lambda: sc.server.store.stats()["attached_sessions"] == 0)
     return {**sc.recovery(stepper, sc.vectors("Go on.")), "same_key": len(set(sc.keys)) == 1}
 
 
