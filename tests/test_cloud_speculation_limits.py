@@ -1,11 +1,10 @@
 """Speculation that costs the cloud no more than it saves, against a real server with a SentenceVAE: a
 client that lets the cloud guess and then rewinds, and one that accepts every guess with no cap and a
 stop threshold of 1, cost the model thread at most about twice what an honest speculating client costs
-per sentence; an honest client's steps stay fast beside them. CPU is the model thread's own
-(pthread CPU clock), so the clients' threads in this process do not count."""
+per sentence. CPU is the model thread's own (pthread CPU clock), so the clients' threads in this process
+do not count. An honest client's step latency beside four rewinders is a figure, not a test:
+`python -m bench.speculation_fairness`."""
 import random
-import statistics
-import threading
 import time
 
 import pytest
@@ -47,24 +46,19 @@ def _prompt(export, text):
     return rt, rt.encode(list(rt.prompt_sentences(text)))
 
 
-def _honest(srv, export, prompts, steps: list | None = None) -> tuple[float, int]:
+def _honest(srv, export, prompts) -> tuple[float, int]:
     """An honest speculating edge: (model-thread CPU, sentences in its answers)."""
     sentences = 0
     cpu0 = _cpu(srv)
     with edge.connect(f"127.0.0.1:{srv.port}", export / "edge", speculate=N, options=AnswerOptions()) as chat:
         for p in prompts:
-            t0 = time.perf_counter()
-            answer = chat.ask(p, max_sentences=6)
-            for _ in answer:
+            for _ in chat.ask(p, max_sentences=6):
                 sentences += 1
-                if steps is not None:
-                    steps.append(time.perf_counter() - t0)
-                t0 = time.perf_counter()
             chat.reset()
     return _cpu(srv) - cpu0, max(1, sentences)
 
 
-def _rewinder(srv, rt, prompt, rounds: int, stop: threading.Event | None = None) -> tuple[float, int]:
+def _rewinder(srv, rt, prompt, rounds: int) -> tuple[float, int]:
     """Lets the cloud guess N sentences, then rewinds to the prompt's end with a sentence of its own, again
     and again: (model-thread CPU, messages sent)."""
     p = len(prompt)
@@ -75,8 +69,6 @@ def _rewinder(srv, rt, prompt, rounds: int, stop: threading.Event | None = None)
         base = conv.append(prompt, position=0, decoding=decoding).past_length
         sent += 1
         for r in range(rounds):
-            if stop is not None and stop.is_set():
-                break
             for k in range(1, N + 1):
                 if conv.speculative_step(base + k).declined:
                     break
@@ -117,28 +109,6 @@ def test_rewinding_and_accept_everything_speculators_cost_at_most_twice_an_hones
     assert acc_n <= 16  # no answer guessed past --speculate-answer-max
     assert rew_cpu / rew_n <= 2 * per_honest
     assert acc_cpu / acc_n <= 2 * per_honest
-
-
-def test_an_honest_clients_steps_stay_fast_beside_four_speculators(server, export):
-    base: list[float] = []
-    _honest(server, export, PROMPTS[6:12], base)
-    rt, prompt = _prompt(export, PROMPTS[1])
-    stop = threading.Event()
-    attackers = [threading.Thread(target=_rewinder, args=(server, rt, prompt, 10 ** 6, stop)) for _ in range(4)]
-    for t in attackers:
-        t.start()
-    try:
-        time.sleep(0.3)
-        loaded: list[float] = []
-        _honest(server, export, PROMPTS[6:12], loaded)
-    finally:
-        stop.set()
-        for t in attackers:
-            t.join(30)
-    b, l_ = statistics.median(base), statistics.median(loaded)
-    print(f"honest step median: alone {1000 * b:.1f} ms, beside four rewinders {1000 * l_:.1f} ms")
-    assert not any(t.is_alive() for t in attackers)
-    assert l_ <= 1.5 * b + 0.005  # 5 ms of scheduling slack on a shared 2-core machine
 
 
 def test_the_banner_says_when_the_cloud_can_read_the_conversation():
