@@ -309,3 +309,16 @@ def test_svae_variants_train_evaluate_and_plot(model_dir, tiny_corpus, tmp_path)
                                        [str(tiny_corpus)], 0, 8, logs.append)
     assert other["rows"][0]["train_s"] > 0 and other["rows"][0]["steps"] == 4
     assert sorted(p.name for p in (tmp_path / "work").glob("svae-H1-*")) == ["svae-H1-3x8", "svae-H1-4x8"]
+
+
+def test_stop_rate_counts_how_each_answer_ended(tmp_path, capsys):
+    from bench import stop_rate
+
+    text = "The river rose in the spring. The town moved uphill. The mill stayed. Nobody missed the old road."
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text(json.dumps({"text": text}) + "\n" + json.dumps({"text": "Too short."}) + "\n")
+    assert stop_rate.prompts_from(corpus, 5) == ["The river rose in the spring."]  # the short document is skipped
+    model = Path(__file__).resolve().parents[1] / "models" / "default"
+    stop_rate.main([str(corpus), "--prompts", "1", "--model", str(model)])
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f"{corpus}: ") and "/1 answers ended by the stop head" in line
