@@ -110,7 +110,8 @@ def create_app(pool: Conversations, model_id: str, *, defaults: AnswerOptions = 
 
     app = Starlette(routes=[Route("/", page), Route("/v1/models", models),
                             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-                            Route("/v1/completions", completions, methods=["POST"])], lifespan=lifespan)
+                            Route("/v1/completions", completions, methods=["POST"])], lifespan=lifespan,
+                    exception_handlers={404: _not_found, 405: _not_allowed})
     app.state.pool = pool
     return app
 
@@ -191,6 +192,17 @@ def _json(obj: dict, status: int = 200) -> Response:
 
 def _error(e: oa.ApiError) -> Response:
     return _json(e.body(), e.status)
+
+
+async def _not_found(request: Request, exc: Exception) -> Response:
+    """Unknown routes answer in OpenAI's error shape too (clients parse every error body)."""
+    return _error(oa.ApiError(404, f"no route {request.method} {request.url.path}; this server has "
+                                   "/v1/models, /v1/chat/completions and /v1/completions", code="not_found"))
+
+
+async def _not_allowed(request: Request, exc: Exception) -> Response:
+    return _error(oa.ApiError(405, f"{request.method} is not allowed on {request.url.path}",
+                              code="method_not_allowed"))
 
 
 def _api_error(e: Exception) -> oa.ApiError:

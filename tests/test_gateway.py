@@ -233,6 +233,13 @@ def _post(url: str, body: bytes, headers: dict | None = None) -> tuple[int, dict
         return e.code, json.loads(e.read())
 
 
+def test_unknown_routes_and_methods_answer_in_openai_error_shape(gateway):
+    status, err = _post(gateway[0] + "/v1/embeddings", b"{}")
+    assert status == 404 and err["error"]["code"] == "not_found" and "/v1/chat/completions" in err["error"]["message"]
+    status, err = _post(gateway[0] + "/v1/models", b"{}")  # a POST where only GET is served
+    assert status == 405 and err["error"]["code"] == "method_not_allowed"
+
+
 def test_api_key_and_request_size(server, runtime):
     with running_gateway(f"127.0.0.1:{server.port}", runtime, api_key="k3y", max_request_bytes=2048) as (url, _):
         body = json.dumps({"messages": [{"role": "user", "content": FIRST}], "max_sentences": 1}).encode()
