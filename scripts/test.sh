@@ -7,8 +7,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 ./scripts/setup_edge.sh
-./scripts/ensure_nginx.sh  # nginx for the replica tests, where it can be installed (CI runs as root)
-./scripts/ensure_chromium.sh  # Debian's Chromium for the chat page's browser test, likewise
+./scripts/ensure_deb.sh nginx 90 nginx  # for the replica tests, where it can be installed (CI runs as root)
+./scripts/ensure_deb.sh chromium 180 chromium chromium-browser  # for the chat page's browser test, likewise
 # .venv/bin/pytest, not `python -m pytest`: `sllm.*` comes from the install (pytest puts only the
 # checkout root on sys.path, for bench/, which is not installed)
 exec .venv/bin/pytest -q "$@"

@@ -73,3 +73,14 @@ def sllm_run(tiny_corpus, stage1, tmp_path_factory) -> Path:
     overrides = sllm_overrides(tiny_corpus, out / "cache") + [f"sllm.svae_checkpoint={stage1}", "train.max_steps=6"]
     train_run(SLLMRunConfig, SLLMTask, overrides, out / "run")
     return out / "run"
+
+
+@pytest.fixture(scope="session")
+def sllm_export(sllm_run, tmp_path_factory) -> Path:
+    """`sllm_run` exported once (edge/, cloud/, svae/), verified on 4 sentences. Tests must not modify
+    it: copy first."""
+    from sllm.export.exporter import export_checkpoint
+
+    out = tmp_path_factory.mktemp("sllm_export") / "model"
+    export_checkpoint(sllm_run, out, n_verify=4)
+    return out

@@ -2,7 +2,7 @@
 front of the real gateway, a real cloud server and the shipped model. A prompt typed into the page is answered
 sentence by sentence (each sentence appears on its own, as it streams) with what `edge-chat --prompt` answers;
 Stop leaves the page ready for the next prompt; New conversation clears it. Skips, saying why, where Chromium is not installed
-(scripts/ensure_chromium.sh installs it where it can)."""
+(scripts/ensure_deb.sh installs it where it can)."""
 from __future__ import annotations
 
 import json
@@ -21,7 +21,7 @@ MODEL = ROOT / "models" / "default"
 PROMPT = "It is a truth universally acknowledged,"
 
 pytestmark = pytest.mark.skipif(chromium() is None, reason="Chromium is not installed (Debian: apt-get install "
-                                                           "chromium; scripts/ensure_chromium.sh does it as root)")
+                                                           "chromium; scripts/ensure_deb.sh does it as root)")
 
 # records when each sentence element appears (a MutationObserver: the DOM as the user sees it)
 RECORD = """

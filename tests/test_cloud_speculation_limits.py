@@ -13,7 +13,6 @@ from helpers import _make_sentence
 
 from sllm import edge
 from sllm.edge.api import AnswerOptions
-from sllm.export.exporter import export_checkpoint
 from sllm.protos.client import CloudClient
 from sllm.protos.v1 import sllm_pb2 as pb
 
@@ -22,10 +21,8 @@ N = 8  # sentences the cloud may run ahead
 
 
 @pytest.fixture(scope="module")
-def export(sllm_run, tmp_path_factory):
-    out = tmp_path_factory.mktemp("spec_limits") / "export"
-    export_checkpoint(sllm_run, out, n_verify=2)
-    return out
+def export(sllm_export):
+    return sllm_export
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,6 @@ from bench.rtt import (
 )
 from sllm.edge.api import AnswerOptions
 from sllm.edge.runtime import EdgeRuntime
-from sllm.export.exporter import export_checkpoint
 from sllm.runtime.manifest import read_manifest
 
 
@@ -119,10 +118,8 @@ def test_a_speculation_row_counts_guesses_round_trips_and_the_extra_cloud_work()
 
 
 @pytest.fixture(scope="module")
-def export(sllm_run, tmp_path_factory):
-    out = tmp_path_factory.mktemp("rtt_export") / "export"
-    export_checkpoint(sllm_run, out, n_verify=4)
-    return out
+def export(sllm_export):
+    return sllm_export
 
 
 def test_the_sllm_runner_speculates_with_the_same_output_and_counts_its_guesses(export):

@@ -12,7 +12,6 @@ from helpers import ROOT, sllm_overrides, train_run
 from typer.testing import CliRunner
 
 from sllm.edge.runtime import EdgeRuntime
-from sllm.export.exporter import export_checkpoint
 from sllm.modeling.cloud_bundle import load_cloud_bundle
 from sllm.modeling.sllm_generate import SLLMGenerator
 from sllm.runtime.edge_bundle import load_edge_bundle
@@ -33,11 +32,9 @@ runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def exported(sllm_run, tmp_path_factory):
+def exported(sllm_export):
     """The tiny SLLM exported: edge/ + cloud/ + svae/ (the exported SentenceVAE in float32)."""
-    out = tmp_path_factory.mktemp("export") / "model"
-    export_checkpoint(sllm_run, out, n_verify=4)
-    return out
+    return sllm_export
 
 
 def test_the_exported_svae_folder_is_the_exported_one(exported, sllm_run):

@@ -15,7 +15,6 @@ from helpers import _make_sentence
 from sllm import edge
 from sllm.edge.api import AnswerOptions
 from sllm.edge.speculate import TOLERANCE, Speculation, same_sentence
-from sllm.export.exporter import export_checkpoint
 from sllm.modeling.svae_bundle import load_svae_folder
 from sllm.protos.client import CloudClient, CloudError
 from sllm.protos.v1 import sllm_pb2 as pb
@@ -26,10 +25,8 @@ CAP = 5  # sentences per answer
 
 
 @pytest.fixture(scope="module")
-def export(sllm_run, tmp_path_factory):
-    out = tmp_path_factory.mktemp("spec_export") / "export"
-    export_checkpoint(sllm_run, out, n_verify=4)
-    return out
+def export(sllm_export):
+    return sllm_export
 
 
 @pytest.fixture(scope="module")
