@@ -85,16 +85,10 @@ class Tally:
 
 
 def cause(e: Exception) -> str:
-    """The gRPC status behind an EdgeError: from edge.chat.explain's wording, else the first status
-    name the message carries (the outermost one), else its first words."""
-    text = str(e)
-    for phrase, code in (("cannot reach", "UNAVAILABLE"), ("is shutting down", "UNAVAILABLE"),
-                         ("no answer from", "DEADLINE_EXCEEDED"), ("is out of room", "RESOURCE_EXHAUSTED"),
-                         ("refused the bearer token", "UNAUTHENTICATED")):
-        if phrase in text:
-            return code
-    found = sorted((text.find(code.name), code.name) for code in grpc.StatusCode if code.name in text)
-    return found[0][1] if found else " ".join(text.split()[:6])
+    """The gRPC status behind an error (EdgeError and CloudError carry it as `.code`), else its first
+    words."""
+    code = getattr(e, "code", None)
+    return code.name if isinstance(code, grpc.StatusCode) else " ".join(str(e).split()[:6])
 
 
 def run_conversation(target: str, runtime, token: str, prompt: str, max_sentences: int, tally: Tally,
