@@ -112,8 +112,8 @@ def test_rewinding_and_accept_everything_speculators_get_a_bounded_number_of_gue
     acc_cpu, acc_n = _accept_all(server, rt, prompt)
     guesses2, tokens2 = _guess_work(server)
     print(f"model-thread CPU: honest {1000 * honest_cpu / honest_n:.2f} ms per sentence ({honest_n}); rewinder "
-          f"{1000 * rew_cpu / rew_n:.2f} ms per message ({rew_n}, {guesses1 - guesses0} guesses); accept-all "
-          f"{1000 * acc_cpu / acc_n:.2f} ms per accepted ({acc_n}, {guesses2 - guesses1} guesses)")
+          f"{1000 * rew_cpu / rew_n:.2f} ms per message ({rew_n}, {guesses1 - guesses0} guesses, {tokens1 - tokens0} tokens); accept-all "
+          f"{1000 * acc_cpu / acc_n:.2f} ms per accepted ({acc_n}, {guesses2 - guesses1} guesses, {tokens2 - tokens1} tokens)")
 
     # The rewinder wastes every guess: it loses guessing once it has wasted two windows more than it took
     # (a window in flight may still land), so its guesses do not grow with its messages (30 rounds x 8
