@@ -38,7 +38,7 @@ from bench.config import ROOT
 from bench.models import load_models
 from bench.sllm_loop import EngineStepper, PastStop
 from sllm.edge.loop import SentenceEvent, TurnEnd, sentence_loop
-from sllm.edge.sampling import Sampling
+from sllm.runtime.sampling import Sampling
 from sllm.sentences.sampling import DEFAULT_NO_REPEAT_NGRAM, DEFAULT_NO_REPEAT_SENTENCE, DEFAULT_REPETITION_PENALTY
 
 GREEDY = Sampling()

@@ -247,8 +247,8 @@ class OrtKV(_StreamTimer):
         self.kv_dims = (config.num_hidden_layers, config.num_attention_heads,
                         config.hidden_size // config.num_attention_heads)
         self.calls = 0
-        self.description = (f"the baseline exported to ONNX with its KV cache, ONNX Runtime CPU, greedy numpy loop, "
-                            f"{threads} thread(s)")
+        self.description = (f"the baseline's fused ONNX graph with its KV cache (sllm.export.baseline_onnx), ONNX "
+                            f"Runtime CPU, greedy numpy loop, {threads} thread(s)")
 
     def stream(self, prompt_ids: list[int], max_new: int) -> Iterator[int]:
         steps = KVSteps(self.session, self.kv_dims, 1, len(prompt_ids) + max_new - 1)  # one per stream

@@ -1,18 +1,26 @@
-"""The cloud-only baseline: the token-level OPT generates on the server and streams each token as
-it is made, so a conversation pays the network round trip once per answer, not per token or
+"""The cloud-only baseline: the token-level OPT generates on the server and streams its tokens as
+they are made, so a conversation pays the network round trip once per answer, not per token or
 sentence. A bench-only gRPC service (generic handler, raw bytes, no .proto):
 
     /sllm.bench.CloudOnly/Generate   unary -> stream
       request:  int32 little-endian [max_new, prompt id, prompt id, ...]
-      replies:  one int32 little-endian token id each, as soon as it is generated
+      replies:  int32 little-endian token ids: every token made since the previous reply (at least one)
 
     python -m bench.cloud_only --baseline models/default/baseline --port 0 --threads 1
-    # logs {"event": "server_start", "address": ...} on stderr, serves until SIGTERM / Ctrl-C
+    # logs {"event": "server_start", "address": ..., "generator": ..., "streaming": ...} on stderr,
+    # serves until SIGTERM / Ctrl-C
+
+Streaming as a serving stack does it (vLLM, TGI: the engine loop never waits for the client): the
+engine generates in a thread of its own, and each reply carries the tokens made since the last one
+was sent. While a send is quicker than a token that is one token per reply, sent the moment it
+is made; when sends fall behind (a loaded machine), a reply carries several, so the per-message
+cost of gRPC never slows generation down (as vLLM's output collector merges the deltas a slow
+reader has not taken yet).
 
 The generator is pluggable: any object with `.stream(prompt_ids, max_new) -> Iterator[int]`
-(greedy, exactly max_new tokens). `--generator hf` is the Hugging Face model's own forward with
-its KV cache, token by token; `auto` takes the fastest token-level generator of bench/baselines.py
-when that module offers one, else hf.
+(greedy, exactly max_new tokens). `--generator auto` (the default) is the fastest token-level engine
+the project has, bench.baselines.fastest_generator: the fused ONNX export of the baseline with its
+KV cache in ONNX Runtime; `hf` is the Hugging Face model's own forward with its KV cache.
 """
 from __future__ import annotations
 
@@ -24,6 +32,7 @@ import threading
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
+from queue import SimpleQueue
 from typing import Self
 
 import grpc
@@ -71,32 +80,61 @@ class HFGreedy:
 
 
 def make_generator(kind: str, baseline_dir: Path, threads: int, cache: Path | None = None):
-    """(generator, what it is in words). kind: hf, or auto (bench.baselines' fastest, else hf);
-    cache: where bench.baselines may keep its export between runs."""
+    """(generator, what it is in words). kind: auto (bench.baselines' fastest: the fused ONNX graph
+    with its KV cache) or hf; cache: where bench.baselines keeps its ONNX export between runs."""
+    if kind == "auto":
+        from bench.baselines import fastest_generator
+
+        fast = fastest_generator(baseline_dir, threads, cache)
+        return fast, fast.description
     from sllm.modeling.baseline_bundle import load_baseline_bundle
 
-    if kind == "auto":
-        fast = _fastest_from_baselines(baseline_dir, threads, cache)
-        if fast is not None:
-            return fast
-    loaded = load_baseline_bundle(baseline_dir)
-    return HFGreedy(loaded.model), "Hugging Face OPT forward with its KV cache, token by token (torch eager)"
+    return HFGreedy(load_baseline_bundle(baseline_dir).model), ("Hugging Face OPT forward with its KV cache, "
+                                                               "token by token (torch eager)")
 
 
-def _fastest_from_baselines(baseline_dir: Path, threads: int, cache: Path | None):
-    """bench.baselines' fastest token-level generator, when it has one with `.stream` (another
-    helper writes that module: tried, never required)."""
+STREAMING = "gRPC server streaming, each reply the tokens made since the previous one (no per-token round trip)"
+_END = object()
+
+
+def made_since_last_send(tokens: Iterator[int]) -> Iterator[list[int]]:
+    """`tokens`, generated in a thread of their own, handed out as lists: each one every token made
+    since the previous list was taken (at least one, in order). Closing this iterator stops the
+    generation after its next token (a client that went away)."""
+    made: SimpleQueue = SimpleQueue()
+    stop = threading.Event()
+
+    def generate() -> None:
+        try:
+            for token in tokens:
+                made.put(token)
+                if stop.is_set():
+                    break
+        except Exception as e:  # noqa: BLE001 - handed to the sender, which raises it
+            made.put(e)
+        finally:
+            if hasattr(tokens, "close"):
+                tokens.close()  # in the thread that ran it: a generator's context (inference mode) exits here
+        made.put(_END)
+
+    threading.Thread(target=generate, name="cloud-only-generate", daemon=True).start()
     try:
-        from bench import baselines
-    except ImportError:
-        return None
-    factory = getattr(baselines, "fastest_generator", None)
-    if factory is None:
-        return None
-    generator = factory(baseline_dir, threads, cache)
-    if not hasattr(generator, "stream"):
-        return None
-    return generator, getattr(generator, "description", type(generator).__name__)
+        while True:
+            items = [made.get()]
+            while not made.empty():
+                items.append(made.get())
+            ids = []
+            for item in items:
+                if item is _END:
+                    if ids:
+                        yield ids
+                    return
+                if isinstance(item, Exception):
+                    raise item
+                ids.append(item)
+            yield ids
+    finally:
+        stop.set()
 
 
 def serve(generator, port: int = 0, host: str = "127.0.0.1") -> tuple[grpc.Server, int]:
@@ -105,8 +143,8 @@ def serve(generator, port: int = 0, host: str = "127.0.0.1") -> tuple[grpc.Serve
             prompt, max_new = decode_request(request)
         except ValueError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        for token in generator.stream(prompt, max_new):
-            yield np.int32(token).tobytes()
+        for ids in made_since_last_send(generator.stream(prompt, max_new)):
+            yield np.asarray(ids, dtype="<i4").tobytes()
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     handler = grpc.unary_stream_rpc_method_handler(generate)  # no (de)serializers: raw bytes both ways
@@ -117,15 +155,19 @@ def serve(generator, port: int = 0, host: str = "127.0.0.1") -> tuple[grpc.Serve
 
 
 class CloudOnlyClient:
-    """`stream(prompt_ids, max_new)`: the tokens as the server streams them."""
+    """`chunks(prompt_ids, max_new)`: the token ids of each reply as it comes; `stream`: the tokens."""
 
     def __init__(self, target: str):
         self.channel = grpc.insecure_channel(target)
         self.call = self.channel.unary_stream(METHOD)
 
-    def stream(self, prompt_ids: list[int], max_new: int) -> Iterator[int]:
+    def chunks(self, prompt_ids: list[int], max_new: int) -> Iterator[list[int]]:
         for reply in self.call(encode_request(prompt_ids, max_new)):
-            yield int(np.frombuffer(reply, dtype="<i4")[0])
+            yield np.frombuffer(reply, dtype="<i4").tolist()
+
+    def stream(self, prompt_ids: list[int], max_new: int) -> Iterator[int]:
+        for ids in self.chunks(prompt_ids, max_new):
+            yield from ids
 
     def close(self) -> None:
         self.channel.close()
@@ -154,7 +196,8 @@ def main(argv: list[str] | None = None) -> None:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    print(json.dumps({"event": "server_start", "address": f"127.0.0.1:{port}", "generator": what}),
+    print(json.dumps({"event": "server_start", "address": f"127.0.0.1:{port}", "generator": what,
+                      "streaming": STREAMING}),
           file=sys.stderr, flush=True)
     stop.wait()
     server.stop(1).wait()

@@ -84,7 +84,7 @@ def build(model_dir: Path, tmp: Path, log) -> dict:
 def run(model_dir: Path, sentences: int, rounds: int, baseline_tokens: int, refuse: bool, log=print) -> dict:
     from bench.machine import LoadMonitor, machine_info
     from bench.texts import validation_text
-    from sllm.edge.runtime import decode_vectors
+    from sllm.runtime.svae_onnx import decode_vectors
     from sllm.export.baseline_onnx import OPTWithKV
     from sllm.runtime.edge_bundle import load_edge_bundle
     from sllm.runtime.providers import cpu_session

@@ -1,4 +1,4 @@
-"""The round trip (issue 17): one conversation at a time over a delayed network, RTT 0/10/50/100 ms.
+"""The round trip: one conversation at a time over a delayed network, RTT 0/10/50/100 ms.
 
     python -m bench.rtt                 # models/default, 5 prompts, 128 output tokens; docs/results/rtt.{json,md,png}
     python -m bench.rtt --quick         # RTT 0 and 50 ms, 2 prompts, 32 tokens (a smoke test, < 2 min)
@@ -10,13 +10,15 @@ process reaches it through `bench.relay.RelayProcess` (RTT/2 added each way):
                Converse stream (edge.remote.RemoteStepper, speculating 0) to `sllm-cloud
                serve` of MODEL/cloud; one round trip per sentence
   sllm_specN   the same with sentence-level speculation (--speculate 4,16): the server (--speculate-max
-               N --svae DIR) runs up to N sentences ahead, the edge accepts or corrects each guess;
-               a round trip only for a correction or a declined guess (see below)
+               N, guessing with MODEL/edge's graphs) runs up to N sentences ahead, the edge accepts or
+               corrects each guess; a round trip only for a correction or a declined guess (see below)
   token_split  the token-level split: the same server code stepping the baseline OPT's own blocks
                once per token (modeling.token_bundle), the client holding embedding + LM head
                (bench.token_split); one round trip per token
-  cloud_only   the baseline OPT generating on a server of its own and streaming each token
-               (bench.cloud_only); one round trip per answer
+  cloud_only   the baseline OPT generating on a server of its own with the fastest token-level
+               engine the project has (the fused ONNX graph with its KV cache, ONNX Runtime, --threads
+               as every process) and streaming, each gRPC reply the tokens made since the previous
+               one (bench.cloud_only); one round trip per answer, none per token
 Same prompts (validation text, bench.texts) for all, interleaved: for each RTT, each prompt runs
 on every variant in turn. Greedy. The SLLM stops at the first sentence that takes it past
 --output-tokens, ignoring the stop head; the token-level variants make exactly --output-tokens tokens.
@@ -24,6 +26,10 @@ With --chat the SLLM answers as edge-chat does with its defaults (repetition con
 stop threshold sent to the cloud with the prompt, at most 8 sentences): the product path, whose
 answers end by the stop head; the token-level variants then write as many tokens as the plain SLLM's
 answer to the same prompt (no sampled runs: the cloud does not guess sampled answers).
+
+The report opens with the headline: each speculation row against cloud_only at 50 and 100 ms
+(tok/s min / median / max, the ratio of the medians, outputs identical to the plain SLLM's), and
+the machine's load before and during the run (bench.machine.LoadMonitor).
 
 Per run: time to the first sentence (SLLM: encode the prompt, one round trip, decode it) or the
 first token, from the moment the prompt is sent (sessions are opened before the clock starts, as a
@@ -86,7 +92,7 @@ class Run:
     rtt_ms: float
     prompt: int  # index into the prompts
     tokens: int  # output tokens
-    units: int  # sentences (SLLM) or tokens
+    units: int  # sentences (SLLM), tokens, or messages (cloud-only)
     first_tokens: int  # tokens of the first unit
     first_s: float  # prompt sent -> first sentence decoded / first token received
     rest_s: float  # first unit -> last unit
@@ -141,7 +147,7 @@ class Ctx:
     wire_dtype: str
     generator: str  # the cloud-only server's --generator
     bos: int
-    svae_dir: Path | None = None  # the SentenceVAE speculating servers load (--svae), when a variant speculates
+    edge_dir: Path | None = None  # the edge graphs speculating servers guess with (--edge-bundle), when one speculates
     chat: AnswerOptions | None = None  # --chat: the SLLM answers as edge-chat does with these options
 
 
@@ -149,7 +155,7 @@ class Ctx:
 class Variant:
     name: str
     label: str
-    unit: str  # "sentence" or "token"
+    unit: str  # what its runs count as units: "sentence", "token" or (cloud-only) "message"
     server: Callable[[Ctx], tuple[ServerProcess, dict]]  # its server (not started), facts to report
     connect: Callable[[Ctx, str], object]  # a runner on `address` (the relay's): .run(prompt, tokens), .close()
     info: dict = field(default_factory=dict)
@@ -167,7 +173,7 @@ class SLLMRunner:
     would, after the step that says so (`tokens` is ignored)."""
 
     def __init__(self, ctx: Ctx, address: str, wire_dtype: str | None = None, speculate: int = 0):
-        from sllm.edge.sampling import Sampling
+        from sllm.runtime.sampling import Sampling
 
         self.runtime, self.max_sentences = ctx.runtime, int(ctx.cloud_manifest["max_sentences"])
         self.dtype, self.speculate, self.chat = wire_dtype or ctx.wire_dtype, speculate, ctx.chat
@@ -250,11 +256,12 @@ def sllm_variant(name: str = "sllm", label: str = "SLLM (one round trip per sent
 def speculation_variant(n: int) -> Variant:
     """The SLLM with sentence-level speculation, up to `n` sentences ahead."""
     return sllm_variant(f"sllm_spec{n}", f"SLLM + speculation, N = {n}",
-                        lambda ctx: ["--speculate-max", str(n), "--svae", str(ctx.svae_dir)], speculate=n)
+                        lambda ctx: ["--speculate-max", str(n), "--edge-bundle", str(ctx.edge_dir)], speculate=n)
 
 
 class TokenRunner:
-    """A token-level variant: anything with .stream(prompt_ids, max_new) and optional open/close."""
+    """A token-level variant: anything with .stream(prompt_ids, max_new) or .chunks(prompt_ids, max_new)
+    (the token ids of each message as it comes: the run's units), and optional open/close."""
 
     def __init__(self, generator, closer: Callable[[], None], bos: int):
         self.generator, self.closer, self.bos = generator, closer, bos
@@ -263,7 +270,10 @@ class TokenRunner:
         if hasattr(self.generator, "open"):
             self.generator.open()  # the session, before the clock starts
         ids = [self.bos] + flatten(prompt)
-        return timed(([t] for t in self.generator.stream(ids, tokens)), variant, rtt_ms, index, time.perf_counter())
+        t0 = time.perf_counter()
+        units = (self.generator.chunks(ids, tokens) if hasattr(self.generator, "chunks")
+                 else ([t] for t in self.generator.stream(ids, tokens)))
+        return timed(units, variant, rtt_ms, index, t0)
 
     def close(self) -> None:
         self.closer()
@@ -297,7 +307,7 @@ def cloud_only_variant() -> Variant:
         cmd = [sys.executable, "-m", "bench.cloud_only", "--baseline", str(ctx.baseline.path), "--port", "0",
                "--threads", str(ctx.threads), "--generator", ctx.generator,
                "--cache", str(ROOT / "runs" / "bench" / "cache")]
-        # no health service; its generator, in words, comes in its start line
+        # no health service; its engine and streaming mode, in words, come in its start line
         return ServerProcess(cmd, name="the cloud-only server", listen=None, health=False, cwd=ROOT,
                              stop_timeout=30.0), {}
 
@@ -307,11 +317,12 @@ def cloud_only_variant() -> Variant:
         client = CloudOnlyClient(address)
         return TokenRunner(client, client.close, ctx.bos)
 
-    return Variant("cloud_only", "cloud-only, streamed (one round trip per answer)", "token", server, connect)
+    return Variant("cloud_only", "cloud-only, streamed (one round trip per answer)", "message", server, connect)
 
 
 def default_variants(speculate: Sequence[int] = (4, 16)) -> list[Variant]:
-    return [sllm_variant(), *(speculation_variant(n) for n in speculate), token_split_variant(), cloud_only_variant()]
+    # cloud-only right after the speculating rows: each prompt's runs of the headline follow each other
+    return [sllm_variant(), *(speculation_variant(n) for n in speculate), cloud_only_variant(), token_split_variant()]
 
 
 # ---------------------------------------------------------------- the measurement
@@ -343,7 +354,7 @@ def running_servers(ctx: Ctx, variants: list[Variant], say: Callable[[str], None
         for v in variants:
             started = procs[v.name].wait_ready()
             addresses[v.name] = started["address"]
-            v.info.update({k: started[k] for k in ("generator",) if k in started})
+            v.info.update({k: started[k] for k in ("generator", "streaming") if k in started})
             say(f"{v.name}: server at {started['address']} {v.info}")
         yield addresses
     finally:
@@ -395,7 +406,7 @@ def sampled_runs(ctx: Ctx, variants: list[Variant], servers: dict, prompts: list
                  say: Callable[[str], None]) -> list[Run]:
     """Each prompt once more on each speculating variant, sampled (seeded), straight to its server: the
     acceptance when the edge samples and the cloud guesses greedily (it does not depend on the delay)."""
-    from sllm.edge.sampling import Sampling
+    from sllm.runtime.sampling import Sampling
 
     runs = []
     for v in variants:
@@ -506,9 +517,12 @@ def render(results: dict) -> str:
         f"{cfg['prompts']} prompts of >= {cfg['prompt_tokens']} tokens (validation text), {output_words(cfg)}, "
         f"{cfg['threads']} thread(s) per process, {cfg['wire_dtype']} vectors on the wire."),
         "",
-        "Variants: " + "; ".join(f"**{v['name']}**: {v['label']}" + (f" ({v['info']['generator']})"
+        "Variants: " + "; ".join(f"**{v['name']}**: {v['label']}" + (f" ({v['info']['generator']}; "
+                                 f"{v['info'].get('streaming', 'one message per token')})"
                                  if v["info"].get("generator") else "") for v in results["variants"]) + ".",
         "",
+        *([f"Load (bench.machine.LoadMonitor): {results['load_note']}.", ""] if results.get("load_note") else []),
+        *headline(results),
         (f"The relay (bench/relay.py: a process of its own, delaying each direction by RTT/2) adds "
          f"{ov['added_median_ms'] * 1e3:.0f} us (median; p90 {ov['added_p90_ms'] * 1e3:.0f} us) to a round trip at "
          "0 ms. ping = median round trip of a 600-byte ping-pong through it at that RTT; applied = the mean delay it "
@@ -563,6 +577,17 @@ def render(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def load_words(load: dict) -> str:
+    """LoadMonitor's figures in words: during the run its "other processes" include this bench's own
+    servers and relays (they are not its threads), so only "before" measures the machine's other work."""
+    before, during = load["before"], load["during"]
+    other = during["other_cores"] or {}
+    return (f"before the servers started, other processes used {before.get('other_cores', 0):.2f} of "
+            f"{load['cores']} cores (load average {before.get('load1') or 0:.2f}); during the run, other "
+            f"processes and this bench's servers and relays used {load['other_cores_mean']:.2f} cores on average "
+            f"(max {other.get('max', 0):.2f}), load average {(during['load1'] or {}).get('median', 0):.2f} (median)")
+
+
 def output_words(cfg: dict) -> str:
     """What each run generates, in words."""
     chat = cfg.get("chat")
@@ -575,7 +600,7 @@ def output_words(cfg: dict) -> str:
 
 def render_speculation(results: dict) -> list[str]:
     """The speculation section: per row what it accepted, waited and cost the cloud; sampled acceptance;
-    the tolerance facts; the goal figure (issue 17: at 50 ms, as fast as cloud-only)."""
+    the tolerance facts (the comparison with cloud-only is `headline`)."""
     s, rtts = results["summary"], results["config"]["rtts"]
     spec = [v["name"] for v in results["variants"] if v.get("speculate")]
     ref = s.get("reference")
@@ -607,7 +632,6 @@ def render_speculation(results: dict) -> list[str]:
         from bench.speculation import tolerance_line
 
         lines += ["", tolerance_line(results["tolerance"])]
-    lines += goal_line(row, spec, rtts)
     return lines
 
 
@@ -640,13 +664,48 @@ def declined_note(s: dict, spec: list[str], rtts: list[float], chat: bool = Fals
             f"speculation ({paid}). In a chat the stop flag ends the answer there, so a declined guess costs nothing.")
 
 
-def goal_line(row: dict, spec: list[str], rtts: list[float]) -> list[str]:
-    if 50.0 not in rtts or ("cloud_only", 50.0) not in row:
+HEADLINE_RTTS = (50.0, 100.0)
+
+
+def headline(results: dict) -> list[str]:
+    """Speculation against the cloud-only baseline at 50 and 100 ms, from the same interleaved runs:
+    tok/s min / median / max, the ratio per prompt (each prompt's runs follow each other, so a load that
+    comes and goes moves both), and whether speculation changed an output."""
+    s, cfg = results["summary"], results["config"]
+    row = {(r["variant"], r["rtt_ms"]): r for r in s["rows"]}
+    spec = [v["name"] for v in results["variants"] if v.get("speculate")]
+    cloud = next((v for v in results["variants"] if v["name"] == "cloud_only"), None)
+    rtts = [r for r in cfg["rtts"] if r in HEADLINE_RTTS]
+    if not spec or cloud is None or not rtts:
         return []
-    best = max(spec, key=lambda n: row[(n, 50.0)]["tokens_per_s"]["median"])
-    mine, theirs = row[(best, 50.0)]["tokens_per_s"]["median"], row[("cloud_only", 50.0)]["tokens_per_s"]["median"]
-    return ["", (f"Goal (issue 17: with speculation at 50 ms, as fast as cloud-only): {best} {mine:.0f} tok/s "
-                 f"against cloud_only {theirs:.0f} tok/s (median), {mine / theirs:.2f}x.")]
+    info = cloud["info"]
+    lines = ["## Headline: sentence-level speculation against cloud-only", "",
+             (f"cloud_only runs {info.get('generator', '?')}, streaming by {info.get('streaming', '?')}. "
+              "tok/s: whole answers (prompt sent -> answer complete: the figure to compare) and after the first "
+              "sentence / message (a stream whose first reply came late catches up in a burst, which inflates it); "
+              "median (min-max) over the prompts; x = the speculating run's tok/s over cloud_only's on the same "
+              "prompt, median (min-max) over the prompts. "
+              f"output = {s['reference']}: greedy outputs identical with and without speculation."), "",
+             "| RTT ms | variant | whole answers, tok/s | x | after the first unit, tok/s | x | output = "
+             f"{s['reference']} |", "|---:|---|---:|---:|---:|---:|---:|"]
+    for rtt in rtts:
+        for n in [*spec, "cloud_only"]:
+            r, cells = row[(n, rtt)], [f"{rtt:g}", n]
+            for metric in ("answer_tokens_per_s", "tokens_per_s"):
+                ratios = paired_ratios(results["runs"], n, "cloud_only", rtt, metric)
+                cells += [spread_cell(r[metric], "{:.0f}"),
+                          spread_cell(spread(ratios), "{:.2f}") if n != "cloud_only" and ratios else "-"]
+            sp = r.get("speculation")
+            cells.append(f"{sp['identical_outputs']}/{r['runs']}" if sp else "-")
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def paired_ratios(runs: list[dict], variant: str, other: str, rtt: float, metric: str) -> list[float]:
+    """`metric` of each run of `variant` at `rtt` over `other`'s on the same prompt."""
+    theirs = {r["prompt"]: r[metric] for r in runs if r["variant"] == other and r["rtt_ms"] == rtt}
+    return [r[metric] / theirs[r["prompt"]] for r in runs
+            if r["variant"] == variant and r["rtt_ms"] == rtt and theirs.get(r["prompt"])]
 
 
 def plot(results: dict, out: Path, name: str = "rtt.png") -> str:
@@ -687,10 +746,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--output-tokens", type=int, help="output tokens per run (default 128)")
     ap.add_argument("--threads", type=int, default=1, help="intra-op threads of every process")
     ap.add_argument("--wire-dtype", choices=("float16", "float32"), default="float16")
-    ap.add_argument("--generator", choices=("auto", "hf"), default="auto", help="the cloud-only server's")
+    ap.add_argument("--generator", choices=("auto", "hf"), default="auto", help="the cloud-only server's engine "
+                    "(auto: the fastest, the baseline's fused ONNX graph with its KV cache; hf: torch eager)")
     ap.add_argument("--speculate", default="4,16", help="comma-separated N of the speculation rows ('' = none)")
-    ap.add_argument("--svae", type=Path, help="the SentenceVAE the speculating servers load (svae.safetensors + "
-                    "svae_config.json; default: recovered from MODEL/edge's ONNX graphs)")
     ap.add_argument("--sampled-temperature", type=float, default=0.8,
                     help="the sampled-acceptance runs' temperature (0 = none; none with --chat: the cloud does "
                     "not guess sampled answers)")
@@ -701,15 +759,12 @@ def parser() -> argparse.ArgumentParser:
 
 
 def speculation_setup(args, variants: list[Variant], say: Callable[[str], None]) -> Path | None:
-    """The SentenceVAE folder for --svae when a variant speculates: the given one, else the model's svae/."""
+    """The edge bundle the speculating servers guess with (the edge's own graphs: MODEL/edge), when a variant
+    speculates."""
     if not any(v.speculate for v in variants):
         return None
-    svae_dir = args.svae or args.model / "svae"
-    if not (svae_dir / "manifest.json").is_file():
-        raise SystemExit(f"{svae_dir} holds no SentenceVAE: give --svae, or write it with "
-                         f"`sllm-train recover-svae {args.model}`")
-    say(f"speculating servers load the SentenceVAE in {svae_dir}")
-    return svae_dir
+    say(f"speculating servers guess with the edge graphs in {args.model / 'edge'}")
+    return args.model / "edge"
 
 
 def main(argv: list[str] | None = None, variants: list[Variant] | None = None) -> dict:
@@ -726,7 +781,7 @@ def main(argv: list[str] | None = None, variants: list[Variant] | None = None) -
 
     from transformers.utils import logging as hf_logging
 
-    from bench.machine import machine_info
+    from bench.machine import LoadMonitor, machine_info
     from bench.texts import validation_text
     from sllm.edge.api import AnswerOptions
     from sllm.edge.runtime import EdgeRuntime
@@ -751,23 +806,26 @@ def main(argv: list[str] | None = None, variants: list[Variant] | None = None) -
     # what a small ping-pong really takes through the relay at each RTT (sleep wake-ups run late)
     pings = {str(rtt): measure_overhead(20, one_way_s=rtt / 2e3)["relayed_median_ms"] for rtt in rtts}
     with tempfile.TemporaryDirectory(prefix="sllm-rtt-") as tmp:
-        svae_dir = speculation_setup(args, variants, say)
+        edge_dir = speculation_setup(args, variants, say)
         ctx = Ctx(args.model, rt, baseline, read_manifest(args.model / "cloud", kind="cloud"), Path(tmp), args.threads,
-                  args.wire_dtype, args.generator, int(rt.bundle.manifest["bos_id"]), svae_dir,
+                  args.wire_dtype, args.generator, int(rt.bundle.manifest["bos_id"]), edge_dir,
                   AnswerOptions() if args.chat else None)
-        measured = measure(ctx, variants, prompts, rtts, tokens, text.prompts(16, 1)[0], say, sampled_temperature)
+        with LoadMonitor() as load:  # its "before" sample is taken before any server starts
+            measured = measure(ctx, variants, prompts, rtts, tokens, text.prompts(16, 1)[0], say,
+                               sampled_temperature)
         tolerance = None
-        if svae_dir is not None:
+        if edge_dir is not None:
             from bench.speculation import tolerance_facts
 
-            tolerance = tolerance_facts(rt, svae_dir, [s for p in prompts for s in p])
+            tolerance = tolerance_facts(rt, [s for p in prompts for s in p])
     results = {
         "command": shlex.join(["python", "-m", "bench.rtt", *argv]), "wall_s": time.perf_counter() - t0,
         "machine": machine_info(ROOT, args.threads),
         "config": {"model": str(args.model), "rtts": rtts, "prompts": n_prompts, "prompt_tokens": args.prompt_tokens,
                    "output_tokens": tokens, "threads": args.threads, "wire_dtype": args.wire_dtype,
                    "quick": args.quick, "text": text.source, "sampled_temperature": sampled_temperature,
-                   "svae": str(svae_dir) if svae_dir else None, "chat": asdict(ctx.chat) if ctx.chat else None},
+                   "edge_bundle": str(edge_dir) if edge_dir else None, "chat": asdict(ctx.chat) if ctx.chat else None},
+        "load": load.summary(), "load_note": load_words(load.summary()),
         "relay_overhead": overhead, "relay_ping_ms": pings,
         "variants": [{"name": v.name, "label": v.label, "unit": v.unit, "speculate": v.speculate, "info": v.info}
                      for v in variants],

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from sllm.edge.loop import TurnEnd, sentence_loop
-from sllm.edge.sampling import Sampling
+from sllm.runtime.sampling import Sampling
 from sllm.protos.v1 import sllm_pb2 as pb
 from sllm.protos.wire import pack
 

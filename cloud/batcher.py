@@ -11,11 +11,12 @@ output is not finite fails with INVALID_ARGUMENT and leaves its session unchange
 
 Speculation (issue 17): `speculate(session)` queues a SpecJob for a session that may run ahead
 (its stream asked, fewer than N unconfirmed sentences, stop flag off, room left). The batcher decodes
-the h_t of all pending SpecJobs in one greedy batch with its torch SentenceVAE, re-encodes the
-sentences in one encoder call, and runs them in the same forward pass as the ordinary single-sentence
-steps; a kept result goes to the session's stream (`Session.on_speculative`) and queues the next.
-So N speculating sessions cost batched passes, not N serial ones. A session that may not speculate
-now gets a "declined" notice once per position, so its edge never waits for a guess that will not come.
+the h_t of all pending SpecJobs in one greedy batch with the edge bundle's ONNX graphs (`GuessCodec`:
+the sentences the edge decodes, token for token), re-encodes the sentences in one encoder call, and
+runs them in one forward pass after the edges' own steps; a kept result goes to the session's stream
+(`Session.on_speculative`) and queues the next. So N speculating sessions cost batched passes, not N
+serial ones. A session that may not speculate now gets a "declined" notice once per position, so its
+edge never waits for a guess that will not come.
 
 If the thread dies (an exception outside the per-job handling) or the device reports an error
 that poisons it for good (torch.AcceleratorError: a CUDA error), the batcher is *dead*: every
@@ -37,10 +38,10 @@ import torch
 
 from sllm.cloud.engine import Engine, StepOutput, stop_flag, stop_probability
 from sllm.cloud.errors import ServiceError, invalid
+from sllm.cloud.guesses import GuessCodec
 from sllm.cloud.jsonlog import log
 from sllm.cloud.metrics import Metrics
 from sllm.cloud.sessions import Session, SessionStore
-from sllm.modeling.svae_bundle import SpeculationCodec
 from sllm.protos.v1 import sllm_pb2 as pb
 from sllm.sentences.sampling import AnswerOptions
 
@@ -110,10 +111,10 @@ def shutting_down(message: str = "the server is shutting down") -> ServiceError:
 class Batcher:
     def __init__(self, engine: Engine, metrics: Metrics, *, max_batch: int = 64,
                  batch_wait_ms: float = 0.0, log_steps: bool = False, on_death: Callable[[], None] | None = None,
-                 store: SessionStore | None = None, codec: SpeculationCodec | None = None):
+                 store: SessionStore | None = None, codec: GuessCodec | None = None):
         self.engine = engine
         self.store = store  # speculation: where speculative steps are committed
-        self.codec = codec  # speculation: the SentenceVAE (None: no speculation)
+        self.codec = codec  # speculation: the edge's graphs the guesses decode with (None: no speculation)
         self.metrics = metrics
         self.max_batch = max_batch
         self.batch_wait_s = batch_wait_ms / 1000
@@ -265,11 +266,13 @@ class Batcher:
         if not jobs:
             return []
         codec = self.codec
-        hidden = torch.from_numpy(np.stack([j.hidden for j in jobs]))
+        # h_t as the edge receives it (its client asks replies in the dtype of its own vectors), so the guess
+        # decodes what the edge decodes
+        hidden = np.stack([np.asarray(j.hidden, j.session.spec_dtype).astype(np.float32) for j in jobs])
         try:
             tokens = codec.decode(hidden, [j.controls for j in jobs], [j.history for j in jobs])
             ready = [(j, t) for j, t in zip(jobs, tokens) if t]
-            vectors = codec.encode([t for _, t in ready]).float().cpu().numpy() if ready else None
+            vectors = codec.encode([t for _, t in ready]) if ready else None
         except Exception:  # noqa: BLE001 - speculation is optional: its failure declines, nothing else
             log("speculation_failed", logging.ERROR, exc_info=True)
             for j in jobs:

@@ -62,7 +62,7 @@ def read_tokens(token_file: Optional[Path]) -> list[str]:
 def serve(
     bundle: Optional[Path] = typer.Option(None, "--bundle", help="cloud bundle directory (an export's cloud/)"),
     model: Optional[str] = typer.Option(None, "--model", help="instead of --bundle: a folder holding cloud/ (and "
-                                        "svae/), or a model-hub id ORG/NAME[@REVISION]"),
+                                        "edge/), or a model-hub id ORG/NAME[@REVISION]"),
     port: int = typer.Option(50051, help="TCP port; 0 = any free port"),
     host: str = typer.Option("127.0.0.1", help="address to listen on (0.0.0.0 / [::] for all: needs TLS and "
                                                 "tokens or --tls-client-ca, or --insecure)"),
@@ -115,10 +115,12 @@ def serve(
     log_level: str = typer.Option("info", help="debug logs every forward pass"),
     speculate_max: int = typer.Option(16, help="sentence-level speculation: sentences a conversation may run "
                                                "ahead of its edge (what an edge asks for is capped at this); "
-                                               "0 = off. Needs the SentenceVAE (--svae, or the svae/ beside the bundle)"),
+                                               "0 = off. Needs the edge bundle's graphs (--edge-bundle, or the "
+                                               "edge/ beside the bundle)"),
     speculate_answer_max: int = typer.Option(64, help="sentences of one answer the cloud guesses at most"),
-    svae: Optional[Path] = typer.Option(None, "--svae", help="an export's svae/ folder (the SentenceVAE's torch "
-                                                           "weights; default: the svae/ beside --bundle)"),
+    edge_bundle: Optional[Path] = typer.Option(None, "--edge-bundle", help="an export's edge/ folder: the ONNX "
+                                               "graphs speculation guesses with, the edge's own (default: the edge/ "
+                                               "beside --bundle); its cloud weights sha256 must be --bundle's"),
 ) -> None:
     """Serve a cloud bundle until SIGINT/SIGTERM (then drain for --grace seconds; a second signal stops at once)."""
     from sllm.cloud.config import MIB, ServerConfig
@@ -131,7 +133,7 @@ def serve(
         from sllm.runtime.models import ModelError, resolve_model
 
         try:
-            bundle = resolve_model(model, ["cloud"], optional=["svae"]) / "cloud"
+            bundle = resolve_model(model, ["cloud"], optional=["edge"]) / "cloud"
         except ModelError as e:
             _fail(str(e))
     setup_logging(log_level)
@@ -148,7 +150,7 @@ def serve(
         tls_cert=str(tls_cert or ""), tls_key=str(tls_key or ""), tls_client_ca=str(tls_client_ca or ""),
         insecure=insecure,
         metrics_port=metrics_port, metrics_host=metrics_host, log_steps=log_level.lower() == "debug",
-        speculate_max=speculate_max, speculate_answer_max=speculate_answer_max, svae_dir=str(svae or ""))
+        speculate_max=speculate_max, speculate_answer_max=speculate_answer_max, edge_dir=str(edge_bundle or ""))
     try:
         config.validate()
         from sllm.cloud.server import CloudServer

@@ -74,10 +74,10 @@ class ServerConfig:
     metrics_host: str = "127.0.0.1"  # the metrics endpoint has no auth and no TLS: loopback unless chosen
     log_steps: bool = False  # a JSON log line per forward pass
     # sentence-level speculation (issue 17): sentences a stream may run ahead (what Open.speculate gets at
-    # most); 0 = off. Needs the SentenceVAE: svae_dir, else the svae/ beside the cloud bundle
+    # most); 0 = off. Needs the edge bundle's graphs (cloud.guesses): edge_dir, else the edge/ beside the cloud bundle
     speculate_max: int = 16
     speculate_answer_max: int = 64  # sentences of one answer the cloud guesses at most (bounded work per answer)
-    svae_dir: str = ""  # an export's svae/ folder (modeling.svae_bundle)
+    edge_dir: str = ""  # an export's edge/ folder: the ONNX graphs the guesses decode with, the edge's own
 
     @property
     def tls(self) -> bool:

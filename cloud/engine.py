@@ -1,11 +1,12 @@
 """The model side: one forward pass over the pending steps of many sessions.
 
-Each session owns a KVSlot (modeling.opt_block): its keys/values, preallocated and written in
-place. A batch concatenates every session's new sentence vectors into one [N, d] matrix (no
-padding): the projections and MLPs run once over all of them, and each session's attention reads
-a view of its own slot up to its valid length. So a step costs the work of its new sentences
-plus one read of each session's cache, and nothing is copied or re-allocated per step (a slot
-grows geometrically, rarely). The caller keeps a step by advancing `slot.length`; a step it
+Each session owns a KVSlot (modeling.opt_block): its keys/values, in pages written in place. A
+batch concatenates every session's new sentence vectors into one [N, d] matrix (no padding): the
+projections and MLPs run once over all of them. Attention: a step of one new sentence per session
+over short contexts copies every session's cache into one padded batch (one call) and attends
+once per layer for all of them; otherwise each session's attention reads a view of its own slot up
+to its valid length. A slot takes a new page every KVSlot.PAGE sentences (a copy) and nothing
+else is re-allocated per step. The caller keeps a step by advancing `slot.length`; a step it
 drops (cancelled, not finite) leaves the session as it was.
 """
 from __future__ import annotations
@@ -78,11 +79,13 @@ class Engine:
     def forward(self, slots: list[KVSlot], news: list[np.ndarray]) -> list[StepOutput]:
         """news[i] [T_i, d] float32 after slots[i]'s cached sentences -> the outputs of each last new sentence.
         Writes the new keys/values into the slots; the caller advances `slot.length` by T_i to keep them."""
-        dev, dt = self.device, self.dtype
-        vectors = [torch.from_numpy(np.ascontiguousarray(n, dtype=np.float32)).to(device=dev, dtype=dt) for n in news]
-        hidden, stop_logits = self.model.step(vectors, slots)  # per session: [T_i, d], [T_i, 2]
-        h_last = torch.stack([h[-1] for h in hidden]).float().cpu().numpy()  # [B, d]
-        s_last = torch.stack([s[-1] for s in stop_logits]).float().cpu().numpy()  # [B, 2]
+        sizes = [len(n) for n in news]
+        x = torch.from_numpy(np.concatenate(news).astype(np.float32, copy=False))  # [N, d]: one copy for all
+        x = x.to(device=self.device, dtype=self.dtype)
+        hidden, stop_logits = self.model.step(list(x.split(sizes)), slots)  # [N, d], [N, 2]: every new sentence
+        last = torch.from_numpy(np.cumsum(sizes) - 1).to(self.device)  # each session's last new sentence
+        h_last = hidden[last].float().cpu().numpy()  # [B, d]
+        s_last = stop_logits[last].float().cpu().numpy()  # [B, 2]
         # a non-finite key or value of a new sentence reaches its own output through attention (it attends to
         # itself), so finite outputs mean a step that is safe to keep
         finite = np.isfinite(h_last).all(axis=1) & np.isfinite(s_last).all(axis=1)

@@ -21,6 +21,7 @@ from sllm.cloud.auth import BearerAuthInterceptor
 from sllm.cloud.batcher import Batcher, shutting_down
 from sllm.cloud.config import DEFAULT_MAX_MESSAGE_BYTES, MIB, ServerConfig, is_loopback
 from sllm.cloud.engine import Engine, pick_device
+from sllm.cloud.guesses import GuessCodec, edge_folder_of
 from sllm.cloud.health import BoundedHealth
 from sllm.cloud.jsonlog import log
 from sllm.cloud.limits import connection_limit, return_freed_memory
@@ -29,7 +30,6 @@ from sllm.cloud.service import SentenceLMService, add_service
 from sllm.cloud.sessions import SessionStore
 from sllm.modeling.cloud_bundle import load_cloud_bundle
 from sllm.modeling.opt_graft import GraftedOPT
-from sllm.modeling.svae_bundle import SpeculationCodec, load_svae_folder, svae_folder_of
 from sllm.protos.v1 import sllm_pb2 as pb
 from sllm.runtime.manifest import cloud_weights_sha256
 
@@ -111,8 +111,8 @@ class CloudServer:
     reports "" unless given one."""
 
     def __init__(self, model: GraftedOPT, model_id: str, config: ServerConfig, weights_sha256: str = "",
-                 svae=None):
-        """svae: the model's SentenceVAE (torch), for sentence-level speculation (None: none offered)."""
+                 guesses: GuessCodec | None = None):
+        """guesses: the model's edge graphs, for sentence-level speculation (None: none offered)."""
         config.validate()
         self.config = config
         if config.threads:
@@ -133,9 +133,9 @@ class CloudServer:
                                   owner_max_sessions=config.quota(config.max_sessions),
                                   owner_kv_budget_bytes=config.quota(config.kv_budget_bytes),
                                   answer_guess_max=config.speculate_answer_max)
-        if svae is not None and svae.cfg.d_model != self.engine.d:
-            raise ValueError(f"the SentenceVAE's d={svae.cfg.d_model} differs from the cloud model's d={self.engine.d}")
-        codec = SpeculationCodec(svae, device) if svae is not None and config.speculate_max else None
+        if guesses is not None and guesses.d != self.engine.d:
+            raise ValueError(f"the edge graphs' d={guesses.d} differs from the cloud model's d={self.engine.d}")
+        codec = guesses if config.speculate_max else None
         self.batcher = Batcher(self.engine, self.metrics, max_batch=config.max_batch,
                                batch_wait_ms=config.batch_wait_ms, log_steps=config.log_steps,
                                on_death=self._model_died, store=self.store, codec=codec)
@@ -159,11 +159,13 @@ class CloudServer:
     @classmethod
     def from_bundle(cls, bundle_dir: str | Path, config: ServerConfig) -> "CloudServer":
         model, manifest = load_cloud_bundle(Path(bundle_dir), "cpu")
-        svae = None
-        if config.speculate_max:  # the SentenceVAE: --svae DIR, else the svae/ of the bundle's export folder
-            folder = Path(config.svae_dir) if config.svae_dir else svae_folder_of(Path(bundle_dir))
-            svae = load_svae_folder(folder, manifest["model_id"]) if folder is not None else None
-        return cls(model, manifest["model_id"], config, weights_sha256=cloud_weights_sha256(manifest), svae=svae)
+        guesses = None
+        if config.speculate_max:  # the edge's graphs: --edge-bundle DIR, else the edge/ of the bundle's export folder
+            folder = Path(config.edge_dir) if config.edge_dir else edge_folder_of(Path(bundle_dir))
+            if folder is not None:  # one ORT thread: no pool spinning beside the engine's torch threads
+                guesses = GuessCodec.load(folder, manifest["model_id"], int(manifest["d_model"]),
+                                          cloud_weights_sha256(manifest), threads=1)
+        return cls(model, manifest["model_id"], config, weights_sha256=cloud_weights_sha256(manifest), guesses=guesses)
 
     # -- start -------------------------------------------------------------------------------
     async def _start_grpc(self) -> None:
@@ -249,8 +251,9 @@ class CloudServer:
             write_timeout_s=c.write_timeout_s, max_connections=self.max_connections,
             health_watch_max=c.health_watch_max)
         if c.speculate_max and not self.service.speculate_max:
-            log("speculation_off", logging.WARNING, message="--speculate-max is set but this server has no SentenceVAE "
-                "(the cloud bundle ships none; give one with --svae DIR): edges asking to speculate get 0")
+            log("speculation_off", logging.WARNING, message="--speculate-max is set but this server has no edge bundle "
+                "to guess with (no edge/ beside the cloud bundle; give one with --edge-bundle DIR): edges asking to "
+                "speculate get 0")
         if c.exposed_insecurely:  # only with --insecure: config.validate refuses it otherwise
             log("INSECURE", logging.CRITICAL, address=address, tls=c.tls, auth=c.authenticated,
                 message=f"--insecure: listening on {address} without "

@@ -35,7 +35,7 @@ from sllm.protos.errors import reason_name
 from sllm.protos.v1 import sllm_pb2 as pb
 from sllm.protos.v1 import sllm_pb2_grpc as pb_grpc
 from sllm.protos.wire import NUMPY_DTYPES, WireError, pack, unpack
-from sllm.sentences.sampling import AnswerOptions
+from sllm.sentences.sampling import AnswerOptions, StopCalibration
 
 POLL_S = 1.0  # how often a waiting stream checks that the model thread is alive
 STREAM_ERROR_LOG_INTERVAL_S = 1.0  # at most one `stream_error` line per status code this often
@@ -59,7 +59,9 @@ def parse_decoding(msg: pb.Decoding) -> tuple[bool, AnswerOptions]:
             repetition_penalty=msg.repetition_penalty or 1.0, no_repeat_ngram_size=msg.no_repeat_ngram_size,
             no_repeat_sentence=msg.no_repeat_sentence, max_tokens=msg.max_tokens,
             stop_threshold=msg.stop_threshold if msg.HasField("stop_threshold") else None,
-            min_sentences=msg.min_sentences, max_sentences=msg.max_sentences)
+            min_sentences=msg.min_sentences, max_sentences=msg.max_sentences,
+            stop_calibration=StopCalibration(msg.stop_scale, tuple(msg.stop_offsets), msg.stop_threshold
+                                             if msg.HasField("stop_threshold") else None) if msg.stop_offsets else None)
     except ValueError as e:
         raise invalid(f"append.decoding: {e}") from None
 
@@ -435,8 +437,8 @@ class SentenceLMService(pb_grpc.SentenceLMServicer):
     def grant_speculation(self, asked: int) -> tuple[int, str]:
         """(sentences granted, why not what was asked) for Open.speculate = `asked`."""
         if self.batcher.codec is None:
-            return 0, ("this server has no SentenceVAE to speculate with (its cloud bundle ships none; "
-                       "sllm-cloud serve --svae DIR): speculation is off")
+            return 0, ("this server has no SentenceVAE graphs to speculate with (no edge/ beside its cloud bundle; "
+                       "sllm-cloud serve --edge-bundle DIR): speculation is off")
         if not self.speculate_max:
             return 0, "speculation is off on this server (--speculate-max 0)"
         if asked > self.speculate_max:

@@ -108,8 +108,9 @@ class Session:
 
     @property
     def kv_bytes(self) -> int:
-        """Bytes of the held sentences (allocated: up to 1.5x, slots grow by half). From `length`, not the
-        slot's: a rollback frees its sentences at once, while a step still running may hold the slot."""
+        """Bytes of the held sentences, as the KV budget counts them (the slot holds whole pages of them:
+        less than KVSlot.PAGE sentences more). From `length`, not the slot's: a rollback frees its
+        sentences at once, while a step still running may hold the slot."""
         kv = self.kv
         return 0 if kv is None or not kv.capacity else kv.nbytes // kv.capacity * self.length
 
@@ -264,6 +265,7 @@ class SessionStore:
             if not s.freed:
                 s.reserved -= n
                 self._use(s, -n)
+                self._give_back(s)
 
     def commit(self, s: Session, n: int, hidden: np.ndarray, stop_logits: np.ndarray) -> bool:
         """Keep a step whose keys/values the engine wrote after the session's `length` sentences."""
@@ -276,6 +278,7 @@ class SessionStore:
             s.last_hidden, s.last_stop_logits = hidden, stop_logits
             s.confirmed, s.spec, s.tail = s.length, [], (hidden, stop_logits)
             s.steps += 1
+            self._give_back(s)
             self._touch(s)
             return True
 
@@ -304,8 +307,7 @@ class SessionStore:
             s.epoch += 1
             if not s.speculating:  # else the batcher sets the slot's length before its next pass
                 s.kv.length = min(s.kv.length, position)
-                if not s.reserved:  # no step of this session uses the slot: its memory can go back
-                    s.kv.shrink()
+                self._give_back(s)
             self._touch(s)
             return dropped
 
@@ -371,6 +373,7 @@ class SessionStore:
             if hidden is None or epoch != s.epoch or not s.speculate:
                 self._use(s, -1)
                 s.kv.length = min(s.kv.length, s.length)
+                self._give_back(s)
                 return False
             s.answer_tokens[s.length] = guess  # the repetition controls of later guesses read it
             s.length += 1
@@ -413,6 +416,14 @@ class SessionStore:
         """`n` more (or fewer) sentences held or reserved by `s` (lock held): the budget and its owner's quota."""
         self.sentences_in_use += n
         self._usage(s.owner).sentences += n
+
+    def _give_back(self, s: Session) -> None:
+        """A slot that no step uses keeps the pages of its sentences and gives back the rest (lock held): so
+        the memory held is what the KV budget counts, to a page a session. A slot in use keeps its pages
+        until its step ends (this runs again then). A step its stream gave up on may still be running: it
+        works on the buffer it found (opt_block.KVView), so the pages go back at once all the same."""
+        if not s.reserved and not s.speculating and s.kv is not None:
+            s.kv.shrink()
 
     def _evict_one(self, why: str, keep: Session | None = None, owner: str | None = None) -> bool:
         """Free the least recently active detached session (of `owner`, when given; lock held). False if

@@ -7,8 +7,8 @@
 No torch and no transformers anywhere in this package (a test imports every module with both
 made unimportable). `import edge` itself loads nothing heavy: the API names below are imported
 on first use. Modules:
-    sampling   greedy / temperature / top-k / top-p / seed, in numpy
-    runtime    EdgeRuntime: verified bundle, segmenter, tokenizer, encoder, cached decoder loop
+    runtime    EdgeRuntime: verified bundle, segmenter, tokenizer, encoder, cached decoder loop (the numpy
+               sampling and the decode loops are sllm.runtime's: the cloud's guesses decode with them too)
     loop       the sentence loop over a cloud "stepper" (chat, API and bench all run it)
     remote     RemoteStepper, the edge's one stepper: the cloud session, history vectors, reconnect,
                rebuild, failover, speculation

@@ -15,21 +15,22 @@ from sllm.edge.failures import EdgeError, TurnError  # noqa: F401 (sllm.edge.cha
 from sllm.edge.loop import SentenceEvent, TurnEnd, sentence_loop
 from sllm.edge.remote import RemoteStepper
 from sllm.edge.runtime import EdgeRuntime, PromptError
-from sllm.sentences.sampling import AnswerOptions
+from sllm.sentences.sampling import AnswerOptions, with_bundle_stop
 
 
 def answer(runtime: EdgeRuntime, stepper: RemoteStepper, prompt: list[list[int]], options: AnswerOptions, *,
            room: int, **loop_options) -> Iterator[SentenceEvent | TurnEnd]:
     """edge-chat's answer to `prompt` (token ids of its sentences) through `stepper`, decoded and ended as
-    `options` say (stop_threshold None: the bundle's): the options go to the cloud now, with the prompt's
-    Append (it also drops whatever the cloud guessed past the conversation), then the sentence loop
-    (`loop_options`: sentence_loop's; `room`: sentences the context can take after the prompt). Shared by
-    ChatSession.turn and bench.rtt --chat."""
-    threshold = runtime.bundle.stop_threshold if options.stop_threshold is None else options.stop_threshold
-    stepper.begin_turn(replace(options, stop_threshold=threshold, max_sentences=min(options.max_sentences, room)))
+    `options` say (the stop rule resolved against the bundle's: `with_bundle_stop`): the options go to the
+    cloud now, with the prompt's Append (it also drops whatever the cloud guessed past the conversation),
+    then the sentence loop (`loop_options`: sentence_loop's; `room`: sentences the context can take after
+    the prompt). Shared by ChatSession.turn and bench.rtt --chat."""
+    options = with_bundle_stop(options, runtime.bundle.stop_threshold, runtime.bundle.stop_calibration)
+    stepper.begin_turn(replace(options, max_sentences=min(options.max_sentences, room)))
     return sentence_loop(runtime, stepper, prompt, options, room=room, max_sentences=options.max_sentences,
-                         max_tokens=options.max_tokens or None, stop_threshold=threshold,
-                         min_sentences=options.min_sentences, **loop_options)
+                         max_tokens=options.max_tokens or None, stop_threshold=options.stop_threshold,
+                         min_sentences=options.min_sentences, stop_calibration=options.stop_calibration,
+                         **loop_options)
 
 
 @dataclass

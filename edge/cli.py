@@ -405,7 +405,7 @@ def _granted(session) -> tuple[int, str]:
 
 def _speculation_words(session) -> str:
     granted, note = _granted(session)
-    if granted:  # the cloud decodes its guesses with its own SentenceVAE: it reads this conversation's text
+    if granted:  # the cloud decodes its guesses with the edge's graphs: it reads this conversation's text
         return (f"speculation: {granted} sentences ahead (the cloud can read this conversation's text; "
                 "--speculate 0 keeps it to vectors)")
     if session.speculate:

@@ -4,9 +4,11 @@
     repeat: stop? -> done; decoder.onnx(h_t) -> sentence (empty -> done); yield it;
             encoder.onnx(sentence) -> stepper.append(its vector) -> next step
 
-"stop?" is P(stop) >= the stop threshold (the bundle's, chosen on validation, or the user's), or
-the termination head's argmax flag for a bundle without one; it is not asked before `min_sentences`
-sentences (1: a prompt is often a paragraph by itself, and an answer is a new one, not nothing).
+"stop?" is the one stop rule (sllm.sentences.sampling.stop_decision): P(stop), calibrated at the
+answer's position when the bundle has a stop calibration, >= the stop threshold (the bundle's, chosen
+on validation, or the user's), or the termination head's argmax flag for a bundle without one; it is
+not asked before `min_sentences` sentences (1: a prompt is often a paragraph by itself, and an answer
+is a new one, not nothing).
 The decoder sees the answer's earlier sentences, for the sampling's repetition controls
 (sentences.sampling); with no_repeat_sentence, a sentence that still equals an earlier one (it
 reached the token limit) ends the answer ("repeat").
@@ -27,9 +29,9 @@ from typing import Callable, Iterator, Protocol
 
 import numpy as np
 
-from sllm.edge.sampling import Sampling
+from sllm.runtime.sampling import Sampling
 from sllm.protos.client import StepResult
-from sllm.sentences.sampling import MIN_ANSWER_SENTENCES, stop_decision
+from sllm.sentences.sampling import MIN_ANSWER_SENTENCES, StopCalibration, stop_decision
 
 
 class Stepper(Protocol):
@@ -77,15 +79,17 @@ def _never() -> bool:
 def sentence_loop(runtime, stepper: Stepper, prompt: list[list[int]], sampling: Sampling, *, room: int,
                   max_sentences: int | None = None, max_tokens: int | None = None, turn: int = 1,
                   context_used: int = 0, interrupted: Callable[[], bool] = _never, stop_threshold: float | None = None,
-                  min_sentences: int = MIN_ANSWER_SENTENCES) -> Iterator[SentenceEvent | TurnEnd]:
+                  min_sentences: int = MIN_ANSWER_SENTENCES,
+                  stop_calibration: StopCalibration | None = None) -> Iterator[SentenceEvent | TurnEnd]:
     """One answer to `prompt` (token ids of its sentences): yields each sentence as soon as it is
     decoded, then one TurnEnd.
 
     runtime: encode(list of id lists) -> [n, d]; decode(h, sampling, max_tokens) -> .ids .text .ms
     room: sentences the context can take after the prompt; max_sentences: per answer (None = room).
     context_used: sentences the context held before the prompt (for TurnEnd.context_sentences).
-    stop_threshold: stop when P(stop) >= it; None: the step's own stop flag (argmax). The stop rule
-    applies from sentence `min_sentences` on.
+    stop_threshold: stop when P(stop) >= it (P(stop) calibrated by `stop_calibration`, when given, at the
+    answer's position); None: the step's own stop flag (argmax). The stop rule applies from sentence
+    `min_sentences` on.
     interrupted(): checked before each sentence; True ends the answer ("interrupted") after the
     sentence decoded last has been appended, so the context holds what the consumer saw.
     Sentence i samples with `sampling.for_sentence(i)` (seed + i)."""
@@ -99,7 +103,8 @@ def sentence_loop(runtime, stepper: Stepper, prompt: list[list[int]], sampling: 
         if interrupted():
             reason = "interrupted"
             break
-        if i >= min_sentences and stop_decision(step.stop, step.stop_probability, stop_threshold):
+        if i >= min_sentences and stop_decision(step.stop, step.stop_probability, stop_threshold,
+                                                stop_calibration, i):
             reason = "stop"
             break
         answer = {"answer": said} if sampling.controls_repetition else {}  # runtimes without controls: as before

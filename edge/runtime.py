@@ -20,12 +20,12 @@ from typing import Sequence
 
 import numpy as np
 
-from sllm.edge.sampling import Picker, Sampling
 from sllm.runtime.edge_bundle import EdgeBundle, load_edge_bundle
 from sllm.runtime.manifest import BundleError
 from sllm.runtime.providers import open_sessions
 from sllm.runtime.providers import CPU
-from sllm.runtime.svae_onnx import decode_loop, decode_sentence
+from sllm.runtime.sampling import Sampling
+from sllm.runtime.svae_onnx import decode_vectors
 from sllm.runtime.svae_onnx import encode as ort_encode
 from sllm.sentences.limit import sentence_token_ids
 from sllm.sentences.segment import SEGMENTATION_VERSION
@@ -129,14 +129,3 @@ class EdgeRuntime:
     def detokenize(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids)
 
-
-def decode_vectors(session, memory: np.ndarray, spec, sampling: Sampling, max_tokens: int | None = None,
-                   answer: Sequence[Sequence[int]] = (), sentence=None) -> list[list[int]]:
-    """Decode vectors memory [B, d]; one token list per row (no bos/eos), every row continuing the same
-    `answer`. One row with `sentence` (sentence.onnx's session): one run() for the whole sentence;
-    otherwise decoder.onnx (`session`) in the per-token loop of `sllm.runtime.svae_onnx` with this
-    edge's sampling, the reference sentence.onnx is tested against (same tokens, same seeded draws)."""
-    memory = np.asarray(memory, dtype=np.float32)
-    if sentence is not None and memory.shape[0] == 1:
-        return [decode_sentence(sentence, memory[0], spec, sampling, answer, max_tokens)]
-    return decode_loop(session, memory, spec, Picker(sampling, spec.eos_id, answer, len(memory)), max_tokens)

@@ -15,14 +15,14 @@ the answer, and a sampled turn is not guessed at all (a greedy guess would be ov
 time). `Speculation` appends on whatever Conversation it is given: `sllm.edge.remote.RemoteStepper`
 (the edge's one stepper) hands it the conversation's current stream.
 
-Tolerance: max|mine - assumed| <= TOLERANCE * max(1, max|mine|). The two encoders are the same
-weights run by ONNX Runtime (edge) and torch (cloud): the export report measures max|ORT - torch|
-~1e-6 on encoder vectors. The cloud rounds its guess as the edge's vectors are rounded on the wire,
-and float16 (--wire-dtype float16) changes a value by at most half an ulp, 2^-11 |x| ~ 4.9e-4 |x|; the
-vectors are LayerNorm outputs (|x| up to ~5). So the same sentence differs by < 4.9e-4 * max|x| plus
-~1e-6, and TOLERANCE = 1e-3 leaves a 2x margin over float16 rounding. Two different sentences differ
-by far more: on models/default the closest pair of distinct sentences measured (bench/rtt.py notes)
-differs by > 0.05 in some coordinate, 50x the tolerance.
+Tolerance: max|mine - assumed| <= TOLERANCE * max(1, max|mine|). The cloud re-encodes its guesses with
+the edge's own encoder.onnx, in a padded batch where the edge encodes one sentence: max|alone - batched|
+~5e-7 on models/default (bench/speculation.py). The cloud rounds its guess as the edge's vectors are
+rounded on the wire, and float16 (--wire-dtype float16) changes a value by at most half an ulp,
+2^-11 |x| ~ 4.9e-4 |x|; the vectors are LayerNorm outputs (|x| up to ~5). So the same sentence differs
+by < 4.9e-4 * max|x| plus ~1e-6, and TOLERANCE = 1e-3 leaves a 2x margin over float16 rounding. Two
+different sentences differ by far more: on models/default the closest pair of distinct sentences
+measured (bench/rtt.py notes) differs by > 0.05 in some coordinate, 50x the tolerance.
 """
 from __future__ import annotations
 
@@ -54,10 +54,13 @@ def decoding(options: AnswerOptions | None) -> pb.Decoding:
     whose earlier sentences the new session's cloud never decoded)."""
     if options is None or not options.greedy:
         return pb.Decoding(guess=False)
+    calibration = options.stop_calibration
     return pb.Decoding(guess=True, repetition_penalty=options.repetition_penalty,
                        no_repeat_ngram_size=options.no_repeat_ngram_size, no_repeat_sentence=options.no_repeat_sentence,
                        max_tokens=options.max_tokens, stop_threshold=options.stop_threshold,
-                       min_sentences=options.min_sentences, max_sentences=options.max_sentences)
+                       min_sentences=options.min_sentences, max_sentences=options.max_sentences,
+                       **({} if calibration is None else {"stop_scale": calibration.scale,
+                                                          "stop_offsets": calibration.offsets}))
 
 
 @dataclass

@@ -33,6 +33,7 @@ from sllm.modeling.svae_bundle import load_svae_folder
 from sllm.runtime.artifacts import CheckpointError, expect
 from sllm.runtime.edge_bundle import (
     CLOUD_WEIGHTS_FIELD,
+    STOP_CALIBRATION_FIELD,
     STOP_THRESHOLD_FIELD,
     DECODER,
     DECODER_INT8,
@@ -66,7 +67,7 @@ from sllm.training.data.corpus import CorpusError, load_documents, split_documen
 from sllm.training.data.sentence_data import segment_documents
 from sllm.training.load import load_sllm, load_stage1
 from sllm.training.config import RunConfig
-from sllm.training.stop_head import validation_stop_threshold
+from sllm.training.stop_head import validation_stop_calibration, validation_stop_threshold
 from sllm.training.svae_folder import write_svae_folder
 
 STEPS = ("load", "export encoder", "export decoder", "verify", "quantize", "write")
@@ -363,8 +364,8 @@ def export_checkpoint(checkpoint: Path, out: Path, *, quantize: str | None = Non
             report["cloud"] = None
             if (out / "cloud").exists():
                 notes.append(f"removed {out / 'cloud'}: it belonged to another model (a stage-1 export has no cloud half)")
-        # the torch SentenceVAE beside the bundles (float32, exactly the exported weights): what evaluation,
-        # further training and the cloud's sentence-level speculation load
+        # the torch SentenceVAE beside the bundles (float32, exactly the exported weights): what evaluation
+        # and further training load
         write_svae_folder(tmp_svae, svae, loaded.tokenizer,
                                      RunConfig(data=loaded.data, train=loaded.train),
                                      {"model_id": loaded.model_id, "how": f"exported from {loaded.path} "
@@ -374,6 +375,7 @@ def export_checkpoint(checkpoint: Path, out: Path, *, quantize: str | None = Non
             raise VerificationFailed("the svae/ folder does not reload to the same weights", report)
         report["svae"] = {"folder": SVAE_FOLDER, "bytes": sum(f.stat().st_size for f in tmp_svae.iterdir())}
         stop = report["stop_threshold"] = export_stop_threshold(loaded, notes)  # None: the head's argmax decides
+        calibration = export_stop_calibration(loaded, notes)  # None: the rule decides on the raw P(stop)
         loaded.tokenizer.save(tmp_edge)
         _write_report(tmp_edge, REPORT_JSON, REPORT_MD, report)
         files = [encoder_file, decoder_file, TOKENIZER, TOKENIZER_META, REPORT_JSON, REPORT_MD]
@@ -398,6 +400,7 @@ def export_checkpoint(checkpoint: Path, out: Path, *, quantize: str | None = Non
             "stop_head": None if stop is None else {
                 "threshold_rule": "max F1 of 'ends its paragraph' on the validation split",
                 "precision": round(stop["precision"], 4), "recall": round(stop["recall"], 4)},
+            STOP_CALIBRATION_FIELD: calibration,
         }, files)
         # last check: the bundle loads the way the edge loads it and decodes the same tokens
         bundle = load_edge_bundle(tmp_edge)
@@ -433,6 +436,19 @@ def export_stop_threshold(loaded: LoadedCheckpoint, notes: list[str]) -> dict | 
         return validation_stop_threshold(SLLM(loaded.svae, loaded.opt), loaded.data, loaded.path)
     except (CorpusError, OSError, ValueError) as e:
         notes.append(f"no stop threshold in the edge bundle (the head's argmax decides): {e}")
+        return None
+
+
+def export_stop_calibration(loaded: LoadedCheckpoint, notes: list[str]) -> dict | None:
+    """The stop rule's calibration (a Platt scale and a paragraph-length prior, fitted on the validation
+    split, its threshold matched to the validation paragraphs' lengths: training.stop_head) for the edge
+    manifest; None (the rule decides on the raw P(stop)) for a stage-1 export or without the data."""
+    if loaded.opt is None:
+        return None
+    try:
+        return validation_stop_calibration(SLLM(loaded.svae, loaded.opt), loaded.data, loaded.tokenizer, loaded.path)
+    except (CorpusError, OSError, ValueError) as e:
+        notes.append(f"no stop calibration in the edge bundle (the rule decides on the raw P(stop)): {e}")
         return None
 
 

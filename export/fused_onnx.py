@@ -270,7 +270,7 @@ def _controls(eos_id: int, V: int) -> onnx.GraphProto:
 
 
 def _filter_branch(op: str, V: int, src: str) -> tuple[onnx.GraphProto, onnx.GraphProto]:
-    """If-branches over `src` [1, V] (outer scope): top-k / top-p applied as sllm.edge.sampling.filter_logits
+    """If-branches over `src` [1, V] (outer scope): top-k / top-p applied as sllm.runtime.sampling.filter_logits
     does, or unchanged."""
     b = Builder(f"{op}_")
     if op == "topk":  # keep the logits >= the k-th largest, ties included (k >= V keeps all)
@@ -294,7 +294,7 @@ def _filter_branch(op: str, V: int, src: str) -> tuple[onnx.GraphProto, onnx.Gra
 
 def _sample(V: int) -> onnx.GraphProto:
     """Nodes (as a graph to inline) from `lg_x` [1, V] and the step's uniform draw `u` to `tok_s` [1]:
-    sllm.edge.sampling.pick_next's temperature, top-k, top-p and inverse-CDF draw."""
+    sllm.runtime.sampling.pick_next's temperature, top-k, top-p and inverse-CDF draw."""
     b = Builder("s_")
     x = b.op("Div", ["lg_x", "temperature"])
     for op, flag in (("topk", "use_top_k"), ("topp", "use_top_p")):

@@ -4,7 +4,7 @@
 `decode_full_recompute` re-runs the whole prefix each step (reference for tests and
 benchmarks). Both share one loop, so for the same seed they draw the same random numbers.
 The repetition controls (sentences.sampling) see `answer`, the earlier sentences of the answer
-being decoded; the edge (edge.sampling) applies them the same way, in float32.
+being decoded; the edge (runtime.sampling) applies them the same way, in float32.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""One OPT decoder block as plain model code, and the preallocated KV cache it steps with.
+"""One OPT decoder block as plain model code, and the paged KV cache it steps with.
 
 The parameter names are Hugging Face's `OPTDecoderLayer`'s (self_attn.{q,k,v,out}_proj,
 self_attn_layer_norm, fc1, fc2, final_layer_norm), so OPT checkpoints and our cloud bundles
@@ -10,9 +10,9 @@ Two ways through a block:
                                                (the ONNX baseline's past, a hand-stepped cache)
     step(x [N, d], spans, slots, layer, past)  cached inference over a ragged batch: N = sum of
                                                the new positions of every sequence, each with
-                                               its own KVSlot; keys/values are written in place
-                                               and attention reads a view of each slot's valid
-                                               length (no padding, no copy of anyone's past);
+                                               its own KVSlot (seen through a KVView); keys/values
+                                               are written in place and attention reads a view
+                                               of each slot's valid length (no padding, no copy);
                                                with `past` (PaddedPast: one new position each,
                                                short contexts), one padded copy of every slot's
                                                past per step, shared by all layers
@@ -20,11 +20,11 @@ Two ways through a block:
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.nn.utils.rnn import pad_sequence
 from transformers.activations import ACT2FN
 
 
@@ -37,10 +37,11 @@ class KVSlot:
 
     Positions < `length` are valid. A step writes its new positions after `length` and the caller
     advances `length` when it keeps the step, so a failed or cancelled step leaves nothing behind.
-    The buffer grows by half when full (amortised O(1) per position); `truncate` rolls back."""
+    Memory comes in pages of PAGE positions and a slot holds only the pages its positions need: it
+    grows by a page when full (a copy every PAGE positions) and `shrink` gives back the pages past
+    `length` after a rollback, so what a server counts in sentences is what it holds, to a page."""
 
-    GROWTH = 1.5
-    MIN_CAPACITY = 16
+    PAGE = 16
 
     def __init__(self, layers: int, heads: int, head_dim: int, max_length: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
@@ -56,44 +57,47 @@ class KVSlot:
 
     @property
     def nbytes(self) -> int:
-        """Bytes allocated (capacity, up to 1.5x the valid positions)."""
+        """Bytes allocated: the pages held."""
         return 0 if self.buf is None else self.buf.numel() * self.buf.element_size()
 
-    @property
-    def used_bytes(self) -> int:
-        """Bytes of the valid positions (what the server's KV budget counts)."""
-        return 0 if self.buf is None else self.nbytes // self.capacity * self.length
+    def pages(self, n: int) -> int:
+        """The positions of the pages that n positions take (the last page cut at max_length)."""
+        return min(self.max_length, -(-n // self.PAGE) * self.PAGE)
 
     def reserve(self, n: int) -> None:
-        """Room for n positions after `length` (one copy when the buffer grows)."""
+        """Room for n positions after `length` (one copy when it takes a new page)."""
         need = self.length + n
         if need > self.max_length:
             raise ValueError(f"{need} positions exceed this model's {self.max_length}")
-        if need <= self.capacity:
+        if need > self.capacity:
+            self._resize(self.pages(need))
+
+    def truncate(self, n: int) -> None:
+        """Keep the first n positions (a rollback; `shrink` gives the memory back when no step uses the slot)."""
+        if not 0 <= n <= self.length:
+            raise ValueError(f"cannot truncate {self.length} positions to {n}")
+        self.length = n
+
+    def shrink(self) -> None:
+        """Give back the pages past `length` (after a rollback)."""
+        keep = self.pages(self.length)
+        if self.capacity > keep:
+            self._resize(keep)
+
+    def _resize(self, capacity: int) -> None:
+        """A buffer of `capacity` positions with the valid ones copied over (None: no positions)."""
+        if not capacity:
+            self.buf = None
             return
-        capacity = min(self.max_length, max(need, self.MIN_CAPACITY, int(self.capacity * self.GROWTH)))
         L, two, H, hd = self.shape
         buf = torch.empty(L, two, H, capacity, hd, dtype=self.dtype, device=self.device)
         if self.length:
             buf[:, :, :, :self.length] = self.buf[:, :, :, :self.length]
         self.buf = buf
 
-    def truncate(self, n: int) -> None:
-        """Keep the first n positions (a rollback; the memory stays for the positions to come)."""
-        if not 0 <= n <= self.length:
-            raise ValueError(f"cannot truncate {self.length} positions to {n}")
-        self.length = n
-
-    def shrink(self) -> None:
-        """After a rollback: give back the memory beyond twice the valid positions (a slot keeps what
-        its longest past needed otherwise, and many rolled-back slots hold far more than they use)."""
-        keep = max(self.MIN_CAPACITY, 2 * self.length)
-        if self.capacity <= keep:
-            return
-        L, two, H, hd = self.shape
-        buf = torch.empty(L, two, H, keep, hd, dtype=self.dtype, device=self.device)
-        buf[:, :, :, :self.length] = self.buf[:, :, :, :self.length]
-        self.buf = buf
+    def view(self) -> KVView:
+        """What a step reads and writes: the buffer and valid length now."""
+        return KVView(self.buf, self.length)
 
     def valid(self) -> torch.Tensor:
         """The cached positions: [layers, 2, heads, length, head_dim] (a view)."""
@@ -101,6 +105,13 @@ class KVSlot:
         if self.buf is None:
             return torch.empty(L, two, H, 0, hd, dtype=self.dtype, device=self.device)
         return self.buf[:, :, :, :self.length]
+
+
+class KVView(NamedTuple):
+    """A slot's buffer and valid length as a step found them. A step reads and writes these, so a slot
+    that changes under it (the session of a cancelled step gives its pages back) changes nothing for it."""
+    buf: torch.Tensor  # [layers, 2, heads, capacity, head_dim]
+    length: int
 
 
 class OPTAttention(nn.Module):
@@ -124,7 +135,7 @@ class OPTAttention(nn.Module):
                                            dropout_p=self.dropout if self.training else 0.0)  # [B, H, T, hd]
         return self.out_proj(y.transpose(1, 2).reshape(B, T, d))
 
-    def step(self, x: torch.Tensor, spans: list[tuple[int, int]], slots: list[KVSlot], layer: int,
+    def step(self, x: torch.Tensor, spans: list[tuple[int, int]], slots: list[KVView], layer: int,
              past: "PaddedPast | None" = None) -> torch.Tensor:
         """x [N, d]: rows start..start+T of span i are the new positions of slots[i] -> [N, d].
         past: the short-context batch (one new position per slot, see PaddedPast), which keeps the new
@@ -147,33 +158,46 @@ class OPTAttention(nn.Module):
         return self.out_proj(y.transpose(0, 1).reshape(N, d))
 
 
-# One new position per sequence and short contexts: gathering every cache into one padded batch (a copy
-# of B x P positions) and one attention call beats a call per sequence; past this length the copy costs
-# more than the calls (measured on a CPU: 3x faster at P = 1, 3x slower at P = 256, for 64 sequences).
-SHORT_CONTEXT = 64
+# One new position per sequence and short contexts: copying every cache into one padded batch (B x P
+# positions) and one attention call beats a call per sequence; past this length the copy costs more
+# than the calls (measured on a CPU, 1 thread, for 64 sequences: 0.85x the time at P = 128, even at 256).
+SHORT_CONTEXT = 128
 
 
 class PaddedPast:
-    """A step of one new position per slot over short contexts: every slot's cached keys/values, all
-    layers, gathered into one padded batch once per step (not once per layer) and attended with a
-    padding mask; the new positions' keys/values are kept per layer and written back in one call."""
+    """A step of one new position per slot over short contexts. Every slot's cached keys/values, all
+    layers, are copied once per step (not once per layer, one call) into a padded batch whose last
+    column holds each layer's new keys/values in turn; every layer attends once for all slots, with a
+    mask of each slot's valid columns and the last one. The new positions go back into their slots in
+    one call. `scratch` holds the batch between steps (a fresh one costs page faults on every step)."""
 
-    def __init__(self, slots: list[KVSlot]):
+    def __init__(self, slots: list[KVView], scratch: torch.Tensor):
+        """scratch: at least size(slots) elements, any values (1-D)."""
         self.slots = slots
-        dev = slots[0].buf.device
+        (L, two, H, _, hd), B, P = slots[0].buf.shape, len(slots), max(s.length for s in slots)
+        self.batch = scratch[:self.size(slots)].view(L, two, B, H, P + 1, hd)  # contiguous per layer
+        rows = self.batch.unbind(2)
+        torch._foreach_copy_([r.narrow(3, 0, s.length) for r, s in zip(rows, slots)],
+                             [s.buf.narrow(3, 0, s.length) for s in slots])
+        # padding stays finite (a masked key gets weight 0, and 0 x inf is NaN): zeros, whatever was there
+        torch._foreach_zero_([r.narrow(3, s.length, P - s.length) for r, s in zip(rows, slots)])
+        dev = scratch.device
         lengths = torch.tensor([s.length for s in slots], device=dev)
-        past = pad_sequence([s.buf[:, :, :, :s.length].permute(3, 0, 1, 2, 4) for s in slots],
-                            batch_first=True)  # [B, P, L, 2, H, hd]
-        self.past = past.permute(2, 3, 0, 4, 1, 5)  # [L, 2, B, H, P, hd]
-        valid = torch.arange(past.shape[1], device=dev) < lengths[:, None]  # [B, P]
-        own = torch.ones(len(slots), 1, dtype=torch.bool, device=dev)  # each sees its own new position
-        self.mask = torch.cat((valid, own), 1)[:, None, None, :]  # [B, 1, 1, P+1]
+        column = torch.arange(P + 1, device=dev)
+        self.mask = ((column < lengths[:, None]) | (column == P))[:, None, None, :]  # [B, 1, 1, P+1]
         self.new: list[torch.Tensor] = []  # per layer [2, H, B, hd]
+
+    @staticmethod
+    def size(slots: list[KVView]) -> int:
+        """Elements of the padded batch of these slots."""
+        L, two, H, _, hd = slots[0].buf.shape
+        return L * two * len(slots) * H * (max(s.length for s in slots) + 1) * hd
 
     def attend(self, q: torch.Tensor, kv_new: torch.Tensor, layer: int) -> torch.Tensor:
         """q [H, B, hd], kv_new [2, H, B, hd] of `layer` (called for the layers in order) -> [H, B, hd]."""
         self.new.append(kv_new)
-        kv = torch.cat((self.past[layer], kv_new.transpose(1, 2)[:, :, :, None]), dim=3)  # [2, B, H, P+1, hd]
+        kv = self.batch[layer]  # [2, B, H, P+1, hd]
+        kv.select(3, -1).copy_(kv_new.transpose(1, 2))  # the new positions, last column
         y = F.scaled_dot_product_attention(q.transpose(0, 1)[:, :, None], kv[0], kv[1],
                                            attn_mask=self.mask)  # [B, H, 1, hd]
         return y[:, :, 0].transpose(0, 1)
@@ -181,7 +205,7 @@ class PaddedPast:
     def write_back(self) -> None:
         """The new positions' keys/values into their slots, every layer, in one call."""
         new = torch.stack(self.new)  # [L, 2, H, B, hd]
-        torch._foreach_copy_([s.buf[:, :, :, s.length] for s in self.slots], list(new.unbind(3)))
+        torch._foreach_copy_([s.buf.select(3, s.length) for s in self.slots], list(new.unbind(3)))
 
 
 class OPTBlock(nn.Module):
@@ -224,7 +248,7 @@ class OPTBlock(nn.Module):
         x = self._residual(x, lambda h: self.self_attn(h, mask, extend), self.self_attn_layer_norm)
         return self._residual(x, self.mlp, self.final_layer_norm)
 
-    def step(self, x: torch.Tensor, spans: list[tuple[int, int]], slots: list[KVSlot], layer: int,
+    def step(self, x: torch.Tensor, spans: list[tuple[int, int]], slots: list[KVView], layer: int,
              past: PaddedPast | None = None) -> torch.Tensor:
         x = self._residual(x, lambda h: self.self_attn.step(h, spans, slots, layer, past), self.self_attn_layer_norm)
         return self._residual(x, self.mlp, self.final_layer_norm)

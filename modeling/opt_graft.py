@@ -13,6 +13,7 @@ outputs against Hugging Face's own decoder.
 from __future__ import annotations
 
 import json
+from itertools import accumulate
 from pathlib import Path
 
 import torch
@@ -20,7 +21,7 @@ from torch import nn
 from transformers import OPTConfig, OPTForCausalLM
 
 from sllm.modeling.config import ConfigError, OPTSpec
-from sllm.modeling.opt_block import SHORT_CONTEXT, KVSlot, OPTBlock, PaddedPast
+from sllm.modeling.opt_block import SHORT_CONTEXT, KVSlot, KVView, OPTBlock, PaddedPast
 
 STOP = 1  # termination head class that ends generation (Eq. 9: argmax 1); 0 = decode another sentence
 POSITION_OFFSET = 2  # OPT's learned positions start at row 2 of the table (a quirk of its pretraining)
@@ -94,6 +95,7 @@ class GraftedOPT(nn.Module):
             missing, unexpected = self.load_state_dict(own, strict=False)
             if unexpected or any(not k.startswith("stop_head.") for k in missing):
                 raise ConfigError(f"this OPT decoder does not fit the graft (missing {missing}, unexpected {unexpected})")
+        self.padded_scratch: torch.Tensor | None = None  # see _scratch
 
     @classmethod
     def from_causal_lm(cls, model: OPTForCausalLM) -> "GraftedOPT":
@@ -128,27 +130,36 @@ class GraftedOPT(nn.Module):
             x = layer(x, mask)  # [B, T, d]
         return self._out(x)  # [B, T, d], [B, T, 2]
 
-    def step(self, news: list[torch.Tensor], slots: list[KVSlot]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def step(self, news: list[torch.Tensor], slots: list[KVSlot]) -> tuple[torch.Tensor, torch.Tensor]:
         """news[i] [T_i, d]: the next sentences of sequence i, at positions slots[i].length onwards ->
-        (hidden [T_i, d], stop logits [T_i, 2]) per sequence. Writes their keys/values into the
-        slots; the caller advances `slot.length` by T_i when it keeps the step."""
-        spans, start = [], 0
-        for v, slot in zip(news, slots):
-            slot.reserve(len(v))
-            spans.append((start, len(v)))
-            start += len(v)
+        (hidden [N, d], stop logits [N, 2]): the rows of every sequence's new sentences in turn
+        (N = sum T_i). Writes their keys/values into the slots; the caller advances `slot.length` by
+        T_i when it keeps the step."""
+        sizes = [len(v) for v in news]
+        for slot, T in zip(slots, sizes):
+            slot.reserve(T)
+        spans = list(zip(accumulate(sizes, initial=0), sizes))  # (start row, T) per sequence
         x = torch.cat(news)  # [N, d]
-        positions = torch.cat([torch.arange(s.length, s.length + len(v)) for v, s in zip(news, slots)])
-        x = x + self.embed_positions(positions.to(x.device) + POSITION_OFFSET).to(x.dtype)
+        positions = torch.tensor([p for s, T in zip(slots, sizes) for p in range(s.length, s.length + T)],
+                                 dtype=torch.long, device=x.device)  # [N]
+        x = x + self.embed_positions(positions + POSITION_OFFSET).to(x.dtype)
+        views = [s.view() for s in slots]
         short = len(x) == len(slots) and max(s.length for s in slots) < SHORT_CONTEXT
-        past = PaddedPast(slots) if short else None
+        past = PaddedPast(views, self._scratch(views)) if short else None
         for i, layer in enumerate(self.layers):
-            x = layer.step(x, spans, slots, i, past)  # [N, d]
+            x = layer.step(x, spans, views, i, past)  # [N, d]
         if past is not None:
             past.write_back()
-        hidden, stop = self._out(x)
-        sizes = [T for _, T in spans]
-        return list(hidden.split(sizes)), list(stop.split(sizes))
+        return self._out(x)  # [N, d], [N, 2]
+
+    def _scratch(self, slots: list[KVView]) -> torch.Tensor:
+        """Room for a PaddedPast of these slots (1-D), kept between steps and grown to the largest seen:
+        at most max_batch x SHORT_CONTEXT positions of keys/values. One step at a time uses it (the cloud's
+        model thread)."""
+        buf, like, n = self.padded_scratch, slots[0].buf, PaddedPast.size(slots)
+        if buf is None or len(buf) < n or buf.dtype != like.dtype or buf.device != like.device:
+            buf = self.padded_scratch = torch.empty(n, dtype=like.dtype, device=like.device)
+        return buf
 
 
 def _init(module: nn.Module, std: float) -> None:

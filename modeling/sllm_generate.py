@@ -18,7 +18,7 @@ from sllm.modeling.opt_graft import STOP
 from sllm.modeling.sentence_vae import pad_token_lists
 from sllm.modeling.sllm import SLLM
 from sllm.sentences.limit import sentence_token_ids
-from sllm.sentences.sampling import stop_decision
+from sllm.sentences.sampling import StopCalibration, stop_decision
 from sllm.sentences.tokenizer import SentenceTokenizer
 
 
@@ -50,16 +50,19 @@ class SLLMGenerator:
 
     def step(self, slot: KVSlot, vectors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """vectors [S, d] after the slot's cached sentences -> hidden [1, S, d], stop logits [1, S, 2] (kept)."""
-        (hidden,), (stop,) = self.sllm.opt.step([vectors], [slot])
+        hidden, stop = self.sllm.opt.step([vectors], [slot])
         slot.length += len(vectors)
         return hidden[None], stop[None]
 
     @torch.inference_mode()
     def generate(self, prompt: str, max_sentences: int = 16, sampling: SamplingConfig | None = None,
-                 stop_threshold: float | None = None, min_sentences: int = 1) -> Iterator[GeneratedSentence]:
-        """Yield sentences as they are made, until the stop decision (P(stop) >= stop_threshold; None:
-        the head's argmax flag; not before `min_sentences` sentences), an empty sentence, a sentence that repeats an earlier one although
-        sampling.no_repeat_sentence (only at the token limit), or `max_sentences` (edge.loop's rules)."""
+                 stop_threshold: float | None = None, min_sentences: int = 1,
+                 stop_calibration: StopCalibration | None = None) -> Iterator[GeneratedSentence]:
+        """Yield sentences as they are made, until the stop decision (P(stop), calibrated at the answer's
+        position by `stop_calibration` when given, >= stop_threshold; None: the head's argmax flag; not
+        before `min_sentences` sentences), an empty sentence, a sentence that repeats an earlier one
+        although sampling.no_repeat_sentence (only at the token limit), or `max_sentences` (edge.loop's
+        rules)."""
         if max_sentences < 0:
             raise ValueError(f"max_sentences must be >= 0, got {max_sentences}")
         prompt_ids = self.prompt_sentences(prompt)
@@ -74,7 +77,8 @@ class SLLMGenerator:
         said: list[list[int]] = []  # this answer's sentences (the repetition controls read them)
         for i in range(max_sentences):
             p_stop = float(stop[0, -1].float().softmax(-1)[STOP])
-            if i >= min_sentences and stop_decision(int(stop[0, -1].argmax()) == STOP, p_stop, stop_threshold):
+            if i >= min_sentences and stop_decision(int(stop[0, -1].argmax()) == STOP, p_stop, stop_threshold,
+                                                    stop_calibration, i):
                 return
             ids = decode_sentences(self.sllm.svae.decoder, hidden[:, -1], self.max_tokens,
                                    sampling.for_sentence(i), said)[0]

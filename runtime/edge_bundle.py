@@ -14,6 +14,10 @@
                             cloud_weights_sha256: the sha256 of the cloud half's cloud.safetensors,
                             stop_threshold (optional): the edge ends an answer when the cloud's
                             P(stop) >= it (chosen on validation; absent: the cloud's argmax flag)
+                            stop_calibration (optional): {scale, offsets, threshold, ...}: the stop rule
+                            decides on P(stop) calibrated at the answer's position and this threshold
+                            (sllm.sentences.sampling.StopCalibration; fitted on validation at export;
+                            absent: on the raw P(stop) and stop_threshold)
 
 The edge chats only with a cloud model whose weights have that sha256 (`EdgeBundle.cloud_mismatch`):
 the model id is a label anyone can write, the hash is what was exported.
@@ -30,6 +34,7 @@ import numpy as np
 from sllm.runtime.manifest import CLOUD_WEIGHTS, BundleError, listed_file, read_manifest, write_manifest
 from sllm.runtime.providers import cpu_session
 from sllm.runtime.svae_onnx import SENTENCE_INPUTS, SENTENCE_OUTPUTS, DecoderSpec, encode, greedy_decode
+from sllm.sentences.sampling import StopCalibration
 
 KIND = "edge"
 ENCODER = "encoder.onnx"
@@ -54,6 +59,9 @@ CLOUD_WEIGHTS_FIELD = "cloud_weights_sha256"
 # the decision threshold on P(stop) (a number in [0, 1]); optional: bundles exported before it stop
 # on the termination head's argmax, which a head trained on rare paragraph ends almost never says
 STOP_THRESHOLD_FIELD = "stop_threshold"
+# optional too: {"scale", "offsets", "threshold", and how they were fitted}; bundles exported before it
+# decide on the raw P(stop) and stop_threshold
+STOP_CALIBRATION_FIELD = "stop_calibration"
 
 
 def check_stop_threshold(bundle_dir: Path, manifest: dict) -> float | None:
@@ -66,11 +74,26 @@ def check_stop_threshold(bundle_dir: Path, manifest: dict) -> float | None:
     return float(value)
 
 
+def check_stop_calibration(bundle_dir: Path, manifest: dict) -> StopCalibration | None:
+    value = manifest.get(STOP_CALIBRATION_FIELD)
+    if value is None:
+        return None
+    try:
+        if not isinstance(value, dict) or not isinstance(value.get("offsets"), list):
+            raise ValueError("it is not an object with a list of offsets")
+        return StopCalibration(scale=value.get("scale"), offsets=tuple(value["offsets"]),
+                               threshold=value.get("threshold"))
+    except ValueError as e:
+        raise BundleError(f"{bundle_dir}: {STOP_CALIBRATION_FIELD} is not a stop calibration ({e}); re-export the "
+                          "bundle") from None
+
+
 def write_edge_manifest(bundle_dir: Path, fields: dict, files: list[str]) -> dict:
     missing = [k for k in (*REQUIRED_FIELDS, CLOUD_WEIGHTS_FIELD) if k not in fields]
     if missing:
         raise ValueError(f"edge manifest fields missing: {missing}")
     check_stop_threshold(bundle_dir, fields)
+    check_stop_calibration(bundle_dir, fields)
     return write_manifest(bundle_dir, {"kind": KIND, **fields}, files)
 
 
@@ -105,6 +128,11 @@ class EdgeBundle:
     def stop_threshold(self) -> float | None:
         """End an answer when P(stop) >= this (None: the termination head's argmax flag)."""
         return check_stop_threshold(self.path, self.manifest)
+
+    @property
+    def stop_calibration(self) -> StopCalibration | None:
+        """How P(stop) is calibrated before the threshold (None: it is not; a bundle exported before)."""
+        return check_stop_calibration(self.path, self.manifest)
 
     def encode_ids(self, token_lists: list[list[int]]) -> np.ndarray:
         """Token lists (each 1..max_sentence_tokens ids) -> sentence vectors float32 [B, d]."""
@@ -160,6 +188,7 @@ def load_edge_bundle(bundle_dir: Path, threads: int = 0) -> EdgeBundle:
     if missing:
         raise BundleError(f"{bundle_dir}: the manifest lacks {missing}; re-export the bundle")
     check_stop_threshold(bundle_dir, manifest)
+    check_stop_calibration(bundle_dir, manifest)
     encoder_file, decoder_file, tokenizer_file = (listed_file(bundle_dir, manifest, key)
                                                   for key in ("encoder_file", "decoder_file", "tokenizer_file"))
     if tokenizer_file.parent != bundle_dir:  # its special ids are read from the tokenizer_meta.json beside it

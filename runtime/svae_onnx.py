@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from sllm.runtime.sampling import Picker
 from sllm.sentences.sampling import SamplingConfig
 
 if TYPE_CHECKING:  # the sessions come from runtime.providers; this module only calls run()
@@ -167,11 +168,10 @@ def decode_loop(session: onnxruntime.InferenceSession, memory: np.ndarray, spec:
     return out
 
 
-
 def sentence_feeds(memory: np.ndarray, sampling: SamplingConfig, answer: Sequence[Sequence[int]],
                    limit: int) -> dict[str, np.ndarray]:
     """The inputs of sentence.onnx (SENTENCE_INPUTS) for one sentence of at most `limit` (>= 1) tokens
-    from memory [d], by the rules of the edge's per-token picker (sllm.edge.sampling.Picker): the
+    from memory [d], by the rules of the per-token picker (sllm.runtime.sampling.Picker): the
     answer's tokens for the penalty and the n-grams, its sentences (-1 padded) for the no-repeat-
     sentence rule, and one uniform draw per step from the stream the picker draws from (a seeded
     generator per call), so a seed gives the per-token loop's tokens."""
@@ -207,3 +207,16 @@ def decode_sentence(session: onnxruntime.InferenceSession, memory: np.ndarray, s
     if tokens and tokens[-1] == spec.eos_id:
         tokens.pop()
     return tokens
+
+
+def decode_vectors(session: onnxruntime.InferenceSession, memory: np.ndarray, spec: DecoderSpec,
+                   sampling: SamplingConfig, max_tokens: int | None = None, answer: Sequence[Sequence[int]] = (),
+                   sentence: onnxruntime.InferenceSession | None = None) -> list[list[int]]:
+    """Decode vectors memory [B, d] as the edge does; one token list per row (no bos/eos), every row
+    continuing the same `answer`. One row with `sentence` (sentence.onnx's session): one run() for the
+    whole sentence; otherwise decoder.onnx (`session`) in the per-token loop with `Picker`, the
+    reference sentence.onnx is tested against (same tokens, same seeded draws)."""
+    memory = np.asarray(memory, dtype=np.float32)
+    if sentence is not None and memory.shape[0] == 1:
+        return [decode_sentence(sentence, memory[0], spec, sampling, answer, max_tokens)]
+    return decode_loop(session, memory, spec, Picker(sampling, spec.eos_id, answer, len(memory)), max_tokens)

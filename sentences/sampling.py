@@ -17,6 +17,7 @@ sllm.edge.speculate.decoding, parsed by sllm.cloud.service.parse_decoding) are m
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass, field, fields, replace
 from typing import Sequence
 
@@ -160,8 +161,15 @@ class AnswerOptions(SamplingConfig):
     max_tokens: int = field(default=0, metadata={"help": "tokens per sentence at most; 0 = the bundle's limit",
                                                  "flags": ("--max-sentence-tokens",)})
     stop_threshold: float | None = field(default=None, metadata={
-        "help": "end the answer when the cloud's P(stop) >= this; default: the bundle's (chosen on validation)"})
+        "help": "end the answer when P(stop) >= this (the calibrated P(stop) when the bundle has a stop calibration); "
+                "default: the bundle's (chosen on validation)"})
+    calibrate_stop: bool = field(default=True, metadata={
+        "help": "decide on P(stop) calibrated by the bundle's stop calibration (the head's Platt scale and an "
+                "answer-length prior, fitted on validation); off: the head's raw P(stop)",
+        "flags": ("--calibrate-stop/--raw-stop",)})
     min_sentences: int = MIN_ANSWER_SENTENCES  # the stop rule is asked from this sentence of the answer on (0-based)
+    # the calibration the stop rule applies (resolved from the bundle by `with_bundle_stop`; None: P(stop) itself)
+    stop_calibration: StopCalibration | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -170,19 +178,88 @@ class AnswerOptions(SamplingConfig):
             if isinstance(v, bool) or not isinstance(v, int) or v < 0:
                 raise ValueError(f"{name} must be an integer >= 0{what}, got {v!r}")
         check_stop_threshold(self.stop_threshold)
+        if not isinstance(self.calibrate_stop, bool):
+            raise ValueError(f"calibrate_stop must be true or false, got {self.calibrate_stop!r}")
+        if self.stop_calibration is not None and not isinstance(self.stop_calibration, StopCalibration):
+            raise ValueError(f"stop_calibration must be a StopCalibration or None, got {self.stop_calibration!r}")
 
     def ends(self, answered: int, stop_flag: bool, stop_probability: float) -> bool:
         """Does the answer end after `answered` sentences, given this step's stop outputs (max_sentences 0:
         no cap, as on the wire)?"""
         if self.max_sentences and answered >= self.max_sentences:
             return True
-        return answered >= self.min_sentences and stop_decision(stop_flag, stop_probability, self.stop_threshold)
+        return answered >= self.min_sentences and stop_decision(stop_flag, stop_probability, self.stop_threshold,
+                                                                self.stop_calibration, answered)
 
 
-def stop_decision(stop_flag: bool, stop_probability: float, threshold: float | None) -> bool:
-    """End the answer here? With a threshold: P(stop) >= threshold (the bundle's, chosen on
-    validation; a user's override); without one: the termination head's argmax flag."""
-    return stop_flag if threshold is None else stop_probability >= threshold
+@dataclass(frozen=True)
+class StopCalibration:
+    """How the termination head's P(stop) becomes the probability the stop rule thresholds, at the
+    answer's sentence n (n sentences answered):
+
+        logit(P') = scale * logit(P(stop)) + offsets[n - 1]      (n past the table: its last entry)
+
+    `scale` is a Platt slope on the head's log-odds; `offsets` hold the Platt intercept plus the log-odds
+    of a paragraph-length prior (the hazard of "the paragraph ends at its sentence n" in the training
+    corpus, weighted): both fitted on the validation split at export (training.stop_head), so a head
+    that is confident in-domain and unsure on unseen text is pulled towards how long paragraphs are.
+    `threshold`: the bundle's threshold on P' (a user's stop_threshold replaces it)."""
+
+    scale: float
+    offsets: tuple[float, ...]
+    threshold: float
+
+    def __post_init__(self) -> None:
+        if isinstance(self.scale, bool) or not isinstance(self.scale, (int, float)) or not (
+                math.isfinite(self.scale) and self.scale > 0):
+            raise ValueError(f"stop calibration scale must be a finite number > 0, got {self.scale!r}")
+        if not isinstance(self.offsets, tuple) or not self.offsets or not all(
+                not isinstance(o, bool) and isinstance(o, (int, float)) and math.isfinite(o) for o in self.offsets):
+            raise ValueError(f"stop calibration offsets must be a non-empty tuple of finite numbers, got "
+                             f"{self.offsets!r}")
+        if self.threshold is None:
+            raise ValueError("a stop calibration needs its threshold")
+        check_stop_threshold(self.threshold)
+
+    def offset(self, answered: int) -> float:
+        return self.offsets[min(max(answered, 1), len(self.offsets)) - 1]
+
+    def log_odds(self, stop_probability: float, answered: int) -> float:
+        """logit(P') at the answer's sentence `answered`: +-inf where P(stop) is 1 or 0."""
+        return self.scale * _logit(stop_probability) + self.offset(answered)
+
+    def probability(self, stop_probability: float, answered: int) -> float:
+        """P' (for people and benches; the rule itself compares log-odds)."""
+        z = self.log_odds(stop_probability, answered)
+        return 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
+
+
+def stop_decision(stop_flag: bool, stop_probability: float, threshold: float | None,
+                  calibration: StopCalibration | None = None, answered: int = 0) -> bool:
+    """End the answer here, after `answered` sentences? With a threshold: P(stop) >= threshold (the bundle's,
+    chosen on validation; a user's override), P(stop) calibrated at this answer position when a calibration
+    is given; without a threshold: the termination head's argmax flag.
+
+    The edge's loop and the cloud's speculation both decide here, on the same numbers: P(stop) is a
+    float32 on the wire, and so is the threshold, which is rounded to float32 here on both sides."""
+    if threshold is None:
+        return stop_flag
+    threshold = _float32(threshold)
+    if calibration is None:
+        return stop_probability >= threshold
+    return calibration.log_odds(stop_probability, answered) >= _logit(threshold)
+
+
+def with_bundle_stop(options: AnswerOptions, bundle_threshold: float | None,
+                     bundle_calibration: StopCalibration | None) -> AnswerOptions:
+    """`options` with the stop rule resolved against a bundle's: its calibration unless the options carry
+    their own or say calibrate_stop=False, and its threshold (the calibration's, or the raw one) unless the
+    user set stop_threshold."""
+    calibration = (options.stop_calibration or bundle_calibration) if options.calibrate_stop else None
+    threshold = options.stop_threshold
+    if threshold is None:
+        threshold = calibration.threshold if calibration is not None else bundle_threshold
+    return replace(options, stop_threshold=threshold, stop_calibration=calibration)
 
 
 def check_stop_threshold(threshold: float | None) -> None:
@@ -190,3 +267,15 @@ def check_stop_threshold(threshold: float | None) -> None:
         return
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0 <= threshold <= 1:
         raise ValueError(f"stop_threshold must be a number in [0, 1] (or unset: the bundle's), got {threshold!r}")
+
+
+def _logit(p: float) -> float:
+    if p <= 0:
+        return -math.inf
+    if p >= 1:
+        return math.inf
+    return math.log(p) - math.log1p(-p)
+
+
+def _float32(x: float) -> float:
+    return struct.unpack("f", struct.pack("f", x))[0]

@@ -263,7 +263,7 @@ def test_fixed_length_runs_go_past_the_stop_head_and_leave_the_last_sentence_out
     without appending its last sentence (nothing reads its step)."""
     from bench.sllm_loop import PastStop, generate
     from sllm.edge.loop import SentenceEvent, sentence_loop
-    from sllm.edge.sampling import Sampling
+    from sllm.runtime.sampling import Sampling
 
     stepper = _StopSayer()
     stepper.open()
@@ -314,11 +314,17 @@ def test_svae_variants_train_evaluate_and_plot(model_dir, tiny_corpus, tmp_path)
 def test_stop_rate_counts_how_each_answer_ended(tmp_path, capsys):
     from bench import stop_rate
 
-    text = "The river rose in the spring. The town moved uphill. The mill stayed. Nobody missed the old road."
+    text = "The river rose in the spring. The town moved uphill.\n\nThe mill stayed. Nobody missed the old road."
     corpus = tmp_path / "c.jsonl"
     corpus.write_text(json.dumps({"text": text}) + "\n" + json.dumps({"text": "Too short."}) + "\n")
-    assert stop_rate.prompts_from(corpus, 5) == ["The river rose in the spring."]  # the short document is skipped
+    cases = stop_rate.prompts_from(corpus, 5)  # the short document is skipped
+    assert [c.prompt for c in cases] == ["The river rose in the spring."]
+    assert stop_rate.paragraph_rest(cases[0].rest) == " The town moved uphill."  # up to the blank line
     model = Path(__file__).resolve().parents[1] / "models" / "default"
-    stop_rate.main([str(corpus), "--prompts", "1", "--model", str(model)])
-    line = capsys.readouterr().out.strip()
-    assert line.startswith(f"{corpus}: ") and "/1 answers ended by the stop head" in line
+    stop_rate.main([str(corpus), "--prompts", "1", "--model", str(model), "--json", str(tmp_path / "r.json")])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"{corpus}: ") and "/1 answers ended by the stop rule" in lines[0]
+    assert any("teacher forced" in line for line in lines) and any(line.strip().startswith("n=1:") for line in lines)
+    result = json.loads((tmp_path / "r.json").read_text())[0]
+    assert result["answers"] == 1 and result["teacher_forced"]["positions"] == 1  # "The town moved uphill."
+    assert result["teacher_forced"]["positives"] == 1

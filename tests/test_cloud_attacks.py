@@ -23,6 +23,7 @@ from sllm.cloud.cli import app
 from sllm.cloud.limits import FD_RESERVE, connection_limit
 from sllm.cloud.metrics import prometheus_text
 from sllm.modeling.cloud_bundle import write_random_cloud_bundle
+from sllm.modeling.opt_block import KVSlot
 from sllm.protos.client import CloudClient, CloudError
 from sllm.protos.v1 import sllm_pb2 as pb
 
@@ -266,9 +267,10 @@ def test_200_rollback_cycles_keep_memory_within_the_budget(tmp_path):
         grown = _rss() - rss0
         print(f"200 rollback cycles: slots hold {held / MIB:.1f} MiB, RSS +{grown / MIB:.1f} MiB, "
               f"budget {budget / MIB:.0f} MiB, accounted {srv.store.stats()['kv_bytes'] / MIB:.2f} MiB")
-        # allocated: at most twice what is accounted plus 16 sentences a session (KVSlot.MIN_CAPACITY)
-        assert held <= 2 * srv.store.stats()["kv_bytes"] + 40 * 16 * per_sentence + 2 * n * per_sentence
-        assert grown < budget + 24 * MIB  # was 40 x 1 MiB held after the rollbacks
+        # allocated: what is accounted, each session's last page rounded up (KVSlot.PAGE sentences a page)
+        pages = sum(s.kv.pages(s.length) for s in srv.store.sessions.values())
+        assert held == pages * per_sentence <= srv.store.stats()["kv_bytes"] + 40 * (KVSlot.PAGE - 1) * per_sentence
+        assert grown < budget + 16 * MIB  # was 40 x 1 MiB held after the rollbacks
         for conv in convs:
             conv.close()
 

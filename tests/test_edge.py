@@ -30,7 +30,7 @@ from sllm.edge.cli import app
 from sllm.edge.local import LocalServer
 from sllm.edge.loop import sentence_loop
 from sllm.edge.runtime import Decoded, EdgeRuntime
-from sllm.edge.sampling import Sampling, filter_logits, numpy_generator, pick_next
+from sllm.runtime.sampling import Sampling, filter_logits, numpy_generator, pick_next
 from sllm.export.exporter import export_checkpoint
 from sllm.modeling.cloud_bundle import write_random_cloud_bundle
 from sllm.modeling.generate import SamplingConfig, decode_sentences
@@ -669,7 +669,7 @@ def test_every_edge_module_imports_and_runs_without_torch(model, no_torch):
         for name in names:
             importlib.import_module(name)
         from sllm.edge.runtime import EdgeRuntime
-        from sllm.edge.sampling import Sampling
+        from sllm.runtime.sampling import Sampling
         rt = EdgeRuntime.load({str(model[0] / "edge")!r}, threads=1)
         v = rt.encode(rt.prompt_sentences("The king loves the river. Hello!"))
         d = rt.decode(v[0], Sampling(temperature=0.8, top_k=20, top_p=0.9, seed=3))
@@ -770,7 +770,7 @@ def test_repetition_controls_are_the_same_in_numpy_and_torch():
     """The guard's bookkeeping (shared) and its application to logits (numpy on the edge, torch in the
     reference): bit-identical float32 logits, the n-gram ban across a sentence boundary, the penalty's
     sign rule, eos banned only where the sentence would equal an earlier one."""
-    from sllm.edge.sampling import control_repetition
+    from sllm.runtime.sampling import control_repetition
     from sllm.modeling.generate import control_repetition as torch_control_repetition
     from sllm.sentences.sampling import RepetitionGuard
 

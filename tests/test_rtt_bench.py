@@ -1,11 +1,13 @@
 """The pieces of bench/rtt.py and bench/cloud_cost.py that do not need the bundled model: the
-cloud-only streaming service (real gRPC, through the real relay), the per-run, bound and speculation
+cloud-only streaming service (its engines on a tiny OPT, real gRPC, through the real relay), its replies
+carrying every token made since the previous one, the per-run, bound and speculation
 arithmetic, the SLLM runner with and without speculation against a real server of a tiny exported
 model, and cloud_throughput's measured window with its CPU probe (a real in-process server).
 The whole benches run as commands (`python -m bench.rtt --quick`, `python -m bench.cloud_cost
 --quick`): each starts server processes, longer than a test should take."""
 import os
 import random
+import threading
 
 import grpc
 import pytest
@@ -14,14 +16,15 @@ from cloud_helpers import MODEL_ID, D, running_server
 from helpers import _make_sentence
 from transformers import OPTConfig, OPTForCausalLM
 
-from bench import cloud_cost, cloud_throughput
-from bench.cloud_only import CloudOnlyClient, HFGreedy, serve
+from bench import baselines, cloud_cost, cloud_throughput
+from bench.cloud_only import CloudOnlyClient, HFGreedy, made_since_last_send, serve
 from bench.relay import Relay
 from bench.rtt import (
     Ctx,
     Run,
     SLLMRunner,
     Variant,
+    headline,
     render_speculation,
     server_counters,
     summarize,
@@ -40,23 +43,68 @@ def _tiny_opt() -> OPTForCausalLM:
     return OPTForCausalLM(cfg).eval()
 
 
-def test_cloud_only_streams_hf_generates_greedy_tokens_through_the_relay():
+@pytest.mark.parametrize("engine", ["onnxruntime", "hf"])
+def test_cloud_only_streams_the_engines_greedy_tokens_through_the_relay(engine, tmp_path):
+    """The server's engine (the fused ONNX graph with its KV cache, exported here, as `--generator auto`
+    serves it; or the HF forward), streamed over real gRPC through the real relay: exactly the tokens the
+    same engine decodes locally, which are Hugging Face generate's greedy tokens."""
     model = _tiny_opt()
-    prompt, n = [1, 9, 4, 33, 2, 17], 10
+    prompt, n = [1, 9, 4, 33, 2, 17], 24
     model.generation_config.eos_token_id = None  # exactly n tokens, eos included
     with torch.no_grad():
         ids = torch.tensor([prompt])
         want = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
                               do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()
-    server, port = serve(HFGreedy(model))
+    generator = (baselines.make_flavours(model, [1], tmp_path, ("onnxruntime",))[0] if engine == "onnxruntime"
+                 else HFGreedy(model))
+    assert list(generator.stream(prompt, n)) == want and len(set(want)) > 1
+    assert list((tmp_path).glob("baseline-fused-*/baseline.onnx")) or engine == "hf"  # the fused export, saved
+    server, port = serve(generator)
     try:
         with Relay(f"127.0.0.1:{port}", 0.002) as relay, CloudOnlyClient(relay.address) as client:
-            assert list(client.stream(prompt, n)) == want
+            replies = list(client.chunks(prompt, n))
+            assert all(replies) and [t for r in replies for t in r] == want  # each reply: >= 1 token, in order
+            assert list(client.stream(prompt, 3)) == want[:3]
             with pytest.raises(grpc.RpcError) as e:
                 list(client.stream(prompt, 0))
             assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     finally:
         server.stop(0).wait()
+
+
+def test_a_reply_carries_every_token_made_since_the_previous_one():
+    taken, made_all, closed = threading.Event(), threading.Event(), threading.Event()
+
+    def engine():  # the first token, then (once it was taken) seven more, made before the next take
+        yield 1
+        taken.wait(10)
+        yield from range(2, 9)
+        made_all.set()
+
+    replies = made_since_last_send(engine())
+    assert next(replies) == [1]
+    taken.set()
+    assert made_all.wait(10)
+    assert list(replies) == [list(range(2, 9))]  # one reply, not seven: the engine never waited for a send
+
+    def failing():
+        yield 5
+        raise ValueError("the engine failed")
+
+    with pytest.raises(ValueError, match="the engine failed"):
+        list(made_since_last_send(failing()))
+
+    def endless():
+        try:
+            while True:
+                yield 7
+        finally:
+            closed.set()
+
+    replies = made_since_last_send(endless())
+    assert set(next(replies)) == {7}
+    replies.close()  # the client went away: the engine stops and its generator is closed
+    assert closed.wait(10)
 
 
 def _variant(name: str, unit: str, speculate: int = 0, stats: bool = False) -> Variant:
@@ -115,6 +163,35 @@ def test_a_speculation_row_counts_guesses_round_trips_and_the_extra_cloud_work()
     table = [line for line in render_speculation(results) if line.startswith("| 50 | spec4 |")]
     # acceptance, declined / run, round trips / sentence, wire, passes (extra), decode, wasted / run, same output
     assert table == ["| 50 | spec4 | 0.83 | 1.0 | 0.38 | 250 | 0.200 (+0.075) | 1.50 | 3.5 | 1/2 |"]
+
+
+def test_the_headline_sets_each_speculation_row_against_cloud_only_at_50_and_100_ms():
+    variants = [_variant("sllm", "sentence", stats=True), _variant("spec4", "sentence", 4, stats=True),
+                _variant("cloud_only", "message")]
+    rtts, runs = [0.0, 50.0, 100.0], []
+    for rtt in rtts:
+        for i, (spec_s, cloud_s) in enumerate(((0.2, 0.1), (0.3, 0.2), (0.4, 0.5))):  # whole answers: 40 tokens
+            runs += [Run("sllm", rtt, i, 40, 5, 8, 0.06, 0.5, answer_s=0.6, output=str(i), waited=4, appends=4),
+                     Run("spec4", rtt, i, 40, 5, 8, 0.06, spec_s - 0.06, answer_s=spec_s, output=str(i % 2),
+                         accepted=4, appends=4),
+                     Run("cloud_only", rtt, i, 40, 10, 1, 0.06, cloud_s - 0.06, answer_s=cloud_s)]
+    keys = [(v.name, rtt) for v in variants for rtt in rtts]
+    counters = {k: _counters(passes=15) for k in keys if k[0] != "cloud_only"}
+    s = summarize(variants, rtts, {"runs": runs, "relays": {k: {"rtt_applied_ms": k[1]} for k in keys},
+                                   "wire": dict.fromkeys(keys, 25.0), "counters": counters})
+    results = {"summary": s, "config": {"rtts": rtts}, "runs": [r.as_dict() for r in runs],
+               "variants": [{"name": v.name, "speculate": v.speculate, "info": {} if v.name != "cloud_only" else
+                             {"generator": "the fused ONNX graph", "streaming": "replies of every token made"}}
+                            for v in variants]}
+    lines = headline(results)
+    assert lines[0].startswith("## Headline")
+    assert "cloud_only runs the fused ONNX graph, streaming by replies of every token made." in lines[2]
+    rows = [line for line in lines if line.startswith("| 50 ") or line.startswith("| 100 ")]
+    # whole answers 40 / (0.2, 0.3, 0.4) s against 40 / (0.1, 0.2, 0.5) s on the same prompts: ratios 0.5, 0.67,
+    # 1.25; after the first unit 32 / (0.14, 0.24, 0.34) s against 39 / (0.04, 0.14, 0.44) s
+    assert rows[0] == "| 50 | spec4 | 133 (100-200) | 0.67 (0.50-1.25) | 133 (94-229) | 0.48 (0.23-1.06) | 2/3 |"
+    assert rows[1] == "| 50 | cloud_only | 200 (80-400) | - | 279 (89-975) | - | - |"
+    assert len(rows) == 4 and rows[2].startswith("| 100 | spec4 |")  # nothing at RTT 0
 
 
 @pytest.fixture(scope="module")

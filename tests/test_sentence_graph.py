@@ -9,14 +9,14 @@ import pytest
 import torch
 from helpers import ROOT
 
-from sllm.edge.runtime import EdgeRuntime, decode_vectors
+from sllm.edge.runtime import EdgeRuntime
 from sllm.export import fused_onnx
 from sllm.modeling.config import SentenceVAEConfig
 from sllm.modeling.generate import decode_sentences
 from sllm.modeling.sentence_vae import SentenceVAE
 from sllm.runtime.edge_bundle import SENTENCE_FIELD, load_edge_bundle, write_edge_manifest
 from sllm.runtime.providers import cpu_session
-from sllm.runtime.svae_onnx import DecoderSpec
+from sllm.runtime.svae_onnx import DecoderSpec, decode_vectors
 from sllm.sentences.sampling import AnswerOptions, SamplingConfig
 
 MODEL = ROOT / "models" / "default"

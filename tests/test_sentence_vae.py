@@ -284,28 +284,3 @@ def test_tiny_model_overfits_four_sentences(fusion):
     assert model.reconstruct(ids, mask) == sentences
     assert model.training  # reconstruct restores the mode
 
-
-def test_the_batched_speculation_decoder_equals_the_reference_row_by_row():
-    """sllm.modeling.svae_bundle.fast_greedy_decode (the cloud's guesses, all sessions in one batch, each row
-    with its own repetition controls, answer so far and token limit) gives decode_sentences' tokens."""
-    from sllm.modeling.svae_bundle import fast_greedy_decode
-    from sllm.sentences.sampling import RepetitionGuard
-
-    model = random_model(seed=4, jitter=0.3, vocab_size=12)  # a small vocabulary: the controls must act
-    memory = torch.randn(6, 32, generator=torch.Generator().manual_seed(1))
-    rows = [  # (sampling, the answer's earlier sentences, token limit)
-        (SamplingConfig(), [], None),
-        (SamplingConfig(repetition_penalty=1.5), [[3, 4, 5, 3]], None),
-        (SamplingConfig(no_repeat_ngram_size=2), [[5, 6, 7, 8]], 7),
-        (SamplingConfig(no_repeat_sentence=True), [[4], [3, 4]], None),
-        (SamplingConfig(repetition_penalty=1.2, no_repeat_ngram_size=3, no_repeat_sentence=True), [[9, 10, 11]], 5),
-        (SamplingConfig(), [], 3),
-    ]
-    ref = [decode_sentences(model.decoder, memory[i:i + 1], limit, sampling, answer=answer)[0]
-           for i, (sampling, answer, limit) in enumerate(rows)]
-    eos = model.cfg.eos_id
-    guards = [RepetitionGuard(s, a, eos) if s.controls_repetition else None for s, a, _ in rows]
-    assert fast_greedy_decode(model.decoder, memory, guards=guards, limits=[m for _, _, m in rows]) == ref
-    plain = [decode_sentences(model.decoder, memory[i:i + 1])[0] for i in range(6)]
-    assert plain != ref  # the controls and limits changed some rows: the comparison says something
-    assert fast_greedy_decode(model.decoder, memory) == plain

@@ -15,6 +15,7 @@
     sllm-train size configs/paper/*.json                # or: sllm-train svae --config ... --dry-run
     sllm-train recover-svae models/default              # svae/ from the edge's ONNX graphs
     sllm-train refit-stop models/default                # the stop head and its threshold
+    sllm-train calibrate-stop models/default            # the stop rule's calibration (weights unchanged)
 """
 from __future__ import annotations
 
@@ -325,11 +326,14 @@ def generate(
     no_repeat_sentence: bool = typer.Option(DEFAULT_NO_REPEAT_SENTENCE, "--no-repeat-sentence/--allow-repeat-sentence"),
     stop_threshold: Optional[float] = typer.Option(None, min=0.0, max=1.0, help="end when P(stop) >= this; default: "
                                                    "an export's edge threshold, else the head's argmax"),
+    calibrate_stop: bool = typer.Option(True, "--calibrate-stop/--raw-stop", help="edge-chat's option: P(stop) "
+                                        "calibrated by an export's stop calibration, or raw"),
 ):
     """Continue a prompt sentence by sentence with a trained SLLM (torch reference, one process): the
     text edge-chat gives with the same options."""
     from sllm.modeling.generate import SamplingConfig
     from sllm.modeling.sllm_generate import SLLMGenerator
+    from sllm.sentences.sampling import AnswerOptions, with_bundle_stop
     from sllm.training.load import load_sllm
 
     if prompt is None:
@@ -339,8 +343,10 @@ def generate(
                                   no_repeat_sentence)
         trained = load_sllm(_model(checkpoint))
         gen = SLLMGenerator(trained.model, trained.tokenizer, trained.run.data.split_on_comma)
-        threshold = trained.stop_threshold if stop_threshold is None else stop_threshold
-        for sentence in gen.generate(prompt, max_sentences, sampling, threshold):
+        stop = with_bundle_stop(AnswerOptions(stop_threshold=stop_threshold, calibrate_stop=calibrate_stop),
+                                trained.stop_threshold, trained.stop_calibration)  # edge-chat's resolution
+        for sentence in gen.generate(prompt, max_sentences, sampling, stop.stop_threshold,
+                                     stop_calibration=stop.stop_calibration):
             typer.echo(sentence.text, nl=False)
             sys.stdout.flush()
     except (*_user_errors(), ValueError) as e:
@@ -448,6 +454,22 @@ def refit_stop(
         report.parent.mkdir(parents=True, exist_ok=True)
         report.with_suffix(".json").write_text(json.dumps(result, indent=2))
         report.with_suffix(".md").write_text(text)
+
+
+@app.command("calibrate-stop")
+def calibrate_stop(
+    model: Path = typer.Argument(..., help="export folder with svae/, cloud/ and edge/ (models/default)"),
+):
+    """Fit the stop rule's calibration of an exported SLLM (the head's Platt scale and a paragraph-length
+    prior on the validation split, the threshold matched to its paragraph lengths; what sllm-export
+    writes) and write it into MODEL/edge/manifest.json; the weights stay as they are."""
+    from sllm.training.stop_head import calibrate_model
+
+    try:
+        result = calibrate_model(model, log=_log_err)
+    except (*_user_errors(), ValueError) as e:
+        _fail(str(e))
+    typer.echo(json.dumps({k: v for k, v in result.items() if k != "hazard"}, indent=2))
 
 
 def _log_main(*args) -> None:

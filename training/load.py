@@ -25,6 +25,7 @@ from sllm.modeling.sentence_vae import SentenceVAE
 from sllm.modeling.sllm import SLLM
 from sllm.modeling.weights import load_state_into, load_tensors, with_tied
 from sllm.runtime.artifacts import EXPORT, Artifact, CheckpointError, expect, identify
+from sllm.sentences.sampling import StopCalibration
 from sllm.sentences.tokenizer import SentenceTokenizer, TokenizerError
 from sllm.training.checkpoint import verify_checkpoint_dir
 from sllm.training.config import BaselineRunConfig, RunConfig, SLLMRunConfig, load_run_config
@@ -49,6 +50,7 @@ class TrainedSLLM:
     path: Path
     stop_threshold: float | None = None  # an export's (its edge manifest's); None: the head's argmax
     tokenizer_dir: Path | None = None  # where its tokenizer files are, when not in `path` (an export's svae/)
+    stop_calibration: StopCalibration | None = None  # an export's (its edge manifest's); None: raw P(stop)
 
 
 @dataclass
@@ -172,7 +174,7 @@ def load_exported_sllm(folder: Path, device: str = "cpu") -> TrainedSLLM:
     """An export folder as one torch SLLM: svae/ (the SentenceVAE) + cloud/ (the grafted OPT), its
     run config from svae/config.json, the stop threshold of its edge manifest."""
     from sllm.modeling.cloud_bundle import load_cloud_bundle
-    from sllm.runtime.edge_bundle import check_stop_threshold
+    from sllm.runtime.edge_bundle import check_stop_calibration, check_stop_threshold
     from sllm.runtime.manifest import read_manifest
 
     svae = load_stage1(export_svae_dir(folder), device=device)
@@ -190,7 +192,8 @@ def load_exported_sllm(folder: Path, device: str = "cpu") -> TrainedSLLM:
     except ConfigError as e:
         raise CheckpointError(f"{folder}: {e}") from None
     threshold = check_stop_threshold(folder / "edge", edge)
-    return TrainedSLLM(model.to(device).eval(), svae.tokenizer, run, folder, threshold, svae.path)
+    return TrainedSLLM(model.to(device).eval(), svae.tokenizer, run, folder, threshold, svae.path,
+                       check_stop_calibration(folder / "edge", edge))
 
 
 @dataclass

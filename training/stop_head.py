@@ -132,6 +132,7 @@ def refit_model(model_dir: Path, positive_weight: float, gamma: float = 2.0, tra
     from sllm.modeling.cloud_bundle import load_cloud_bundle, write_cloud_bundle
     from sllm.runtime.edge_bundle import (
         CLOUD_WEIGHTS_FIELD,
+        STOP_CALIBRATION_FIELD,
         STOP_THRESHOLD_FIELD,
         write_edge_manifest,
     )
@@ -156,7 +157,7 @@ def refit_model(model_dir: Path, positive_weight: float, gamma: float = 2.0, tra
     index = np.sort(rng.choice(len(passages.train), min(train_passages, len(passages.train)), replace=False))
     log(f"features: {len(index)} training passages, all {len(passages.val)} validation passages")
     x_train, y_train, _ = stop_features(trained.model, passages.train, index)
-    x_val, y_val, _ = stop_features(trained.model, passages.val, np.arange(len(passages.val)))
+    x_val, y_val, pos_val = stop_features(trained.model, passages.val, np.arange(len(passages.val)))
     head = trained.model.opt.stop_head
     p_before = stop_probability(head, x_val)
     report = {"positive_weight": positive_weight, "focal_gamma": gamma, "train_passages": len(index),
@@ -192,6 +193,15 @@ def refit_model(model_dir: Path, positive_weight: float, gamma: float = 2.0, tra
     fields = {k: v for k, v in edge.items() if k not in ("format_version", "files", "kind")}
     fields[CLOUD_WEIGHTS_FIELD] = cloud_weights_sha256(written)
     fields[STOP_THRESHOLD_FIELD] = choice["threshold"]
+    try:  # the calibration belongs to the head: refit it too
+        with torch.no_grad():
+            logits = head(torch.as_tensor(x_val, dtype=torch.float32)).double().numpy()
+        max_tokens = trained.model.svae.cfg.max_sentence_tokens
+        hazard = length_hazard(training_paragraph_lengths(data, trained.tokenizer, max_tokens))
+        fields[STOP_CALIBRATION_FIELD] = report["calibration"] = fit_stop_calibration(logits, y_val, pos_val, hazard)
+    except ValueError as e:
+        fields.pop(STOP_CALIBRATION_FIELD, None)
+        log(f"no stop calibration: {e}")
     fields["stop_head"] = {"threshold_rule": "max F1 of 'ends its paragraph' on the validation split",
                            "precision": round(choice["precision"], 4), "recall": round(choice["recall"], 4),
                            "positive_weight": positive_weight, "refit": "sllm-train refit-stop"}
@@ -237,3 +247,190 @@ def validation_stop_threshold(sllm: SLLM, data, tokenizer_dir: Path, log=lambda 
         return None
     p = stop_probability(sllm.opt.stop_head, x)
     return {**choose_threshold(p, y), "average_precision": average_precision(p, y)}
+
+
+# ---------------------------------------------------------------- the stop calibration (edge manifest)
+#
+# The head's max-F1 threshold is chosen on in-domain sentences; on a register training never read the
+# head's P(stop) sits lower and an answer may never stop. The calibration (sllm.sentences.sampling.
+# StopCalibration) decides on logit(P') = scale * logit(P(stop)) + offsets[n - 1] at the answer's
+# sentence n: a logistic regression on the validation split of "this sentence ends its paragraph" on
+# the head's log-odds and the log-odds of the training corpus's paragraph-length hazard at the
+# sentence's position in its paragraph (a Platt scale and a length prior, three numbers); its
+# threshold matches answer lengths, not single sentences: the one whose stopping positions on the
+# validation paragraphs (the first sentence with P' >= it) are distributed most like the paragraphs'
+# real lengths (least Kolmogorov-Smirnov distance).
+
+CALIBRATION_POSITIONS = 32  # offsets for answer sentences 1..32; later ones use the last
+CALIBRATION_DOCUMENTS = 3000  # training documents the paragraph-length prior is counted on (seeded sample)
+CALIBRATION_MIN_ENDS = 50  # validation paragraph ends needed to fit three numbers (fewer: no calibration)
+CALIBRATION_RULE = ("logistic regression on the validation split of 'ends its paragraph' on the head's log-odds "
+                    "and the log-odds of the training paragraphs' length hazard at the sentence's position; "
+                    "threshold: least KS distance between the rule's stopping positions and the real paragraph "
+                    "lengths of the validation passages")
+
+
+def length_hazard(lengths: np.ndarray, positions: int = CALIBRATION_POSITIONS) -> np.ndarray:
+    """Paragraph lengths (sentences) -> float64 [positions]: P(a paragraph ends at its sentence n | it
+    reached n), n = 1..positions, smoothed (+0.5 / +1) so no position is 0 or 1."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    n = np.arange(1, positions + 1)
+    reached = (lengths[None, :] >= n[:, None]).sum(1)
+    ended = (lengths[None, :] == n[:, None]).sum(1)
+    return (ended + 0.5) / (reached + 1.0)
+
+
+def paragraph_positions(targets: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """int64 [N]: each sentence's position (1-based) in its paragraph as the model reads it, counted from
+    its passage's start or the previous paragraph end (stop_features' targets and positions, in order)."""
+    out = np.zeros(len(targets), dtype=np.int64)
+    run = 0
+    for i in range(len(targets)):
+        run = 1 if positions[i] == 0 else run + 1
+        out[i] = run
+        if targets[i]:
+            run = 0
+    return out
+
+
+def fit_logistic(x: np.ndarray, y: np.ndarray, iters: int = 50) -> np.ndarray:
+    """Weights [f] of P(y) = sigmoid(x @ w) by Newton's method (x float64 [N, f], y bool [N])."""
+    w = np.zeros(x.shape[1])
+    for _ in range(iters):
+        p = 1 / (1 + np.exp(-(x @ w)))
+        step = np.linalg.solve(x.T @ (x * (p * (1 - p))[:, None]) + 1e-6 * np.eye(x.shape[1]), x.T @ (y - p))
+        w += step
+        if np.abs(step).max() < 1e-10:
+            break
+    return w
+
+
+def stopping_positions(score: np.ndarray, targets: np.ndarray, positions: np.ndarray,
+                       threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """Over the paragraphs that end inside their passage: (where the rule first says stop, 1-based, 0 for
+    never; the paragraph's real length)."""
+    stops, lengths = [], []
+    start = 0
+    for i in range(len(targets)):
+        if positions[i] == 0:
+            start = i
+        if targets[i]:
+            said = np.flatnonzero(score[start : i + 1] >= threshold)
+            stops.append(int(said[0]) + 1 if len(said) else 0)
+            lengths.append(i - start + 1)
+            start = i + 1
+    return np.array(stops, dtype=np.int64), np.array(lengths, dtype=np.int64)
+
+
+def length_matching_threshold(score: np.ndarray, targets: np.ndarray, positions: np.ndarray) -> dict:
+    """The threshold on `score` (probabilities) whose stopping positions on these paragraphs are distributed
+    most like their real lengths (least KS distance; a grid of 0.005), with that distance."""
+    best = None
+    for t in np.round(np.arange(0.005, 1.0, 0.005), 3):
+        stops, lengths = stopping_positions(score, targets, positions, t)
+        top = int(max(lengths.max(), 1))
+        grid = np.arange(1, top + 1)
+        said = np.where(stops > 0, stops, top + 1)
+        ks = float(np.abs((said[None, :] <= grid[:, None]).mean(1) - (lengths[None, :] <= grid[:, None]).mean(1)).max())
+        if best is None or ks < best["ks_distance"]:
+            best = {"threshold": float(t), "ks_distance": ks, "paragraphs": len(lengths),
+                    "stopped_within_8": float(((stops > 0) & (stops <= 8)).mean()),
+                    "real_within_8": float((lengths <= 8).mean())}
+    return best
+
+
+def fit_stop_calibration(logits: np.ndarray, targets: np.ndarray, positions: np.ndarray, hazard: np.ndarray) -> dict:
+    """The stop calibration's manifest entry (scale, offsets, threshold, and how they were fitted) from the
+    head's logits [N, 2] on validation sentences, their targets and passage positions, and the training
+    paragraphs' length hazard."""
+    from sllm.sentences.sampling import StopCalibration
+
+    if int(targets.sum()) < CALIBRATION_MIN_ENDS:
+        raise ValueError(f"{int(targets.sum())} validation sentences end a paragraph: too few to fit a stop "
+                         f"calibration on (at least {CALIBRATION_MIN_ENDS})")
+    z = logits[:, STOP] - logits[:, 1 - STOP]  # the head's log-odds of stop
+    k = np.minimum(paragraph_positions(targets, positions), len(hazard))
+    prior = np.log(hazard / (1 - hazard))
+    scale, weight, intercept = fit_logistic(np.stack([z, prior[k - 1], np.ones_like(z)], 1), targets.astype(float))
+    if not scale > 0:
+        raise ValueError(f"the head's log-odds do not predict paragraph ends on validation (Platt scale {scale:.3g})")
+    offsets = weight * prior + intercept
+    score = 1 / (1 + np.exp(-(scale * z + offsets[k - 1])))
+    chosen = length_matching_threshold(score, targets, positions)
+    calibration = StopCalibration(round(float(scale), 6), tuple(round(float(o), 6) for o in offsets),
+                                  chosen["threshold"])
+    return {"scale": calibration.scale, "offsets": list(calibration.offsets), "threshold": calibration.threshold,
+            "prior_weight": round(float(weight), 6), "intercept": round(float(intercept), 6),
+            "hazard": [round(float(h), 6) for h in hazard], "rule": CALIBRATION_RULE,
+            "validation": {**{k: (round(v, 4) if isinstance(v, float) else v) for k, v in chosen.items()},
+                           **{k: round(v, 4) for k, v in precision_recall(score, targets, chosen["threshold"]).items()
+                              if k in ("precision", "recall")},
+                           "average_precision": round(average_precision(score, targets), 4),
+                           "average_precision_raw": round(average_precision(1 / (1 + np.exp(-z)), targets), 4)}}
+
+
+def training_paragraph_lengths(data, tokenizer, max_tokens: int, documents: int = CALIBRATION_DOCUMENTS,
+                               seed: int = 0) -> np.ndarray:
+    """Paragraph lengths in model sentences over a seeded sample of the training split's documents (the
+    run's corpus and split; the validation documents are left out)."""
+    import random
+
+    from sllm.sentences.limit import model_sentences
+    from sllm.training.data.corpus import load_documents, split_documents
+    from sllm.training.data.units import paragraph_ends
+
+    train, _ = split_documents(load_documents(data.corpus or None), data.val_fraction, data.split_seed)
+    sample = random.Random(seed).sample(train, min(documents, len(train)))
+    lengths, run = [], 0
+    for doc in sample:
+        for end in paragraph_ends(model_sentences(doc.text, tokenizer, max_tokens, data.split_on_comma)):
+            run += 1
+            if end:
+                lengths.append(run)
+                run = 0
+    return np.array(lengths, dtype=np.int64)
+
+
+def validation_stop_calibration(sllm: SLLM, data, tokenizer, tokenizer_dir: Path, log=lambda *a: None) -> dict | None:
+    """The stop calibration of `sllm` on the validation passages of `data` (a DataConfig) with the length
+    prior of its training documents (`tokenizer`: the model's, in `tokenizer_dir`); None when no
+    validation sentence ends a paragraph."""
+    from dataclasses import replace
+
+    from sllm.training.data.passage_data import prepare_validation_passages
+
+    max_tokens = sllm.svae.cfg.max_sentence_tokens
+    val = prepare_validation_passages(replace(data, tokenizer=str(tokenizer_dir)), max_tokens, log=log)
+    x, y, positions = stop_features(sllm, val, np.arange(len(val)))
+    if not y.any():
+        return None
+    with torch.no_grad():
+        logits = sllm.opt.stop_head(torch.as_tensor(x, dtype=torch.float32)).double().numpy()
+    hazard = length_hazard(training_paragraph_lengths(data, tokenizer, max_tokens))
+    return fit_stop_calibration(logits, y, positions, hazard)
+
+
+def calibrate_model(model_dir: Path, log=print) -> dict:
+    """Fit the stop calibration of an export folder (svae/, cloud/, edge/; weights unchanged) and write it
+    into MODEL/edge/manifest.json with the bundle's own writer. -> the calibration."""
+    from sllm.runtime.edge_bundle import STOP_CALIBRATION_FIELD, write_edge_manifest
+    from sllm.runtime.manifest import read_manifest
+    from sllm.training.load import load_sllm
+    from sllm.training.svae_from_onnx import RecoveryError, recover_sentence_vae
+
+    model_dir = Path(model_dir)
+    trained = load_sllm(model_dir)
+    try:
+        trained.model.svae = recover_sentence_vae(model_dir / "edge")[0]  # exactly what the edge encodes with
+    except RecoveryError:
+        pass
+    calibration = validation_stop_calibration(trained.model, trained.run.data, trained.tokenizer,
+                                              trained.tokenizer_dir or trained.path, log=log)
+    if calibration is None:
+        raise ValueError("no validation sentence ends a paragraph: nothing to calibrate the stop rule on")
+    edge_dir = model_dir / "edge"
+    edge = read_manifest(edge_dir, kind="edge")
+    fields = {k: v for k, v in edge.items() if k not in ("format_version", "files", "kind")}
+    fields[STOP_CALIBRATION_FIELD] = calibration
+    write_edge_manifest(edge_dir, fields, list(edge["files"]))
+    return calibration

@@ -96,7 +96,7 @@ class Append(_message.Message):
     def __init__(self, vectors: _Optional[_Union[Vectors, _Mapping]] = ..., position: _Optional[int] = ..., decoding: _Optional[_Union[Decoding, _Mapping]] = ...) -> None: ...
 
 class Decoding(_message.Message):
-    __slots__ = ("guess", "repetition_penalty", "no_repeat_ngram_size", "no_repeat_sentence", "max_tokens", "stop_threshold", "min_sentences", "max_sentences")
+    __slots__ = ("guess", "repetition_penalty", "no_repeat_ngram_size", "no_repeat_sentence", "max_tokens", "stop_threshold", "min_sentences", "max_sentences", "stop_scale", "stop_offsets")
     GUESS_FIELD_NUMBER: _ClassVar[int]
     REPETITION_PENALTY_FIELD_NUMBER: _ClassVar[int]
     NO_REPEAT_NGRAM_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -105,6 +105,8 @@ class Decoding(_message.Message):
     STOP_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     MIN_SENTENCES_FIELD_NUMBER: _ClassVar[int]
     MAX_SENTENCES_FIELD_NUMBER: _ClassVar[int]
+    STOP_SCALE_FIELD_NUMBER: _ClassVar[int]
+    STOP_OFFSETS_FIELD_NUMBER: _ClassVar[int]
     guess: bool
     repetition_penalty: float
     no_repeat_ngram_size: int
@@ -113,7 +115,9 @@ class Decoding(_message.Message):
     stop_threshold: float
     min_sentences: int
     max_sentences: int
-    def __init__(self, guess: _Optional[bool] = ..., repetition_penalty: _Optional[float] = ..., no_repeat_ngram_size: _Optional[int] = ..., no_repeat_sentence: _Optional[bool] = ..., max_tokens: _Optional[int] = ..., stop_threshold: _Optional[float] = ..., min_sentences: _Optional[int] = ..., max_sentences: _Optional[int] = ...) -> None: ...
+    stop_scale: float
+    stop_offsets: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, guess: _Optional[bool] = ..., repetition_penalty: _Optional[float] = ..., no_repeat_ngram_size: _Optional[int] = ..., no_repeat_sentence: _Optional[bool] = ..., max_tokens: _Optional[int] = ..., stop_threshold: _Optional[float] = ..., min_sentences: _Optional[int] = ..., max_sentences: _Optional[int] = ..., stop_scale: _Optional[float] = ..., stop_offsets: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class Accept(_message.Message):
     __slots__ = ("position",)

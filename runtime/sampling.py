@@ -1,6 +1,7 @@
-"""Next-token choice for the edge decoder, in numpy: greedy, temperature, top-k, top-p, seed, and
+"""Next-token choice for the ONNX decode loops, in numpy: greedy, temperature, top-k, top-p, seed, and
 the repetition controls (sentences.sampling: repetition penalty, no-repeat n-grams, no repeated
-sentence).
+sentence). The edge decodes with it, and the cloud's speculation guesses with it (`Picker.rows`: each
+session's row with its own controls), so a guess is the sentence the edge decodes. No torch here.
 
 The same rules as the torch reference `sllm.modeling.generate.pick_next` (greedy = argmax;
 top-k keeps the logits >= the k-th largest, ties included; top-p keeps the most likely tokens
@@ -89,10 +90,30 @@ class Picker:
         self.rng = numpy_generator(sampling)
         self.eos_id = eos_id
         self.guards = guards_for(sampling, answer, eos_id, rows)
+        self.room: np.ndarray | None = None  # [A] tokens each live row may still take (None: the loop's limit)
+
+    @classmethod
+    def rows(cls, options: Sequence[Sampling], answers: Sequence[Sequence[Sequence[int]]], eos_id: int,
+             limits: Sequence[int]) -> "Picker":
+        """Greedy picks for rows that each decode with their own repetition controls over their own answer,
+        within their own token limit: row i gets the tokens `Picker(options[i], eos_id, answers[i])` gives
+        it alone with max_tokens limits[i] (the cloud guesses every session's next sentence in one batch).
+        A row without controls gets a guard that changes nothing (the same logits, the same argmax)."""
+        if any(not o.greedy for o in options):
+            raise ValueError("Picker.rows picks greedily: every row's options must be greedy")
+        plain = Sampling()
+        picker = cls(plain, eos_id)
+        picker.guards = [RepetitionGuard(o if o.controls_repetition else plain, a if o.controls_repetition else (),
+                                         eos_id) for o, a in zip(options, answers)]
+        picker.room = np.asarray(limits, dtype=np.int64)
+        return picker
 
     def __call__(self, logits: np.ndarray) -> np.ndarray:
         if self.guards is None:
             return pick_next(logits, self.sampling, self.rng)
         nxt = pick_next(control_repetition(logits, self.guards), self.sampling, self.rng)
+        if self.room is not None:  # a row at its own limit ends here, as its own decode would have stopped
+            nxt = np.where(self.room > 0, nxt, self.eos_id)
+            self.room = self.room[nxt != self.eos_id] - 1
         self.guards = advance(self.guards, nxt.tolist(), self.eos_id)
         return nxt

@@ -1,0 +1,146 @@
+#!/usr/bin/env bash
+# The paper's Table-1-style ablations (configs/ablations/), each a SentenceVAE grafted on the quality
+# chain's pretrained OPT (the recipe of scripts/train_quality.sh, shorter), at equal target tokens:
+#   depth        svae-h1, svae-h2, svae-h4: 1, 2, 4 encoder + decoder blocks, d=256, comma split
+#                (1,125 steps, 4.0 M tokens each), then sllm-h1/h2/h4 (300 steps, 1.5 M tokens each)
+#   granularity  h1 (comma split, <= 64 tokens a piece: runs/quality/data) against svae/sllm-nocomma
+#                (no comma split) and svae/sllm-max8 (comma split, <= 8 tokens a piece); batches sized so
+#                every step trains on the same target tokens whatever the piece length
+# then, for every row, the SentenceVAE before and after stage 2 (exact reconstruction, PPL) and the SLLM
+# against the OPT it was grafted on (token PPL over the same tokens), on validation and on the held-out
+# register, into RESULTS (docs/results/ablations) and the table scripts/ablation_table.py writes.
+#
+# Needs the quality chain's prepared dataset and exported OPT (QUALITY/data, QUALITY/baseline-pretrain-hf:
+# scripts/train_quality.sh writes both first), and refuses to share the CPU with that chain.
+# About 3 h 45 min on 2 quiet CPU cores, estimated: ~110 GFLOP/s (baseline-pretrain's ~3,500 tokens/s at
+# 31.5 MFLOP a token) for stage 1, half that for stage 2 (as svae-small / sllm-small ran), with
+# `sllm-train size`'s FLOPs a token: stage 1 h1, nocomma, max8 ~11 min each, h2 ~18, h4 ~31; stage 2
+# h1, nocomma, max8 ~14 min each, h2 ~22, h4 ~38; the evaluations ~40 min.
+# Idempotent: a finished run or an up-to-date report is skipped, an unfinished run resumes exactly from
+# its last checkpoint (SIGTERM to the training process saves first).
+#   scripts/train_ablations.sh                                   # into runs/ablations
+#   SMOKE=1 OUT=/tmp/abl scripts/train_ablations.sh              # every step, tiny models, a few steps
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -x .venv/bin/sllm-train ] && PATH="$PWD/.venv/bin:$PATH"
+CFG=configs/ablations
+SMOKE=${SMOKE:-0}
+if [ "$SMOKE" = 1 ]; then
+  : "${OUT:?SMOKE=1 needs OUT=a scratch folder}"  # never the long runs' folder
+  RESULTS=${RESULTS:-$OUT/results}
+  QUALITY=$OUT/quality  # a tiny stand-in for the quality chain's dataset and OPT, built below
+  STEPS=(train.max_steps=2 train.warmup_steps=1 train.eval_every=0 train.eval_batches=1 train.log_every=1
+         train.save_every=1 train.threads=1 data.cache_dir="$OUT/cache")
+  SVAE=(model.d_model=32 model.n_heads=2 model.ffn_dim=64 train.batch_size=8)
+  STAGE2=(train.batch_size=2)
+  PREPARE=(--max-documents 30 --workers 1)
+  N_VAL=4; N_HELDOUT=4; N_EXACT=4; N_LOSS=50
+  TABLE=(--heldout-documents 20)
+else
+  OUT=${OUT:-runs/ablations}
+  RESULTS=${RESULTS:-docs/results/ablations}
+  QUALITY=${QUALITY:-runs/quality}
+  STEPS=(); SVAE=(); STAGE2=(); PREPARE=(--workers 2)
+  N_VAL=0; N_HELDOUT=2000; N_EXACT=1000; N_LOSS=20000
+  TABLE=()
+fi
+mkdir -p "$OUT" "$RESULTS"
+exec 9>"$OUT/.train_ablations.lock"
+flock -n 9 || { echo "error: another train_ablations.sh is running on $OUT" >&2; exit 1; }
+HF=$QUALITY/baseline-pretrain-hf/baseline
+
+finished() {  # the run's latest checkpoint reached the max_steps its own config.json records
+  python - "$1" <<'EOF'
+import json, sys
+from pathlib import Path
+run = Path(sys.argv[1])
+try:
+    state = json.loads((run / (run / "latest").read_text().strip() / "trainer_state.json").read_text())
+    sys.exit(0 if state["step"] >= json.loads((run / "config.json").read_text())["train"]["max_steps"] else 1)
+except (OSError, ValueError, KeyError):
+    sys.exit(1)
+EOF
+}
+
+train() {  # train COMMAND NAME [overrides...]
+  local command=$1 name=$2 pid
+  shift 2
+  if [ -f "$OUT/$name.pid" ] && pid=$(cat "$OUT/$name.pid") && kill -0 "$pid" 2>/dev/null; then
+    echo "error: $OUT/$name is being trained by process $pid (started outside this script): run this again when it ends" >&2
+    exit 3
+  fi
+  if finished "$OUT/$name"; then
+    echo "== $name: finished, skipped"
+    return
+  fi
+  echo "== $name: sllm-train $command (resumes if a checkpoint is there), $(date -u +%H:%M:%S) UTC"
+  sllm-train "$command" --config "$CFG/$name.json" --out "$OUT/$name" "$@" "${STEPS[@]}"
+}
+
+stamp() {  # the file that changes when a run (its latest) or a bundle (its manifest) changes
+  if [ -f "$1/latest" ]; then echo "$1/latest"; else echo "$1/manifest.json"; fi
+}
+
+compare() {  # compare NAME SLLM BASELINE [options...]: skipped while its report is newer than both models
+  local name=$1 sllm=$2 base=$3
+  shift 3
+  if [ "$RESULTS/$name.json" -nt "$(stamp "$sllm")" ] && [ "$RESULTS/$name.json" -nt "$(stamp "$base")" ]; then
+    echo "== $name: up to date"
+    return
+  fi
+  sllm-train compare "$sllm" "$base" --report "$RESULTS/$name.md" "$@"
+}
+
+evaluate() {  # evaluate NAME MODEL [options...]: the SentenceVAE of a stage-1 or stage-2 run
+  local name=$1 model=$2
+  shift 2
+  if [ "$RESULTS/$name.json" -nt "$(stamp "$model")" ]; then
+    echo "== $name: up to date"
+    return
+  fi
+  sllm-train eval "$model" --n-exact "$N_EXACT" --n-loss "$N_LOSS" --report "$RESULTS/$name.md" "$@"
+}
+
+if [ "$SMOKE" = 1 ]; then  # the quality chain's first steps, tiny: a comma-split dataset and a pretrained OPT
+  [ -f "$QUALITY/data/manifest.json" ] || sllm-train prepare --out "$QUALITY/data" \
+    --config configs/quality/baseline-pretrain.json "${PREPARE[@]}"
+  if [ ! -f "$QUALITY/baseline-pretrain/latest" ]; then
+    sllm-train baseline --config configs/quality/baseline-pretrain.json --out "$QUALITY/baseline-pretrain" \
+      data.dataset="$QUALITY/data" opt.hidden_size=32 opt.num_hidden_layers=2 opt.num_attention_heads=2 \
+      opt.ffn_dim=64 train.batch_size=2 "${STEPS[@]}"
+  fi
+  [ -f "$HF/manifest.json" ] || sllm-export "$QUALITY/baseline-pretrain" --out "$QUALITY/baseline-pretrain-hf" --force
+else
+  for need in "$QUALITY/data/manifest.json" "$HF/manifest.json"; do
+    [ -f "$need" ] || { echo "error: $need is missing: scripts/train_quality.sh prepares and exports it first" >&2; exit 1; }
+  done
+  # both chains at once would each run at half speed on 2 cores; the quality chain may also re-export its OPT
+  flock -n "$QUALITY/.train_quality.lock" true || {
+    echo "error: scripts/train_quality.sh is running on $QUALITY: start this when it ends" >&2; exit 1; }
+fi
+
+# the granularities: the quality chain's dataset (comma split, <= 64 tokens a piece) and two more of the
+# same corpus, tokenizer, split and passage limits (32 sentences / 512 tokens)
+declare -A DATA=([comma]="$QUALITY/data" [nocomma]="$OUT/data-nocomma" [max8]="$OUT/data-max8")
+for g in nocomma max8; do
+  [ -f "${DATA[$g]}/manifest.json" ] || sllm-train prepare --out "${DATA[$g]}" --config "$CFG/svae-$g.json" \
+    --tokenizer "$QUALITY/data" "${PREPARE[@]}"
+done
+
+declare -A GRANULARITY=([h1]=comma [h2]=comma [h4]=comma [nocomma]=nocomma [max8]=max8)
+ROWS=(h1 h2 h4 nocomma max8)
+for row in "${ROWS[@]}"; do
+  data=data.dataset="${DATA[${GRANULARITY[$row]}]}"
+  train svae "svae-$row" "$data" init.embeddings_from="$HF" "${SVAE[@]}"
+  train sllm "sllm-$row" "$data" opt.pretrained="$HF" sllm.svae_checkpoint="$OUT/svae-$row" "${STAGE2[@]}"
+done
+
+for row in "${ROWS[@]}"; do
+  for text in validation heldout; do
+    if [ "$text" = heldout ]; then opts=(--heldout); n=(--n-passages "$N_HELDOUT"); else opts=(); n=(--n-passages "$N_VAL"); fi
+    evaluate "svae-$row-$text" "$OUT/svae-$row" "${opts[@]}"
+    evaluate "sllm-$row-svae-$text" "$OUT/sllm-$row" "${opts[@]}"
+    compare "sllm-$row-vs-baseline-$text" "$OUT/sllm-$row" "$HF" "${opts[@]}" "${n[@]}"
+  done
+done
+python scripts/ablation_table.py "$OUT" "$RESULTS" "${TABLE[@]}"
