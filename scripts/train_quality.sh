@@ -43,57 +43,8 @@ exec 9>"$OUT/.train_quality.lock"
 flock -n 9 || { echo "error: another train_quality.sh is running on $OUT" >&2; exit 1; }
 HF=$OUT/baseline-pretrain-hf/baseline
 
-finished() {  # the run's latest checkpoint reached the max_steps its own config.json records
-  python - "$1" <<'EOF'
-import json, sys
-from pathlib import Path
-run = Path(sys.argv[1])
-try:
-    state = json.loads((run / (run / "latest").read_text().strip() / "trainer_state.json").read_text())
-    sys.exit(0 if state["step"] >= json.loads((run / "config.json").read_text())["train"]["max_steps"] else 1)
-except (OSError, ValueError, KeyError):
-    sys.exit(1)
-EOF
-}
-
-train() {  # train COMMAND NAME [overrides...]
-  local command=$1 name=$2 pid
-  shift 2
-  if [ -f "$OUT/$name.pid" ] && pid=$(cat "$OUT/$name.pid") && kill -0 "$pid" 2>/dev/null; then
-    echo "error: $OUT/$name is being trained by process $pid (started outside this script): run this again when it ends" >&2
-    exit 3
-  fi
-  if finished "$OUT/$name"; then
-    echo "== $name: finished, skipped"
-    return
-  fi
-  echo "== $name: sllm-train $command (resumes if a checkpoint is there)"
-  sllm-train "$command" --config "$CFG/$name.json" --out "$OUT/$name" data.dataset="$OUT/data" "$@" "${STEPS[@]}"
-}
-
-stamp() {  # the file that changes when a run (its latest) or a bundle (its manifest) changes
-  if [ -f "$1/latest" ]; then echo "$1/latest"; else echo "$1/manifest.json"; fi
-}
-
-compare() {  # compare NAME SLLM BASELINE [options...]: skipped while its report is newer than both models
-  local name=$1 sllm=$2 base=$3
-  shift 3
-  if [ "$RESULTS/$name.json" -nt "$(stamp "$sllm")" ] && [ "$RESULTS/$name.json" -nt "$(stamp "$base")" ]; then
-    echo "== $name: up to date"
-    return
-  fi
-  sllm-train compare "$sllm" "$base" --report "$RESULTS/$name.md" "$@"
-}
-
-evaluate() {  # evaluate NAME SVAE [options...]
-  local name=$1 svae=$2
-  shift 2
-  if [ "$RESULTS/$name.json" -nt "$(stamp "$svae")" ]; then
-    echo "== $name: up to date"
-    return
-  fi
-  sllm-train eval "$svae" --n-exact "$N_EXACT" --n-loss "$N_LOSS" --report "$RESULTS/$name.md" "$@"
-}
+TRAIN_DEFAULTS=(data.dataset="$OUT/data")
+source scripts/lib/runs.sh
 
 # the prepared dataset (vocab 4,096, comma split, passages of <= 32 sentences / 512 tokens)
 [ -f "$OUT/data/manifest.json" ] || sllm-train prepare --out "$OUT/data" --config "$CFG/baseline-pretrain.json" "${PREPARE[@]}"
