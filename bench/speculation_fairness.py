@@ -8,8 +8,11 @@ A real `sllm-cloud serve` of MODEL/cloud (its own process, speculation on: --spe
 (sllm.edge.connect, speculate 8) answering validation prompts of the bundled corpus, up to 6 sentences
 each; a step = the time from one answer sentence to the next. A rewinder lets the cloud guess 8 sentences,
 then rewinds to its prompt's end with a sentence of its own, again and again (what the cloud's
-speculation-stop guards against). Rounds interleave: honest alone, then beside four rewinder threads,
-so a drifting background load hits both alike. The clients share this machine's cores with the server.
+speculation-stop guards against). The control: the same honest client beside four other honest
+speculating clients that ask without a pause, as the rewinders send; any busy neighbour slows a step on a
+shared machine, so what the server's guards must show is that rewinders slow it no more than honest load
+does. Rounds interleave (alone, beside honest clients, beside rewinders), so a drifting background load
+hits all alike. The clients share this machine's cores (and this process's GIL) with the server.
 """
 from __future__ import annotations
 
@@ -44,17 +47,42 @@ def prompts(count: int) -> list[str]:
     return out[:count]
 
 
-def honest(address: str, rt, texts: list[str], steps: list[float]) -> None:
-    """An honest speculating edge: appends the seconds between its answer sentences to `steps`."""
+def honest(address: str, rt, texts: list[str], steps: list[float], stop: threading.Event | None = None) -> None:
+    """An honest speculating edge: appends the seconds between its answer sentences to `steps`; with `stop`,
+    asks its prompts over and over until it is set."""
     from sllm import edge
 
     with edge.connect(address, rt, speculate=N, options=AnswerOptions()) as chat:
-        for text in texts:
-            t0 = time.perf_counter()
-            for _ in chat.ask(text, max_sentences=6):
-                steps.append(time.perf_counter() - t0)
+        while True:
+            for text in texts:
                 t0 = time.perf_counter()
-            chat.reset()
+                for _ in chat.ask(text, max_sentences=6):
+                    steps.append(time.perf_counter() - t0)
+                    t0 = time.perf_counter()
+                chat.reset()
+                if stop is not None and stop.is_set():
+                    return
+            if stop is None:
+                return
+
+
+def neighbours(address: str, rt, texts: list[str], attack_prompt) -> tuple[threading.Event, list, list[dict]]:
+    """Four honest clients asking without a pause (the control), started: (stop, threads, their outs)."""
+    stop, outs = threading.Event(), [{} for _ in range(4)]
+    threads = [threading.Thread(target=honest, args=(address, rt, texts[i % len(texts):] + texts[:i % len(texts)],
+                                                     [], stop)) for i in range(4)]
+    for t in threads:
+        t.start()
+    return stop, threads, outs
+
+
+def rewinders(address: str, rt, texts: list[str], attack_prompt) -> tuple[threading.Event, list, list[dict]]:
+    """Four rewinders, started: (stop, threads, their outs)."""
+    stop, outs = threading.Event(), [{} for _ in range(4)]
+    threads = [threading.Thread(target=rewinder, args=(address, rt, attack_prompt, stop, o)) for o in outs]
+    for t in threads:
+        t.start()
+    return stop, threads, outs
 
 
 def rewinder(address: str, rt, prompt, stop: threading.Event, out: dict) -> None:
@@ -102,6 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
                                  "--grace", "1", "--device", "cpu", threads=args.threads, tokens=[],
                                  stop_timeout=30.0, name=f"the server of {args.model}")
     alone: list[float] = []
+    beside_honest: list[float] = []
     beside: list[float] = []
     attacks: list[dict] = []
     info = machine_info(ROOT, args.threads)
@@ -111,37 +140,38 @@ def main(argv: list[str] | None = None) -> dict:
         with LoadMonitor() as load:
             for r in range(args.rounds):
                 honest(server.address, rt, texts, alone)
-                stop = threading.Event()
-                outs = [{} for _ in range(4)]
-                threads = [threading.Thread(target=rewinder, args=(server.address, rt, attack_prompt, stop, o))
-                           for o in outs]
-                for t in threads:
-                    t.start()
-                try:
-                    time.sleep(0.3)
-                    honest(server.address, rt, texts, beside)
-                finally:
-                    stop.set()
-                    for t in threads:
-                        t.join(60)
-                attacks += outs
-                print(f"  round {r + 1}/{args.rounds}: alone {spread(alone)['median_ms']} ms, beside "
-                      f"{spread(beside)['median_ms']} ms (medians so far)", flush=True)
+                for start, steps in ((neighbours, beside_honest), (rewinders, beside)):
+                    stop, threads, outs = start(server.address, rt, texts, attack_prompt)
+                    try:
+                        time.sleep(0.3)
+                        honest(server.address, rt, texts, steps)
+                    finally:
+                        stop.set()
+                        for t in threads:
+                            t.join(60)
+                    if start is rewinders:
+                        attacks += outs
+                print(f"  round {r + 1}/{args.rounds}: alone {spread(alone)['median_ms']} ms, beside honest "
+                      f"{spread(beside_honest)['median_ms']} ms, beside rewinders {spread(beside)['median_ms']} ms "
+                      "(medians so far)", flush=True)
     finally:
         server.stop()
 
-    a, b = spread(alone), spread(beside)
+    a, h, b = spread(alone), spread(beside_honest), spread(beside)
     ratio = b["median_ms"] / a["median_ms"] if a.get("median_ms") else float("nan")
-    result = {"model": str(args.model), "rounds": args.rounds, "speculate": N, "alone": a, "beside_four_rewinders": b,
-              "median_ratio": round(ratio, 3), "rewinder_messages": sum(o.get("messages", 0) for o in attacks),
+    against_honest = b["median_ms"] / h["median_ms"] if h.get("median_ms") else float("nan")
+    result = {"model": str(args.model), "rounds": args.rounds, "speculate": N, "alone": a,
+              "beside_four_honest": h, "beside_four_rewinders": b, "median_ratio": round(ratio, 3),
+              "median_ratio_rewinders_vs_honest_neighbours": round(against_honest, 3), "rewinder_messages": sum(o.get("messages", 0) for o in attacks),
               "rewinder_errors": [o["error"] for o in attacks if "error" in o], "load": load.summary(), "machine": info}
     print(f"\nspeculation fairness: {args.model}, {args.rounds} rounds x {len(texts)} prompts, commit "
           f"{info['git_commit']}, {info['cores']} CPUs")
     print(f"{'honest step':<24} {'n':>5} {'min ms':>8} {'median ms':>10} {'max ms':>8}")
-    for name, s in (("alone", a), ("beside four rewinders", b)):
+    for name, s in (("alone", a), ("beside four honest", h), ("beside four rewinders", b)):
         print(f"{name:<24} {s['n']:>5} {s.get('min_ms', float('nan')):>8.2f} {s.get('median_ms', float('nan')):>10.2f} "
               f"{s.get('max_ms', float('nan')):>8.2f}")
-    print(f"median ratio beside / alone: {ratio:.2f}x; rewinder messages: {result['rewinder_messages']}"
+    print(f"median ratio beside rewinders / alone: {ratio:.2f}x; beside rewinders / beside honest clients: "
+          f"{against_honest:.2f}x; rewinder messages: {result['rewinder_messages']}"
           + (f"; rewinder errors: {result['rewinder_errors']}" if result["rewinder_errors"] else ""))
     print(f"machine load: {load.describe()}")
     if args.json:
