@@ -39,7 +39,8 @@ from bench.models import load_models
 from bench.sllm_loop import EngineStepper, PastStop
 from sllm.edge.loop import SentenceEvent, TurnEnd, sentence_loop
 from sllm.runtime.sampling import Sampling
-from sllm.sentences.sampling import DEFAULT_NO_REPEAT_NGRAM, DEFAULT_NO_REPEAT_SENTENCE, DEFAULT_REPETITION_PENALTY
+from sllm.sentences.sampling import (DEFAULT_NO_REPEAT_NGRAM, DEFAULT_NO_REPEAT_SENTENCE, DEFAULT_REPETITION_PENALTY,
+                                     StopCalibration, stop_decision)
 
 GREEDY = Sampling()
 SAMPLED = Sampling(temperature=0.8, top_p=0.9)
@@ -115,12 +116,13 @@ def run_setting(runtime, engine, prompts: list[list[int]], sampling: Sampling, m
     return out
 
 
-def cut(trace: Trace, threshold: float | None, max_sentences: int,
-        min_sentences: int = 1) -> tuple[list[list[int]], str]:
-    """The answer the loop gives with this threshold (None: no stop rule), and why it ended."""
+def cut(trace: Trace, threshold: float | None, max_sentences: int, min_sentences: int = 1,
+        calibration: StopCalibration | None = None) -> tuple[list[list[int]], str]:
+    """The answer the loop gives with this threshold (None: no stop rule) and stop calibration (the rule
+    edge-chat applies, `stop_decision`), and why it ended."""
     if threshold is not None:
         for i in range(min_sentences, min(max_sentences, len(trace.p_stop))):
-            if trace.p_stop[i] >= threshold:
+            if stop_decision(False, trace.p_stop[i], threshold, calibration, i):
                 return trace.sentences[:i], "stop"
     return trace.sentences, trace.ended
 
@@ -194,8 +196,10 @@ def measure(model_dir: Path, n_prompts: int, max_sentences: int, quick: bool, th
         keep = np.unique(np.linspace(0, len(paragraphs) - 1, num=min(n_prompts, len(paragraphs))).astype(int))
         paragraphs = [paragraphs[i] for i in keep]
     prompts = [p[0] for p in paragraphs]
-    bundle_threshold = rt.bundle.stop_threshold
-    log(f"{len(prompts)} prompts (first pieces of validation paragraphs); bundle stop threshold {bundle_threshold}")
+    calibration = rt.bundle.stop_calibration  # edge-chat's default rule: calibrated where the bundle has it
+    bundle_threshold = calibration.threshold if calibration is not None else rt.bundle.stop_threshold
+    log(f"{len(prompts)} prompts (first pieces of validation paragraphs); bundle stop threshold {bundle_threshold}"
+        f"{' (calibrated)' if calibration is not None else ''}")
     real = real_measures(paragraphs, max_sentences)
     if models.baseline_trained:
         real["ppl"] = baseline_ppl(models.baseline, rt.tokenizer.bos_id, prompts,
@@ -210,7 +214,8 @@ def measure(model_dir: Path, n_prompts: int, max_sentences: int, quick: bool, th
         row = {"setting": setting.name, "sampling": asdict(setting.sampling), "seconds": time.perf_counter() - t,
                "ended_without_stop_rule": {k: sum(tr.ended == k for tr in traces) for k in {tr.ended for tr in traces}}}
         for key, threshold in levels.items():
-            cuts = [cut(tr, threshold, max_sentences) for tr in traces]
+            cuts = [cut(tr, threshold, max_sentences, calibration=calibration if key == "bundle" else None)
+                    for tr in traces]
             answers, reasons = [c[0] for c in cuts], [c[1] for c in cuts]
             m = answer_measures(answers, reasons, max_sentences)
             if key == "bundle":
@@ -225,7 +230,7 @@ def measure(model_dir: Path, n_prompts: int, max_sentences: int, quick: bool, th
             f"PPL {b.get('ppl', float('nan')):.1f} "
             f"({row['seconds']:.0f} s)")
     return {"model": str(model_dir), "model_id": rt.model_id, "prompts": len(prompts), "max_sentences": max_sentences,
-            "bundle_threshold": bundle_threshold, "thresholds": levels, "quick": quick, "real": real, "settings": rows,
+            "bundle_threshold": bundle_threshold, "bundle_calibrated": calibration is not None, "thresholds": levels, "quick": quick, "real": real, "settings": rows,
             "prompt_examples": [rt.tokenizer.decode(p) for p in prompts[:3]],
             "baseline": models.baseline_source, "seconds": time.perf_counter() - t0}
 
@@ -240,7 +245,7 @@ def render(r: dict) -> str:
                 f"{m.get('ppl', float('nan')):.1f} |")
 
     intro = (f"{r['prompts']} prompts (the first piece of each validation paragraph), up to {cap} sentences, stop "
-             f"threshold {r['bundle_threshold']} (the bundle's). `python -m bench.answer_quality"
+             f"threshold {r['bundle_threshold']} (the bundle's{', on the calibrated P(stop)' if r.get('bundle_calibrated') else ''}; the other thresholds on the raw P(stop)). `python -m bench.answer_quality"
              f"{' --quick' if r['quick'] else ''}`; {r['seconds']:.0f} s.")
     header = (f"| setting | stopped < {cap} | empty | repeated sentence | distinct-1 | distinct-2 | sentences "
               "(mean / median) | tokens | baseline PPL |")
