@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
-from helpers import sllm_overrides, tiny_overrides, train_run, write_tiny_corpus
+from helpers import ROOT, sllm_overrides, tiny_overrides, train_run, write_tiny_corpus
 
 # two cores in CI: one thread per process keeps torchrun's two ranks from fighting
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -84,3 +84,20 @@ def sllm_export(sllm_run, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("sllm_export") / "model"
     export_checkpoint(sllm_run, out, n_verify=4)
     return out
+
+
+# The bundled default model, served on 127.0.0.1, and its edge runtime: a module that tests another
+# model defines its own `server` / `runtime`, which override these.
+@pytest.fixture(scope="module")
+def server():
+    from cloud_helpers import running_server
+
+    with running_server(ROOT / "models" / "default" / "cloud", threads=1) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def runtime():
+    from sllm import edge
+
+    return edge.load_runtime(ROOT / "models" / "default" / "edge", threads=1)

@@ -67,11 +67,6 @@ def cluster(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def runtime():
-    return edge.load_runtime(MODEL / "edge", threads=1)
-
-
-@pytest.fixture(scope="module")
 def reference(cluster, runtime) -> list[list[str]]:
     """The conversation on one healthy server (replica 0, straight, no balancer): each answer's sentences."""
     with edge.connect(cluster.replicas[0].address, runtime, token=TOKEN) as chat:

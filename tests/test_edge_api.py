@@ -29,17 +29,6 @@ SAMPLED = dict(temperature=0.9, top_k=50, top_p=0.95, seed=7)
 SERVER_MIN_PING_INTERVAL_S = 10.0  # cloud/server.py: grpc.http2.min_ping_interval_without_data_ms
 
 
-@pytest.fixture(scope="module")
-def server():
-    with running_server(MODEL / "cloud", threads=1) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def runtime():
-    return edge.load_runtime(MODEL / "edge", threads=1)
-
-
 @pytest.fixture
 def relay(server):
     r = SilentRelay(server.port)

@@ -30,11 +30,6 @@ PROMPT = "It is a truth universally acknowledged, that a single man must be in w
 
 
 @pytest.fixture(scope="module")
-def runtime():
-    return edge.load_runtime(MODEL / "edge", threads=1)
-
-
-@pytest.fixture(scope="module")
 def server():
     with running_server(MODEL / "cloud", threads=1, tokens=[TOKEN]) as srv:
         yield srv

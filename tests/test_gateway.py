@@ -29,17 +29,6 @@ FIRST, SECOND, THIRD = ("It is a truth universally acknowledged,", "She laughed.
 
 
 @pytest.fixture(scope="module")
-def server():
-    with running_server(MODEL / "cloud", threads=1) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def runtime():
-    return edge.load_runtime(MODEL / "edge", threads=1)
-
-
-@pytest.fixture(scope="module")
 def gateway(server, runtime):
     with running_gateway(f"127.0.0.1:{server.port}", runtime, api_key=None, max_tokens=512,
                          max_request_bytes=64 * 1024) as (url, pool):

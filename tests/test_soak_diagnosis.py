@@ -8,7 +8,6 @@ import dataclasses
 
 import numpy as np
 import pytest
-from cloud_helpers import running_server
 from helpers import ROOT
 
 from bench.soak import (FOLLOW_UP, NEAR_TIE_H, Conversation, RecordingStepper, Tally, diagnose, recorded_turn,
@@ -20,17 +19,6 @@ MODEL = ROOT / "models" / "default"
 PROMPT = "It is a truth universally acknowledged, that a single man must be in want of a wife."
 CAP = 4  # sentences per answer, as the soak asks
 OPTIONS = AnswerOptions(max_sentences=CAP)  # the chat's defaults, as the soak compares them
-
-
-@pytest.fixture(scope="module")
-def server():
-    with running_server(MODEL / "cloud", threads=1) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def runtime():
-    return edge.load_runtime(MODEL / "edge", threads=1)
 
 
 @pytest.fixture(scope="module")
