@@ -75,3 +75,19 @@ def train_run(cls, task_cls, overrides, out: Path):
     task = task_cls(run, **QUIET)
     Trainer(task, run.train, run, **QUIET).fit()
     return task
+
+
+def prepared_token_means(data: Path) -> tuple[float, float, float]:
+    """A prepared dataset's training split (sllm-train prepare's shards): (tokens per piece, its eos
+    counted; tokens per passage; stage-2 target tokens per passage, its first piece being context)."""
+    import numpy as np
+
+    sentences = tokens = passages = stage2 = 0
+    for shard in sorted((data / "shards").iterdir()):
+        s = np.load(shard / "train.sentences.npy", mmap_mode="r")
+        p = np.asarray(np.load(shard / "train.passages.npy", mmap_mode="r"))
+        in_passage = s[p[1:]] - s[p[:-1]]
+        first = s[p[:-1] + 1] - s[p[:-1]]
+        sentences, tokens, passages = sentences + len(s) - 1, tokens + int(s[-1] - s[0]), passages + len(p) - 1
+        stage2 += int((in_passage - first).sum() + (np.diff(p) - 1).sum())
+    return (tokens + sentences) / sentences, tokens / passages, stage2 / passages

@@ -8,9 +8,8 @@ import json
 import subprocess
 from dataclasses import asdict
 
-import numpy as np
 import pytest
-from helpers import ROOT
+from helpers import ROOT, prepared_token_means
 
 from sllm.training.config import apply_overrides, load_run_config
 from sllm.training.sizing import size_run
@@ -74,16 +73,9 @@ def test_the_token_means_are_the_datasets(dataset):
     data = ROOT / dataset
     if not (data / "manifest.json").is_file():
         pytest.skip(f"{dataset} is prepared by the long runs")
-    sentences = tokens = passages = stage2 = 0
-    for shard in sorted((data / "shards").iterdir()):
-        s = np.load(shard / "train.sentences.npy", mmap_mode="r")
-        p = np.asarray(np.load(shard / "train.passages.npy", mmap_mode="r"))
-        in_passage = s[p[1:]] - s[p[:-1]]
-        first = s[p[:-1] + 1] - s[p[:-1]]
-        sentences, tokens, passages = sentences + len(s) - 1, tokens + int(s[-1] - s[0]), passages + len(p) - 1
-        stage2 += int((in_passage - first).sum() + (np.diff(p) - 1).sum())
-    assert (tokens + sentences) / sentences == pytest.approx(PER_PIECE[dataset], rel=1e-5)
-    assert stage2 / passages == pytest.approx(PER_PASSAGE_STAGE2[dataset], rel=1e-5)
+    per_piece, _, per_passage_stage2 = prepared_token_means(data)
+    assert per_piece == pytest.approx(PER_PIECE[dataset], rel=1e-5)
+    assert per_passage_stage2 == pytest.approx(PER_PASSAGE_STAGE2[dataset], rel=1e-5)
 
 
 def test_the_models_build():

@@ -6,9 +6,8 @@ from __future__ import annotations
 import subprocess
 from dataclasses import asdict
 
-import numpy as np
 import pytest
-from helpers import ROOT
+from helpers import ROOT, prepared_token_means
 
 from sllm.training.config import load_run_config
 
@@ -70,17 +69,10 @@ def test_every_model_trains_on_the_same_total_tokens():
 
 @pytest.mark.skipif(not (DATA / "manifest.json").is_file(), reason="runs/quality/data is prepared by the long runs")
 def test_the_token_means_are_the_datasets():
-    sentences = tokens = passages = stage2 = 0
-    for shard in sorted((DATA / "shards").iterdir()):
-        s = np.load(shard / "train.sentences.npy", mmap_mode="r")
-        p = np.asarray(np.load(shard / "train.passages.npy", mmap_mode="r"))
-        in_passage = s[p[1:]] - s[p[:-1]]
-        first = s[p[:-1] + 1] - s[p[:-1]]
-        sentences, tokens, passages = sentences + len(s) - 1, tokens + int(s[-1] - s[0]), passages + len(p) - 1
-        stage2 += int((in_passage - first).sum() + (np.diff(p) - 1).sum())
-    assert (tokens + sentences) / sentences == pytest.approx(PER_SENTENCE, rel=1e-5)
-    assert tokens / passages == pytest.approx(PER_PASSAGE, rel=1e-5)
-    assert stage2 / passages == pytest.approx(PER_PASSAGE_STAGE2, rel=1e-5)
+    per_piece, per_passage, per_passage_stage2 = prepared_token_means(DATA)
+    assert per_piece == pytest.approx(PER_SENTENCE, rel=1e-5)
+    assert per_passage == pytest.approx(PER_PASSAGE, rel=1e-5)
+    assert per_passage_stage2 == pytest.approx(PER_PASSAGE_STAGE2, rel=1e-5)
 
 
 def test_the_driver_script_parses():
