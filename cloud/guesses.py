@@ -66,7 +66,7 @@ class GuessCodec:
         B, top = len(memory), self.spec.max_sentence_tokens
         controls = controls or [None] * B
         options = [SamplingConfig() if c is None else c for c in controls]  # None: plain greedy
-        answers = [h if o.controls_repetition else () for o, h in zip(options, histories or [()] * B)]
+        answers = histories or [()] * B  # read only where a row's controls are on (guards_for, Picker.rows)
         limits = [top if c is None else min(c.max_tokens or top, top) for c in controls]
         if B == 1:  # the edge's own call for one sentence (sentence.onnx where the bundle has it)
             return decode_vectors(self.bundle.decoder, memory, self.spec, options[0], limits[0], answers[0],
