@@ -23,7 +23,7 @@ def ffn_width(decoder_onnx: Path) -> int:
         if init.name.endswith("mlp.fc.bias"):
             return int(init.dims[0])
     dims = {init.name: init.dims for init in graph.initializer}
-    for node in graph.node:  # the fused graphs (export.fused_onnx): the bias BiasGelu adds
+    for node in graph.node:  # the fused graphs (modeling.fused_onnx): the bias BiasGelu adds
         if node.op_type == "BiasGelu" and node.input[1] in dims:
             return int(dims[node.input[1]][0])
     raise ValueError(f"{decoder_onnx}: no mlp.fc.bias weight to read the FFN width from")

@@ -1,6 +1,6 @@
 """Before/after for the exported graphs: node counts and per-token decode time of torch's own export
 (`sllm.export.onnx_export`, `baseline_onnx.export_baseline_torch`) against the fused graphs
-(`sllm.export.fused_onnx`), and the edge decoder's per-token loop against sentence.onnx (one run()
+(`sllm.modeling.fused_onnx`), and the edge decoder's per-token loop against sentence.onnx (one run()
 per sentence), repetition controls off and on (edge-chat's defaults).
 
     python -m bench.graphs                                  # models/default -> docs/results/graphs.*
@@ -55,7 +55,7 @@ def build(model_dir: Path, tmp: Path, log) -> dict:
     """Both exports of both models into tmp -> paths."""
     import torch
 
-    from sllm.export import fused_onnx
+    from sllm.modeling import fused_onnx
     from sllm.export.baseline_onnx import export_baseline, export_baseline_torch
     from sllm.export.onnx_export import export_decoder, export_encoder
     from sllm.modeling.svae_bundle import load_svae_folder

@@ -98,6 +98,8 @@ def serve(
     device: str = typer.Option("auto", help="auto (cuda if available), cpu, cuda, cuda:1 ..."),
     dtype: str = typer.Option("float32", help="compute dtype: float32, float16, bfloat16 (GPU)"),
     threads: int = typer.Option(0, help="torch CPU threads; 0 = default"),
+    backend: str = typer.Option("auto", help="auto: on a CPU in float32, small steps (one session, or a few short "
+                                             "ones) in ONNX Runtime, the rest in torch; torch: all in torch"),
     grace: float = typer.Option(10.0, help="shutdown: seconds open streams get to finish"),
     hand_back_idle: float = typer.Option(2.0, help="shutdown: a stream with no step for this many seconds (between "
                                                    "turns) is handed back to its client at once; 0 = never"),
@@ -146,7 +148,7 @@ def serve(
         health_watch_max=health_watch_max, health_watch_per_peer=health_watch_per_peer,
         health_watch_lifetime_s=health_watch_lifetime,
         max_batch=max_batch, batch_wait_ms=batch_wait_ms, device=device, dtype=dtype,
-        threads=threads, grace_s=grace, hand_back_idle_s=hand_back_idle, tokens=read_tokens(token_file),
+        threads=threads, backend=backend, grace_s=grace, hand_back_idle_s=hand_back_idle, tokens=read_tokens(token_file),
         tls_cert=str(tls_cert or ""), tls_key=str(tls_key or ""), tls_client_ca=str(tls_client_ca or ""),
         insecure=insecure,
         metrics_port=metrics_port, metrics_host=metrics_host, log_steps=log_level.lower() == "debug",

@@ -59,6 +59,9 @@ class ServerConfig:
     device: str = "auto"  # auto: cuda when available, else cpu
     dtype: str = "float32"  # compute dtype: float32, or float16 / bfloat16 (GPU)
     threads: int = 0  # torch threads; 0 = torch's default
+    # auto: on a CPU in float32, the small steps (one session, or a few short ones) run in ONNX Runtime
+    # (cloud.onnx_step), the rest in torch; torch: every step in torch
+    backend: str = "auto"
     grace_s: float = 10.0  # shutdown: open streams get this long to finish
     # draining: a stream with no step for this long (a conversation between turns) is handed back
     # (UNAVAILABLE: its client rebuilds elsewhere on its next turn) instead of holding the drain; 0 = never
@@ -121,6 +124,7 @@ class ServerConfig:
                 (self.health_watch_lifetime_s > 0, "health_watch_lifetime_s must be > 0"),
                 (self.speculate_max >= 0, "speculate_max must be >= 0 (0 = no speculation)"),
                 (self.speculate_answer_max >= 1, "speculate_answer_max must be >= 1"),
+                (self.backend in ("auto", "torch"), f"backend must be auto or torch, got {self.backend!r}"),
                 (self.dtype in ("float32", "float16", "bfloat16"),
                  f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")):
             if not ok:

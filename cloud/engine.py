@@ -8,6 +8,10 @@ once per layer for all of them; otherwise each session's attention reads a view 
 to its valid length. A slot takes a new page every KVSlot.PAGE sentences (a copy) and nothing
 else is re-allocated per step. The caller keeps a step by advancing `slot.length`; a step it
 drops (cancelled, not finite) leaves the session as it was.
+
+On a CPU in float32 (backend "auto") the steps of few matrix-vector products go through ONNX Runtime
+instead (cloud.onnx_step: one session, or one new sentence each over short contexts), where eager
+torch spends most of the time dispatching operators; the keys/values stay in the same slots.
 """
 from __future__ import annotations
 
@@ -55,8 +59,16 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+BACKENDS = ("auto", "torch")
+
+
 class Engine:
-    def __init__(self, model: GraftedOPT, device: torch.device | str = "cpu", dtype: str = "float32"):
+    def __init__(self, model: GraftedOPT, device: torch.device | str = "cpu", dtype: str = "float32",
+                 backend: str = "auto"):
+        """backend: "auto" runs the steps cloud.onnx_step handles in ONNX Runtime on a CPU in float32
+        (with as many threads as torch has), the others in torch; "torch": every step in torch."""
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
         self.device = torch.device(device)
         self.dtype = DTYPES[dtype]
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
@@ -68,6 +80,11 @@ class Engine:
         self.max_positions = model.max_sentences
         elem = torch.tensor([], dtype=self.dtype).element_size()
         self.kv_bytes_per_sentence = 2 * self.num_layers * self.d * elem
+        self.onnx = None
+        if backend == "auto" and self.device.type == "cpu" and self.dtype == torch.float32:
+            from sllm.cloud.onnx_step import OnnxSteps  # onnx + onnxruntime: the CPU path only
+
+            self.onnx = OnnxSteps(self.model, threads=torch.get_num_threads())
 
     def kv_bytes(self, length: int) -> int:
         return length * self.kv_bytes_per_sentence
@@ -80,12 +97,17 @@ class Engine:
         """news[i] [T_i, d] float32 after slots[i]'s cached sentences -> the outputs of each last new sentence.
         Writes the new keys/values into the slots; the caller advances `slot.length` by T_i to keep them."""
         sizes = [len(n) for n in news]
-        x = torch.from_numpy(np.concatenate(news).astype(np.float32, copy=False))  # [N, d]: one copy for all
-        x = x.to(device=self.device, dtype=self.dtype)
-        hidden, stop_logits = self.model.step(list(x.split(sizes)), slots)  # [N, d], [N, 2]: every new sentence
-        last = torch.from_numpy(np.cumsum(sizes) - 1).to(self.device)  # each session's last new sentence
-        h_last = hidden[last].float().cpu().numpy()  # [B, d]
-        s_last = stop_logits[last].float().cpu().numpy()  # [B, 2]
+        last = np.cumsum(sizes) - 1  # each session's last new sentence
+        if self.onnx is not None and self.onnx.handles(slots, sizes):
+            hidden, stop_logits = self.onnx.step(news, slots)  # [N, d], [N, 2]: every new sentence
+            h_last, s_last = hidden[last], stop_logits[last]  # [B, d], [B, 2]
+        else:
+            x = torch.from_numpy(np.concatenate(news).astype(np.float32, copy=False))  # [N, d]: one copy for all
+            x = x.to(device=self.device, dtype=self.dtype)
+            hidden, stop_logits = self.model.step(list(x.split(sizes)), slots)  # [N, d], [N, 2]
+            at = torch.from_numpy(last).to(self.device)
+            h_last = hidden[at].float().cpu().numpy()  # [B, d]
+            s_last = stop_logits[at].float().cpu().numpy()  # [B, 2]
         # a non-finite key or value of a new sentence reaches its own output through attention (it attends to
         # itself), so finite outputs mean a step that is safe to keep
         finite = np.isfinite(h_last).all(axis=1) & np.isfinite(s_last).all(axis=1)

@@ -120,7 +120,7 @@ class CloudServer:
         device = pick_device(config.device)
         if config.dtype != "float32" and device.type == "cpu":
             raise ValueError(f"--dtype {config.dtype} needs a GPU; this server runs on the CPU")
-        self.engine = Engine(model, device, config.dtype)
+        self.engine = Engine(model, device, config.dtype, config.backend)
         max_sentences = self.engine.max_positions
         if config.max_sentences:
             max_sentences = min(config.max_sentences, max_sentences)

@@ -1,5 +1,5 @@
 """The token-level baseline OPT as one ONNX graph with its KV cache as input and output: the
-export path of the edge graphs (`sllm.export.fused_onnx`: fused Q/K/V and attention, residual adds
+export path of the edge graphs (`sllm.modeling.fused_onnx`: fused Q/K/V and attention, residual adds
 fused with LayerNorm, no mask arithmetic), so the baseline gets the runtime the SLLM's edge gets.
 `export_baseline_torch` keeps torch's own export (`OPTWithKV`, dynamo=True, opset 18) to compare with.
 
@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from sllm.export import fused_onnx
-from sllm.export.fused_onnx import check_supported  # noqa: F401 - the check lives with the graph builder
+from sllm.modeling import fused_onnx
+from sllm.modeling.fused_onnx import check_supported  # noqa: F401 - the check lives with the graph builder
 from sllm.export.onnx_export import _export
 from sllm.export.verify import ATOL
 from sllm.modeling.opt_block import OPTBlock
@@ -73,7 +73,7 @@ class OPTWithKV(nn.Module):
 
 def export_baseline(model, path: Path) -> Path:
     """baseline.onnx of an OPTForCausalLM (eval, fp32), written with ONNX Runtime's fused operators
-    (`sllm.export.fused_onnx.baseline_graph`): the treatment the edge graphs get."""
+    (`sllm.modeling.fused_onnx.baseline_graph`): the treatment the edge graphs get."""
     model.eval()
     return fused_onnx.save(fused_onnx.baseline_graph(model), path)
 

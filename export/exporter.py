@@ -22,8 +22,8 @@ import onnxscript
 import torch
 
 from sllm.export import verify
-from sllm.export import fused_onnx
-from sllm.export.fused_onnx import OPSET
+from sllm.modeling import fused_onnx
+from sllm.modeling.fused_onnx import OPSET
 from sllm.export.quantize import QUANT_MODES, quantize_int8
 from sllm.export.verify import render_markdown
 from sllm.modeling.cloud_bundle import load_cloud_bundle, model_id_for, write_cloud_bundle
@@ -275,7 +275,7 @@ def export_checkpoint(checkpoint: Path, out: Path, *, quantize: str | None = Non
     tmp_cloud = Path(tempfile.mkdtemp(dir=out, prefix=".cloud.")) if loaded.opt is not None else None
     tmp_svae = tmp_edge.with_name(tmp_edge.name + ".svae")
     try:
-        step("export encoder")  # written node by node with ORT's fused operators (export.fused_onnx)
+        step("export encoder")  # written node by node with ORT's fused operators (modeling.fused_onnx)
         fused_onnx.save(fused_onnx.encoder_graph(svae.encoder), tmp_edge / ENCODER)
         step("export decoder")
         fused_onnx.save(fused_onnx.decoder_graph(svae.decoder), tmp_edge / DECODER)
@@ -464,7 +464,7 @@ def _parity_max(parity: list[dict]) -> dict:
 
 def regraph_export(folder: Path, n_verify: int = 100) -> dict:
     """Rewrite an export folder's edge graphs (encoder.onnx, decoder.onnx, sentence.onnx) from its svae/
-    weights with this version's graph builder (export.fused_onnx), verified as an export verifies them;
+    weights with this version's graph builder (modeling.fused_onnx), verified as an export verifies them;
     every other file of edge/ and every other manifest field stays. For bundles exported before the
     fused graphs (models/default). Returns the verification report; ExportError / VerificationFailed."""
     from sllm.training.load import load_sentence_vae

@@ -30,7 +30,7 @@ class Role:
     gpu_extras: str = ""  # the same on a CUDA machine, when it differs (ONNX Runtime's GPU build)
 
 
-_CLOUD = ("torch", "transformers", "safetensors", "grpc_health", "grpc_reflection", "onnxruntime")
+_CLOUD = ("torch", "transformers", "safetensors", "grpc_health", "grpc_reflection", "onnxruntime", "onnx")
 _TRAIN = ("torch", "transformers", "safetensors", "tqdm", "matplotlib")
 _EXPORT = _TRAIN + ("onnx", "onnxscript", "onnxruntime")
 

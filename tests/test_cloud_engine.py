@@ -18,12 +18,16 @@ def _keep(slots, news) -> None:
         slot.length += len(new)
 
 
+@pytest.mark.parametrize("backend", ["torch", "auto"])
 @pytest.mark.parametrize("short_context", [0, 64], ids=["per-slot-attention", "padded-past"])
-def test_batched_sessions_equal_unbatched_and_full_forward(model, short_context, monkeypatch):
+def test_batched_sessions_equal_unbatched_and_full_forward(model, short_context, backend, monkeypatch):
     # steps of one new sentence per session below SHORT_CONTEXT gather every past into one padded batch
-    # (modeling.opt_block.PaddedPast); at 0 every step attends over each slot's own views
+    # (modeling.opt_block.PaddedPast, or cloud.onnx_step's padded batch); at 0 every step attends over each
+    # slot's own views; "auto" runs the one-session and short batched steps in ONNX Runtime
     monkeypatch.setattr("sllm.modeling.opt_graft.SHORT_CONTEXT", short_context)
-    engine = Engine(model)
+    monkeypatch.setattr("sllm.cloud.onnx_step.SHORT_CONTEXT", short_context)
+    engine = Engine(model, backend=backend)
+    assert (engine.onnx is not None) == (backend == "auto")
     rng = np.random.default_rng(0)
     # four sessions, each fed in its own chunks: prefills of several sentences and single steps,
     # so one batch mixes different past lengths and different numbers of new sentences
@@ -100,16 +104,19 @@ def test_a_step_past_the_model_positions_is_refused(model):
     assert slot.length == 0 and torch.is_tensor(slot.valid())
 
 
-def test_an_overflow_in_a_padded_batch_leaves_nothing_for_the_next(model):
-    # one new sentence per session over short contexts: the padded batch (modeling.opt_block.PaddedPast) is kept
-    # between steps, so the overflowing row's keys/values stay in it; the next steps pad over them
-    engine = Engine(model)
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_an_overflow_in_a_padded_batch_leaves_nothing_for_the_next(model, backend):
+    # one new sentence per session over short contexts: the padded batch (modeling.opt_block.PaddedPast, or
+    # cloud.onnx_step's) is kept between steps, so the overflowing row's keys/values stay in it; the next
+    # steps pad over them. The row is finite but overflows in the first LayerNorm (not a constant one: ONNX
+    # Runtime's LayerNorm maps that to zeros, finite)
+    engine = Engine(model, backend=backend)
     rng = np.random.default_rng(4)
     seq = rng.standard_normal((6, 32)).astype(np.float32)
     a, b = engine.new_slot(), engine.new_slot()
     engine.forward([a], [seq[:3]])
     a.length = 3
-    outs = engine.forward([a, b], [seq[3:4], np.full((1, 32), 3e38, np.float32)])
+    outs = engine.forward([a, b], [seq[3:4], np.tile(np.float32([3e38, -3e38]), (1, 16))])
     assert outs[0].finite and not outs[1].finite
     a.length = 4  # a's step kept, b's not
     for t in (4, 5):

@@ -1,4 +1,4 @@
-"""The fused graphs (export.fused_onnx) and sentence.onnx, one whole sentence per run(), against the
+"""The fused graphs (modeling.fused_onnx) and sentence.onnx, one whole sentence per run(), against the
 per-token loop they replace: real ONNX files in ONNX Runtime, the shipped model and tiny random ones."""
 import json
 import shutil
@@ -10,7 +10,7 @@ import torch
 from helpers import ROOT
 
 from sllm.edge.runtime import EdgeRuntime
-from sllm.export import fused_onnx
+from sllm.modeling import fused_onnx
 from sllm.modeling.config import SentenceVAEConfig
 from sllm.modeling.generate import decode_sentences
 from sllm.modeling.sentence_vae import SentenceVAE

@@ -39,7 +39,7 @@ def exported(sllm_export):
 
 def test_the_exported_svae_folder_is_the_exported_one(exported, sllm_run):
     """svae/ holds the checkpoint's SentenceVAE bit for bit, and it reproduces the graphs (ORT) token
-    for token. The fused graphs (export.fused_onnx) fold the cross-attention's weights, so they no longer
+    for token. The fused graphs (modeling.fused_onnx) fold the cross-attention's weights, so they no longer
     map back onto a SentenceVAE: recovery from graphs is for bundles exported before svae/ existed."""
     ours = load_sentence_vae(exported).model
     trained = load_sllm(sllm_run)

@@ -11,10 +11,13 @@ MatMuls and `BiasGelu` (or Add + Relu for OPT). Same input/output contract as th
     sentence_graph(dec)  one sentence in one call: an ONNX Loop over the decoder step (batch 1) with the
                          edge's repetition controls and sampling inside (contract in runtime.svae_onnx)
     baseline_graph(opt)  the token-level OPT: ids [B, T], past_kv -> logits [B, 1, V], present_kv
+    cloud_graph(grafted) the cloud step: vectors [B, T, d], positions, past_kv, mask -> hidden, stop logits,
+                         present_kv (sllm.cloud.onnx_step runs it)
 
 The SentenceDecoder's cross-attention reads a memory of length 1: its softmax is exactly 1, so its
 output is proj(v(memory)) whatever the query, one Gemm per sentence (weights folded in float64).
-Never imported by the edge (it needs torch modules to read weights from).
+Never imported by the edge (it needs torch modules to read weights from). It needs `onnx`, which the
+export and cloud installs have and the train install lacks: nothing in training/ imports it.
 """
 from __future__ import annotations
 
@@ -78,7 +81,7 @@ class Builder:
 def _model(b: Builder, inputs, outputs, name: str) -> onnx.ModelProto:
     graph = oh.make_graph(b.nodes, name, inputs, outputs, b.inits)
     model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", OPSET), oh.make_opsetid(MS, 1)],
-                          producer_name="sllm.export.fused_onnx")
+                          producer_name="sllm.modeling.fused_onnx")
     model.ir_version = 9
     return model
 
@@ -429,6 +432,38 @@ def check_supported(config) -> None:
         raise ValueError("only pre-LN OPT without project_in/out (every OPT size but 350m) can be restated")
 
 
+def _opt_blocks(b: Builder, layers, h: str, x: str, final_ln, heads: int, activation: str, past_kv: str,
+                mask: str = "") -> tuple[str, list[str]]:
+    """OPT's pre-LN decoder blocks (Hugging Face's parameter names, as modeling.opt_block's too) from
+    h = LayerNorm_0(x) and the residual stream x [B, T, d] -> (final_ln(x) after the last block [B, T, d],
+    each layer's present [2, B, H, P+T, hd]). mask: a raw [B, P+T] int32 key mask (1 = attend) or none."""
+    presents = []
+    for i, layer in enumerate(layers):
+        a = layer.self_attn
+        qkv_w = np.concatenate([_np(p.weight) for p in (a.q_proj, a.k_proj, a.v_proj)])
+        qkv_b = np.concatenate([_np(p.bias) for p in (a.q_proj, a.k_proj, a.v_proj)])
+        past = b.op("Gather", [past_kv, b.const(i)], axis=0)  # [2, B, H, P, hd]
+        y, present = _attention(b, h, qkv_w, qkv_b, heads, past=past, mask=mask, causal=True)
+        presents.append(present)
+        o = _linear_nobias(b, y, a.out_proj)
+        h, x = _skip_ln(b, o, x, layer.final_layer_norm, b.weight("o_b", _np(a.out_proj.bias)))
+        f = b.op("MatMul", [h, b.weight("fc1_w", _np(layer.fc1.weight).T)])
+        if activation == "relu":
+            f = b.op("Relu", [b.op("Add", [f, b.weight("fc1_b", _np(layer.fc1.bias))])])
+        elif activation == "gelu":
+            f = b.op("BiasGelu", [f, b.weight("fc1_b", _np(layer.fc1.bias))], domain=MS)
+        else:
+            raise ValueError(f"activation {activation!r} is not restated in the fused graph")
+        m = b.op("MatMul", [f, b.weight("fc2_w", _np(layer.fc2.weight).T)])
+        nxt = layers[i + 1].self_attn_layer_norm if i + 1 < len(layers) else final_ln
+        h, x = _skip_ln(b, m, x, nxt, b.weight("fc2_b", _np(layer.fc2.bias)))
+    return h, presents
+
+
+def _stack_presents(b: Builder, presents: list[str], out: str) -> None:
+    b.op("Concat", [b.op("Unsqueeze", [p, b.const([0])]) for p in presents], outputs=[out], axis=0)
+
+
 def baseline_graph(model) -> onnx.ModelProto:
     """baseline.onnx of an OPTForCausalLM (pre-LN, no project_in/out): the contract of
     sllm.export.baseline_onnx, the same fused blocks as the edge graphs."""
@@ -447,34 +482,43 @@ def baseline_graph(model) -> onnx.ModelProto:
     emb = b.weight("tok_emb", _np(dec.embed_tokens.weight))
     tok = b.op("Gather", [emb, "ids"])
     h, x = _skip_ln(b, tok, pos, layers[0].self_attn_layer_norm)
-    presents = []
-    for i, layer in enumerate(layers):
-        a = layer.self_attn
-        qkv_w = np.concatenate([_np(p.weight) for p in (a.q_proj, a.k_proj, a.v_proj)])
-        qkv_b = np.concatenate([_np(p.bias) for p in (a.q_proj, a.k_proj, a.v_proj)])
-        past = b.op("Gather", ["past_kv", b.const(i)], axis=0)
-        y, present = _attention(b, h, qkv_w, qkv_b, H, past=past, causal=True)
-        presents.append(present)
-        o = _linear_nobias(b, y, a.out_proj)
-        h, x = _skip_ln(b, o, x, layer.final_layer_norm, b.weight("o_b", _np(a.out_proj.bias)))
-        f = b.op("MatMul", [h, b.weight("fc1_w", _np(layer.fc1.weight).T)])
-        if cfg.activation_function == "relu":
-            f = b.op("Relu", [b.op("Add", [f, b.weight("fc1_b", _np(layer.fc1.bias))])])
-        elif cfg.activation_function == "gelu":
-            f = b.op("BiasGelu", [f, b.weight("fc1_b", _np(layer.fc1.bias))], domain=MS)
-        else:
-            raise ValueError(f"activation {cfg.activation_function!r} is not restated in the fused graph")
-        m = b.op("MatMul", [f, b.weight("fc2_w", _np(layer.fc2.weight).T)])
-        nxt = layers[i + 1].self_attn_layer_norm if i + 1 < L else dec.final_layer_norm
-        h, x = _skip_ln(b, m, x, nxt, b.weight("fc2_b", _np(layer.fc2.bias)))
+    h, presents = _opt_blocks(b, layers, h, x, dec.final_layer_norm, H, cfg.activation_function, "past_kv")
     last = b.op("Slice", [h, b.const([-1]), b.const([np.iinfo(np.int64).max]), b.const([1])])  # [B, 1, d]
     same = model.lm_head.weight.data_ptr() == dec.embed_tokens.weight.data_ptr()
     lm = emb if same else b.weight("lm_head", _np(model.lm_head.weight))
     b.op("MatMul", [last, b.op("Transpose", [lm], perm=[1, 0])], outputs=["logits"])
-    b.op("Concat", [b.op("Unsqueeze", [p, b.const([0])]) for p in presents], outputs=["present_kv"], axis=0)
+    _stack_presents(b, presents, "present_kv")
     return _model(b, [_vi("ids", TP.INT64, ["batch", "step"]), _vi("past_kv", TP.FLOAT, [L, 2, "batch", H, "past", hd])],
                   [_vi("logits", TP.FLOAT, ["batch", 1, V]), _vi("present_kv", TP.FLOAT, [L, 2, "batch", H, "total", hd])],
                   "opt_baseline")
+
+
+def cloud_graph(model) -> onnx.ModelProto:
+    """The cloud step of a GraftedOPT (pre-LN with a final LayerNorm; modeling.opt_graft), the same fused
+    blocks as the baseline's: vectors [B, T, d] at sentence positions [B, T] (int64) after past_kv
+    [L, 2, B, H, P, hd], mask [B, P+T] int32 (1 = a real position: padding in the past of a shorter
+    sequence is 0) -> hidden [B, T, d], stop_logits [B, T, 2], present_kv [L, 2, B, H, P+T, hd]."""
+    cfg = model.config
+    check_supported(cfg)
+    if model.final_layer_norm is None:
+        raise ValueError("only pre-LN OPT with a final LayerNorm can be restated")
+    layers = list(model.layers)
+    H, d, L = model.heads, model.hidden_size, len(layers)
+    b = Builder("c_")
+    pos = b.op("Gather", [b.weight("pos_emb", _np(model.embed_positions.weight)),
+                          b.op("Add", ["positions", b.const(2)])])  # [B, T, d]: OPT's learned positions start at 2
+    h, x = _skip_ln(b, "vectors", pos, layers[0].self_attn_layer_norm)
+    h, presents = _opt_blocks(b, layers, h, x, model.final_layer_norm, H, cfg.activation_function, "past_kv",
+                              mask="mask")
+    b.op("Identity", [h], outputs=["hidden"])
+    b.op("Add", [b.op("MatMul", [h, b.weight("stop_w", _np(model.stop_head.weight).T)]),
+                 b.weight("stop_b", _np(model.stop_head.bias))], outputs=["stop_logits"])
+    _stack_presents(b, presents, "present_kv")
+    return _model(b, [_vi("vectors", TP.FLOAT, ["batch", "step", d]), _vi("positions", TP.INT64, ["batch", "step"]),
+                      _vi("past_kv", TP.FLOAT, [L, 2, "batch", H, "past", hd := d // H]),
+                      _vi("mask", TP.INT32, ["batch", "total"])],
+                  [_vi("hidden", TP.FLOAT, ["batch", "step", d]), _vi("stop_logits", TP.FLOAT, ["batch", "step", 2]),
+                   _vi("present_kv", TP.FLOAT, [L, 2, "batch", H, "total", hd])], "grafted_opt_step")
 
 
 def save(model: onnx.ModelProto, path: Path) -> Path:
