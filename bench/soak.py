@@ -271,11 +271,22 @@ def diagnose(runtime, got: Conversation, ref: Conversation, turn: int, options: 
         theirs = (r.sentences[k] if k < len(r.sentences) else []) + [runtime.spec.eos_id]
         j = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), None)
         seen = token_margins(runtime, r.hidden[k], options.for_sentence(k), r.sentences[:k])
-        if j is None or [t for t, _ in seen[:j + 1]] != theirs[:j + 1]:
-            return {**out, "kind": "unexplained", "why": "the reference's h_t does not decode to its sentence"}
-        scores = seen[j][1]
-        out["tokens"] = [runtime.detokenize([t]) for t in (mine[j], theirs[j])]
-        out["margin"] = margin = float(scores[theirs[j]] - scores[mine[j]])
+        ours = [t for t, _ in seen]
+        if j is None:
+            return {**out, "kind": "unexplained", "why": "the two sentences do not part"}
+        if ours[:j + 1] == theirs[:j + 1]:
+            out["tokens"] = [runtime.detokenize([t]) for t in (mine[j], theirs[j])]
+            out["margin"] = margin = float(seen[j][1][theirs[j]] - seen[j][1][mine[j]])
+        else:
+            # the per-token graph decodes the reference's own h_t to another sentence: the edge's sentence
+            # graph (a Loop of the same step, rounded differently) chose at a tie there if the per-token
+            # scores of the two tokens where they part are that close
+            i = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
+            if i >= min(len(ours), len(theirs)):
+                return {**out, "kind": "unexplained", "why": "the reference's h_t does not decode to its sentence"}
+            out["why"] = "the per-token and whole-sentence graphs part at a tie in the reference's own decode"
+            out["tokens"] = [runtime.detokenize([t]) for t in (ours[i], theirs[i])]
+            out["margin"] = margin = float(seen[i][1][ours[i]] - seen[i][1][theirs[i]])
     else:
         # the stop rule flipped: P(stop) at this step against the threshold
         threshold = runtime.bundle.stop_threshold if options.stop_threshold is None else options.stop_threshold
