@@ -51,6 +51,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--rounds", type=int, help="repetitions of the whole throughput plan (min/median/max over them)")
     g.add_argument("--baseline-threads", type=_ints, help="thread counts of every baseline flavour")
     g.add_argument("--wire-dtype", choices=("float16", "float32"), help="sentence vectors on the wire")
+    g.add_argument("--speculate", type=int, help="the row 'SLLM end to end + speculation': sentences the cloud may "
+                   "guess ahead (a server of its own, --speculate-max N); 0 = no such row (default 8)")
     g = ap.add_argument_group("memory and time split")
     g.add_argument("--context-tokens", type=_ints, help="context lengths for the KV-cache fit")
     g.add_argument("--decoder-runs", type=int, help="timed runs per decoder-step row")
@@ -71,9 +73,9 @@ def parser() -> argparse.ArgumentParser:
     return ap
 
 
-FLAG_FIELDS = ("prompt_tokens", "output_tokens", "repeats", "rounds", "baseline_threads", "wire_dtype", "context_tokens",
-               "decoder_runs", "clients", "scale_seconds", "sllm_run", "baseline_run", "ppl_passages", "svae_layers",
-               "svae_steps", "svae_batch", "svae_eval_sentences", "svae_exact_sentences")
+FLAG_FIELDS = ("prompt_tokens", "output_tokens", "repeats", "rounds", "baseline_threads", "wire_dtype", "speculate",
+               "context_tokens", "decoder_runs", "clients", "scale_seconds", "sllm_run", "baseline_run", "ppl_passages",
+               "svae_layers", "svae_steps", "svae_batch", "svae_eval_sentences", "svae_exact_sentences")
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
@@ -106,8 +108,18 @@ def run(cfg: BenchConfig, command: str, progress) -> dict:
         L = text.mean_tokens_per_sentence
         progress.log(f"{text.source}; L = {L:.2f} tokens per sentence")
 
-    with progress.section("start the cloud server (loopback)"):
+    spec_server = None
+    with progress.section("start the cloud server(s) (loopback)"):
         server = LocalServer(models.cloud_dir, threads=cfg.threads, device="cpu").start()
+        if cfg.speculate:
+            spec_server, spec_stepper_at = throughput.speculating_server(models, cfg.speculate, cfg.threads,
+                                                                         cfg.wire_dtype, cfg.work)
+            try:
+                spec_server.start()
+            except BaseException:
+                server.stop()
+                raise
+            progress.log(f"speculating server (--speculate-max {cfg.speculate}) at {spec_server.address}")
     load = LoadMonitor().__enter__()  # other processes' CPU before and during the timed sections
     try:
         with CloudClient(server.address, server.token) as client:
@@ -115,12 +127,17 @@ def run(cfg: BenchConfig, command: str, progress) -> dict:
             with progress.section("throughput: SLLM and baselines", n) as advance:
                 tput = throughput.run_throughput(models, text, cfg.prompt_tokens, cfg.output_tokens, cfg.repeats,
                                                  client, cfg.wire_dtype, advance, cfg.rounds,
-                                                 tuple(cfg.baseline_threads), cfg.work / "baseline-onnx")
+                                                 tuple(cfg.baseline_threads), cfg.work / "baseline-onnx",
+                                                 spec_stepper_at(spec_server.address) if spec_server else None)
+        if spec_server is not None:
+            spec_server.stop()  # idle from here on; the scale section has the machine to one server
         with progress.section("scale: concurrent clients", len(cfg.clients)) as advance:
             scaled = scale.run_scale(server.address, server.token, rt.model_id, rt.d_model, cfg.clients,
                                      cfg.scale_seconds, cfg.scale_warmup, L, advance)
     finally:
         server.stop()
+        if spec_server is not None:
+            spec_server.stop()
 
     with progress.section("KV cache vs context"):
         kv = kv_memory.measure_kv(rt, models.engine, models.baseline, text, cfg.context_tokens,

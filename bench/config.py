@@ -26,6 +26,7 @@ class BenchConfig:
     rounds: int = 3  # the whole throughput plan, repeated: min / median / max over rounds
     baseline_threads: list[int] = field(default_factory=lambda: [1, 2])  # each baseline flavour at each count
     wire_dtype: str = "float16"  # sentence vectors on the wire (as the edge would send them)
+    speculate: int = 8  # the speculation row: sentences the cloud may guess ahead; 0 = no such row
     # memory (paper Table 3, KB per token)
     context_tokens: list[int] = field(default_factory=lambda: [64, 128, 256, 512, 1000])
     # where the time goes
@@ -67,6 +68,8 @@ class BenchConfig:
             raise ValueError("repeats, rounds, decoder runs, svae steps and svae batch must be >= 1")
         if self.scale_seconds <= 0 or self.scale_warmup < 0:
             raise ValueError("scale seconds must be > 0 and the warm-up >= 0")
+        if self.speculate < 0:
+            raise ValueError(f"--speculate must be >= 0 (0 = no speculation row), got {self.speculate}")
         if self.wire_dtype not in ("float16", "float32"):
             raise ValueError(f"wire dtype must be float16 or float32, got {self.wire_dtype!r}")
         if (self.sllm_run is None) != (self.baseline_run is None):

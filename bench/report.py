@@ -77,6 +77,7 @@ def summary(r: dict) -> list[str]:
         f"| output throughput SLLM / OPT, in one process (edge ORT + cloud engine), against the same | "
         f"**{t['ratio_inproc']:.2f}x** ({_range(t['ratio_inproc_range'])}; {_n(mean['sllm_inproc'])} vs "
         f"{_n(mean['baseline'])} tok/s) | (the paper runs one process) |",
+        *_speculation_summary_row(t),
         f"| KV cache per context token, SLLM vs OPT | **{_delta(-kv['reduction'])}** "
         f"({kv['sllm_fit']['bytes_per_token'] / 1024:.2f} vs {kv['baseline_fit']['bytes_per_token'] / 1024:.2f} "
         f"KiB/token, {kv['dtype']}); limit 1 - 1/L = {_delta(-(1 - 1 / L))} | "
@@ -107,6 +108,17 @@ def summary(r: dict) -> list[str]:
     return rows
 
 
+def _speculation_summary_row(t: dict) -> list[str]:
+    sp = t.get("speculation")
+    if not sp:
+        return []
+    mean = t["mean_tokens_per_s"]
+    return [f"| output throughput {t['labels']['sllm_spec']} / OPT, against the same | **{t['ratio_spec']:.2f}x** "
+            f"({_range(t['ratio_spec_range'])}; {_n(mean['sllm_spec'])} vs {_n(mean['baseline'])} tok/s; "
+            f"{sp['ratio_vs_e2e']['median']:.2f}x the plain end to end; outputs identical to it "
+            f"{sp['identical_outputs']}/{sp['runs']}) | (no speculation in the paper) |"]
+
+
 def _source_tag(source: str) -> str:
     return "recorded, not re-measured" if source.startswith("recorded") else source.split(":")[0]
 
@@ -118,6 +130,9 @@ def _range(r: list[float]) -> str:
 def throughput_section(t: dict) -> list[str]:
     paths, labels, spread = t["paths"], t["labels"], t["tokens_per_s"]
     fastest = t["fastest_baseline"]
+    # the SLLM paths' ratio columns: (key in ratios_vs and points, column name)
+    sllm = [(k, n) for k, n in (("e2e", "SLLM e2e"), ("inproc", "SLLM in-proc"), ("spec", "SLLM e2e + spec"))
+            if f"ratio_{k}" in t]
     lines = ["## Output throughput after prefill", "",
              "Tokens per second after the prompt was processed, greedy, the same prompts on every path. The SLLM "
              "decodes sentences until its output holds at least the target length and ignores its stop flag; output "
@@ -132,29 +147,29 @@ def throughput_section(t: dict) -> list[str]:
              "Ratios are paired round by round (the two ran under the same load); the headline compares against the "
              f"fastest baseline by median, **{labels[fastest]}**. Prefill: the prompt's encode + first cloud step "
              "(SLLM), the prompt's forward pass and first token (baselines); median per point, mean over points.", "",
-             "| path | tok/s min / median / max | SLLM e2e / this | SLLM in-proc / this | prefill ms |",
-             "|---|---|---|---|---|"]
+             "| path | tok/s min / median / max | " + " | ".join(f"{n} / this" for _, n in sllm) + " | prefill ms |",
+             "|---|---|" + "---|" * (len(sllm) + 1)]
     for p in paths:
         s = spread[p]
         prefill = sum(pt["prefill_ms"][p] for pt in t["points"]) / max(len(t["points"]), 1)
         if p in t["ratios_vs"]:
             v = t["ratios_vs"][p]
-            ratio = (f"{v['e2e']['median']:.2f}x ({_range([v['e2e']['min'], v['e2e']['max']])}) | "
-                     f"{v['inproc']['median']:.2f}x ({_range([v['inproc']['min'], v['inproc']['max']])})")
+            ratio = " | ".join(f"{v[k]['median']:.2f}x ({_range([v[k]['min'], v[k]['max']])})" for k, _ in sllm)
         else:
-            ratio = " | "
+            ratio = " | " * (len(sllm) - 1)
         name = f"**{labels[p]}** (fastest baseline)" if p == fastest else labels[p]
         lines.append(f"| {name} | {_n(s['min'], 0)} / **{_n(s['median'], 0)}** / {_n(s['max'], 0)} | {ratio} | "
                      f"{prefill:.1f} |")
     lines += ["", "Per (prompt, output) point, median tok/s over rounds:", "",
-              "| prompt tok (sent.) | output tok (sent.) | " + " | ".join(labels[p] for p in paths) +
-              " | e2e / fastest | in-proc / fastest |",
-              "|---|---|" + "---|" * (len(paths) + 2)]
+              "| prompt tok (sent.) | output tok (sent.) | " + " | ".join(labels[p] for p in paths) + " | " +
+              " | ".join(f"{n.removeprefix('SLLM ')} / fastest" for _, n in sllm) + " |",
+              "|---|---|" + "---|" * (len(paths) + len(sllm))]
     for pt in t["points"]:
         s = pt["tokens_per_s"]
         lines.append(f"| {pt['prompt_tokens']:.0f} ({pt['prompt_sentences']:.1f}) | {pt['output_tokens']:.0f} "
-                     f"({pt['output_sentences']:.1f}) | " + " | ".join(_n(s[p], 0) for p in paths) +
-                     f" | {pt['ratio_e2e']:.2f}x | {pt['ratio_inproc']:.2f}x |")
+                     f"({pt['output_sentences']:.1f}) | " + " | ".join(_n(s[p], 0) for p in paths) + " | " +
+                     " | ".join(f"{pt[f'ratio_{k}']:.2f}x" for k, _ in sllm) + " |")
+    lines += speculation_paragraph(t)
     same = [f"{labels[k]} {v:.0%}" for k, v in t["same_tokens_as_hf"].items() if v is not None]
     if same:
         lines += ["", f"Generations whose greedy tokens are identical to {labels[t['hf_reference']]}'s: "
@@ -168,6 +183,31 @@ def throughput_section(t: dict) -> list[str]:
     for note in t["notes"]:
         lines += ["", f"Note: {note}."]
     return lines
+
+
+def speculation_paragraph(t: dict) -> list[str]:
+    """The speculation row against the plain end to end one: same outputs?, the guesses, the ratio."""
+    sp = t.get("speculation")
+    if not sp:
+        return []
+    per_run = sp["per_run"]
+    runs = "; ".join(f"{k} {v['median']:g} ({v['min']:g}-{v['max']:g})" for k, v in per_run.items())
+    same = (f"identical to the plain end to end row's in {sp['identical_outputs']}/{sp['runs']} runs"
+            if sp["identical_outputs"] == sp["runs"] else
+            f"**NOT identical** to the plain end to end row's in {sp['runs'] - sp['identical_outputs']} of "
+            f"{sp['runs']} runs (identical in {sp['identical_outputs']}/{sp['runs']}): greedy decoding should not "
+            "differ; a guessed step whose input vector differs from the edge's by float rounding can move a near-tie")
+    r = sp["ratio_vs_e2e"]
+    return ["", f"{t['labels']['sllm_spec']}: the end to end path through the edge's own stepper "
+                "(edge.remote.RemoteStepper, speculate N) against a server of its own started with --speculate-max N "
+                "and the edge's graphs (--edge-bundle), which decodes, re-encodes and steps each sentence it expects "
+                "while the edge decodes and checks it; an accepted guess saves the round trip. Outputs (token ids "
+                f"of every sentence, greedy): {same}. Guesses per run, median (min-max) over {sp['runs']} runs: "
+                f"{runs}; acceptance {sp['acceptance']:.2f} (accepted / checked), {sp['accepted']} accepted, "
+                f"{sp['corrected']} corrected, {sp['declined']} declined in all. These fixed-length runs ignore "
+                "the stop head, the cloud does not: after a step whose stop flag is on it declines to guess and "
+                f"that sentence waits its round trip. Against the plain end to end row, paired by round: "
+                f"{r['median']:.2f}x ({_range([r['min'], r['max']])})."]
 
 
 def kv_section(kv: dict, L: float) -> list[str]:
@@ -195,27 +235,45 @@ def kv_section(kv: dict, L: float) -> list[str]:
 
 def breakdown_section(t: dict, dec: dict | None) -> list[str]:
     b = t["breakdown"]
+    spec = b.get("spec")  # the speculation row: its own timings; no wire bytes, no server count of its own
+
+    def with_spec(cells: str, spec_cell) -> str:  # spec_cell(spec's row) -> its cell, when there is the row
+        return cells if spec is None else f"{cells} {spec_cell(spec)} |"
+
     lines = ["## Where the time goes", "",
-             f"| | SLLM end to end | SLLM in-process | baseline ({t['labels'][b['baseline']['flavour']]}) |",
-             "|---|---|---|---|",
-             f"| output tokens per sentence | {b['e2e']['tokens_per_sentence']:.2f} | "
-             f"{b['inproc']['tokens_per_sentence']:.2f} | |",
-             f"| cloud forward steps per output token | {b['e2e']['cloud_steps_per_token']:.3f} (server's count: "
-             f"{b['e2e']['server_forward_passes_per_token']:.3f}) | {b['inproc']['cloud_steps_per_token']:.3f} | "
-             f"{b['baseline']['forward_passes_per_token']:.3f} |",
-             f"| wire bytes per output token | {b['e2e']['wire_bytes_per_token']:.1f} "
-             f"({b['e2e']['wire_bytes_per_step']:.0f} per step, {t['wire_dtype']}) | 0 | |"]
+             with_spec("| | SLLM end to end | SLLM in-process |", lambda _: "SLLM e2e + speculation")
+             + f" baseline ({t['labels'][b['baseline']['flavour']]}) |",
+             "|---|---|---|---|" + ("" if spec is None else "---|"),
+             with_spec(f"| output tokens per sentence | {b['e2e']['tokens_per_sentence']:.2f} | "
+                       f"{b['inproc']['tokens_per_sentence']:.2f} |", lambda r: f"{r['tokens_per_sentence']:.2f}")
+             + " |",
+             with_spec(f"| cloud forward steps per output token | {b['e2e']['cloud_steps_per_token']:.3f} (server's "
+                       f"count: {b['e2e']['server_forward_passes_per_token']:.3f}) | "
+                       f"{b['inproc']['cloud_steps_per_token']:.3f} |",
+                       lambda r: f"{r['cloud_steps_per_token']:.3f} appends (the cloud's guesses not counted)")
+             + f" {b['baseline']['forward_passes_per_token']:.3f} |",
+             with_spec(f"| wire bytes per output token | {b['e2e']['wire_bytes_per_token']:.1f} "
+                       f"({b['e2e']['wire_bytes_per_step']:.0f} per step, {t['wire_dtype']}) | 0 |",
+                       lambda _: "not measured") + " |"]
     for k, name in (("encode", "edge encode"), ("step", "cloud step"), ("decode", "edge decode")):
-        lines.append(f"| {name}: share of time / ms per sentence | {_pct(b['e2e']['time_split'][k])} / "
-                     f"{b['e2e']['ms_per_sentence'][k]:.2f} | {_pct(b['inproc']['time_split'][k])} / "
-                     f"{b['inproc']['ms_per_sentence'][k]:.2f} | |")
-    lines.append(f"| other (loop, bookkeeping) | {_pct(b['e2e']['time_split']['other'])} | "
-                 f"{_pct(b['inproc']['time_split']['other'])} | |")
+        lines.append(with_spec(f"| {name}: share of time / ms per sentence | {_pct(b['e2e']['time_split'][k])} / "
+                               f"{b['e2e']['ms_per_sentence'][k]:.2f} | {_pct(b['inproc']['time_split'][k])} / "
+                               f"{b['inproc']['ms_per_sentence'][k]:.2f} |",
+                               lambda r: f"{_pct(r['time_split'][k])} / {r['ms_per_sentence'][k]:.2f}") + " |")
+    lines.append(with_spec(f"| other (loop, bookkeeping) | {_pct(b['e2e']['time_split']['other'])} | "
+                           f"{_pct(b['inproc']['time_split']['other'])} |",
+                           lambda r: _pct(r["time_split"]["other"])) + " |")
     lines += ["", "Steps: one cloud step per generated sentence but the last (the loop's own count; the server's "
                   "GetStats count of forward passes, minus the prefill's, agrees). Wire bytes: the serialized size of "
                   "the protobuf messages of those steps, request (ClientMessage.append) and reply (ServerMessage.step); "
                   "gRPC/HTTP2 framing not included. Cloud step time end to end is the round trip (serialization, "
                   "loopback, server, batcher thread)."]
+    if spec is not None:
+        lines += ["", "SLLM e2e + speculation: its cloud step is the edge's append, which checks the guess the "
+                      "cloud streamed ahead and waits only for a correction or a declined guess (the cloud's own "
+                      "work runs beside the edge's, not in this column); its wire bytes (the guesses stream in "
+                      "between appends) and the server's count of its work are not measured here (bench.rtt "
+                      "reports both)."]
     if dec:
         lines += ["", f"Edge decoder step (`bench/decoder_step.py` at the bundle's shape: d={dec['shape']['d']}, "
                       f"{dec['shape']['layers']} block(s), ffn {dec['shape']['ffn']}, vocab {dec['shape']['vocab']}; "

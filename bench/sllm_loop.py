@@ -1,5 +1,6 @@
 """One timed SLLM generation: the edge sentence loop (`sllm.edge.loop.sentence_loop`, as edge-chat runs
-it), with the cloud half either behind gRPC (a real server) or called in this process (the engine).
+it), with the cloud half either behind gRPC (a real server), called in this process (the engine), or
+behind the edge's own stepper speculating (edge.remote.RemoteStepper against a guessing server).
 
     prompt sentences -> encoder.onnx -> cloud step (prefill) -> h_1
     repeat: decoder.onnx(h_t) -> a sentence; encoder.onnx(sentence) -> cloud step -> h_t+1
@@ -13,6 +14,7 @@ SLLM produced, a little over `min_tokens`.
 """
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import asdict, dataclass
 
@@ -47,7 +49,8 @@ class PastStop:
 
 class GrpcStepper:
     """Cloud steps over one Converse stream of a running server (protos.client, as edge-chat uses
-    it); `wire` holds (request bytes, reply bytes) of every step since `open`."""
+    it); `wire` holds (request bytes, reply bytes) of every step since `open` (every stepper here has
+    one entry per append; None where its bytes are not measured)."""
 
     def __init__(self, client, model_id: str, d: int, dtype: str = "float16"):
         self.client, self.model_id, self.d, self.dtype = client, model_id, d, dtype
@@ -97,6 +100,34 @@ class EngineStepper:
         self.slot = None
 
 
+class SpeculatingStepper:
+    """The edge's own stepper (edge.remote.RemoteStepper) with sentence-level speculation, opened for
+    each run as bench.rtt.SLLMRunner opens it (a session on a fresh channel, the speculation depth
+    asked for granted, or an error). Wire bytes are not measured: the cloud's guesses stream in between
+    the appends. `stats` (edge.speculate.SpeculationStats) of the last run, once it is closed."""
+
+    def __init__(self, runner):
+        self.runner = runner  # a bench.rtt.SLLMRunner built with speculate=N
+        self.remote = None
+        self.stats = None
+        self.wire: list[tuple[int, int] | None] = []
+
+    def open(self) -> None:
+        self.remote = self.runner._open()
+        self.stats, self.wire = None, []
+
+    def append(self, vectors: np.ndarray):
+        step = self.remote.append(vectors)
+        self.wire.append(None)
+        return step
+
+    def close(self) -> None:
+        if self.remote is not None:
+            self.remote.close()
+            self.stats = self.remote.speculation.stats
+        self.remote = None
+
+
 @dataclass
 class SLLMRun:
     prompt_sentences: int
@@ -109,10 +140,11 @@ class SLLMRun:
     step_s: float  # within gen_s: cloud steps (round trips over gRPC, or engine calls)
     decode_s: float  # within gen_s: edge decoder (incl. detokenizing)
     cloud_steps: int  # within gen_s: one per generated sentence but the last
-    prefill_bytes: int
-    request_bytes: int  # within gen_s, all steps
-    reply_bytes: int
+    prefill_bytes: int | None  # None: the stepper does not measure its wire bytes
+    request_bytes: int | None  # within gen_s, all steps
+    reply_bytes: int | None
     ended: str  # "length" (reached min_tokens), "empty" (eos at once), "context" (session full)
+    output: str  # digest of the output sentences' token ids: runs of one prompt on two paths compare equal
 
     @property
     def tokens_per_s(self) -> float:
@@ -134,6 +166,7 @@ def generate(runtime, stepper, prompt: list[list[int]], min_tokens: int, max_sen
         room = max_sentences - len(prompt)
         events = sentence_loop(runtime, PastStop(stepper), prompt, Sampling(), room=room)
         tokens, ms, ended = 0, {"prefill": 0.0, "encode": 0.0, "step": 0.0, "decode": 0.0}, "length"
+        digest = hashlib.sha1()
         for ev in events:
             # an event's encode + step made its h_t: the prompt's (the prefill) for the first
             first = ev.sentences == 0 if isinstance(ev, TurnEnd) else ev.index == 0
@@ -147,6 +180,7 @@ def generate(runtime, stepper, prompt: list[list[int]], min_tokens: int, max_sen
                 ended = _ENDED[ev.reason]
                 break
             tokens += len(ev.ids)
+            digest.update(repr(list(ev.ids)).encode())  # per sentence: the same tokens cut elsewhere differ
             if tokens >= min_tokens:
                 break  # before the loop appends this sentence
             if ev.index + 1 == room:  # the context is full: nothing would read the last sentence's step
@@ -157,8 +191,11 @@ def generate(runtime, stepper, prompt: list[list[int]], min_tokens: int, max_sen
         events.close()
     finally:
         stepper.close()
-    (prefill_req, prefill_rep), gen_wire = stepper.wire[0], stepper.wire[1:]
+    prefill_wire, gen_wire = stepper.wire[0], stepper.wire[1:]
+    if None in stepper.wire:
+        wire = (None, None, None)
+    else:
+        wire = (sum(prefill_wire), sum(r for r, _ in gen_wire), sum(r for _, r in gen_wire))
     return SLLMRun(len(prompt), sum(len(s) for s in prompt), tokens, sentences, ms["prefill"] / 1e3,
                    total_s - ms["prefill"] / 1e3, ms["encode"] / 1e3, ms["step"] / 1e3, ms["decode"] / 1e3,
-                   len(gen_wire), prefill_req + prefill_rep, sum(r for r, _ in gen_wire), sum(r for _, r in gen_wire),
-                   ended)
+                   len(gen_wire), *wire, ended, digest.hexdigest()[:16])

@@ -146,7 +146,7 @@ def test_bench_quick_writes_markdown_json_and_plots(model_dir, runs, tiny_corpus
     t = r["throughput"]
     assert [(p["prompt_tokens_target"], p["output_tokens_target"]) for p in t["points"]] == [(8, 6), (8, 20)]
     flavours = [f"{f}_t{n}" for f in ("hf_generate", "torch_kv", "onnxruntime") for n in (1, 2)]
-    assert t["paths"] == ["sllm_e2e", "sllm_inproc", *flavours] and t["fastest_baseline"] in flavours
+    assert t["paths"] == ["sllm_e2e", "sllm_inproc", "sllm_spec", *flavours] and t["fastest_baseline"] in flavours
     assert list((tmp_path / "work" / "baseline-onnx").glob("baseline-*/baseline.onnx"))  # cached outside the model
     d = r["models"]["d_model"]
     for p in t["points"]:
@@ -162,6 +162,14 @@ def test_bench_quick_writes_markdown_json_and_plots(model_dir, runs, tiny_corpus
             if e2e["cloud_steps"]:
                 per_step = (e2e["request_bytes"] + e2e["reply_bytes"]) / e2e["cloud_steps"]
                 assert 2 * 2 * d < per_step < 2 * 2 * d + 64
+            # speculation (default --speculate 8) changes no greedy output; every append after the prompt had
+            # a guess to accept or correct, or one the cloud declined
+            spec = run["spec"]
+            assert spec["same_output_as_e2e"] is True and spec["output"] == e2e["output"]
+            assert (spec["tokens"], spec["sentences"], spec["cloud_steps"]) == (e2e["tokens"], e2e["sentences"],
+                                                                                 e2e["cloud_steps"])
+            assert spec["accepted"] + spec["corrected"] + spec["declined"] == spec["cloud_steps"]
+            assert spec["request_bytes"] is None  # not measured, not made up
     assert t["breakdown"]["baseline"]["forward_passes_per_token"] == 1.0
     for path in t["paths"]:
         s = t["tokens_per_s"][path]
@@ -170,6 +178,12 @@ def test_bench_quick_writes_markdown_json_and_plots(model_dir, runs, tiny_corpus
     assert fastest == max(t["tokens_per_s"][k]["median"] for k in flavours) == t["mean_tokens_per_s"]["baseline"]
     lo, hi = t["ratio_e2e_range"]
     assert lo <= t["ratio_e2e"] <= hi and t["hf_reference"] == "hf_generate_t1"
+    lo, hi = t["ratio_spec_range"]
+    sp = t["speculation"]
+    assert lo <= t["ratio_spec"] <= hi and sp["runs"] == sp["identical_outputs"] == 4  # 2 points x 2 rounds
+    assert sp["accepted"] + sp["corrected"] + sp["declined"] == sum(
+        r["spec"]["cloud_steps"] for p in t["points"] for r in p["runs"])
+    assert "SLLM end to end + speculation (N = 8)" in md and "in 4/4 runs" in md
     assert t["same_tokens_as_hf"] == dict.fromkeys(flavours[1:], 1.0)
     for label in ("HF generate, 2 threads", "torch, preallocated KV, 1 thread", "ONNX Runtime + KV, 2 threads",
                   "(fastest baseline)"):
@@ -283,6 +297,10 @@ def test_bench_refuses_a_folder_without_bundles(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         bench_cli.main(["--sllm-run", str(tmp_path)])  # the PPL needs both runs
     assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        bench_cli.main(["--speculate", "-1"])
+    assert e.value.code == 2 and "--speculate" in capsys.readouterr().err
+    assert bench_cli.config_from_args(bench_cli.parser().parse_args(["--quick", "--speculate", "0"])).speculate == 0
 
 
 # ---------------------------------------------------------------- SentenceVAE variants
