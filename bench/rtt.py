@@ -180,7 +180,7 @@ class SLLMRunner:
         self.sampling = ctx.chat or Sampling()  # (answer options are a sampling) the sampled-acceptance runs set theirs
         self.address = address
 
-    def _open(self):
+    def open_stepper(self):
         from sllm.edge.remote import RemoteStepper
         from sllm.protos.client import CloudClient
 
@@ -221,7 +221,7 @@ class SLLMRunner:
         return answer(self.runtime, stepper, prompt, self.chat, room=room)
 
     def run(self, prompt: list[list[int]], tokens: int, variant: str, rtt_ms: float, index: int) -> Run:
-        stepper = self._open()  # the session, before the clock starts
+        stepper = self.open_stepper()  # the session, before the clock starts
         try:
             run = timed(self.sentences(stepper, prompt, tokens), variant, rtt_ms, index, time.perf_counter())
         finally:

@@ -113,7 +113,7 @@ class SpeculatingStepper:
         self.wire: list[tuple[int, int] | None] = []
 
     def open(self) -> None:
-        self.remote = self.runner._open()
+        self.remote = self.runner.open_stepper()
         self.stats, self.wire = None, []
 
     def append(self, vectors: np.ndarray):
