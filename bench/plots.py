@@ -11,6 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import ScalarFormatter  # noqa: E402
 
 PATHS = {"sllm_e2e": ("SLLM end to end (gRPC)", "tab:blue"), "sllm_inproc": ("SLLM in-process", "tab:green"),
+         "sllm_spec": ("SLLM end to end + speculation", "tab:purple"),
          "baseline": ("baseline OPT, token by token", "tab:red")}
 STYLES = ["-", "--", ":", "-."]
 
@@ -31,6 +32,8 @@ def throughput_plot(throughput: dict, out: Path, name: str = "bench-throughput.p
     for i, P in enumerate(prompts):
         row = sorted((p for p in points if p["prompt_tokens_target"] == P), key=lambda p: p["output_tokens"])
         for key, (label, color) in PATHS.items():
+            if key not in row[0]["tokens_per_s"]:  # a run without that path (bench --speculate 0)
+                continue
             ax.plot([p["output_tokens"] for p in row], [p["tokens_per_s"][key] for p in row], STYLES[i % 4],
                     color=color, marker="o", label=f"{label}, prompt ~{P} tok")
     ax.set_xscale("log", base=2)
