@@ -24,7 +24,9 @@ nothing is pinned and the output says so. The neighbours' request rate is bounde
 reported.
 
 Per arm: the honest client's median step (all rounds' steps; min-max of the rounds' medians), the ratio
-to alone and to the honest-neighbour control, the cores the server and the honest client's process kept
+to alone and to the honest-neighbour control; the part of each step it waited for the cloud (the step that
+made the sentence's h_t: what the server's work for others delays, apart from the CPU the honest edge
+shares with the server on a 2-CPU machine) and its ratio to alone; the cores the server and the honest client's process kept
 busy over its passes (/proc) and the server's counters (GetStats). Then each kind of neighbour alone for
 --solo-s seconds: the server's CPU (less its idle CPU) per sentence they got and per request they sent.
 """
@@ -80,9 +82,11 @@ def material(rt, count: int) -> tuple[list[str], object]:
 # ---------------------------------------------------------------- the clients
 
 def honest(address: str, rt, texts: list[str], steps: list[float], stop: threading.Event | None = None,
-           out: dict | None = None, ready: threading.Event | None = None) -> None:
-    """An honest speculating edge: appends the seconds between its answer sentences to `steps`; with `stop`,
-    asks its prompts over and over until it is set (out: messages = prompts asked, sentences received)."""
+           out: dict | None = None, ready: threading.Event | None = None, waits: list[float] | None = None) -> None:
+    """An honest speculating edge: appends the seconds between its answer sentences to `steps`, and to `waits`
+    the seconds of each that it waited for the cloud (the step that made the sentence's h_t: a reply, or a
+    guess not streamed yet); with `stop`, asks its prompts over and over until it is set (out: messages =
+    prompts asked, sentences received)."""
     from sllm import edge
 
     out = {} if out is None else out
@@ -90,8 +94,10 @@ def honest(address: str, rt, texts: list[str], steps: list[float], stop: threadi
         while True:
             for text in texts:
                 t0 = time.perf_counter()
-                for _ in chat.ask(text, max_sentences=6):
+                for sentence in chat.ask(text, max_sentences=6):
                     steps.append(time.perf_counter() - t0)
+                    if waits is not None:
+                        waits.append(sentence.cloud_step_ms / 1000)
                     out["sentences"] = out.get("sentences", 0) + 1
                     if ready is not None:
                         ready.set()
@@ -344,13 +350,14 @@ def measure_arm(arm: str, address: str, rt, texts: list[str], server_pid: int, s
     c0, t0 = counters(stats_client), time.perf_counter()
     cpu0, mine0 = cpu_seconds(server_pid), cpu_seconds(os.getpid())
     steps: list[float] = []
+    waits: list[float] = []
     try:
-        honest(address, rt, texts, steps)
+        honest(address, rt, texts, steps, waits=waits)
     finally:
         wall, cpu1, mine1 = time.perf_counter() - t0, cpu_seconds(server_pid), cpu_seconds(os.getpid())
         c1 = counters(stats_client)
         theirs = neighbours.stop() if arm != "alone" else {}
-    return {"arm": arm, "steps": steps, "wall_s": round(wall, 3), "server_cpu_s": round(cpu1 - cpu0, 3),
+    return {"arm": arm, "steps": steps, "cloud_waits": waits, "wall_s": round(wall, 3), "server_cpu_s": round(cpu1 - cpu0, 3),
             "honest_client_cpu_s": round(mine1 - mine0, 3), "server": {k: c1[k] - c0[k] for k in COUNTERS},
             "neighbours": theirs}
 
@@ -393,6 +400,7 @@ def summarize(records: list[dict]) -> dict:
         theirs_msgs = sum(r["neighbours"].get("messages", 0) for r in rs)
         theirs_wall = sum(r["neighbours"].get("wall_s", 0.0) for r in rs)
         out[arm] = {"honest_step": spread(steps), "round_medians_ms": [round(m, 2) for m in medians],
+                    "honest_cloud_wait": spread([x for r in rs for x in r["cloud_waits"]]),
                     "wall_s": round(wall, 2), "server_cpu_s": round(cpu, 3),
                     "server_cores_busy": round(cpu / wall, 3) if wall else None,
                     "honest_client_cores_busy": round(mine / wall, 3) if wall else None,
@@ -404,6 +412,10 @@ def summarize(records: list[dict]) -> dict:
         med = s["honest_step"].get("median_ms")
         s["ratio_to_alone"] = round(med / base, 3) if med and base else None
         s["ratio_to_honest_neighbours"] = round(med / control, 3) if med and control else None
+    wait_alone = out["alone"]["honest_cloud_wait"].get("median_ms")
+    for s in out.values():
+        w = s["honest_cloud_wait"].get("median_ms")
+        s["cloud_wait_ratio_to_alone"] = round(w / wait_alone, 3) if w and wait_alone else None
     return out
 
 
@@ -414,13 +426,15 @@ def _f(x, digits: int = 2) -> str:
 def tables(result: dict) -> list[str]:
     """The figures as markdown table lines: the honest client per arm, then the server's work per kind."""
     lines = ["| honest client | steps | median step ms (min-max of rounds) | x alone | x beside honest | "
-             "server cores busy | honest client cores busy | neighbour requests/s |",
-             "|---|---:|---|---:|---:|---:|---:|---:|"]
+             "median cloud wait ms per sentence | x alone | server cores busy | honest client cores busy | "
+             "neighbour requests/s |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for arm, s in result["arms"].items():
         st, rm = s["honest_step"], s["round_medians_ms"]
         span = f" ({min(rm):.1f}-{max(rm):.1f})" if rm else ""
         lines.append(f"| {ARMS[arm]} | {st['n']} | {_f(st.get('median_ms'), 1)}{span} | {_f(s['ratio_to_alone'])} | "
-                     f"{_f(s['ratio_to_honest_neighbours'])} | {_f(s['server_cores_busy'])} | "
+                     f"{_f(s['ratio_to_honest_neighbours'])} | {_f(s['honest_cloud_wait'].get('median_ms'))} | "
+                     f"{_f(s['cloud_wait_ratio_to_alone'])} | {_f(s['server_cores_busy'])} | "
                      f"{_f(s['honest_client_cores_busy'])} | "
                      f"{_f(s['neighbour_requests_per_s'], 1)} |")
     lines += ["", "| four neighbours alone | requests/s | sentences/s | server CPU ms / sentence | server CPU ms / "
