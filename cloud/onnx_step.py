@@ -45,7 +45,6 @@ class OnnxSteps:
             so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(cloud_graph(model).SerializeToString(), so,
                                             providers=["CPUExecutionProvider"])
-        self.d = model.hidden_size
         self.padded: np.ndarray | None = None  # the batch's padded past, kept between steps (see PaddedPast)
 
     @staticmethod
