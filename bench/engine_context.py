@@ -46,7 +46,8 @@ def filled_slot(engine: Engine, length: int, gen: torch.Generator):
     slot = engine.new_slot()
     slot.reserve(length)
     slot.length = length
-    slot.valid().normal_(generator=gen)  # the cached positions only: the same values whatever the capacity
+    # the cached positions only: the same values whatever the capacity (drawn on the CPU, for any device)
+    slot.valid().copy_(torch.randn(slot.valid().shape, generator=gen))
     return slot
 
 
@@ -123,10 +124,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "docs/results")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--against", metavar="REV", help="also measure git revision REV's engine, interleaved")
+    ap.add_argument("--device", default="cpu", help="the engine's device (cpu, cuda, cuda:1 ...)")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
+                    help="the engine's compute dtype (half precision: a GPU)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     model, _ = load_cloud_bundle(a.bundle)
-    engines = {"now": Engine(model, "cpu", "float32")}
+    engines = {"now": Engine(model, a.device, a.dtype)}
     if a.against:
         engines[a.against] = engine_at(a.against, model)
     batches, contexts = ((1, 16), (1, 256)) if a.quick else (BATCHES, CONTEXTS)
@@ -140,7 +144,8 @@ def main(argv: list[str] | None = None) -> None:
             growth.append(measure_growth(engines, b, n, 2 if a.quick else 4))
             print(json.dumps(growth[-1]), flush=True)
     result = {"engine": "after (KV slots in pages written in place, ragged batch, plain OPT blocks, PaddedPast "
-                        "below 128)", "against": a.against, "threads": a.threads,
+                        "below 128)", "against": a.against, "threads": a.threads, "device": a.device,
+              "dtype": a.dtype,
               "machine": machine_info(ROOT, a.threads), "rows": rows, "growth": growth}
     a.out.mkdir(parents=True, exist_ok=True)
     suffix = "-quick" if a.quick else ""
@@ -157,7 +162,7 @@ def render(before: dict | None, after: dict, plot_name: str) -> str:
     lines = ["# Cloud step time vs context length", "",
              f"`python -m bench.engine_context`: one step of one new sentence per session on top of P cached ones, "
              f"through the cloud engine in one process (no gRPC), models/default's grafted OPT (4 layers, d=256), "
-             f"fp32, {after['threads']} torch threads; {m['cpu']}, {m['cores']} cores, commit {m['git_commit']}, "
+             f"{after.get('device', 'cpu')}, {after.get('dtype', 'float32')}, {after['threads']} torch threads; {m['cpu']}, {m['cores']} cores, commit {m['git_commit']}, "
              f"{m['date_utc']} UTC. ms per step, median (min-max) over the repeats.", "",
              "Before: the engine of commit 1489627 (each step copied every session's cache into one padded tensor "
              "for Hugging Face's layers and grew each cache with torch.cat), measured by the same procedure on the "

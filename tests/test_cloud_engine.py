@@ -125,3 +125,29 @@ def test_an_overflow_in_a_padded_batch_leaves_nothing_for_the_next(model, backen
         assert outs[0].finite and outs[1].finite
         np.testing.assert_allclose(outs[0].hidden, reference_outputs(model, seq[:t + 1])[0][-1], atol=1e-5, rtol=0)
         np.testing.assert_allclose(outs[1].hidden, reference_outputs(model, seq[:1])[0][-1], atol=1e-5, rtol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (scripts/gpu_check.sh runs it)")
+@pytest.mark.parametrize("dtype,atol", [("float32", 1e-3), ("bfloat16", 0.15)])
+def test_cuda_engine_equals_the_cpu_reference(dtype, atol):
+    """The engine on a GPU (torch for every pass): prefills and single steps of sessions at different
+    lengths, batched, against the full forward on the CPU; the stop flag agrees away from ties."""
+    model = random_grafted_opt(d=64, layers=2, heads=4, max_sentences=64)
+    engine = Engine(random_grafted_opt(d=64, layers=2, heads=4, max_sentences=64), "cuda", dtype)
+    engine.model.load_state_dict(model.state_dict())
+    assert engine.onnx is None
+    rng = np.random.default_rng(5)
+    seqs = [rng.standard_normal((n, 64)).astype(np.float32) for n in (9, 4, 14)]
+    slots = [engine.new_slot() for _ in seqs]
+    chunks = [[3, 1, 1, 4], [1, 2, 1], [5, 1, 1, 1, 6]]
+    for r in range(max(map(len, chunks))):
+        active = [i for i in range(3) if r < len(chunks[i])]
+        news = [seqs[i][slots[i].length:slots[i].length + chunks[i][r]] for i in active]
+        outs = engine.forward([slots[i] for i in active], news)
+        for i, new, out in zip(active, news, outs):
+            slots[i].length += len(new)
+            h_ref, p_ref, _ = (x[slots[i].length - 1] for x in reference_outputs(model, seqs[i]))
+            assert out.finite
+            np.testing.assert_allclose(out.hidden, h_ref, atol=atol * max(1.0, float(np.abs(h_ref).max())), rtol=0)
+            if abs(p_ref - 0.5) > 0.05:
+                assert out.stop == (p_ref > 0.5)
