@@ -246,6 +246,11 @@ def token_margins(runtime, hidden: np.ndarray, options: AnswerOptions, answer: l
     return seen
 
 
+def _parting(a: list[int], b: list[int]) -> int | None:
+    """The first position where two token lists differ (None: one is a prefix of the other)."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+
+
 def diagnose(runtime, got: Conversation, ref: Conversation, turn: int, options: AnswerOptions) -> dict:
     """Why turn `turn` differs from the reference: the first sentence that differs, how far apart the h_t it
     was decoded from are, and how close the decision that flipped was in the reference (a token's logit
@@ -269,11 +274,11 @@ def diagnose(runtime, got: Conversation, ref: Conversation, turn: int, options: 
         # a token flipped: the reference's scores at the first token where the two sentences part
         mine = (g.sentences[k] if k < len(g.sentences) else []) + [runtime.spec.eos_id]
         theirs = (r.sentences[k] if k < len(r.sentences) else []) + [runtime.spec.eos_id]
-        j = next((i for i, (a, b) in enumerate(zip(mine, theirs)) if a != b), None)
-        seen = token_margins(runtime, r.hidden[k], options.for_sentence(k), r.sentences[:k])
-        ours = [t for t, _ in seen]
+        j = _parting(mine, theirs)
         if j is None:
             return {**out, "kind": "unexplained", "why": "the two sentences do not part"}
+        seen = token_margins(runtime, r.hidden[k], options.for_sentence(k), r.sentences[:k])
+        ours = [t for t, _ in seen]
         if ours[:j + 1] == theirs[:j + 1]:
             out["tokens"] = [runtime.detokenize([t]) for t in (mine[j], theirs[j])]
             out["margin"] = margin = float(seen[j][1][theirs[j]] - seen[j][1][mine[j]])
@@ -281,8 +286,8 @@ def diagnose(runtime, got: Conversation, ref: Conversation, turn: int, options: 
             # the per-token graph decodes the reference's own h_t to another sentence: the edge's sentence
             # graph (a Loop of the same step, rounded differently) chose at a tie there if the per-token
             # scores of the two tokens where they part are that close
-            i = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
-            if i >= min(len(ours), len(theirs)):
+            i = _parting(ours, theirs)
+            if i is None:
                 return {**out, "kind": "unexplained", "why": "the reference's h_t does not decode to its sentence"}
             out["why"] = "the per-token and whole-sentence graphs part at a tie in the reference's own decode"
             out["tokens"] = [runtime.detokenize([t]) for t in (ours[i], theirs[i])]
