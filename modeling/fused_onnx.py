@@ -504,6 +504,7 @@ def cloud_graph(model) -> onnx.ModelProto:
         raise ValueError("only pre-LN OPT with a final LayerNorm can be restated")
     layers = list(model.layers)
     H, d, L = model.heads, model.hidden_size, len(layers)
+    hd = d // H
     b = Builder("c_")
     pos = b.op("Gather", [b.weight("pos_emb", _np(model.embed_positions.weight)),
                           b.op("Add", ["positions", b.const(2)])])  # [B, T, d]: OPT's learned positions start at 2
@@ -515,7 +516,7 @@ def cloud_graph(model) -> onnx.ModelProto:
                  b.weight("stop_b", _np(model.stop_head.bias))], outputs=["stop_logits"])
     _stack_presents(b, presents, "present_kv")
     return _model(b, [_vi("vectors", TP.FLOAT, ["batch", "step", d]), _vi("positions", TP.INT64, ["batch", "step"]),
-                      _vi("past_kv", TP.FLOAT, [L, 2, "batch", H, "past", hd := d // H]),
+                      _vi("past_kv", TP.FLOAT, [L, 2, "batch", H, "past", hd]),
                       _vi("mask", TP.INT32, ["batch", "total"])],
                   [_vi("hidden", TP.FLOAT, ["batch", "step", d]), _vi("stop_logits", TP.FLOAT, ["batch", "step", 2]),
                    _vi("present_kv", TP.FLOAT, [L, 2, "batch", H, "total", hd])], "grafted_opt_step")
