@@ -13,6 +13,9 @@ each; a step = the time from one answer sentence to the next. Its neighbours, fo
   accept_all  accepts every guess with no cap and a stop threshold of 1, in a new conversation each time
               the cloud declines to guess further.
 Rounds interleave (alone, beside each kind), so a drifting background load hits all arms alike.
+The server requires bearer tokens, as a server others can reach does: the honest client holds one and the
+four neighbours share another (one tenant, or one attacker with four connections), so the server's fair
+shares of guessing time (cloud.guess_shares, per credential) apply as they would in service.
 
 The neighbours run in a second process (this module with --neighbours-of), as attackers run on their own
 machines: only the server's work for their requests may reach the honest client, not their GIL or their
@@ -36,6 +39,7 @@ import argparse
 import json
 import os
 import queue
+import secrets
 import statistics
 import subprocess
 import sys
@@ -48,7 +52,7 @@ from sllm.edge.api import AnswerOptions
 from sllm.protos.client import CloudClient
 from sllm.protos.v1 import sllm_pb2 as pb
 from sllm.runtime.procs import with_parent_death_signal
-from sllm.runtime.server_process import ServerProcess
+from sllm.runtime.server_process import TOKEN_ENV, ServerProcess
 
 N = 8  # sentences the cloud may run ahead of each client
 NEIGHBOURS = 4
@@ -81,7 +85,7 @@ def material(rt, count: int) -> tuple[list[str], object]:
 
 # ---------------------------------------------------------------- the clients
 
-def honest(address: str, rt, texts: list[str], steps: list[float], stop: threading.Event | None = None,
+def honest(address: str, token: str, rt, texts: list[str], steps: list[float], stop: threading.Event | None = None,
            out: dict | None = None, ready: threading.Event | None = None, waits: list[float] | None = None) -> None:
     """An honest speculating edge: appends the seconds between its answer sentences to `steps`, and to `waits`
     the seconds of each that it waited for the cloud (the step that made the sentence's h_t: a reply, or a
@@ -90,7 +94,7 @@ def honest(address: str, rt, texts: list[str], steps: list[float], stop: threadi
     from sllm import edge
 
     out = {} if out is None else out
-    with edge.connect(address, rt, speculate=N, options=AnswerOptions()) as chat:
+    with edge.connect(address, rt, token=token, speculate=N, options=AnswerOptions()) as chat:
         while True:
             for text in texts:
                 t0 = time.perf_counter()
@@ -110,10 +114,10 @@ def honest(address: str, rt, texts: list[str], steps: list[float], stop: threadi
                 return
 
 
-def rewinder(address: str, rt, prompt, stop: threading.Event, out: dict, ready: threading.Event) -> None:
+def rewinder(address: str, token: str, rt, prompt, stop: threading.Event, out: dict, ready: threading.Event) -> None:
     """Lets the cloud guess N sentences, then rewinds to the prompt's end, until `stop` (out: messages)."""
     p, decoding = len(prompt), pb.Decoding(guess=True, stop_threshold=1.0)
-    with CloudClient(address) as c:
+    with CloudClient(address, token) as c:
         conv = c.conversation(rt.model_id, rt.d_model, speculate=N, step_timeout=60)
         base = conv.append(prompt, position=0, decoding=decoding).past_length
         out["messages"] = 1
@@ -128,11 +132,11 @@ def rewinder(address: str, rt, prompt, stop: threading.Event, out: dict, ready: 
         conv.close()
 
 
-def accept_all(address: str, rt, prompt, stop: threading.Event, out: dict, ready: threading.Event) -> None:
+def accept_all(address: str, token: str, rt, prompt, stop: threading.Event, out: dict, ready: threading.Event) -> None:
     """Accepts every guess, no cap, stop threshold 1; once the cloud declines, the same again in a new
     conversation, until `stop` (out: messages, sentences = guesses accepted)."""
     p = len(prompt)
-    with CloudClient(address) as c:
+    with CloudClient(address, token) as c:
         while not stop.is_set():
             conv = c.conversation(rt.model_id, rt.d_model, speculate=16, step_timeout=60)
             conv.append(prompt, position=0, decoding=pb.Decoding(guess=True, stop_threshold=1.0))
@@ -226,6 +230,7 @@ def serve_neighbours(address: str, model: Path, cpus: set[int] | None, count: in
         pin(os.getpid(), cpus)
     rt = EdgeRuntime.load(model / "edge", device="cpu", threads=threads)
     texts, attack_prompt = material(rt, count)
+    token = os.environ[TOKEN_ENV]  # the neighbours' one credential (never on a command line)
     if cpus:
         pin(os.getpid(), cpus)  # ORT's pool threads, started by the load
 
@@ -241,11 +246,11 @@ def serve_neighbours(address: str, model: Path, cpus: set[int] | None, count: in
             kind, stop, outs = command["start"], threading.Event(), [{} for _ in range(NEIGHBOURS)]
             readies = [threading.Event() for _ in range(NEIGHBOURS)]
             if kind == "honest":
-                args = [(honest, o, address, rt, texts[i % len(texts):] + texts[:i % len(texts)], [], stop, o, r)
+                args = [(honest, o, address, token, rt, texts[i % len(texts):] + texts[:i % len(texts)], [], stop, o, r)
                         for i, (o, r) in enumerate(zip(outs, readies))]
             else:
                 client = {"rewinder": rewinder, "accept_all": accept_all}[kind]
-                args = [(client, o, address, rt, attack_prompt, stop, o, r) for o, r in zip(outs, readies)]
+                args = [(client, o, address, token, rt, attack_prompt, stop, o, r) for o, r in zip(outs, readies)]
             threads_ = [threading.Thread(target=guarded, args=a, daemon=True) for a in args]
             t0 = time.perf_counter()
             for t in threads_:
@@ -267,13 +272,14 @@ def serve_neighbours(address: str, model: Path, cpus: set[int] | None, count: in
 class Neighbours:
     """The neighbours' process (this module with --neighbours-of), driven over its stdin and stdout."""
 
-    def __init__(self, address: str, model: Path, cpus: set[int] | None, count: int, threads: int):
+    def __init__(self, address: str, token: str, model: Path, cpus: set[int] | None, count: int, threads: int):
         command = [sys.executable, "-m", "bench.speculation_fairness", "--neighbours-of", address,
                    "--model", str(model), "--prompts", str(count), "--edge-threads", str(threads)]
         if cpus:
             command += ["--cpus", _cpus(cpus)]
         self.proc = subprocess.Popen(with_parent_death_signal(command), stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, text=True, bufsize=1, cwd=ROOT)
+                                     stdout=subprocess.PIPE, text=True, bufsize=1, cwd=ROOT,
+                                     env={**os.environ, TOKEN_ENV: token})
         self.replies: queue.Queue = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
         try:
@@ -340,8 +346,8 @@ def counters(stats_client: CloudClient) -> dict[str, int]:
     return {k: getattr(st, k) for k in COUNTERS}
 
 
-def measure_arm(arm: str, address: str, rt, texts: list[str], server_pid: int, stats_client: CloudClient,
-                neighbours: Neighbours) -> dict:
+def measure_arm(arm: str, address: str, token: str, rt, texts: list[str], server_pid: int,
+                stats_client: CloudClient, neighbours: Neighbours) -> dict:
     """One arm of one round: the honest client's steps, the server's CPU and counters over it, the
     neighbours' counts."""
     if arm != "alone":
@@ -352,7 +358,7 @@ def measure_arm(arm: str, address: str, rt, texts: list[str], server_pid: int, s
     steps: list[float] = []
     waits: list[float] = []
     try:
-        honest(address, rt, texts, steps, waits=waits)
+        honest(address, token, rt, texts, steps, waits=waits)
     finally:
         wall, cpu1, mine1 = time.perf_counter() - t0, cpu_seconds(server_pid), cpu_seconds(os.getpid())
         c1 = counters(stats_client)
@@ -508,8 +514,10 @@ def main(argv: list[str] | None = None) -> dict | None:
     server_threads = args.threads or (len(ours) if ours else 0)
     rt = EdgeRuntime.load(args.model / "edge", device="cpu", threads=len(ours) if ours else 0)
     texts, _ = material(rt, args.prompts)
+    mine, theirs_token = secrets.token_hex(16), secrets.token_hex(16)
     server = ServerProcess.serve(args.model / "cloud", "--speculate-max", "16", "--speculate-answer-max", "16",
-                                 "--grace", "1", "--device", "cpu", threads=server_threads, tokens=[],
+                                 "--grace", "1", "--device", "cpu", threads=server_threads,
+                                 tokens=[mine, theirs_token],
                                  stop_timeout=30.0, name=f"the server of {args.model}")
     records: list[dict] = []
     by_kind: dict[str, dict] = {}
@@ -519,17 +527,19 @@ def main(argv: list[str] | None = None) -> dict | None:
     neighbours = None
     try:
         server.start()
-        neighbours = Neighbours(server.address, args.model, theirs, args.prompts, len(theirs) if theirs else 0)
-        honest(server.address, rt, texts[:1], [])  # warm-up: sessions, ORT, the model thread
+        neighbours = Neighbours(server.address, theirs_token, args.model, theirs, args.prompts,
+                                len(theirs) if theirs else 0)
+        honest(server.address, mine, rt, texts[:1], [])  # warm-up: sessions, ORT, the model thread
         if ours:
             pin(os.getpid(), ours)  # threads ORT and gRPC started before, whatever CPUs they took
             pin(server.pid, ours)
         pids = (os.getpid(), server.pid, neighbours.pid)
-        with CloudClient(server.address) as stats_client, LoadMonitor() as load:
+        with CloudClient(server.address, mine) as stats_client, LoadMonitor() as load:
             outside0 = outside_sample(pids)
             for r in range(args.rounds):
                 for arm in ARMS:
-                    records.append(measure_arm(arm, server.address, rt, texts, server.pid, stats_client, neighbours))
+                    records.append(measure_arm(arm, server.address, mine, rt, texts, server.pid, stats_client,
+                                               neighbours))
                 medians = {arm: spread([x for rec in records if rec["arm"] == arm for x in rec["steps"]])
                            for arm in ARMS}
                 print(f"  round {r + 1}/{args.rounds}: " + ", ".join(

@@ -13,9 +13,11 @@ Speculation (issue 17): `speculate(session)` queues a SpecJob for a session that
 (its stream asked, fewer than N unconfirmed sentences, stop flag off, room left). The batcher decodes
 the h_t of all pending SpecJobs in one greedy batch with the edge bundle's ONNX graphs (`GuessCodec`:
 the sentences the edge decodes, token for token), re-encodes the sentences in one encoder call, and
-runs them in one forward pass after the edges' own steps; a kept result goes to the session's stream
-(`Session.on_speculative`) and queues the next. So N speculating sessions cost batched passes, not N
-serial ones. A session that may not speculate now gets a "declined" notice once per position, so its
+runs them in one forward pass; a kept result goes to the session's stream (`Session.on_speculative`) and
+queues the next. So N speculating sessions cost batched passes, not N serial ones. Guessing is the
+cloud's own initiative, so it comes last and is shared: the edges' own steps run first, also between
+the tokens of a guessing pass, and a pass takes the guesses of the callers that have had the least
+guessing time (`GuessShares`), yielding to one that falls a quantum behind. A session that may not speculate now gets a "declined" notice once per position, so its
 edge never waits for a guess that will not come.
 
 If the thread dies (an exception outside the per-job handling) or the device reports an error
@@ -38,6 +40,7 @@ import torch
 
 from sllm.cloud.engine import Engine, StepOutput, stop_flag, stop_probability
 from sllm.cloud.errors import ServiceError, invalid
+from sllm.cloud.guess_shares import GuessShares
 from sllm.cloud.guesses import GuessCodec
 from sllm.cloud.jsonlog import log
 from sllm.cloud.metrics import Metrics
@@ -124,7 +127,9 @@ class Batcher:
         self.stopping = False
         self.dead = False  # the thread died or the device failed for good: no job will run again
         self.on_death = on_death
-        self.running: list[Job] = []  # the jobs of the forward pass in progress
+        self.running: list[Job] = []  # the jobs taken from the queue and not finished (failed if the thread dies)
+        self.guesses: list[SpecJob] = []  # guesses taken from the queue, waiting for a guessing pass
+        self.shares = GuessShares()  # whose guesses run first
         self.thread = threading.Thread(target=self._main, name="sllm-batcher", daemon=True)
 
     def start(self) -> None:
@@ -157,16 +162,19 @@ class Batcher:
         if self.thread.is_alive():
             self.thread.join(timeout)
         with self.cond:
-            while self.queue:
-                self.queue.popleft().finish(error=shutting_down())
+            waiting, self.guesses = list(self.queue) + self.guesses, []
+            self.queue.clear()
+        for j in waiting:
+            j.finish(error=shutting_down())
 
-    def _take(self) -> list[Job] | None:
+    def _take(self, wait: bool = True) -> list[Job] | None:
+        """The queued jobs (up to max_batch); with `wait`, blocks until there is one. None: stopping."""
         with self.cond:
-            while not self.queue and not self.stopping:
+            while wait and not self.queue and not self.stopping:
                 self.cond.wait()
             if self.stopping:
                 return None
-            if self.batch_wait_s and len(self.queue) < self.max_batch:
+            if wait and self.batch_wait_s and len(self.queue) < self.max_batch:
                 deadline = time.monotonic() + self.batch_wait_s
                 while len(self.queue) < self.max_batch and not self.stopping:
                     left = deadline - time.monotonic()
@@ -174,7 +182,9 @@ class Batcher:
                         break
                     self.cond.wait(left)
             n = min(self.max_batch, len(self.queue))
-            return [self.queue.popleft() for _ in range(n)]
+            jobs = [self.queue.popleft() for _ in range(n)]
+            self.running.extend(jobs)
+            return jobs
 
     def _main(self) -> None:
         try:
@@ -189,9 +199,9 @@ class Batcher:
     def _die(self) -> None:
         with self.cond:
             self.dead = True
-            jobs = list(self.queue) + self.running
+            jobs = list(self.queue) + self.running + self.guesses
             self.queue.clear()
-            self.running = []
+            self.running, self.guesses = [], []
         for j in jobs:
             j.finish(error=dead_error())
         if self.on_death is not None:
@@ -199,33 +209,32 @@ class Batcher:
 
     def _loop(self) -> None:
         while not self.dead:
-            jobs = self._take()
+            jobs = self._take(wait=not self.guesses)
             if jobs is None:
                 return
-            with self.cond:
-                self.running = jobs
-            live = []
-            for j in jobs:
-                if j.cancelled:
-                    j.finish(error=ServiceError(pb.STREAM_ENDED, "the stream ended"))
-                else:
-                    live.append(j)
-            # the edges' own steps first, in passes of their own: a guess (a SentenceVAE decode, the costly
-            # part) never delays a step a client waits for by more than the guessing pass already running
-            steps = [j for j in live if not isinstance(j, SpecJob) and len(j.vectors) == 1]
-            prefills = [j for j in live if not isinstance(j, SpecJob) and len(j.vectors) > 1]
-            for group in (steps, prefills):
-                if group and not self.dead:
-                    self._run(group)
-            specs = [j for j in live if isinstance(j, SpecJob)]
-            if specs and not self.dead:
-                specs = self._prepare_speculation(specs)
-                if specs:
-                    self._run(specs)
+            self._serve(jobs)
+            if self.guesses and not self.queue and not self.dead:
+                self._guess_pass(yields=True)
             if self.dead:
                 return  # _die fails what is still running
             with self.cond:
                 self.running = []
+
+    def _serve(self, jobs: list[Job]) -> None:
+        """Run the edges' own steps of `jobs` now, single-sentence steps and prefills in passes of their
+        own; their guesses wait in `guesses` for a guessing pass."""
+        live = []
+        for j in jobs:
+            if j.cancelled:
+                j.finish(error=ServiceError(pb.STREAM_ENDED, "the stream ended"))
+            else:
+                live.append(j)
+        steps = [j for j in live if not isinstance(j, SpecJob) and len(j.vectors) == 1]
+        prefills = [j for j in live if not isinstance(j, SpecJob) and len(j.vectors) > 1]
+        for group in (steps, prefills):
+            if group and not self.dead:
+                self._run(group)
+        self.guesses.extend(j for j in live if isinstance(j, SpecJob))
 
     # -- speculation ---------------------------------------------------------------------------
     def speculate(self, s: Session) -> None:
@@ -260,8 +269,45 @@ class Batcher:
             if job.error is not None:  # refused (stopping, dead): give the room back
                 store.commit_speculative(s, job.epoch, None, None)
 
-    def _prepare_speculation(self, jobs: list[SpecJob]) -> list[SpecJob]:
-        """Decode the pending guesses in one batch and re-encode them; the jobs left to step."""
+    def _guess_pass(self, yields: bool) -> None:
+        """One guessing pass: the waiting guesses of the least-served owners (`GuessShares`) decoded as one
+        batch, re-encoded and stepped. With `yields`, between its tokens the pass serves the edges' steps
+        that came in, and the guesses of an owner that has fallen a quantum behind it (a pass of their own
+        that does not yield): a step waits for one token of guessing, a light caller's guess for about a
+        quantum, however long the batch in progress."""
+        shares = self.shares
+        leaders = shares.leaders({j.session.owner for j in self.guesses})
+        jobs = [j for j in self.guesses if j.session.owner in leaders][:self.max_batch]
+        self.guesses = [j for j in self.guesses if j not in jobs]
+        start, t0, yielded = shares.begin(leaders), time.perf_counter(), [0.0]
+
+        def behind(elapsed: float) -> bool:  # has a waiting caller outside this pass fallen a quantum behind it?
+            return any(j.session.owner not in leaders and shares.behind(j.session.owner, start, elapsed)
+                       for j in self.guesses)
+
+        def between() -> None:  # after each token of this pass
+            if not self.queue and not behind(time.perf_counter() - t0 - yielded[0]):
+                return
+            t = time.perf_counter()
+            jobs = self._take(wait=False)
+            if jobs:
+                self._serve(jobs)
+            if behind(t - t0 - yielded[0]) and not self.dead:
+                self._guess_pass(yields=False)
+            yielded[0] += time.perf_counter() - t
+
+        specs = self._prepare_speculation(jobs, between if yields else None)
+        specs = [j for j in specs if self._current(j)]  # a step served between tokens may have rolled it back
+        if specs and not self.dead:
+            self._run(specs)
+        tokens: dict[str, int] = {}
+        for j in jobs:
+            tokens[j.session.owner] = tokens.get(j.session.owner, 0) + j.tokens
+        shares.charge(tokens, time.perf_counter() - t0 - yielded[0])
+
+    def _prepare_speculation(self, jobs: list[SpecJob], between=None) -> list[SpecJob]:
+        """Decode the pending guesses in one batch (`between` runs between its tokens) and re-encode them;
+        the jobs left to step."""
         jobs = [j for j in jobs if self._current(j)]
         if not jobs:
             return []
@@ -270,7 +316,7 @@ class Batcher:
         # decodes what the edge decodes
         hidden = np.stack([np.asarray(j.hidden, j.session.spec_dtype).astype(np.float32) for j in jobs])
         try:
-            tokens = codec.decode(hidden, [j.controls for j in jobs], [j.history for j in jobs])
+            tokens = codec.decode(hidden, [j.controls for j in jobs], [j.history for j in jobs], between)
             ready = [(j, t) for j, t in zip(jobs, tokens) if t]
             vectors = codec.encode([t for _, t in ready]) if ready else None
         except Exception:  # noqa: BLE001 - speculation is optional: its failure declines, nothing else

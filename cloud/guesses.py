@@ -15,7 +15,7 @@ are small, and the edge's CPU build is what the guesses must equal).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -56,10 +56,12 @@ class GuessCodec:
         return cls(bundle)
 
     def decode(self, hidden: np.ndarray, controls: Sequence[AnswerOptions | None] | None = None,
-               histories: Sequence[Sequence[Sequence[int]]] | None = None) -> list[list[int]]:
+               histories: Sequence[Sequence[Sequence[int]]] | None = None,
+               between: Callable[[], None] | None = None) -> list[list[int]]:
         """h_t [B, d] -> one greedy token list per row (empty: eos straight away). controls[i]: how the edge
         decodes row i's answer (its repetition controls and token limit; None: plain greedy at the bundle's
-        limit), applied over histories[i] (the answer's earlier sentences) exactly as the edge applies them."""
+        limit), applied over histories[i] (the answer's earlier sentences) exactly as the edge applies them.
+        between(): called between the tokens of a batch (`decode_loop`; one row is a single call)."""
         memory = np.asarray(hidden, dtype=np.float32)
         if memory.ndim != 2 or memory.shape[1] != self.d:
             raise ValueError(f"h_t must be [batch, {self.d}], got shape {memory.shape}")
@@ -72,7 +74,8 @@ class GuessCodec:
             return decode_vectors(self.bundle.decoder, memory, self.spec, options[0], limits[0], answers[0],
                                   self.bundle.sentence)
         return decode_loop(self.bundle.decoder, memory, self.spec, Picker.rows(options, answers, self.spec.eos_id,
-                                                                                limits), max(limits, default=0))
+                                                                                limits), max(limits, default=0),
+                           between)
 
     def encode(self, token_lists: list[list[int]]) -> np.ndarray:
         """Non-empty token lists -> sentence vectors [B, d] float32 (encoder.onnx, as the edge encodes)."""

@@ -24,7 +24,7 @@ size (the binding calls cost more than the copies they save: bench/edge_decoder.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 
@@ -129,13 +129,14 @@ def greedy_decode(session: onnxruntime.InferenceSession, memory: np.ndarray, spe
 
 
 def decode_loop(session: onnxruntime.InferenceSession, memory: np.ndarray, spec: DecoderSpec, pick,
-                max_tokens: int | None = None) -> list[list[int]]:
+                max_tokens: int | None = None, between: Callable[[], None] | None = None) -> list[list[int]]:
     """Decode sentence vectors memory [B, d] with decoder.onnx and its KV cache.
 
     The same loop as the torch `decode_sentences`: one token list per row without bos
     and eos; a row stops at eos or after min(max_tokens, max_sentence_tokens) tokens;
     finished rows leave the batch. `pick(logits [A, V]) -> ids [A]` chooses each next token
-    (argmax, or the edge's sampling: one draw per live row per step).
+    (argmax, or the edge's sampling: one draw per live row per step). `between()`, when given, runs
+    after each token step that leaves rows to decode (the cloud's model thread serves waiting work there).
     """
     memory = np.asarray(memory, dtype=np.float32)
     if memory.ndim != 2:
@@ -165,6 +166,8 @@ def decode_loop(session: onnxruntime.InferenceSession, memory: np.ndarray, spec:
             rows, memory, nxt = rows[live], memory[live], nxt[live]
             steps.keep(live, memory=memory)
         step_in = nxt[:, None].astype(np.int64)
+        if between is not None:
+            between()
     return out
 
 
