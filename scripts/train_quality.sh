@@ -12,6 +12,8 @@
 # epoch on the evaluation corpus) on the held-out register, split 98/2 (heldout-data):
 #   sllm-heldout        stage 2 grafted on the pretrained OPT, SentenceVAE from svae-init, ~1 epoch of it
 #   baseline-heldout    the pretrained OPT trained the same ~1 epoch on it (the third row)
+# Order: baseline-pretrain, export, svae-init, sllm-pretrained, baseline-continued, the two held-out runs,
+# then svae-scratch and sllm-scratch (the longest, last).
 #
 # Hours on 2 CPU cores. Idempotent: a finished run is skipped, an unfinished one resumes exactly from
 # its last checkpoint, so after a kill (SIGTERM to the training process saves first) run it again.
@@ -56,15 +58,17 @@ fi
 train svae svae-init "${SVAE[@]}" init.embeddings_from="$HF"
 train sllm sllm-pretrained opt.pretrained="$HF" sllm.svae_checkpoint="$OUT/svae-init" "${STAGE2[@]}"
 train baseline baseline-continued opt.pretrained="$HF" "${OPT[@]}"
-train svae svae-scratch "${SVAE[@]}"
-train sllm sllm-scratch sllm.svae_checkpoint="$OUT/svae-scratch" "${OPT[@]}"
-
 # the paper's protocol: the held-out register as a training corpus of its own (same tokenizer and settings)
 [ -f "$OUT/heldout-data/manifest.json" ] || sllm-train prepare data/heldout --out "$OUT/heldout-data" \
   --config "$CFG/baseline-pretrain.json" --tokenizer "$OUT/data" "${PREPARE[@]}"
 HELDOUT_DATA=(data.dataset="$OUT/heldout-data")
 train sllm sllm-heldout opt.pretrained="$HF" sllm.svae_checkpoint="$OUT/svae-init" "${STAGE2[@]}" "${HELDOUT_DATA[@]}"
 train baseline baseline-heldout opt.pretrained="$HF" "${OPT[@]}" "${HELDOUT_DATA[@]}"
+
+# from scratch last: the longest runs (svae-scratch ~3 h on 2 cores)
+train svae svae-scratch "${SVAE[@]}"
+train sllm sllm-scratch sllm.svae_checkpoint="$OUT/svae-scratch" "${OPT[@]}"
+
 
 # protocol (a), equal total tokens: both SLLMs against the continued baseline, and the recipe's SLLM
 # against the OPT it started from (the paper's baseline, evaluated as is)
