@@ -213,7 +213,9 @@ class Batcher:
             if jobs is None:
                 return
             self._serve(jobs)
-            if self.guesses and not self.queue and not self.dead:
+            # one guessing pass per round even when steps keep coming (they run between its tokens):
+            # a speculating edge waits for its guess, so guesses must never starve
+            if self.guesses and not self.dead:
                 self._guess_pass(yields=True)
             if self.dead:
                 return  # _die fails what is still running

@@ -123,3 +123,43 @@ def test_steps_and_a_light_callers_guess_run_between_the_tokens_of_a_heavy_batch
     assert (owners[0] == "light") == light_guess_first
     for s in heavy + [light_stepper, light_guesser]:
         srv.store.free(s, "test")
+
+
+def test_guesses_never_starve_while_steps_keep_coming(server):
+    """A speculating edge waits for its guess, so a round of the model thread runs a guessing pass even when
+    new steps have come in meanwhile (they are served between its tokens)."""
+    srv, batcher = server, server.batcher
+    batcher.shares = GuessShares()
+    rng = np.random.default_rng(1)
+    d = srv.engine.d
+    landed = []
+
+    def guess_landed(epoch, past_length, out, assumed):
+        landed.append(out is not None)
+        batcher.stopping = True  # the loop ends at its next take
+
+    guesser = _session(srv, "a", rng.standard_normal((2, d)).astype(np.float32), 8, guess_landed)
+    stepper = _session(srv, "b", rng.standard_normal((2, d)).astype(np.float32), 0, None)
+    batcher.speculate(guesser)
+    arrivals, serve = [], batcher._serve
+
+    def serve_while_steps_arrive(jobs):
+        serve(jobs)
+        if len(arrivals) < 20 and not batcher.stopping:  # another step comes in during every round
+            with srv.store.lock:
+                srv.store.reserve(stepper, 1)
+            arrivals.append(Job(stepper, rng.standard_normal((1, d)).astype(np.float32), start=stepper.length))
+            batcher.submit(arrivals[-1])
+
+    batcher._serve = serve_while_steps_arrive
+    try:
+        batcher._loop()  # returns once the guess has landed (stopping)
+    finally:
+        del batcher._serve
+        batcher.stopping = False
+        batcher.queue.clear()
+        batcher.guesses = []
+        for s in (guesser, stepper):
+            srv.store.free(s, "test")
+    assert landed == [True]
+    assert len(arrivals) == 1  # the guess ran in the first round, not after the steps stopped coming
