@@ -305,7 +305,8 @@ class Batcher:
         tokens: dict[str, int] = {}
         for j in jobs:
             tokens[j.session.owner] = tokens.get(j.session.owner, 0) + j.tokens
-        shares.charge(tokens, time.perf_counter() - t0 - yielded[0])
+        if tokens:
+            self.store.count_guessing(shares.charge(tokens, time.perf_counter() - t0 - yielded[0]))
 
     def _prepare_speculation(self, jobs: list[SpecJob], between=None) -> list[SpecJob]:
         """Decode the pending guesses in one batch (`between` runs between its tokens) and re-encode them;

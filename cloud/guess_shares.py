@@ -50,11 +50,14 @@ class GuessShares:
         `elapsed_s` (its own time, not the work it yielded to)?"""
         return self.rank(owner) + self.quantum_s < start + elapsed_s
 
-    def charge(self, tokens_by_owner: dict[str, int], seconds: float) -> None:
-        """A batch ended: `seconds` of guessing split over its owners by the tokens each decoded."""
+    def charge(self, tokens_by_owner: dict[str, int], seconds: float) -> dict[str, float]:
+        """A batch ended: `seconds` of guessing split over its owners by the tokens each decoded; the
+        seconds charged to each."""
         total = sum(tokens_by_owner.values())
-        for owner, tokens in tokens_by_owner.items():
-            share = seconds * (tokens / total if total else 1 / len(tokens_by_owner))
+        shares = {owner: seconds * (tokens / total if total else 1 / len(tokens_by_owner))
+                  for owner, tokens in tokens_by_owner.items()}
+        for owner, share in shares.items():
             self.clock[owner] = self.rank(owner) + share
         # owners at or below the floor would restart there anyway: forget them (bounded memory)
         self.clock = {o: c for o, c in self.clock.items() if c > self.floor}
+        return shares

@@ -116,7 +116,8 @@ def prometheus_text(stats: dict, prefix: str = "sllm_cloud_") -> str:
     owners = stats.get("by_owner", {})  # per caller, under a keyed hash of its token or certificate
     for key, kind, help_ in (("sessions", "gauge", "sessions held by one caller"),
                              ("kv_bytes", "gauge", "KV cache bytes held by one caller"),
-                             ("quota_refused_total", "counter", "requests refused for one caller's quota")):
+                             ("quota_refused_total", "counter", "requests refused for one caller's quota"),
+                             ("guess_seconds_total", "counter", "model-thread seconds spent guessing for one caller")):
         lines += [f"# HELP {prefix}owner_{key} {help_}", f"# TYPE {prefix}owner_{key} {kind}"]
         for tag, usage in sorted(owners.items()):
             lines.append(f'{prefix}owner_{key}{{owner="{tag}"}} {_num(usage[key])}')

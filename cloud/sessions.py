@@ -120,6 +120,7 @@ class OwnerUsage:
     sessions: int = 0
     sentences: int = 0  # held + reserved, for its KV quota
     refused_total: int = 0  # requests refused for its quota
+    guess_seconds: float = 0.0  # model-thread time spent guessing for it (cloud.guess_shares)
 
 
 class SessionStore:
@@ -462,10 +463,18 @@ class SessionStore:
                     "kv_bytes": sum(s.kv_bytes for s in held), "kv_budget_bytes": self.kv_budget_bytes}
 
     def owner_stats(self, tag: Callable[[str], str]) -> dict[str, dict]:
-        """Per owner (under `tag`, a keyed hash: never the owner key itself): sessions, KV bytes, refusals."""
+        """Per owner (under `tag`, a keyed hash: never the owner key itself): sessions, KV bytes, refusals,
+        guessing time."""
         with self.lock:
             return {tag(o): {"sessions": u.sessions, "kv_bytes": u.sentences * self.per_sentence,
-                             "quota_refused_total": u.refused_total} for o, u in self.owners.items()}
+                             "quota_refused_total": u.refused_total, "guess_seconds_total": u.guess_seconds}
+                    for o, u in self.owners.items()}
+
+    def count_guessing(self, seconds_by_owner: dict[str, float]) -> None:
+        """Model-thread seconds just spent guessing for each owner (its metric)."""
+        with self.lock:
+            for owner, seconds in seconds_by_owner.items():
+                self._usage(owner).guess_seconds += seconds
 
     def speculation_stats(self) -> dict:
         with self.lock:

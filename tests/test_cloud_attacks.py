@@ -176,7 +176,8 @@ def test_one_token_at_its_quota_cannot_keep_another_out(cloud_bundle):
             assert sorted(u["quota_refused_total"] for u in by_owner.values()) == [0, 2]
             assert all(len(tag) == 12 and TOKENS[0] not in tag for tag in by_owner)
             text = prometheus_text(srv.service.stats())
-            assert all(f'sllm_cloud_owner_quota_refused_total{{owner="{tag}"}}' in text for tag in by_owner)
+            assert all(f'sllm_cloud_owner_quota_refused_total{{owner="{tag}"}}' in text
+                       and f'sllm_cloud_owner_guess_seconds_total{{owner="{tag}"}} 0' in text for tag in by_owner)
             for conv in held + others:
                 try:
                     conv.close()

@@ -121,6 +121,8 @@ def test_steps_and_a_light_callers_guess_run_between_the_tokens_of_a_heavy_batch
     owners = [owner for owner, _, ok in landed if ok]
     assert owners.count("heavy") == 2 and "light" in owners  # (a light caller still behind may get in again)
     assert (owners[0] == "light") == light_guess_first
+    guessing = {o: u["guess_seconds_total"] for o, u in srv.store.owner_stats(lambda owner: owner).items()}
+    assert guessing["heavy"] > 0 and guessing["light"] > 0  # each caller's guessing time, for /metrics
     for s in heavy + [light_stepper, light_guesser]:
         srv.store.free(s, "test")
 
