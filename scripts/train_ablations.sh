@@ -23,25 +23,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/sllm-train ] && PATH="$PWD/.venv/bin:$PATH"
+source scripts/lib/runs.sh
 CFG=configs/ablations
 SMOKE=${SMOKE:-0}
+sizes
 if [ "$SMOKE" = 1 ]; then
-  : "${OUT:?SMOKE=1 needs OUT=a scratch folder}"  # never the long runs' folder
-  RESULTS=${RESULTS:-$OUT/results}
   QUALITY=$OUT/quality  # a tiny stand-in for the quality chain's dataset and OPT, built below
-  STEPS=(train.max_steps=2 train.warmup_steps=1 train.eval_every=0 train.eval_batches=1 train.log_every=1
-         train.save_every=1 train.threads=1 data.cache_dir="$OUT/cache")
-  SVAE=(model.d_model=32 model.n_heads=2 model.ffn_dim=64 train.batch_size=8)
-  STAGE2=(train.batch_size=2)
-  PREPARE=(--max-documents 30 --workers 1)
-  N_VAL=4; N_HELDOUT=4; N_EXACT=4; N_LOSS=50
   TABLE=(--heldout-documents 20)
 else
   OUT=${OUT:-runs/ablations}
   RESULTS=${RESULTS:-docs/results/ablations}
   QUALITY=${QUALITY:-runs/quality}
-  STEPS=(); SVAE=(); STAGE2=(); PREPARE=(--workers 2)
-  N_VAL=0; N_HELDOUT=2000; N_EXACT=1000; N_LOSS=20000
+  PREPARE=(--workers 2)
   TABLE=()
 fi
 mkdir -p "$OUT" "$RESULTS"
@@ -50,7 +43,6 @@ flock -n 9 || { echo "error: another train_ablations.sh is running on $OUT" >&2;
 HF=$QUALITY/baseline-pretrain-hf/baseline
 
 TRAIN_DEFAULTS=()
-source scripts/lib/runs.sh
 
 if [ "$SMOKE" = 1 ]; then  # the quality chain's first steps, tiny: a comma-split dataset and a pretrained OPT
   [ -f "$QUALITY/data/manifest.json" ] || sllm-train prepare --out "$QUALITY/data" \

@@ -22,23 +22,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/sllm-train ] && PATH="$PWD/.venv/bin:$PATH"
+source scripts/lib/runs.sh
 CFG=configs/quality
 SMOKE=${SMOKE:-0}
-if [ "$SMOKE" = 1 ]; then
-  : "${OUT:?SMOKE=1 needs OUT=a scratch folder}"  # never the long runs' folder
-  RESULTS=${RESULTS:-$OUT/results}
-  STEPS=(train.max_steps=2 train.warmup_steps=1 train.eval_every=0 train.eval_batches=1 train.log_every=1
-         train.save_every=1 train.threads=1 data.cache_dir="$OUT/cache")
-  SVAE=(model.d_model=32 model.n_heads=2 model.ffn_dim=64 train.batch_size=8)
-  OPT=(opt.hidden_size=32 opt.num_hidden_layers=2 opt.num_attention_heads=2 opt.ffn_dim=64 train.batch_size=2)
-  STAGE2=(train.batch_size=2)
-  PREPARE=(--max-documents 30 --workers 1)
-  N_VAL=4; N_HELDOUT=4; N_EXACT=4; N_LOSS=50
-else
+sizes
+if [ "$SMOKE" != 1 ]; then
   OUT=${OUT:-runs/quality}
   RESULTS=${RESULTS:-docs/results/quality}
-  STEPS=(); SVAE=(); OPT=(); STAGE2=(); PREPARE=()
-  N_VAL=0; N_HELDOUT=2000; N_EXACT=1000; N_LOSS=20000
 fi
 mkdir -p "$OUT" "$RESULTS"
 exec 9>"$OUT/.train_quality.lock"
@@ -46,7 +36,6 @@ flock -n 9 || { echo "error: another train_quality.sh is running on $OUT" >&2; e
 HF=$OUT/baseline-pretrain-hf/baseline
 
 TRAIN_DEFAULTS=(data.dataset="$OUT/data")
-source scripts/lib/runs.sh
 
 # the prepared dataset (vocab 4,096, comma split, passages of <= 32 sentences / 512 tokens)
 [ -f "$OUT/data/manifest.json" ] || sllm-train prepare --out "$OUT/data" --config "$CFG/baseline-pretrain.json" "${PREPARE[@]}"

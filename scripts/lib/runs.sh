@@ -1,7 +1,25 @@
 # Shared by the long-run scripts (train_quality.sh, train_ablations.sh): sourced, never run.
+# `sizes` sets how big every run and report is (SMOKE=1: tiny, every step in a few seconds).
 # Each run is skipped when finished and resumes from its last checkpoint otherwise; each report is
 # skipped while it is newer than the models it reads. The caller sets OUT, CFG, RESULTS, STEPS (overrides
 # appended to every run), TRAIN_DEFAULTS (overrides put before the run's own), N_EXACT and N_LOSS.
+
+sizes() {  # STEPS, SVAE, OPT, STAGE2 (overrides), PREPARE (options), N_* (report sizes); SMOKE=1: RESULTS too
+  if [ "${SMOKE:-0}" = 1 ]; then
+    : "${OUT:?SMOKE=1 needs OUT=a scratch folder}"  # never the long runs' folder
+    RESULTS=${RESULTS:-$OUT/results}
+    STEPS=(train.max_steps=2 train.warmup_steps=1 train.eval_every=0 train.eval_batches=1 train.log_every=1
+           train.save_every=1 train.threads=1 data.cache_dir="$OUT/cache")
+    SVAE=(model.d_model=32 model.n_heads=2 model.ffn_dim=64 train.batch_size=8)
+    OPT=(opt.hidden_size=32 opt.num_hidden_layers=2 opt.num_attention_heads=2 opt.ffn_dim=64 train.batch_size=2)
+    STAGE2=(train.batch_size=2)
+    PREPARE=(--max-documents 30 --workers 1)
+    N_VAL=4; N_HELDOUT=4; N_EXACT=4; N_LOSS=50
+  else
+    STEPS=(); SVAE=(); OPT=(); STAGE2=(); PREPARE=()
+    N_VAL=0; N_HELDOUT=2000; N_EXACT=1000; N_LOSS=20000
+  fi
+}
 
 finished() {  # the run's latest checkpoint reached the max_steps its own config.json records
   python - "$1" <<'EOF'
