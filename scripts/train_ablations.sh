@@ -22,10 +22,8 @@
 #   SMOKE=1 OUT=/tmp/abl scripts/train_ablations.sh              # every step, tiny models, a few steps
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ -x .venv/bin/sllm-train ] && PATH="$PWD/.venv/bin:$PATH"
-source scripts/lib/runs.sh
+source scripts/lib/runs.sh  # PATH, SMOKE and the steps of a chain
 CFG=configs/ablations
-SMOKE=${SMOKE:-0}
 sizes
 if [ "$SMOKE" = 1 ]; then
   QUALITY=$OUT/quality  # a tiny stand-in for the quality chain's dataset and OPT, built below

@@ -21,10 +21,8 @@
 #   SMOKE=1 OUT=/tmp/q RESULTS=/tmp/q/results scripts/train_quality.sh   # every step, tiny and short
 set -euo pipefail
 cd "$(dirname "$0")/.."
-[ -x .venv/bin/sllm-train ] && PATH="$PWD/.venv/bin:$PATH"
-source scripts/lib/runs.sh
+source scripts/lib/runs.sh  # PATH, SMOKE and the steps of a chain
 CFG=configs/quality
-SMOKE=${SMOKE:-0}
 sizes
 if [ "$SMOKE" != 1 ]; then
   OUT=${OUT:-runs/quality}

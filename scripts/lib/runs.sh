@@ -1,5 +1,9 @@
 # Shared by the long-run scripts (train_quality.sh, train_ablations.sh): sourced, never run.
 # `sizes` sets how big every run and report is (SMOKE=1: tiny, every step in a few seconds).
+# Sourced from the repository root: the project's .venv goes first on PATH when there is one.
+
+[ -x .venv/bin/sllm-train ] && PATH="$PWD/.venv/bin:$PATH"
+SMOKE=${SMOKE:-0}
 # Each run is skipped when finished and resumes from its last checkpoint otherwise; each report is
 # skipped while it is newer than the models it reads. The caller sets OUT, CFG, RESULTS, STEPS (overrides
 # appended to every run), TRAIN_DEFAULTS (overrides put before the run's own), N_EXACT and N_LOSS.
