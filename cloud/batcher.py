@@ -287,18 +287,26 @@ class Batcher:
             return any(j.session.owner not in leaders and shares.behind(j.session.owner, start, elapsed)
                        for j in self.guesses)
 
+        failed: list[BaseException] = []
+
         def between() -> None:  # after each token of this pass
             if not self.queue and not behind(time.perf_counter() - t0 - yielded[0]):
                 return
             t = time.perf_counter()
-            jobs = self._take(wait=False)
-            if jobs:
-                self._serve(jobs)
-            if behind(t - t0 - yielded[0]) and not self.dead:
-                self._guess_pass(yields=False)
+            try:
+                jobs = self._take(wait=False)
+                if jobs:
+                    self._serve(jobs)
+                if behind(t - t0 - yielded[0]) and not self.dead:
+                    self._guess_pass(yields=False)
+            except BaseException as e:  # not the guess's failure: re-raised below, as the loop's own would be
+                failed.append(e)
+                raise
             yielded[0] += time.perf_counter() - t
 
         specs = self._prepare_speculation(jobs, between if yields else None)
+        if failed:
+            raise failed[0]
         specs = [j for j in specs if self._current(j)]  # a step served between tokens may have rolled it back
         if specs and not self.dead:
             self._run(specs)

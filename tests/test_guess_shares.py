@@ -165,3 +165,38 @@ def test_guesses_never_starve_while_steps_keep_coming(server):
             srv.store.free(s, "test")
     assert landed == [True]
     assert len(arrivals) == 1  # the guess ran in the first round, not after the steps stopped coming
+
+
+def test_a_failure_between_the_tokens_is_the_model_threads_not_the_guesss(server):
+    """What fails while a guessing pass serves steps is not swallowed as a failed guess (which would only
+    decline it): it reaches the model thread's loop, which dies loudly and fails every waiting job."""
+    srv, batcher = server, server.batcher
+    batcher.shares = GuessShares()
+    rng = np.random.default_rng(2)
+    d = srv.engine.d
+    heavy = [_session(srv, "heavy", rng.standard_normal((3, d)).astype(np.float32), 8, lambda *a: None)
+             for _ in range(2)]
+    for s in heavy:
+        batcher.speculate(s)
+    batcher._serve(batcher._take(wait=False))
+    decode = batcher.codec.decode
+
+    def decode_with_a_step(hidden, controls=None, histories=None, between=None):
+        def arrival():
+            batcher.queue.append(Job(heavy[0], rng.standard_normal((1, d)).astype(np.float32)))
+            between()
+        return decode(hidden, controls, histories, arrival if between is not None else None)
+
+    def broken_serve(jobs):
+        raise RuntimeError("a bug in serving steps")
+
+    batcher.codec.decode, batcher._serve = decode_with_a_step, broken_serve
+    try:
+        with pytest.raises(RuntimeError, match="a bug in serving steps"):
+            batcher._guess_pass(yields=True)
+    finally:
+        del batcher.codec.decode, batcher._serve
+        batcher.queue.clear()
+        batcher.guesses = []
+        for s in heavy:
+            srv.store.free(s, "test")
