@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from helpers import ROOT, tiny_overrides, write_tiny_corpus
 from safetensors.torch import load_file
@@ -35,19 +36,30 @@ def _free_port() -> int:
 
 def _launch(launcher_args: list[str], train_args: list[str]) -> subprocess.Popen:
     # own process group: on failure the launcher and its workers are ended together, nothing stays
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
+    # LOGLEVEL=INFO: the launchers log their rendezvous and exit barrier, so a hang says where it was
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "LOGLEVEL": "INFO"}
     return subprocess.Popen([TORCHRUN, *launcher_args, "--max-restarts=0", "-m", "sllm.training.cli", "svae",
                              *train_args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
 
 
 def _wait_all(procs: list[subprocess.Popen], deadline: float) -> list[str]:
+    """Every launcher's output once all have exited 0; past the deadline, all are killed and the test
+    fails with every launcher's output (one that hangs is often waiting for another)."""
     outputs = []
     try:
         for p in procs:
             out, _ = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
             outputs.append(out)
             assert p.returncode == 0, out[-4000:]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+        tails = [f"--- launcher {i} (exit {p.wait()}):\n"
+                 f"{(outputs[i] if i < len(outputs) else p.communicate()[0] or '')[-3000:]}"
+                 for i, p in enumerate(procs)]
+        pytest.fail(f"the launchers did not finish within {LIMIT_S} s\n" + "\n".join(tails))
     finally:
         for p in procs:
             if p.poll() is None:
