@@ -9,16 +9,16 @@ each forward pass runs one job: the same path with batch size 1 (no batching).
 A forward pass that raises is retried job by job, so one bad job fails alone; a job whose
 output is not finite fails with INVALID_ARGUMENT and leaves its session unchanged.
 
-Speculation (issue 17): `speculate(session)` queues a SpecJob for a session that may run ahead
-(its stream asked, fewer than N unconfirmed sentences, stop flag off, room left). The batcher decodes
-the h_t of all pending SpecJobs in one greedy batch with the edge bundle's ONNX graphs (`GuessCodec`:
-the sentences the edge decodes, token for token), re-encodes the sentences in one encoder call, and
-runs them in one forward pass; a kept result goes to the session's stream (`Session.on_speculative`) and
+Speculation (issue 17): `speculate(session)` queues a SpecJob for a session that may run ahead (its
+stream asked, fewer than N unconfirmed sentences, stop flag off, room left). The batcher decodes the h_t
+of all pending SpecJobs in one greedy batch with the edge bundle's ONNX graphs (`GuessCodec`: the
+sentences the edge decodes, token for token), re-encodes the sentences in one encoder call, and runs
+them in one forward pass; a kept result goes to the session's stream (`Session.on_speculative`) and
 queues the next. So N speculating sessions cost batched passes, not N serial ones. Guessing is the
-cloud's own initiative, so it comes last and is shared: the edges' own steps run first, also between
-the tokens of a guessing pass, and a pass takes the guesses of the callers that have had the least
-guessing time (`GuessShares`), yielding to one that falls a quantum behind. A session that may not speculate now gets a "declined" notice once per position, so its
-edge never waits for a guess that will not come.
+cloud's own initiative, so it comes last and is shared: the edges' own steps run first, also between the
+tokens of a guessing pass, and a pass takes the guesses of the callers that have had the least guessing
+time (`GuessShares`), yielding to one that falls a quantum behind. A session that may not speculate now
+gets a "declined" notice once per position, so its edge never waits for a guess that will not come.
 
 If the thread dies (an exception outside the per-job handling) or the device reports an error
 that poisons it for good (torch.AcceleratorError: a CUDA error), the batcher is *dead*: every
@@ -280,41 +280,42 @@ class Batcher:
         shares = self.shares
         leaders = shares.leaders({j.session.owner for j in self.guesses})
         jobs = [j for j in self.guesses if j.session.owner in leaders][:self.max_batch]
-        self.guesses = [j for j in self.guesses if j not in jobs]
-        start, t0, yielded = shares.begin(leaders), time.perf_counter(), [0.0]
+        taken = set(jobs)  # by identity (eq=False)
+        self.guesses = [j for j in self.guesses if j not in taken]
+        start, t0, yielded = shares.begin(leaders), time.perf_counter(), 0.0  # yielded: seconds of others' work
 
         def behind(elapsed: float) -> bool:  # has a waiting caller outside this pass fallen a quantum behind it?
             return any(j.session.owner not in leaders and shares.behind(j.session.owner, start, elapsed)
                        for j in self.guesses)
 
-        failed: list[BaseException] = []
+        failure: BaseException | None = None
 
         def between() -> None:  # after each token of this pass
-            if not self.queue and not behind(time.perf_counter() - t0 - yielded[0]):
+            nonlocal yielded, failure
+            if not self.queue and not behind(time.perf_counter() - t0 - yielded):
                 return
             t = time.perf_counter()
             try:
                 jobs = self._take(wait=False)
                 if jobs:
                     self._serve(jobs)
-                if behind(t - t0 - yielded[0]) and not self.dead:
+                if behind(t - t0 - yielded) and not self.dead:
                     self._guess_pass(yields=False)
             except BaseException as e:  # not the guess's failure: re-raised below, as the loop's own would be
-                failed.append(e)
+                failure = e
                 raise
-            yielded[0] += time.perf_counter() - t
+            yielded += time.perf_counter() - t
 
         specs = self._prepare_speculation(jobs, between if yields else None)
-        if failed:
-            raise failed[0]
+        if failure is not None:
+            raise failure
         specs = [j for j in specs if self._current(j)]  # a step served between tokens may have rolled it back
         if specs and not self.dead:
             self._run(specs)
         tokens: dict[str, int] = {}
         for j in jobs:
             tokens[j.session.owner] = tokens.get(j.session.owner, 0) + j.tokens
-        if tokens:
-            self.store.count_guessing(shares.charge(tokens, time.perf_counter() - t0 - yielded[0]))
+        self.store.count_guessing(shares.charge(tokens, time.perf_counter() - t0 - yielded))
 
     def _prepare_speculation(self, jobs: list[SpecJob], between=None) -> list[SpecJob]:
         """Decode the pending guesses in one batch (`between` runs between its tokens) and re-encode them;
