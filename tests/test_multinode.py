@@ -35,12 +35,39 @@ def _free_port() -> int:
 
 
 def _launch(launcher_args: list[str], train_args: list[str]) -> subprocess.Popen:
-    # own process group: on failure the launcher and its workers are ended together, nothing stays
+    # on failure `_kill` ends the launcher and every worker below it (the workers have sessions of their own)
     # LOGLEVEL=INFO: the launchers log their rendezvous and exit barrier, so a hang says where it was
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "LOGLEVEL": "INFO"}
     return subprocess.Popen([TORCHRUN, *launcher_args, "--max-restarts=0", "-m", "sllm.training.cli", "svae",
                              *train_args], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
+
+
+def _tree(pid: int) -> list[int]:
+    """`pid` and every process below it (torchrun starts its workers in sessions of their own, so its
+    process group does not hold them)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        out.append(todo.pop())
+        todo += children.get(out[-1], [])
+    return out
+
+
+def _kill(p: subprocess.Popen) -> None:
+    """A launcher and its workers, all of them."""
+    for pid in _tree(p.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    p.wait()
 
 
 def _wait_all(procs: list[subprocess.Popen], deadline: float) -> list[str]:
@@ -55,7 +82,7 @@ def _wait_all(procs: list[subprocess.Popen], deadline: float) -> list[str]:
     except subprocess.TimeoutExpired:
         for p in procs:
             if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
+                _kill(p)
         tails = [f"--- launcher {i} (exit {p.wait()}):\n"
                  f"{(outputs[i] if i < len(outputs) else p.communicate()[0] or '')[-3000:]}"
                  for i, p in enumerate(procs)]
@@ -63,8 +90,7 @@ def _wait_all(procs: list[subprocess.Popen], deadline: float) -> list[str]:
     finally:
         for p in procs:
             if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
+                _kill(p)
     return outputs
 
 
