@@ -15,6 +15,7 @@ next one of every rank and the dataset's id, and a resume on other data is refus
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import os
@@ -98,8 +99,12 @@ class Distributed:
         dist.all_gather_object(out, obj)
         return out
 
-    def close(self) -> None:
+    def close(self, in_step: bool = True) -> None:
+        """in_step: every rank got here the same way (a finished run), so a barrier first makes sure no
+        collective is still in flight when the group goes; after an error on one rank it would only hang."""
         if self.world > 1 and dist.is_initialized():
+            if in_step:
+                dist.barrier()
             dist.destroy_process_group()
 
 
@@ -347,6 +352,7 @@ class Trainer:
         last_eval: dict[str, float] = {}
         model.train()
         terminate = self._catch_sigterm()
+        finished = False
         try:
             while self.step < stop:
                 if terminate.is_set():
@@ -404,6 +410,7 @@ class Trainer:
                 self.save()
             else:  # a finished run again: its checkpoint is there; evaluate, log it only if not yet logged
                 last_eval = self._evaluate(log_row=not evaluated)
+            finished = True
         except KeyboardInterrupt:
             if world == 1:
                 self.log(f"interrupted: saving step {self.step} so the run can resume")
@@ -413,7 +420,12 @@ class Trainer:
             terminate.restore()
             if bar is not None:
                 bar.close()
-            self.dist.close()
+            # DDP holds the process group: drop it first, so its teardown (and the group's gloo threads')
+            # runs inside destroy_process_group while every rank is still connected, not later in a
+            # destructor after fit returns (a rank once hung there, joining a gloo thread, at exit)
+            model = train_model = None
+            gc.collect()
+            self.dist.close(in_step=finished)
         return last_eval
 
     def _catch_sigterm(self) -> "_SignalFlag":
