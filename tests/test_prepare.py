@@ -419,3 +419,22 @@ def test_training_memory_does_not_grow_with_the_dataset(tmp_path):
         assert result["sentences"] == shards * SYNTHETIC_SHARD_SENTENCES
         peaks[shards] = result["peak_anon"]
     assert abs(peaks[8] - peaks[1]) < 15 * 2**20, {k: f"{v / 2**20:.1f} MiB" for k, v in peaks.items()}
+
+
+def test_an_exported_data_config_reproduces_the_prepared_split_elsewhere(corpus, tmp_path):
+    """An export's svae/config.json names no path of the training machine: the prepared dataset is
+    replaced by what it was prepared from, which gives the same validation sentences."""
+    from sllm.training.config import DataConfig
+    from sllm.training.svae_folder import portable_data, validation_token_lists
+
+    ds = PreparedDataset.open(prepare_dataset(_cfg(corpus, val_fraction=0.2, split_seed=3, split_on_comma=False),
+                                              tmp_path / "ds", workers=1, log=QUIET))
+    trained = DataConfig(dataset=str(ds.path), tokenizer=str(tmp_path / "somewhere"), vocab_size=8192)
+    portable = portable_data(trained, ds.tokenizer.vocab_size)
+    assert portable.dataset == portable.tokenizer == "" and portable.vocab_size == 300
+    assert (portable.corpus, portable.val_fraction, portable.split_seed, portable.split_on_comma) == \
+        ([str(corpus)], 0.2, 3, False)
+    val = ds.sentences("val")
+    assert validation_token_lists(portable, ds.tokenizer, 12, len(val) + 10) == \
+        [val.sentence(i) for i in range(len(val))]
+    assert portable_data(portable, 300) == portable  # a corpus config stays as it is

@@ -13,6 +13,7 @@ export folder with it as a whole model (`load_sllm(models/default)`).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -39,6 +40,7 @@ def write_svae_folder(out_dir: Path, svae: SentenceVAE, tokenizer, run: RunConfi
                       dtype: str = "float16") -> Path:
     """Write the folder atomically (a checkpoint directory: files, then the manifest, then renamed in)."""
     run.model = svae.cfg
+    run.data = portable_data(run.data, svae.cfg.vocab_size)
     run.validate()
     state = {k: v.to(DTYPES[dtype]) for k, v in svae.state_dict().items()}
     if svae.cfg.tie_embeddings:  # the output layer is the token embedding: stored once (training.load refills it)
@@ -52,6 +54,22 @@ def write_svae_folder(out_dir: Path, svae: SentenceVAE, tokenizer, run: RunConfi
 
     write_checkpoint_dir(Path(out_dir), write)
     return Path(out_dir)
+
+
+def portable_data(data: DataConfig, vocab_size: int) -> DataConfig:
+    """The data config as it reads on another machine: the folder carries its own tokenizer, and a
+    prepared dataset (a path on the training machine) is replaced by what it was prepared from (its
+    corpus, split and segmentation), which `sllm-train` prepares again on first use."""
+    out = dataclasses.replace(data, tokenizer="", vocab_size=vocab_size)
+    if data.dataset:
+        from sllm.training.data.dataset import PreparedDataset
+
+        prepared = PreparedDataset.open(Path(data.dataset))
+        settings = prepared.settings
+        out = dataclasses.replace(out, dataset="", corpus=list(prepared.manifest["corpus"]),
+                                  val_fraction=settings["val_fraction"], split_seed=settings["split_seed"],
+                                  split_on_comma=settings["split_on_comma"])
+    return out
 
 
 def read_source(svae_dir: Path) -> dict:
@@ -120,8 +138,6 @@ def recover_svae_folder(model_dir: Path, run: RunConfig, dtype: str = "float16",
     bundle = load_edge_bundle(edge_dir)
     m = bundle.manifest
     run.model = cfg
-    run.data.tokenizer = ""
-    run.data.vocab_size = cfg.vocab_size
     run.data.split_on_comma = bool(m["split_on_comma"])
     run.data.segmentation_version = m["segmentation_version"]
     sentences = validation_token_lists(run.data, bundle.tokenizer, cfg.max_sentence_tokens, n_verify)
