@@ -33,6 +33,18 @@ def tokens_seen(run: Path) -> int | None:
     return seen
 
 
+def unfinished(run: Path) -> str:
+    """"" for a run that reached its schedule's last step; else " (training: step S of N)"."""
+    config, last = _read(run / "config.json"), 0
+    try:
+        for line in (run / "metrics.jsonl").read_text().splitlines():
+            last = json.loads(line).get("step", last)
+    except (OSError, ValueError):
+        pass
+    planned = (config or {}).get("train", {}).get("max_steps")
+    return f" (training: step {last} of {planned})" if planned and last < planned else ""
+
+
 def _read(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
@@ -59,7 +71,7 @@ def render(out: Path, results: Path) -> str:
     base = {t: _ppl(results, "sllm-pretrained-vs-baseline-continued", "baseline", t) for t in TEXTS}
     for name, (runs, report, side) in CHAINS.items():
         counts = [tokens_seen(out / r) for r in runs]
-        steps = ", ".join(f"{r} ({fmt(c and c / 1e6)})" for r, c in zip(runs, counts))
+        steps = ", ".join(f"{r} ({fmt(c and c / 1e6)}){unfinished(out / r)}" for r, c in zip(runs, counts))
         total = None if None in counts else sum(counts) / 1e6
         ppl = {t: _ppl(results, report, side, t) for t in TEXTS}
         ratio = ", ".join(fmt(ppl[t] / base[t] if ppl[t] and base[t] else None) for t in TEXTS)
@@ -69,7 +81,7 @@ def render(out: Path, results: Path) -> str:
               "| SentenceVAE | validation exact | validation PPL | held-out exact | held-out PPL |", "|---|---|---|---|---|"]
     for svae in ("svae-init", "svae-scratch"):
         m = {t: (_read(results / f"{svae}-{t}.json") or {}).get("metrics", {}) for t in TEXTS}
-        lines.append(f"| {svae} | {fmt(m['validation'].get('exact_match'), '.1%')} | {fmt(m['validation'].get('ppl'))} "
+        lines.append(f"| {svae}{unfinished(out / svae)} | {fmt(m['validation'].get('exact_match'), '.1%')} | {fmt(m['validation'].get('ppl'))} "
                      f"| {fmt(m['heldout'].get('exact_match'), '.1%')} | {fmt(m['heldout'].get('ppl'))} |")
     as_is = _ppl(results, "paper-sllm-heldout-vs-baseline-pretrain", "baseline", "")
     sllm = _ppl(results, "paper-sllm-heldout-vs-baseline-pretrain", "sllm", "")
