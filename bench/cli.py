@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench.config import RECORDED_PPL, RECORDED_SVAE, ROOT, SVAE_BASE_CONFIG, BenchConfig
+from bench.config import RECORDED_PPL, RECORDED_SVAE, RECORDED_SVAE_CONFIG, ROOT, SVAE_BASE_CONFIG, BenchConfig
 
 
 def _ints(text: str) -> list[int]:
@@ -160,7 +160,7 @@ def run(cfg: BenchConfig, command: str, progress) -> dict:
                                               SVAE_BASE_CONFIG, rt.path, cfg.corpus, cfg.svae_eval_sentences,
                                               cfg.svae_exact_sentences, progress.log, advance)
     else:
-        svae = svae_variants.recorded_h1(RECORDED_SVAE, SVAE_BASE_CONFIG, int(rt.bundle.manifest["vocab_size"]))
+        svae = svae_variants.recorded_h1(RECORDED_SVAE, RECORDED_SVAE_CONFIG, int(rt.bundle.manifest["vocab_size"]))
 
     m = rt.bundle.manifest
     note = None

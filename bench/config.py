@@ -5,8 +5,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RECORDED_PPL = ROOT / "docs" / "results" / "sllm-vs-baseline.json"  # `sllm-train compare` of the trained runs
-RECORDED_SVAE = ROOT / "docs" / "results" / "svae-small.json"  # `sllm-train eval runs/svae-small`
+# models/default against its fair baseline: `sllm-train compare models/default --report ...`
+RECORDED_PPL = ROOT / "docs" / "results" / "default" / "compare-validation.json"
+# its stage-1 SentenceVAE (`sllm-train eval runs/quality/svae-scratch`, scripts/train_quality.sh) and that run's config
+RECORDED_SVAE = ROOT / "docs" / "results" / "quality" / "svae-scratch-validation.json"
+RECORDED_SVAE_CONFIG = ROOT / "configs" / "quality" / "svae-scratch.json"
 SVAE_BASE_CONFIG = ROOT / "configs" / "svae-small.json"  # the variants differ from it in depth and budget only
 
 
