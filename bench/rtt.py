@@ -44,10 +44,11 @@ Append steps, speculative steps and the tokens their SentenceVAE decoded.
 
 Speculation rows add: the acceptance rate (guesses the edge confirmed / guesses it checked), the
 round trips waited per generated sentence, the extra cloud work per output token against the sllm
-row at the same RTT, and whether every output equals the sllm row's (greedy must). In these
-fixed-length runs the cloud still reads its stop head: after a step whose stop flag is on it
-declines to guess, and that sentence waits a round trip as without speculation (in a chat the stop
-flag ends the answer there, so a declined guess costs nothing); the report counts them. Then the
+row at the same RTT, and whether every output equals the sllm row's (greedy must). The edge tells
+the cloud how it decodes each answer (edge.speculate.decoding): in these fixed-length runs, greedy
+without controls and no stop rule within the answer, so the cloud guesses past its stop head as the
+edge decodes past it; a guess the cloud still declines (its limits) waits a round trip as without
+speculation, and the report counts them. Then the
 sampled acceptance (each prompt once more per speculating variant, temperature
 --sampled-temperature, straight to its server: the cloud guesses greedily, so sampled sentences
 mostly go the correction path) and the tolerance facts (bench.speculation).
@@ -194,13 +195,14 @@ class SLLMRunner:
         return stepper
 
     def sentences(self, stepper, prompt: list[list[int]], min_tokens: int) -> Iterator[list[int]]:
-        from bench.sllm_loop import PastStop
+        from bench.sllm_loop import PastStop, past_stop_options
         from sllm.edge.loop import SentenceEvent, sentence_loop
 
         room = self.max_sentences - len(prompt)
         if self.chat:
             events = self._chat_turn(stepper, prompt, room)
-        else:
+        else:  # the cloud guesses as this edge decodes: greedy, no controls, the stop rule never asked
+            stepper.begin_turn(past_stop_options(room))
             events = sentence_loop(self.runtime, PastStop(stepper), prompt, self.sampling, room=room)
         total = 0
         try:
@@ -648,20 +650,16 @@ def speculation_table_row(r: dict, rtt: float) -> str:
 
 
 def declined_note(s: dict, spec: list[str], rtts: list[float], chat: bool = False) -> str:
-    """What the fixed-length runs pay for the cloud's stop head: one round trip per declined guess."""
+    """The guesses the cloud declined: one round trip each that speculation did not hide."""
     rows = [r for r in s["rows"] if r["variant"] in spec]
     declined, runs = sum(r["speculation"]["declined"] for r in rows), sum(r["runs"] for r in rows)
     if chat:
         return (f"Declined guesses: {declined} in {runs} speculating runs. The edge sends its stop rule with the "
                 "prompt, so the cloud guesses up to where the answer ends; each declined guess is a round trip "
                 "speculation did not hide.")
-    paid = (f"{declined} in {runs} speculating runs ({declined / max(1, runs):.1f} per run), each a round trip "
-            "speculation did not hide" if declined else
-            f"none in {runs} speculating runs: the cloud's stop flag (argmax) never fired, so these runs paid nothing "
-            "for it")
-    return (f"Declined guesses: these runs ignore the stop head (fixed length), the cloud does not: after a step "
-            f"whose stop flag is on it declines to guess and that sentence waits one round trip, as without "
-            f"speculation ({paid}). In a chat the stop flag ends the answer there, so a declined guess costs nothing.")
+    return (f"Declined guesses: {declined} in {runs} speculating runs ({declined / max(1, runs):.1f} per run). "
+            "These runs decode past the stop head (fixed length) and say so with the prompt, so the cloud guesses "
+            "past it too; each declined guess is a round trip speculation did not hide.")
 
 
 HEADLINE_RTTS = (50.0, 100.0)

@@ -22,6 +22,7 @@ import numpy as np
 
 from sllm.edge.loop import TurnEnd, sentence_loop
 from sllm.runtime.sampling import Sampling
+from sllm.sentences.sampling import AnswerOptions
 from sllm.protos.v1 import sllm_pb2 as pb
 from sllm.protos.wire import pack
 
@@ -45,6 +46,14 @@ class PastStop:
     def append(self, vectors: np.ndarray) -> _GoOn:
         step = self.stepper.append(vectors)
         return _GoOn(step.hidden, float(step.stop_probability))
+
+
+def past_stop_options(room: int) -> AnswerOptions:
+    """How a fixed-length run decodes, for the Decoding a guessing cloud gets with the prompt: greedy,
+    no repetition controls, no cap, and the stop rule never asked within the answer's `room` sentences,
+    so the cloud guesses past its stop head as the run decodes past it."""
+    return AnswerOptions(repetition_penalty=1.0, no_repeat_ngram_size=0, no_repeat_sentence=False, max_sentences=0,
+                         min_sentences=room)
 
 
 class GrpcStepper:
@@ -116,6 +125,9 @@ class SpeculatingStepper:
         self.remote = self.runner.open_stepper()
         self.stats, self.wire = None, []
 
+    def begin_turn(self, options) -> None:
+        self.remote.begin_turn(options)
+
     def append(self, vectors: np.ndarray):
         step = self.remote.append(vectors)
         self.wire.append(None)
@@ -164,6 +176,8 @@ def generate(runtime, stepper, prompt: list[list[int]], min_tokens: int, max_sen
     try:
         t0 = time.perf_counter()
         room = max_sentences - len(prompt)
+        if isinstance(stepper, SpeculatingStepper):
+            stepper.begin_turn(past_stop_options(room))
         events = sentence_loop(runtime, PastStop(stepper), prompt, Sampling(), room=room)
         tokens, ms, ended = 0, {"prefill": 0.0, "encode": 0.0, "step": 0.0, "decode": 0.0}, "length"
         digest = hashlib.sha1()

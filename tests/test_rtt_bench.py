@@ -199,7 +199,38 @@ def export(sllm_export):
     return sllm_export
 
 
-def test_the_sllm_runner_speculates_with_the_same_output_and_counts_its_guesses(export):
+@pytest.fixture(scope="module")
+def always_stops(export, tmp_path_factory):
+    """`export` with a stop head whose flag is on at every step (its bias says stop), the edge manifest
+    paired with the new cloud weights: a model whose fixed-length runs decode past the stop head at
+    every sentence."""
+    import shutil
+
+    from sllm.modeling.cloud_bundle import load_cloud_bundle, write_cloud_bundle
+    from sllm.runtime.edge_bundle import write_edge_manifest
+    from sllm.runtime.manifest import cloud_weights_sha256
+
+    model = tmp_path_factory.mktemp("always_stops") / "model"
+    shutil.copytree(export, model)
+    opt, manifest = load_cloud_bundle(model / "cloud")
+    with torch.no_grad():
+        opt.stop_head.weight.zero_()
+        opt.stop_head.bias.copy_(torch.tensor([-4.0, 4.0]))  # P(stop) = 0.9997 whatever the context
+    shutil.rmtree(model / "cloud")
+    written = write_cloud_bundle(opt, model / "cloud", manifest["model_id"])
+    edge = read_manifest(model / "edge", kind="edge")
+    fields = {k: v for k, v in edge.items() if k not in ("format_version", "files", "kind")}
+    write_edge_manifest(model / "edge", {**fields, "cloud_weights_sha256": cloud_weights_sha256(written)},
+                        list(edge["files"]))
+    return model
+
+
+@pytest.mark.parametrize("model", ["export", "always_stops"])
+def test_the_sllm_runner_speculates_with_the_same_output_and_counts_its_guesses(model, request):
+    """Fixed-length runs, plain and speculating: the same output; the speculating runs tell the cloud
+    they decode past the stop head, so it guesses past its stop flag (never declines for it), also
+    with a head that says stop at every step."""
+    export = request.getfixturevalue(model)
     rt = EdgeRuntime.load(export / "edge", device="cpu", threads=1)
     ctx = Ctx(export, rt, None, read_manifest(export / "cloud", kind="cloud"), None, 1, "float16", "auto", 0)
     prompts = [rt.prompt_sentences(_make_sentence(random.Random(i))) for i in range(6)]
@@ -222,6 +253,7 @@ def test_the_sllm_runner_speculates_with_the_same_output_and_counts_its_guesses(
         assert q.output == p.output and q.tokens == p.tokens  # greedy: speculation changes nothing the edge shows
         assert p.waited == p.units - 1 and p.accepted == p.corrected == p.declined == 0
         assert q.waited == q.corrected + q.declined and q.accepted + q.waited == q.units - 1
+    assert sum(q.declined for _, q in pairs) == 0
     accepted = sum(q.accepted for _, q in pairs)
     assert accepted > 0
     assert after["speculation_accepted_total"] - before["speculation_accepted_total"] == accepted
