@@ -285,8 +285,12 @@ class _Pty:
         # The terminal becomes the controlling tty in the new process, after exec: a Python
         # preexec_fn would run between fork and exec, where gRPC threads of this test process
         # (in-process servers) can leave locks held and the child hangs before it starts.
-        take_tty = ("import fcntl, os, sys, termios; fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
-                    "os.execvp(sys.argv[1], sys.argv[1:])")
+        # SIGINT back to its default first, as a shell starts a program at a terminal: a test run
+        # launched in the background (`cmd &` without job control) ignores SIGINT, an ignored signal
+        # stays ignored across exec, and Python then installs no KeyboardInterrupt handler, so ^C did
+        # nothing (both ^C tests failed that way once).
+        take_tty = ("import fcntl, os, signal, sys, termios; fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
+                    "signal.signal(signal.SIGINT, signal.SIG_DFL); os.execvp(sys.argv[1], sys.argv[1:])")
         env = {**env, "PYTHONFAULTHANDLER": "1"}  # a silent child shows its stacks (see _child_state)
         self.proc = subprocess.Popen([sys.executable, "-c", take_tty, *map(str, args)], stdin=slave,
                                      stdout=slave, stderr=slave, cwd=ROOT, env=env, start_new_session=True)
