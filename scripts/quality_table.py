@@ -21,27 +21,26 @@ CHAINS = {  # row -> (the runs it took, from scratch, in order; the report its P
 TEXTS = ("validation", "heldout")
 
 
-def tokens_seen(run: Path) -> int | None:
-    """Target tokens the run trained on, as its metrics log last recorded them."""
-    seen = None
+def progress(run: Path) -> tuple[int | None, int]:
+    """(target tokens the run trained on, its last logged step), as its metrics log last recorded them."""
+    seen, last = None, 0
     try:
         for line in (run / "metrics.jsonl").read_text().splitlines():
             row = json.loads(line)
-            seen = row.get("tokens_seen", seen)
+            seen, last = row.get("tokens_seen", seen), row.get("step", last)
     except (OSError, ValueError):
-        return None
-    return seen
+        return None, 0
+    return seen, last
+
+
+def tokens_seen(run: Path) -> int | None:
+    return progress(run)[0]
 
 
 def unfinished(run: Path) -> str:
     """"" for a run that reached its schedule's last step; else " (training: step S of N)"."""
-    config, last = _read(run / "config.json"), 0
-    try:
-        for line in (run / "metrics.jsonl").read_text().splitlines():
-            last = json.loads(line).get("step", last)
-    except (OSError, ValueError):
-        pass
-    planned = (config or {}).get("train", {}).get("max_steps")
+    last = progress(run)[1]
+    planned = (_read(run / "config.json") or {}).get("train", {}).get("max_steps")
     return f" (training: step {last} of {planned})" if planned and last < planned else ""
 
 
